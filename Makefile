@@ -1,0 +1,42 @@
+# Everything here works on a fresh machine with only python3 (3.11+) and make:
+# the first target that needs the virtual environment creates it.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test test-external check lint types fmt bench clean distclean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[embedded,dev]'
+	touch $(STAMP)
+
+## run: start the daemon on the default embedded config (./jarvisd.toml)
+run: $(STAMP)
+	$(BIN)/jarvisd run --config jarvisd.toml
+
+## test: the whole test suite; servers are embedded unless JARVISD_TEST_* name external ones
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check config actors jarvisd tests
+	$(BIN)/ruff format --check config actors jarvisd tests
+
+types: $(STAMP)
+	$(BIN)/mypy
+
+fmt: $(STAMP)
+	$(BIN)/ruff format config actors jarvisd tests
+	$(BIN)/ruff check --fix config actors jarvisd tests
+
+## check: lint, types and tests — keep it green
+check: lint types test
+
+clean:
+	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+
+distclean: clean
+	rm -rf $(VENV) var

@@ -1,0 +1,255 @@
+"""A supervised child server process, the common part of the embedded servers.
+
+The child runs in its own session (a Ctrl-C on the terminal reaches only the
+daemon, which then stops the child in order), writes its output to a log file
+in the state directory (no pipe to fill up), and gets a parent-death signal so
+that even a ``kill -9`` of the daemon leaves no server behind. When the
+daemon runs as root the child runs as an unprivileged user.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import hashlib
+import os
+import pwd
+import signal
+import stat
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from actors.kernel import Actor, FatalActorError, Health
+
+__all__ = ["ChildExited", "ChildServer", "RunAs", "runtime_dir"]
+
+# sun_path is 108 bytes on Linux including the NUL; leave room for socket names.
+_MAX_SOCKET_DIR = 80
+_PR_SET_PDEATHSIG = 1
+_libc: Any = None
+
+
+def _load_libc() -> Any:
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _libc
+
+
+class ChildExited(Exception):
+    """The child server exited while it should have been running."""
+
+
+@dataclass(frozen=True, slots=True)
+class RunAs:
+    uid: int
+    gid: int
+    name: str
+
+    @property
+    def is_self(self) -> bool:
+        return self.uid == os.geteuid()
+
+    @classmethod
+    def current(cls) -> RunAs:
+        uid = os.geteuid()
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:  # a DynamicUser may have no passwd entry visible
+            name = str(uid)
+        return cls(uid, os.getegid(), name)
+
+    @classmethod
+    def resolve(cls, unprivileged_user: str) -> RunAs:
+        """Ourselves, or ``unprivileged_user`` when we are root."""
+        if os.geteuid() != 0:
+            return cls.current()
+        try:
+            entry = pwd.getpwnam(unprivileged_user)
+        except KeyError:
+            raise FatalActorError(
+                f"embedded.postgres_user {unprivileged_user!r} does not exist; running as root, "
+                "the embedded servers need an unprivileged user"
+            ) from None
+        if entry.pw_uid == 0:
+            raise FatalActorError("embedded.postgres_user must not be root")
+        return cls(entry.pw_uid, entry.pw_gid, entry.pw_name)
+
+    def subprocess_kwargs(self) -> dict[str, Any]:
+        if self.is_self:
+            return {}
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+
+def runtime_dir(state_dir: Path) -> Path:
+    """Directory for the servers' Unix sockets: under the state directory when
+    the path is short enough for sun_path, else a fixed short path in /tmp
+    derived from the state directory (so other jarvisd commands find it too)."""
+    preferred = state_dir / "run"
+    if len(os.fsencode(preferred)) <= _MAX_SOCKET_DIR:
+        return preferred
+    digest = hashlib.sha256(os.fsencode(state_dir.resolve())).hexdigest()[:16]
+    return Path("/tmp") / f"jarvisd-{digest}"  # noqa: S108 - owner and mode are verified
+
+
+def make_private_dir(path: Path, owner: RunAs, mode: int = 0o700) -> None:
+    """Create ``path`` (or accept it) owned by ``owner`` with ``mode``; refuse
+    anything else (a symlink or a directory someone else planted in /tmp)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=mode)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise FatalActorError(f"{path} exists and is not a directory")
+    if st.st_uid != owner.uid:
+        if os.geteuid() == 0 and st.st_uid in (0, owner.uid):
+            os.chown(path, owner.uid, owner.gid)
+        else:
+            raise FatalActorError(f"{path} is owned by uid {st.st_uid}, expected {owner.name}")
+    os.chmod(path, mode)
+
+
+def _pdeathsig(sig: int) -> Any:
+    libc = _load_libc()
+
+    def child_setup() -> None:  # runs in the forked child, before exec
+        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+    return child_setup
+
+
+def pid_alive(pid: int, needle: str) -> bool:
+    """True if ``pid`` runs and its command line contains ``needle``."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return needle.encode() in cmdline
+
+
+class ChildServer(Actor):
+    """Base actor: spawn a server, watch it, stop it in order."""
+
+    # Signal that asks the server for a clean, fast shutdown, also sent on parent death.
+    stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
+    server_name: ClassVar[str] = "server"
+
+    def __init__(
+        self, name: str, state_dir: Path, run_as: RunAs, *, start_timeout: float = 60.0
+    ) -> None:
+        super().__init__(name, mailbox_size=16)
+        self.state_dir = state_dir
+        self.run_as = run_as
+        self.start_timeout = start_timeout
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log_path: Path | None = None
+        self._stopping_child = False
+        self.started_at = 0.0
+
+    async def spawn(
+        self, argv: list[str], *, cwd: Path, log_path: Path
+    ) -> asyncio.subprocess.Process:
+        self.log_path = log_path
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *argv,
+                cwd=cwd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_fd,
+                stderr=log_fd,
+                start_new_session=True,
+                preexec_fn=_pdeathsig(int(self.stop_signal)),
+                **self.run_as.subprocess_kwargs(),
+            )
+        except PermissionError as exc:
+            raise FatalActorError(
+                f"cannot start {argv[0]} as user {self.run_as.name}: {exc}; every directory on the path "
+                "to the binary and to the state directory must be searchable by that user"
+            ) from exc
+        finally:
+            os.close(log_fd)
+        self._stopping_child = False
+        self.started_at = time.time()
+        self.log.info(
+            "child_started", server=self.server_name, pid=self.proc.pid, user=self.run_as.name
+        )
+        return self.proc
+
+    def log_tail(self, lines: int = 15) -> str:
+        if self.log_path is None:
+            return ""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    async def run(self) -> None:
+        proc = self.proc
+        if proc is None:
+            return
+        code = await proc.wait()
+        if not self._stopping_child:
+            raise ChildExited(f"{self.server_name} (pid {proc.pid}) exited with code {code}")
+
+    async def check(self) -> Health | None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return Health(status="fail", detail=f"{self.server_name} is not running")
+        return Health(status="pass", detail=f"{self.server_name} pid {proc.pid}")
+
+    async def terminate(self, timeout: float) -> None:
+        """Ask the child to stop with ``stop_signal``; escalate to SIGKILL after ``timeout``."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        self._stopping_child = True
+        try:
+            proc.send_signal(self.stop_signal)
+        except ProcessLookupError:
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await proc.wait()
+        except TimeoutError:
+            self.log.warning("child_kill", server=self.server_name, pid=proc.pid, after=timeout)
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+        self.log.info("child_stopped", server=self.server_name, pid=proc.pid, code=proc.returncode)
+
+    async def run_tool(self, argv: list[str], *, cwd: Path, timeout: float = 120.0) -> str:
+        """Run a short-lived helper (initdb, pg_ctl) as the server user; return its output."""
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                cwd=cwd,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+                **self.run_as.subprocess_kwargs(),
+            )
+        except PermissionError as exc:
+            raise FatalActorError(
+                f"cannot run {argv[0]} as user {self.run_as.name}: {exc}; every directory on the path "
+                "to the binary and to the state directory must be searchable by that user"
+            ) from exc
+        try:
+            async with asyncio.timeout(timeout):
+                out, _ = await proc.communicate()
+        except TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise RuntimeError(f"{Path(argv[0]).name} did not finish within {timeout:g}s") from None
+        text = out.decode(errors="replace")
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"{Path(argv[0]).name} failed with code {proc.returncode}: {text.strip()[-2000:]}"
+            )
+        return text

@@ -1,0 +1,186 @@
+"""Embedded PostgreSQL: a supervised child listening on a Unix socket only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import quote
+
+import asyncpg
+
+from actors.embedded.binaries import find_postgres_bin_dir
+from actors.embedded.child import ChildServer, RunAs, make_private_dir, pid_alive, runtime_dir
+from actors.kernel import Health
+
+__all__ = ["EmbeddedPostgres"]
+
+PG_PORT = 5432  # only names the socket file (.s.PGSQL.5432): no TCP listener is opened
+SUPERUSER = "jarvisd"
+DATABASE = "jarvisd"
+
+
+class EmbeddedPostgres(ChildServer):
+    # SIGINT is PostgreSQL's "fast" shutdown: roll back open transactions, checkpoint, exit.
+    stop_signal: ClassVar[signal.Signals] = signal.SIGINT
+    server_name: ClassVar[str] = "postgres"
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        run_as: RunAs,
+        bin_dir: str | None = None,
+        start_timeout: float = 60.0,
+        server_options: dict[str, str] | None = None,
+        name: str = "embedded-postgres",
+    ) -> None:
+        super().__init__(name, state_dir, run_as, start_timeout=start_timeout)
+        self.bin_dir_override = bin_dir
+        self.server_options = server_options or {}
+        self.root = state_dir / "postgres"
+        self.data_dir = self.root / "data"
+        self.socket_dir = runtime_dir(state_dir) / "pg"
+
+    @property
+    def dsn(self) -> str:
+        return dsn_for(self.socket_dir, DATABASE)
+
+    async def on_start(self) -> None:
+        bin_dir = find_postgres_bin_dir(self.bin_dir_override)
+        make_private_dir(self.root, self.run_as)
+        make_private_dir(self.socket_dir.parent, RunAs.current(), 0o755)
+        make_private_dir(self.socket_dir, self.run_as)
+        await self._stop_orphan(bin_dir)
+        if not (self.data_dir / "PG_VERSION").exists():
+            await self._initdb(bin_dir)
+        argv = [
+            str(bin_dir / "postgres"),
+            "-D",
+            str(self.data_dir),
+            "-k",
+            str(self.socket_dir),
+            "-p",
+            str(PG_PORT),
+            "-c",
+            "listen_addresses=",
+            "-c",
+            "unix_socket_permissions=0700",
+            "-c",
+            "logging_collector=off",
+        ]
+        for key, value in self.server_options.items():
+            argv += ["-c", f"{key}={value}"]
+        await self.spawn(argv, cwd=self.data_dir, log_path=self.root / "postgres.log")
+        await self._wait_ready()
+        await self._ensure_database()
+
+    async def _stop_orphan(self, bin_dir: Path) -> None:
+        """A server left by a daemon that was killed -9 (before the parent-death
+        signal existed, or if it raced) still holds the data directory: stop it."""
+        pid_file = self.data_dir / "postmaster.pid"
+        try:
+            pid = int(pid_file.read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return
+        if not pid_alive(pid, "postgres"):
+            return
+        self.log.warning("orphan_server_stopping", server="postgres", pid=pid)
+        with contextlib.suppress(RuntimeError):
+            await self.run_tool(
+                [
+                    str(bin_dir / "pg_ctl"),
+                    "stop",
+                    "-D",
+                    str(self.data_dir),
+                    "-m",
+                    "fast",
+                    "-w",
+                    "-t",
+                    "30",
+                ],
+                cwd=self.root,
+            )
+
+    async def _initdb(self, bin_dir: Path) -> None:
+        # initdb into a scratch directory and rename: a crash mid-way never
+        # leaves a half-initialised cluster that later starts look at.
+        scratch = self.root / "data.initdb"
+        if scratch.exists():
+            shutil.rmtree(scratch)
+        self.log.info("initdb", data_dir=str(self.data_dir))
+        await self.run_tool(
+            [
+                str(bin_dir / "initdb"),
+                "-D",
+                str(scratch),
+                "-U",
+                SUPERUSER,
+                "--auth=trust",  # the socket directory (0700) is the access control
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-instructions",
+            ],
+            cwd=self.root,
+            timeout=self.start_timeout,
+        )
+        scratch.rename(self.data_dir)
+
+    async def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.returncode is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise RuntimeError(
+                    f"postgres exited during start (code {code}):\n{self.log_tail()}"
+                )
+            try:
+                conn = await asyncpg.connect(dsn_for(self.socket_dir, "postgres"), timeout=2)
+            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+                last = exc
+                await asyncio.sleep(0.1)
+                continue
+            await conn.close()
+            return
+        await self.terminate(10)
+        raise RuntimeError(
+            f"postgres not ready within {self.start_timeout:g}s: {last}\n{self.log_tail()}"
+        )
+
+    async def _ensure_database(self) -> None:
+        conn = await asyncpg.connect(dsn_for(self.socket_dir, "postgres"), timeout=5)
+        try:
+            exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE)
+            if not exists:
+                await conn.execute(f'CREATE DATABASE "{DATABASE}"')
+        finally:
+            await conn.close()
+
+    async def on_stop(self) -> None:
+        # Same as `pg_ctl stop -m fast`: SIGINT to the postmaster, then wait.
+        await self.terminate(timeout=max(self.stop_hook_timeout - 3, 1))
+
+    async def check(self) -> Health | None:
+        base = await super().check()
+        if base is not None and base.status == "fail":
+            return base
+        return Health(
+            status="pass",
+            detail=f"postgres pid {self.proc.pid if self.proc else '?'}, socket {self.socket_dir}",
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        data = super().snapshot()
+        data["pid"] = self.proc.pid if self.proc and self.proc.returncode is None else None
+        data["socketDir"] = str(self.socket_dir)
+        return data
+
+
+def dsn_for(socket_dir: Path, database: str) -> str:
+    return f"postgresql://{SUPERUSER}@/{database}?host={quote(str(socket_dir), safe='/')}&port={PG_PORT}"

@@ -1,0 +1,124 @@
+"""Embedded Valkey: a supervised child on a Unix socket only, with an append-only file."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from actors.embedded.binaries import find_valkey_server
+from actors.embedded.child import ChildServer, RunAs, make_private_dir, pid_alive, runtime_dir
+
+__all__ = ["EmbeddedValkey"]
+
+
+class EmbeddedValkey(ChildServer):
+    # SIGTERM makes Valkey flush the append-only file and exit cleanly.
+    stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
+    server_name: ClassVar[str] = "valkey"
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        run_as: RunAs,
+        binary: str | None = None,
+        start_timeout: float = 30.0,
+        appendonly: bool = True,
+        name: str = "embedded-valkey",
+    ) -> None:
+        super().__init__(name, state_dir, run_as, start_timeout=start_timeout)
+        self.binary_override = binary
+        self.appendonly = appendonly
+        self.root = state_dir / "valkey"
+        self.socket_dir = runtime_dir(state_dir) / "valkey"
+        self.socket_path = self.socket_dir / "valkey.sock"
+        self.pid_file = self.root / "valkey.pid"
+
+    @property
+    def url(self) -> str:
+        return f"unix://{self.socket_path}"
+
+    async def on_start(self) -> None:
+        binary = find_valkey_server(self.binary_override)
+        make_private_dir(self.root, self.run_as)
+        make_private_dir(self.socket_dir.parent, RunAs.current(), 0o755)
+        make_private_dir(self.socket_dir, self.run_as)
+        await self._stop_orphan()
+        argv = [
+            str(binary),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(self.socket_path),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(self.root),
+            "--pidfile",
+            str(self.pid_file),
+            "--daemonize",
+            "no",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "everysec",
+            "--logfile",
+            "",
+        ]
+        await self.spawn(argv, cwd=self.root, log_path=self.root / "valkey.log")
+        await self._wait_ready()
+
+    async def _stop_orphan(self) -> None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return
+        if not pid_alive(pid, "-server"):
+            return
+        self.log.warning("orphan_server_stopping", server="valkey", pid=pid)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 15
+        while pid_alive(pid, "-server") and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    async def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.returncode is not None:
+                code = None if self.proc is None else self.proc.returncode
+                raise RuntimeError(f"valkey exited during start (code {code}):\n{self.log_tail()}")
+            client = aioredis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=2)
+            try:
+                await client.ping()
+                return
+            except (OSError, RedisError) as exc:
+                last = exc
+                await asyncio.sleep(0.05)
+            finally:
+                await client.aclose()
+        await self.terminate(10)
+        raise RuntimeError(
+            f"valkey not ready within {self.start_timeout:g}s: {last}\n{self.log_tail()}"
+        )
+
+    async def on_stop(self) -> None:
+        await self.terminate(timeout=max(self.stop_hook_timeout - 3, 1))
+
+    def snapshot(self) -> dict[str, Any]:
+        data = super().snapshot()
+        data["pid"] = self.proc.pid if self.proc and self.proc.returncode is None else None
+        data["socket"] = str(self.socket_path)
+        return data

@@ -1,0 +1,165 @@
+"""The persistence actor: owns the asyncpg pool and the migrations (DESIGN §3, §4).
+
+Starting never waits for the database: an outage at boot must degrade health,
+not become a restart loop. ``run()`` connects (and migrates, if configured)
+with capped backoff until it succeeds; until then asks raise Unavailable and
+``/health/ready`` says why. Once the pool exists asyncpg replaces broken
+connections by itself, so a restarted PostgreSQL needs no daemon restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from actors import migrate as migrations
+from actors.kernel import Actor, Health, handles
+from config import PostgresSettings
+
+__all__ = ["Migrate", "MigrationStatus", "Persistence", "PgPing", "Unavailable"]
+
+
+class Unavailable(Exception):
+    """The database cannot be reached right now (HTTP maps this to 503)."""
+
+
+class PgPing(msgspec.Struct, frozen=True):
+    """Round trip to PostgreSQL; replies with the latency in ms."""
+
+
+class Migrate(msgspec.Struct, frozen=True):
+    """Apply pending migrations; replies with the names applied."""
+
+
+class MigrationStatus(msgspec.Struct, frozen=True):
+    """Replies {"applied": [...], "pending": [...]}."""
+
+
+class Persistence(Actor):
+    def __init__(
+        self,
+        settings: PostgresSettings,
+        dsn: str,
+        *,
+        name: str = "persistence",
+        health_interval: float = 2.0,
+        migration_set: list[migrations.Migration] | None = None,
+    ) -> None:
+        # Several workers so one slow query never holds up the others; the pool bounds real concurrency.
+        super().__init__(
+            name,
+            mailbox_size=1000,
+            concurrency=max(settings.pool_max, 1),
+            health_interval=health_interval,
+        )
+        self.settings = settings
+        self.dsn = dsn
+        self.pool: asyncpg.Pool | None = None
+        self.migration_set = migration_set
+        self.last_error = ""
+        self.migrated: list[str] = []
+        self._ready = asyncio.Event()
+
+    async def on_start(self) -> None:
+        self._ready = asyncio.Event()
+        self.last_error = ""
+
+    async def run(self) -> None:
+        delay = 0.2
+        while self.pool is None:
+            try:
+                await self._connect()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.log.warning(
+                    "postgres_connect_failed", error=self.last_error, retry_in=round(delay, 2)
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self._ready.set()
+        self.last_error = ""
+        self.log.info("postgres_ready", pool_max=self.settings.pool_max, migrated=self.migrated)
+
+    async def _connect(self) -> None:
+        s = self.settings
+        pool = await asyncpg.create_pool(
+            self.dsn,
+            min_size=s.pool_min,
+            max_size=s.pool_max,
+            timeout=s.connect_timeout,
+            command_timeout=s.command_timeout,
+            # Connections idle this long are closed, so a restarted server's
+            # stale sockets are not handed out to queries.
+            max_inactive_connection_lifetime=60.0,
+        )
+        try:
+            if s.migrate_on_start:
+                async with pool.acquire() as conn:
+                    self.migrated = await migrations.migrate(conn, self.migration_set)
+        except BaseException:
+            await pool.close()
+            raise
+        self.pool = pool
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        async with asyncio.timeout(timeout):
+            await self._ready.wait()
+
+    def _pool(self) -> asyncpg.Pool:
+        if self.pool is None:
+            raise Unavailable(f"database not connected: {self.last_error or 'connecting'}")
+        return self.pool
+
+    @handles(PgPing)
+    async def _ping(self, _msg: PgPing) -> float:
+        started = time.perf_counter()
+        try:
+            async with self._pool().acquire(timeout=self.settings.connect_timeout) as conn:
+                await conn.fetchval("SELECT 1")
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            raise Unavailable(f"database unreachable: {type(exc).__name__}: {exc}") from exc
+        return (time.perf_counter() - started) * 1000
+
+    @handles(Migrate)
+    async def _migrate(self, _msg: Migrate) -> list[str]:
+        async with self._pool().acquire() as conn:
+            return await migrations.migrate(conn, self.migration_set)
+
+    @handles(MigrationStatus)
+    async def _status(self, _msg: MigrationStatus) -> dict[str, list[str]]:
+        async with self._pool().acquire() as conn:
+            return await migrations.status(conn, self.migration_set)
+
+    async def check(self) -> Health | None:
+        if self.pool is None:
+            return Health(status="fail", detail=f"not connected: {self.last_error or 'connecting'}")
+        try:
+            ms = await self._ping(PgPing())
+        except Unavailable as exc:
+            return Health(status="fail", detail=str(exc))
+        return Health(status="pass", detail="ok", observed_ms=round(ms, 3))
+
+    async def on_stop(self) -> None:
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            try:
+                async with asyncio.timeout(max(self.stop_hook_timeout - 2, 1)):
+                    await pool.close()
+            except TimeoutError:
+                pool.terminate()
+
+    def snapshot(self) -> dict[str, Any]:
+        data = super().snapshot()
+        pool = self.pool
+        data["pool"] = (
+            None
+            if pool is None
+            else {"size": pool.get_size(), "idle": pool.get_idle_size(), "max": pool.get_max_size()}
+        )
+        return data

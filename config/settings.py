@@ -1,0 +1,136 @@
+"""Typed settings: one msgspec Struct per TOML section (DESIGN §9, §13).
+
+Every field has a default, so an empty file is a valid (embedded) configuration.
+Unknown keys are rejected: a typo must never be silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+LogFormat = Literal["json", "console", "auto"]
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    pass
+
+
+class DaemonSettings(_Section, frozen=True):
+    state_dir: str = "/var/lib/jarvisd"
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "auto"
+    # Kept below systemd's TimeoutStopSec so a drain never ends in SIGKILL.
+    shutdown_timeout: PositiveFloat = 20.0
+    # How often actors refresh the health they report; /health/ready reads the cache.
+    health_interval: PositiveFloat = 2.0
+
+
+class SupervisorSettings(_Section, frozen=True):
+    max_restarts: NonNegativeInt = 5
+    restart_window: PositiveFloat = 60.0
+    backoff_initial: NonNegativeFloat = 0.5
+    backoff_max: NonNegativeFloat = 15.0
+
+
+class HttpSettings(_Section, frozen=True):
+    host: str = "127.0.0.1"
+    port: Port = 8017
+    unix_socket: str | None = None
+    max_body_bytes: PositiveInt = 1_048_576
+    # Bounded per-request wait for an actor's answer before the API says 503.
+    request_timeout: PositiveFloat = 10.0
+
+
+class PostgresSettings(_Section, frozen=True):
+    dsn: str | None = None
+    dsn_file: str | None = None
+    pool_min: NonNegativeInt = 1
+    pool_max: PositiveInt = 10
+    migrate_on_start: bool = True
+    connect_timeout: PositiveFloat = 5.0
+    command_timeout: PositiveFloat = 30.0
+
+
+class RedisSettings(_Section, frozen=True):
+    url: str | None = None
+    url_file: str | None = None
+    prefix: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "jarvis:"
+    connect_timeout: PositiveFloat = 5.0
+
+
+class EmbeddedSettings(_Section, frozen=True):
+    enabled: bool = False
+    # PostgreSQL refuses to run as root; when jarvisd runs as root its
+    # embedded PostgreSQL runs as this unprivileged user instead.
+    postgres_user: str = "nobody"
+    # Override binary discovery (a directory holding initdb/postgres/pg_ctl,
+    # and the valkey-server or redis-server executable).
+    postgres_bin_dir: str | None = None
+    valkey_bin: str | None = None
+    start_timeout: PositiveFloat = 60.0
+
+
+class CacheSettings(_Section, frozen=True):
+    default_ttl: PositiveInt = 300
+
+
+class SessionSettings(_Section, frozen=True):
+    idle_ttl: PositiveInt = 1800
+    absolute_ttl: PositiveInt = 86400
+
+
+class BusSettings(_Section, frozen=True):
+    stream: Annotated[str, msgspec.Meta(min_length=1)] = "jarvis:inbox"
+    group: Annotated[str, msgspec.Meta(min_length=1)] = "jarvisd"
+    max_deliveries: PositiveInt = 5
+
+
+class ApprovalSettings(_Section, frozen=True):
+    threshold: Annotated[int, msgspec.Meta(ge=0, le=100)] = 70
+    expiry: PositiveInt = 900
+
+
+class Settings(_Section, frozen=True):
+    daemon: DaemonSettings = msgspec.field(default_factory=DaemonSettings)
+    supervisor: SupervisorSettings = msgspec.field(default_factory=SupervisorSettings)
+    http: HttpSettings = msgspec.field(default_factory=HttpSettings)
+    postgres: PostgresSettings = msgspec.field(default_factory=PostgresSettings)
+    redis: RedisSettings = msgspec.field(default_factory=RedisSettings)
+    embedded: EmbeddedSettings = msgspec.field(default_factory=EmbeddedSettings)
+    cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
+    sessions: SessionSettings = msgspec.field(default_factory=SessionSettings)
+    bus: BusSettings = msgspec.field(default_factory=BusSettings)
+    approvals: ApprovalSettings = msgspec.field(default_factory=ApprovalSettings)
+
+    @property
+    def embedded_postgres(self) -> bool:
+        """True when jarvisd must run PostgreSQL itself (embedded, no DSN given)."""
+        return self.embedded.enabled and self.postgres.dsn is None
+
+    @property
+    def embedded_redis(self) -> bool:
+        """True when jarvisd must run Valkey itself (embedded, no URL given)."""
+        return self.embedded.enabled and self.redis.url is None
+
+
+# Keys whose values are secrets: redacted wherever the config is shown.
+SECRET_KEYS: frozenset[tuple[str, str]] = frozenset({("postgres", "dsn"), ("redis", "url")})
+# Keys holding filesystem paths: relative values resolve against the config file's folder.
+PATH_KEYS: frozenset[tuple[str, str]] = frozenset(
+    {
+        ("daemon", "state_dir"),
+        ("http", "unix_socket"),
+        ("postgres", "dsn_file"),
+        ("redis", "url_file"),
+        ("embedded", "postgres_bin_dir"),
+        ("embedded", "valkey_bin"),
+    }
+)

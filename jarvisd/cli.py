@@ -1,0 +1,220 @@
+"""The ``jarvisd`` command line (DESIGN §9, §13).
+
+Each command is a sync function around an async core, so tests can call the
+cores directly; ``main`` returns the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from config import ConfigError, LoadedConfig, load_settings, redacted, to_toml
+from jarvisd import __version__
+from jarvisd.logs import configure
+
+EXIT_CONFIG = 2
+
+
+def _load(args: argparse.Namespace) -> LoadedConfig:
+    return load_settings(Path(args.config) if args.config else None)
+
+
+def _print_config_errors(err: ConfigError) -> None:
+    print(f"jarvisd: invalid configuration ({len(err.issues)} problem(s)):", file=sys.stderr)
+    for issue in err.issues:
+        print(f"  {issue}", file=sys.stderr)
+
+
+# -- run -------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    s = loaded.settings
+    configure(s.daemon.log_level, s.daemon.log_format)
+    from jarvisd.daemon import Daemon  # the daemon pulls in aiohttp; other commands need not
+
+    async def main() -> int:
+        daemon = Daemon(loaded)
+        return await daemon.run()
+
+    return asyncio.run(main())
+
+
+# -- check-config ----------------------------------------------------------------
+def cmd_check_config(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    source = loaded.path or "defaults and environment"
+    print(f"# effective configuration from {source} (secrets redacted)")
+    print(to_toml(redacted(loaded.settings)), end="")
+    return 0
+
+
+# -- migrate ---------------------------------------------------------------------
+async def with_database(loaded: LoadedConfig, work: Any) -> Any:
+    """Run ``work(conn)`` against the configured database. In embedded mode,
+    use the running daemon's server if there is one, else start the embedded
+    server for the duration of the command."""
+    from actors.embedded import EmbeddedPostgres, RunAs
+
+    s = loaded.settings
+    if not s.embedded_postgres:
+        assert s.postgres.dsn is not None
+        conn = await asyncpg.connect(s.postgres.dsn, timeout=s.postgres.connect_timeout)
+        try:
+            return await work(conn)
+        finally:
+            await conn.close()
+    pg = EmbeddedPostgres(
+        Path(s.daemon.state_dir),
+        run_as=RunAs.resolve(s.embedded.postgres_user),
+        bin_dir=s.embedded.postgres_bin_dir,
+        start_timeout=s.embedded.start_timeout,
+    )
+    try:
+        conn = await asyncpg.connect(pg.dsn, timeout=2)
+    except (OSError, asyncpg.PostgresError, TimeoutError):
+        conn = None
+    if conn is not None:
+        try:
+            return await work(conn)
+        finally:
+            await conn.close()
+    await pg.start()
+    try:
+        conn = await asyncpg.connect(pg.dsn, timeout=s.postgres.connect_timeout)
+        try:
+            return await work(conn)
+        finally:
+            await conn.close()
+    finally:
+        await pg.stop()
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from actors import migrate as migrations
+
+    loaded = _load(args)
+    configure("warning", "console" if sys.stderr.isatty() else "json", stream=sys.stderr)
+
+    async def work(conn: Any) -> Any:
+        if args.status:
+            return await migrations.status(conn)
+        return await migrations.migrate(conn)
+
+    try:
+        result = asyncio.run(with_database(loaded, work))
+    except migrations.MigrationError as exc:
+        print(f"jarvisd migrate: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"jarvisd migrate: cannot reach the database: {exc}", file=sys.stderr)
+        return 1
+    if args.status:
+        for name in result["applied"]:
+            print(f"applied  {name}")
+        for name in result["pending"]:
+            print(f"pending  {name}")
+    elif result:
+        for name in result:
+            print(f"applied {name}")
+    else:
+        print("up to date")
+    return 0
+
+
+# -- health ----------------------------------------------------------------------
+async def probe_ready(loaded: LoadedConfig, timeout: float = 5.0) -> tuple[int, str]:
+    """GET /health/ready on the Unix socket if configured and present, else TCP."""
+    import aiohttp
+
+    http = loaded.settings.http
+    connector: aiohttp.BaseConnector | None = None
+    if http.unix_socket and Path(http.unix_socket).exists():
+        connector = aiohttp.UnixConnector(path=http.unix_socket)
+        url = "http://localhost/health/ready?verbose"
+    else:
+        host = "127.0.0.1" if http.host in ("0.0.0.0", "") else http.host  # noqa: S104
+        host = (
+            "[::1]"
+            if host == "::"
+            else (f"[{host}]" if ":" in host and not host.startswith("[") else host)
+        )
+        url = f"http://{host}:{http.port}/health/ready?verbose"
+    async with (
+        aiohttp.ClientSession(
+            connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as session,
+        session.get(url) as resp,
+    ):
+        return resp.status, await resp.text()
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    loaded = _load(args)
+    try:
+        status, text = asyncio.run(probe_ready(loaded, args.timeout))
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        print(f"not ready: daemon unreachable ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 1
+    print(text, end="")
+    return 0 if status == 200 else 1
+
+
+def cmd_version(_args: argparse.Namespace) -> int:
+    print(f"jarvisd {__version__}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jarvisd", description="jarvisd: the Jarvis state daemon")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument(
+            "--config",
+            "-c",
+            metavar="PATH",
+            help="config file (default: $JARVISD_CONFIG, ./jarvisd.toml, /etc/jarvisd/jarvisd.toml)",
+        )
+        return p
+
+    with_config(sub.add_parser("run", help="run the daemon")).set_defaults(func=cmd_run)
+    with_config(
+        sub.add_parser("check-config", help="validate the config and print the effective one")
+    ).set_defaults(func=cmd_check_config)
+    m = with_config(sub.add_parser("migrate", help="apply pending database migrations"))
+    m.add_argument(
+        "--status", action="store_true", help="list applied and pending migrations, change nothing"
+    )
+    m.set_defaults(func=cmd_migrate)
+    h = with_config(
+        sub.add_parser("health", help="exit 0 when the running daemon is ready, 1 when not")
+    )
+    h.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds to wait for the answer (default 5)"
+    )
+    h.set_defaults(func=cmd_health)
+    sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        _print_config_errors(err)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:  # pragma: no cover - only outside `run`, which owns SIGINT
+        return 130
+
+
+__all__ = ["build_parser", "main"]

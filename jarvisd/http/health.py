@@ -1,0 +1,260 @@
+"""Health, stats and metrics endpoints (DESIGN §8).
+
+Readiness is computed from the actors' cached checks only: a health probe
+never waits on a database, so it answers fast even while one hangs.
+The document follows the "application/health+json" draft: ``status`` is
+pass | warn | fail and ``checks`` maps each component to observations.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from actors.redis_link import RedisInfo, RedisUnavailable
+from jarvisd.http.errors import problem, reject_unknown_params
+from jarvisd.http.keys import HTTP_METRICS, RUNTIME
+from jarvisd.http.metrics import CONTENT_TYPE, MetricsWriter, process_metrics
+from jarvisd.runtime import Runtime
+
+HEALTH_JSON = "application/health+json"
+# A mailbox fuller than this fraction makes readiness "warn".
+MAILBOX_WARN = 0.8
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def readiness(rt: Runtime) -> dict[str, Any]:
+    """The readiness document, built from cached actor health only."""
+    checks: dict[str, list[dict[str, Any]]] = {}
+    worst = "pass"
+
+    def degrade(status: str) -> None:
+        nonlocal worst
+        if status == "fail" or (status == "warn" and worst == "pass"):
+            worst = status
+
+    for check in rt.checks:
+        h = check.actor.health()
+        entry: dict[str, Any] = {
+            "componentId": check.actor.name,
+            "componentType": check.component_type,
+            "status": h.status,
+            "time": _iso(h.checked_at or time.time()),
+        }
+        if h.observed_ms is not None:
+            entry.update(observedValue=h.observed_ms, observedUnit="ms")
+        if h.detail:
+            entry["output"] = h.detail
+        checks[f"{check.name}"] = [entry]
+        degrade(h.status if check.critical else ("warn" if h.status == "fail" else h.status))
+
+    depth_entries = []
+    for actor in rt.supervisor.actors:
+        fill = actor.mailbox_depth / actor.mailbox_size
+        status = "warn" if fill >= MAILBOX_WARN else "pass"
+        degrade(status)
+        depth_entries.append(
+            {
+                "componentId": actor.name,
+                "componentType": "component",
+                "status": status,
+                "observedValue": actor.mailbox_depth,
+                "observedUnit": "messages",
+            }
+        )
+    checks["mailboxes"] = depth_entries
+    if rt.draining:
+        checks["daemon"] = [
+            {"componentType": "system", "status": "fail", "output": "draining: shutting down"}
+        ]
+        worst = "fail"
+    return {
+        "status": worst,
+        "version": "1",
+        "releaseId": rt.version,
+        "serviceId": "jarvisd",
+        "description": "jarvisd state daemon",
+        "checks": checks,
+    }
+
+
+def _verbose(doc: dict[str, Any]) -> str:
+    lines = []
+    for name, entries in doc["checks"].items():
+        for e in entries:
+            label = name if len(entries) == 1 else f"{name}:{e.get('componentId', '')}"
+            if e["status"] == "pass":
+                lines.append(f"[+]{label} ok")
+            else:
+                lines.append(f"[-]{label} {e['status']}: {e.get('output', '')}".rstrip(": "))
+    verdict = {"pass": "ready", "warn": "ready (degraded)", "fail": "not ready"}[doc["status"]]
+    lines.append(f"{verdict}: {doc['status']}")
+    return "\n".join(lines) + "\n"
+
+
+def _health_response(doc: dict[str, Any], request: web.Request) -> web.Response:
+    code = 503 if doc["status"] == "fail" else 200
+    if "verbose" in request.query:
+        return web.Response(status=code, text=_verbose(doc), content_type="text/plain")
+    return web.Response(status=code, body=msgspec.json.encode(doc), content_type=HEALTH_JSON)
+
+
+async def live(request: web.Request) -> web.Response:
+    """In-process only: the event loop answers. Never touches a dependency."""
+    reject_unknown_params(request, set())
+    rt = request.app[RUNTIME]
+    doc = {
+        "status": "pass",
+        "version": "1",
+        "releaseId": rt.version,
+        "serviceId": "jarvisd",
+        "output": f"pid {os.getpid()}, up {rt.uptime:.1f}s",
+    }
+    return web.Response(body=msgspec.json.encode(doc), content_type=HEALTH_JSON)
+
+
+async def ready(request: web.Request) -> web.Response:
+    reject_unknown_params(request, {"verbose"})
+    return _health_response(readiness(request.app[RUNTIME]), request)
+
+
+def stats_document(rt: Runtime) -> dict[str, Any]:
+    actors = rt.supervisor.snapshot()
+    return {
+        "service": "jarvisd",
+        "version": rt.version,
+        "pid": os.getpid(),
+        "startedAt": _iso(rt.started_at),
+        "uptimeSeconds": round(rt.uptime, 3),
+        "draining": rt.draining,
+        "status": readiness(rt)["status"],
+        "actors": actors,
+        "restartsTotal": sum(a["restarts"] for a in actors.values()),
+    }
+
+
+async def stats(request: web.Request) -> web.Response:
+    reject_unknown_params(request, set())
+    return web.json_response(
+        stats_document(request.app[RUNTIME]), dumps=lambda o: msgspec.json.encode(o).decode()
+    )
+
+
+async def metrics(request: web.Request) -> web.Response:
+    reject_unknown_params(request, set())
+    rt = request.app[RUNTIME]
+    out = MetricsWriter()
+    process_metrics(out)
+    out.metric("jarvisd_up", "gauge", "1 while the daemon runs.", 1, {"version": rt.version})
+    out.metric(
+        "jarvisd_uptime_seconds", "gauge", "Seconds since the daemon started.", round(rt.uptime, 3)
+    )
+    out.metric(
+        "jarvisd_draining", "gauge", "1 while the daemon drains for shutdown.", int(rt.draining)
+    )
+    families: list[tuple[str, str, str, Callable[[dict[str, Any]], float]]] = [
+        (
+            "jarvisd_actor_mailbox_depth",
+            "gauge",
+            "Messages waiting in the actor's mailbox.",
+            lambda s: s["mailbox"]["depth"],
+        ),
+        (
+            "jarvisd_actor_mailbox_capacity",
+            "gauge",
+            "Bound of the actor's mailbox.",
+            lambda s: s["mailbox"]["size"],
+        ),
+        (
+            "jarvisd_actor_restarts_total",
+            "counter",
+            "Restarts of the actor by its supervisor.",
+            lambda s: s["restarts"],
+        ),
+        ("jarvisd_actor_crashes_total", "counter", "Crashes of the actor.", lambda s: s["crashes"]),
+        (
+            "jarvisd_actor_messages_total",
+            "counter",
+            "Messages the actor handled.",
+            lambda s: s["processed"],
+        ),
+        (
+            "jarvisd_actor_up",
+            "gauge",
+            "1 when the actor is running.",
+            lambda s: int(s["state"] == "running"),
+        ),
+    ]
+    snapshot = rt.supervisor.snapshot()
+    for name, kind, help_text, pick in families:
+        out.family(name, kind, help_text)
+        for actor, snap in snapshot.items():
+            out.sample(name, pick(snap), {"actor": actor})
+    out.family("jarvisd_health_check_up", "gauge", "1 when the component's last check passed.")
+    out.family(
+        "jarvisd_health_check_latency_seconds", "gauge", "Latency of the component's last check."
+    )
+    for check in rt.checks:
+        h = check.actor.health()
+        out.sample("jarvisd_health_check_up", int(h.status == "pass"), {"check": check.name})
+        if h.observed_ms is not None:
+            out.sample(
+                "jarvisd_health_check_latency_seconds",
+                round(h.observed_ms / 1000, 6),
+                {"check": check.name},
+            )
+    request.app[HTTP_METRICS].write(out)
+    return web.Response(text=out.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def redis_health(request: web.Request) -> web.Response:
+    reject_unknown_params(request, {"verbose"})
+    rt = request.app[RUNTIME]
+    checks = [c for c in rt.checks if c.name in ("redis", "embedded-valkey")]
+    h = [c.actor.health() for c in checks]
+    status = "fail" if any(x.status == "fail" for x in h) else "pass"
+    doc = {
+        "status": status,
+        "serviceId": "jarvisd",
+        "checks": {
+            c.name: [
+                {
+                    "status": x.status,
+                    "output": x.detail,
+                    "observedValue": x.observed_ms,
+                    "observedUnit": "ms",
+                }
+            ]
+            for c, x in zip(checks, h, strict=True)
+        },
+    }
+    return _health_response(doc, request)
+
+
+async def redis_stats(request: web.Request) -> web.Response:
+    reject_unknown_params(request, set())
+    rt = request.app[RUNTIME]
+    try:
+        info = await rt.actor("redis").ask(RedisInfo(), timeout=rt.settings.http.request_timeout)
+    except RedisUnavailable as exc:
+        return problem(503, "Redis unavailable", str(exc))
+    return web.json_response(info)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/health/live", live)
+    app.router.add_get("/health/ready", ready)
+    app.router.add_get("/health", ready)
+    app.router.add_get("/stats", stats)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/redis/health", redis_health)
+    app.router.add_get("/redis/stats", redis_stats)

@@ -1,0 +1,192 @@
+"""The HTTP actor: an aiohttp AppRunner we own (no run_app: the daemon owns
+the signals), a TCP site and an optional Unix-socket site (DESIGN §8)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from actors import ActorDead, ActorStopped, AskTimeout, FatalActorError, MailboxFull
+from actors.kernel import Actor, Health
+from actors.persistence import Unavailable
+from actors.redis_link import RedisUnavailable
+from jarvisd.http import health
+from jarvisd.http.errors import ProblemError, problem
+from jarvisd.http.keys import HTTP_METRICS, RUNTIME
+from jarvisd.http.metrics import HttpMetrics
+from jarvisd.runtime import Runtime
+
+__all__ = ["HttpServer", "build_app"]
+
+log = structlog.get_logger("jarvisd").bind(actor="http")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# Served while draining, so orchestration can watch the daemon go away.
+ALWAYS_SERVED = frozenset({"/health/live", "/health/ready", "/health", "/metrics", "/stats"})
+MAX_UNIX_PATH = 107
+
+
+def _route_name(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+@web.middleware
+async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[HTTP_METRICS]
+    rt = request.app[RUNTIME]
+    started = time.perf_counter()
+    status = 500
+    metrics.in_flight += 1
+    try:
+        if rt.draining and request.path not in ALWAYS_SERVED:
+            response: web.StreamResponse = problem(
+                503, "Draining", "jarvisd is shutting down", headers={"Retry-After": "5"}
+            )
+        else:
+            response = await _guarded(request, handler)
+        status = response.status
+        return response
+    finally:
+        metrics.in_flight -= 1
+        metrics.observe(request.method, _route_name(request), status, time.perf_counter() - started)
+
+
+async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ProblemError as exc:
+        return exc.response()
+    except web.HTTPRequestEntityTooLarge as exc:
+        return problem(
+            413, "Payload too large", exc.text or "request body over http.max_body_bytes"
+        )
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return problem(
+                exc.status,
+                exc.reason,
+                exc.text or "",
+                headers=dict(exc.headers) if exc.status == 405 else None,
+            )
+        raise
+    except (MailboxFull, ActorDead, ActorStopped, AskTimeout, Unavailable, RedisUnavailable) as exc:
+        return problem(503, "Service unavailable", str(exc), headers={"Retry-After": "1"})
+    except Exception:
+        log.exception("http_handler_failed", path=request.path, method=request.method)
+        return problem(500, "Internal error", "the request failed; the daemon log has the details")
+
+
+def build_app(runtime: Runtime) -> web.Application:
+    app = web.Application(
+        middlewares=[_observe], client_max_size=runtime.settings.http.max_body_bytes
+    )
+    app[RUNTIME] = runtime
+    app[HTTP_METRICS] = HttpMetrics()
+    health.add_routes(app)
+    return app
+
+
+class HttpServer(Actor):
+    def __init__(self, runtime: Runtime, *, sockets: list[socket.socket] | None = None) -> None:
+        super().__init__("http", mailbox_size=16)
+        self.runtime = runtime
+        self.sockets = sockets or []
+        self.runner: web.AppRunner | None = None
+        self.app: web.Application | None = None
+        self.addresses: list[str] = []
+
+    async def on_start(self) -> None:
+        s = self.runtime.settings.http
+        self.app = build_app(self.runtime)
+        self.runner = web.AppRunner(
+            self.app,
+            handle_signals=False,
+            access_log=None,
+            shutdown_timeout=self.runtime.settings.daemon.shutdown_timeout,
+        )
+        await self.runner.setup()
+        try:
+            await self._bind(s.host, s.port, s.unix_socket)
+        except BaseException:
+            await self.runner.cleanup()
+            self.runner = None
+            raise
+        log.info("http_listening", addresses=self.addresses)
+
+    async def _bind(self, host: str, port: int, unix_socket: str | None) -> None:
+        assert self.runner is not None
+        sites: list[web.BaseSite] = []
+        if self.sockets:
+            sites += [web.SockSite(self.runner, sock) for sock in self.sockets]
+        else:
+            sites.append(web.TCPSite(self.runner, host, port, reuse_address=True))
+            if unix_socket:
+                if len(os.fsencode(unix_socket)) > MAX_UNIX_PATH:
+                    raise FatalActorError(
+                        f"http.unix_socket path is longer than {MAX_UNIX_PATH} bytes: {unix_socket}"
+                    )
+                os.makedirs(os.path.dirname(unix_socket) or ".", exist_ok=True)
+                if os.path.exists(unix_socket) and not _socket_in_use(unix_socket):
+                    os.unlink(unix_socket)  # stale, left by a daemon that was killed
+                sites.append(web.UnixSite(self.runner, unix_socket))
+        for site in sites:
+            try:
+                await site.start()
+            except OSError as exc:
+                raise FatalActorError(
+                    f"cannot listen on {site.name}: {exc.strerror or exc}"
+                ) from exc
+            self.addresses.append(site.name)
+        if unix_socket and not self.sockets:
+            os.chmod(unix_socket, 0o660)
+
+    @property
+    def bound_port(self) -> int | None:
+        """The TCP port actually bound (useful with port 0)."""
+        if self.runner is None:
+            return None
+        for site in self.runner.sites:
+            server = getattr(site, "_server", None)
+            if server is not None and getattr(server, "sockets", None):
+                for sock in server.sockets:
+                    if sock.family in (socket.AF_INET, socket.AF_INET6):
+                        return int(sock.getsockname()[1])
+        return None
+
+    async def check(self) -> Health | None:
+        return Health(status="pass", detail=", ".join(self.addresses))
+
+    async def wait_idle(self, timeout: float) -> int:
+        """Wait until no request is in flight besides health probes; return what remains."""
+        assert self.app is not None
+        metrics = self.app[HTTP_METRICS]
+        deadline = time.monotonic() + timeout
+        while metrics.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return metrics.in_flight
+
+    async def on_stop(self) -> None:
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            await runner.cleanup()
+        unix_socket = self.runtime.settings.http.unix_socket
+        if unix_socket and not self.sockets and os.path.exists(unix_socket):
+            os.unlink(unix_socket)
+
+
+def _socket_in_use(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(0.5)
+        probe.connect(path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True

@@ -1,0 +1,45 @@
+"""What the HTTP layer and the CLI may see of the running daemon.
+
+Handlers reach actors only through this: their message API (ask/tell), their
+non-blocking ``health()`` and ``snapshot()``, never their connections.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from actors import Actor, Supervisor
+from config import Settings
+
+ComponentType = Literal["datastore", "component", "system"]
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One entry of the readiness document: which actor answers for it."""
+
+    name: str
+    actor: Actor
+    component_type: ComponentType = "component"
+    # A failing non-critical check makes the document "warn", not "fail".
+    critical: bool = True
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    supervisor: Supervisor
+    checks: list[Check]
+    version: str
+    started_at: float = field(default_factory=time.time)
+    started_monotonic: float = field(default_factory=time.monotonic)
+    draining: bool = False
+
+    def actor(self, name: str) -> Actor:
+        return self.supervisor.get(name)
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self.started_monotonic
