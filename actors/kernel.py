@@ -325,7 +325,9 @@ class Actor:
 
     async def _health_loop(self) -> None:
         structlog.contextvars.bind_contextvars(actor=self.name)
-        while True:
+        # The flag matters as much as cancellation: on Python 3.11 a library's
+        # internal asyncio.wait_for can swallow a cancel (CPython gh-86296).
+        while not self._halting:
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(max(self.health_interval, 1.0)):

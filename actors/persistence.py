@@ -70,7 +70,7 @@ class Persistence(Actor):
 
     async def run(self) -> None:
         delay = 0.2
-        while self.pool is None:
+        while self.pool is None and not self._halting:
             try:
                 await self._connect()
             except asyncio.CancelledError:
@@ -82,6 +82,8 @@ class Persistence(Actor):
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
+        if self.pool is None:
+            return
         self._ready.set()
         self.last_error = ""
         self.log.info("postgres_ready", pool_max=self.settings.pool_max, migrated=self.migrated)

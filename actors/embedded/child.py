@@ -113,6 +113,38 @@ def make_private_dir(path: Path, owner: RunAs, mode: int = 0o700) -> None:
     os.chmod(path, mode)
 
 
+def ensure_reachable(path: Path, who: RunAs) -> None:
+    """Fail clearly if ``who`` cannot search every directory down to ``path``.
+
+    Only matters when we run as root and the server as another user: a state
+    directory under /root, or a 0700 parent, would otherwise surface as an
+    obscure "Permission denied" from initdb."""
+    if who.is_self:
+        return
+    groups = (
+        {who.gid, *os.getgrouplist(who.name, who.gid)} if who.name.isidentifier() else {who.gid}
+    )
+    current = Path("/")
+    for part in path.resolve().parts[1:]:
+        current = current / part
+        try:
+            st = current.stat()
+        except FileNotFoundError:
+            return  # we create the rest ourselves, with the right owner
+        if st.st_uid == who.uid:
+            ok = bool(st.st_mode & stat.S_IXUSR)
+        elif st.st_gid in groups:
+            ok = bool(st.st_mode & stat.S_IXGRP)
+        else:
+            ok = bool(st.st_mode & stat.S_IXOTH)
+        if not ok:
+            raise FatalActorError(
+                f"user {who.name} cannot reach {path}: {current} is not searchable by it "
+                f"(mode {stat.S_IMODE(st.st_mode):o}); choose another state directory, make that "
+                "directory searchable (chmod o+x), or set embedded.postgres_user"
+            )
+
+
 def _pdeathsig(sig: int) -> Any:
     libc = _load_libc()
 

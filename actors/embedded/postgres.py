@@ -14,7 +14,14 @@ from urllib.parse import quote
 import asyncpg
 
 from actors.embedded.binaries import find_postgres_bin_dir
-from actors.embedded.child import ChildServer, RunAs, make_private_dir, pid_alive, runtime_dir
+from actors.embedded.child import (
+    ChildServer,
+    RunAs,
+    ensure_reachable,
+    make_private_dir,
+    pid_alive,
+    runtime_dir,
+)
 from actors.kernel import Health
 
 __all__ = ["EmbeddedPostgres"]
@@ -52,6 +59,8 @@ class EmbeddedPostgres(ChildServer):
 
     async def on_start(self) -> None:
         bin_dir = find_postgres_bin_dir(self.bin_dir_override)
+        ensure_reachable(bin_dir / "postgres", self.run_as)
+        ensure_reachable(self.root, self.run_as)
         make_private_dir(self.root, self.run_as)
         make_private_dir(self.socket_dir.parent, RunAs.current(), 0o755)
         make_private_dir(self.socket_dir, self.run_as)

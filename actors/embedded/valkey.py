@@ -13,7 +13,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from actors.embedded.binaries import find_valkey_server
-from actors.embedded.child import ChildServer, RunAs, make_private_dir, pid_alive, runtime_dir
+from actors.embedded.child import (
+    ChildServer,
+    RunAs,
+    ensure_reachable,
+    make_private_dir,
+    pid_alive,
+    runtime_dir,
+)
 
 __all__ = ["EmbeddedValkey"]
 
@@ -47,6 +54,8 @@ class EmbeddedValkey(ChildServer):
 
     async def on_start(self) -> None:
         binary = find_valkey_server(self.binary_override)
+        ensure_reachable(binary, self.run_as)
+        ensure_reachable(self.root, self.run_as)
         make_private_dir(self.root, self.run_as)
         make_private_dir(self.socket_dir.parent, RunAs.current(), 0o755)
         make_private_dir(self.socket_dir, self.run_as)

@@ -68,12 +68,9 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         )
     except web.HTTPException as exc:
         if exc.status >= 400:
-            return problem(
-                exc.status,
-                exc.reason,
-                exc.text or "",
-                headers=dict(exc.headers) if exc.status == 405 else None,
-            )
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            detail = f"{request.method} {request.path}: {exc.reason.lower()}"
+            return problem(exc.status, exc.reason, detail, headers=allow)
         raise
     except (MailboxFull, ActorDead, ActorStopped, AskTimeout, Unavailable, RedisUnavailable) as exc:
         return problem(503, "Service unavailable", str(exc), headers={"Retry-After": "1"})

@@ -1,0 +1,108 @@
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from config import LoadedConfig, Settings
+from tests.servers import DatabaseFactory, Servers, make_state_dir, unlink_prefix
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[Servers]:
+    srv = Servers.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="session")
+def db_factory(servers: Servers) -> Iterator[DatabaseFactory]:
+    factory = DatabaseFactory(servers.postgres_dsn)
+    yield factory
+    asyncio.run(factory.drop_template())
+
+
+@pytest.fixture
+async def pg_dsn(db_factory: DatabaseFactory) -> AsyncIterator[str]:
+    """A fresh, migrated database of its own for this test."""
+    dsn = await db_factory.create()
+    yield dsn
+    await db_factory.drop(dsn)
+
+
+@pytest.fixture
+async def empty_pg_dsn(db_factory: DatabaseFactory) -> AsyncIterator[str]:
+    """A fresh database with no migrations applied."""
+    dsn = await db_factory.create(migrated=False)
+    yield dsn
+    await db_factory.drop(dsn)
+
+
+@pytest.fixture
+async def redis_prefix(servers: Servers) -> AsyncIterator[str]:
+    """A key prefix of this test's own; everything under it is removed afterwards."""
+    prefix = f"jt:{uuid.uuid4().hex[:10]}:"
+    yield prefix
+    await unlink_prefix(servers.redis_url, prefix)
+
+
+@pytest.fixture
+def state_dir() -> Iterator[Path]:
+    import shutil
+
+    path = make_state_dir()
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def make_config(
+    servers: Servers, pg_dsn: str, redis_prefix: str, tmp_path: Path
+) -> Callable[..., LoadedConfig]:
+    """Settings for an in-process daemon on this test's database and prefix."""
+
+    def build(**sections: dict[str, Any]) -> LoadedConfig:
+        data: dict[str, dict[str, Any]] = {
+            "daemon": {
+                "state_dir": str(tmp_path / "state"),
+                "health_interval": 0.2,
+                "shutdown_timeout": 5,
+                "log_level": "warning",
+            },
+            "supervisor": {"backoff_initial": 0.05, "backoff_max": 0.5},
+            "http": {"port": 0, "unix_socket": str(tmp_path / "jarvisd.sock")},
+            "postgres": {"dsn": pg_dsn, "pool_min": 1, "pool_max": 4},
+            "redis": {"url": servers.redis_url, "prefix": redis_prefix},
+        }
+        for section, values in sections.items():
+            data.setdefault(section, {}).update(values)
+        return LoadedConfig(settings=msgspec.convert(data, Settings), path=None)
+
+    return build
+
+
+@pytest.fixture(autouse=True)
+async def _fail_on_loop_errors() -> AsyncIterator[None]:
+    """Like asyncpg's test base: an unhandled error in the loop fails the test."""
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, ctx: errors.append(ctx))
+    yield
+    loop.set_exception_handler(previous)
+    if errors:
+        pytest.fail(f"unhandled errors in the event loop: {errors}")

@@ -1,0 +1,186 @@
+"""Real PostgreSQL and Redis/Valkey for the test suite.
+
+``JARVISD_TEST_POSTGRES_DSN`` / ``JARVISD_TEST_REDIS_URL`` name external
+servers; unset, the suite starts embedded ones with the daemon's own code
+(actors.embedded), once per session, on an event loop in a background
+thread: the servers outlive each test's loop, and if the test process dies
+the servers get their parent-death signal with the thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import threading
+import uuid
+from collections.abc import Coroutine
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import redis.asyncio as aioredis
+
+from actors import migrate as migrations
+from actors.embedded import EmbeddedPostgres, EmbeddedValkey, RunAs
+
+T = TypeVar("T")
+
+# Durability buys nothing in throw-away test clusters; this keeps the suite fast.
+FAST_PG = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+
+
+class LoopThread:
+    """An event loop running in a daemon thread, for session-long resources."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="test-servers", daemon=True
+        )
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 120) -> T:
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return fut.result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def make_state_dir(prefix: str = "jarvisd-test-") -> Path:
+    """A scratch directory the unprivileged server user can traverse (pytest's
+    own tmp directories are 0700 root and would lock it out)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
+@dataclass
+class Servers:
+    postgres_dsn: str  # an admin DSN: may create and drop databases
+    redis_url: str
+    embedded: bool
+    state_dir: Path | None = None
+    loop: LoopThread | None = None
+    _actors: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def start(cls) -> Servers:
+        pg_dsn = os.environ.get("JARVISD_TEST_POSTGRES_DSN")
+        redis_url = os.environ.get("JARVISD_TEST_REDIS_URL")
+        if pg_dsn and redis_url:
+            return cls(pg_dsn, redis_url, embedded=False)
+        loop = LoopThread()
+        state_dir = make_state_dir()
+        servers = cls("", "", embedded=True, state_dir=state_dir, loop=loop)
+        run_as = RunAs.resolve("nobody")
+        if not pg_dsn:
+            pg = EmbeddedPostgres(state_dir, run_as=run_as, server_options=FAST_PG)
+            loop.run(pg.start())
+            servers._actors.append(pg)
+            pg_dsn = pg.dsn
+        if not redis_url:
+            vk = EmbeddedValkey(state_dir, run_as=run_as, appendonly=False)
+            loop.run(vk.start())
+            servers._actors.append(vk)
+            redis_url = vk.url
+        servers.postgres_dsn, servers.redis_url = pg_dsn, redis_url
+        return servers
+
+    def stop(self) -> None:
+        if self.loop is None:
+            return
+        for actor in reversed(self._actors):
+            self.loop.run(actor.stop())
+        self.loop.close()
+
+
+def dsn_with_database(dsn: str, database: str) -> str:
+    """Swap the database of a URL DSN, keeping host, socket and options."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+class DatabaseFactory:
+    """Fresh databases cloned from one migrated template (cheap: a file copy)."""
+
+    def __init__(self, admin_dsn: str) -> None:
+        self.admin_dsn = admin_dsn
+        self.template = f"jarvisd_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        self._template_ready = False
+
+    async def _admin(self) -> asyncpg.Connection:
+        return await asyncpg.connect(self.admin_dsn, timeout=10)
+
+    async def ensure_template(self) -> None:
+        if self._template_ready:
+            return
+        conn = await self._admin()
+        try:
+            await conn.execute(f'CREATE DATABASE "{self.template}"')
+        finally:
+            await conn.close()
+        tpl = await asyncpg.connect(dsn_with_database(self.admin_dsn, self.template))
+        try:
+            await migrations.migrate(tpl)
+        finally:
+            await tpl.close()
+        self._template_ready = True
+
+    async def create(self, *, migrated: bool = True) -> str:
+        name = f"jarvisd_t_{uuid.uuid4().hex[:12]}"
+        conn = await self._admin()
+        try:
+            if migrated:
+                await self.ensure_template()
+                await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
+            else:
+                await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+        return dsn_with_database(self.admin_dsn, name)
+
+    async def drop(self, dsn: str) -> None:
+        name = dsn.split("?")[0].rsplit("/", 1)[1]
+        conn = await self._admin()
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+    async def drop_template(self) -> None:
+        if self._template_ready:
+            conn = await self._admin()
+            try:
+                await conn.execute(f'DROP DATABASE IF EXISTS "{self.template}" WITH (FORCE)')
+            finally:
+                await conn.close()
+
+
+async def unlink_prefix(url: str, prefix: str) -> int:
+    """Delete every key under ``prefix`` (SCAN + UNLINK, never KEYS)."""
+    client = aioredis.Redis.from_url(url)
+    removed = 0
+    try:
+        async for batch in _scan_batches(client, f"{prefix}*"):
+            removed += await client.unlink(*batch)
+    finally:
+        await client.aclose()
+    return removed
+
+
+async def _scan_batches(client: aioredis.Redis, pattern: str) -> Any:
+    cursor = 0
+    while True:
+        cursor, keys = await client.scan(cursor=cursor, match=pattern, count=1000)
+        if keys:
+            yield keys
+        if cursor == 0:
+            return

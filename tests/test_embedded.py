@@ -1,0 +1,197 @@
+"""Embedded PostgreSQL and Valkey as supervised children (DESIGN §10)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from actors import ActorState, FatalActorError, Supervisor
+from actors.embedded import EmbeddedPostgres, EmbeddedValkey, RunAs, runtime_dir
+from actors.embedded.child import pid_alive
+from config import SupervisorSettings
+from tests.servers import FAST_PG
+
+pytestmark = pytest.mark.slow
+FAST = SupervisorSettings(max_restarts=3, restart_window=60, backoff_initial=0.05, backoff_max=0.2)
+
+
+def gone(pid: int) -> bool:
+    return not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+
+
+async def wait_until(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.05)
+
+
+async def test_postgres_starts_unprivileged_on_a_socket_only_and_stops_cleanly(
+    state_dir: Path,
+) -> None:
+    pg = EmbeddedPostgres(state_dir, run_as=RunAs.resolve("nobody"), server_options=FAST_PG)
+    await pg.start()
+    assert pg.proc is not None
+    pid = pg.proc.pid
+    conn = await asyncpg.connect(pg.dsn)
+    try:
+        listen = await conn.fetchval("SHOW listen_addresses")
+        user = await conn.fetchval("SELECT current_user")
+    finally:
+        await conn.close()
+    assert listen == ""  # no TCP port: no clash with a host PostgreSQL
+    assert user == "jarvisd"
+    if os.geteuid() == 0:
+        assert os.stat(f"/proc/{pid}").st_uid == RunAs.resolve("nobody").uid
+    await pg.stop()
+    assert gone(pid)
+    assert not (pg.data_dir / "postmaster.pid").exists()
+
+
+async def test_a_killed_postgres_is_restarted_by_the_supervisor_and_keeps_its_data(
+    state_dir: Path,
+) -> None:
+    pg = EmbeddedPostgres(state_dir, run_as=RunAs.resolve("nobody"))
+    sup = Supervisor([pg], FAST)
+    await sup.start()
+    try:
+        conn = await asyncpg.connect(pg.dsn)
+        await conn.execute("CREATE TABLE kept (v text); INSERT INTO kept VALUES ('acknowledged')")
+        await conn.close()
+        assert pg.proc is not None
+        first = pg.proc.pid
+        os.kill(first, signal.SIGKILL)
+        await wait_until(lambda: pg.stats.restarts == 1 and pg.state is ActorState.RUNNING)
+        assert pg.proc.pid != first
+        conn = await asyncpg.connect(pg.dsn)
+        assert await conn.fetchval("SELECT v FROM kept") == "acknowledged"
+        await conn.close()
+        assert not sup.escalated.is_set()
+    finally:
+        await sup.stop(timeout=10)
+    assert gone(pg.proc.pid)
+
+
+async def test_an_orphaned_postgres_from_a_killed_daemon_is_stopped_before_starting(
+    state_dir: Path,
+) -> None:
+    first = EmbeddedPostgres(state_dir, run_as=RunAs.resolve("nobody"), server_options=FAST_PG)
+    await first.start()
+    assert first.proc is not None
+    orphan = first.proc.pid
+    second = EmbeddedPostgres(state_dir, run_as=RunAs.resolve("nobody"), server_options=FAST_PG)
+    try:
+        await second.start()
+        assert second.proc is not None
+        assert second.proc.pid != orphan
+        await wait_until(lambda: gone(orphan))
+        conn = await asyncpg.connect(second.dsn)
+        await conn.close()
+    finally:
+        await second.stop()
+        await first.stop()
+
+
+async def test_valkey_starts_on_a_socket_persists_with_aof_and_stops_cleanly(
+    state_dir: Path,
+) -> None:
+    vk = EmbeddedValkey(state_dir, run_as=RunAs.resolve("nobody"))
+    await vk.start()
+    assert vk.proc is not None
+    pid = vk.proc.pid
+    client = aioredis.Redis.from_url(vk.url)
+    await client.set("jarvis:kept", "yes")
+    port = (await client.config_get("port"))["port"]
+    await client.aclose()
+    assert port == "0"  # no TCP port
+    await vk.stop()
+    assert gone(pid)
+    again = EmbeddedValkey(state_dir, run_as=RunAs.resolve("nobody"))
+    await again.start()
+    client = aioredis.Redis.from_url(again.url)
+    try:
+        assert await client.get("jarvis:kept") == b"yes"
+    finally:
+        await client.aclose()
+        await again.stop()
+
+
+async def test_a_killed_valkey_is_restarted_by_the_supervisor(state_dir: Path) -> None:
+    vk = EmbeddedValkey(state_dir, run_as=RunAs.resolve("nobody"))
+    sup = Supervisor([vk], FAST)
+    await sup.start()
+    try:
+        assert vk.proc is not None
+        first = vk.proc.pid
+        os.kill(first, signal.SIGKILL)
+        await wait_until(lambda: vk.stats.restarts == 1 and vk.state is ActorState.RUNNING)
+        client = aioredis.Redis.from_url(vk.url)
+        assert await client.ping()
+        await client.aclose()
+    finally:
+        await sup.stop(timeout=10)
+
+
+async def test_a_deep_state_directory_gets_a_short_socket_directory(state_dir: Path) -> None:
+    deep = state_dir / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    for p in (state_dir / ("d" * 60), deep):
+        p.chmod(0o755)
+    sock_dir = runtime_dir(deep)
+    assert str(sock_dir).startswith("/tmp/jarvisd-")
+    vk = EmbeddedValkey(deep, run_as=RunAs.resolve("nobody"), appendonly=False)
+    pg = EmbeddedPostgres(deep, run_as=RunAs.resolve("nobody"), server_options=FAST_PG)
+    try:
+        await vk.start()
+        await pg.start()
+        conn = await asyncpg.connect(pg.dsn)
+        await conn.close()
+    finally:
+        await pg.stop()
+        await vk.stop()
+        import shutil
+
+        shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+async def test_missing_binaries_are_a_fatal_error_that_says_how_to_install(state_dir: Path) -> None:
+    pg = EmbeddedPostgres(
+        state_dir, run_as=RunAs.resolve("nobody"), bin_dir=str(state_dir / "nowhere")
+    )
+    with pytest.raises(FatalActorError, match="lacks one of initdb"):
+        await pg.start()
+    await pg.stop()
+    vk = EmbeddedValkey(
+        state_dir, run_as=RunAs.resolve("nobody"), binary=str(state_dir / "valkey-server")
+    )
+    with pytest.raises(FatalActorError, match="not an executable"):
+        await vk.start()
+    await vk.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the unprivileged switch only happens as root")
+async def test_a_state_directory_the_server_user_cannot_reach_is_a_clear_fatal_error(
+    state_dir: Path,
+) -> None:
+    locked = state_dir / "locked"
+    locked.mkdir(mode=0o700)
+    pg = EmbeddedPostgres(locked / "inner", run_as=RunAs.resolve("nobody"))
+    with pytest.raises(FatalActorError, match="not searchable"):
+        await pg.start()
+    await pg.stop()
+
+
+def test_root_is_never_the_server_user() -> None:
+    if os.geteuid() != 0:
+        assert RunAs.resolve("nobody").is_self
+        return
+    with pytest.raises(FatalActorError, match="must not be root"):
+        RunAs.resolve("root")
+    with pytest.raises(FatalActorError, match="does not exist"):
+        RunAs.resolve("no-such-user-here")
+    assert pid_alive(os.getpid(), "python")
