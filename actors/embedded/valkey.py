@@ -16,9 +16,12 @@ from actors.embedded.binaries import find_valkey_server
 from actors.embedded.child import (
     ChildServer,
     RunAs,
+    embedded_home,
     ensure_reachable,
     make_private_dir,
     pid_alive,
+    prepare_home,
+    reachable_install,
     runtime_dir,
 )
 
@@ -43,8 +46,8 @@ class EmbeddedValkey(ChildServer):
         super().__init__(name, state_dir, run_as, start_timeout=start_timeout)
         self.binary_override = binary
         self.appendonly = appendonly
-        self.root = state_dir / "valkey"
-        self.socket_dir = runtime_dir(state_dir) / "valkey"
+        self.root = embedded_home(state_dir, run_as) / "valkey"
+        self.socket_dir = runtime_dir(state_dir, run_as) / "valkey"
         self.socket_path = self.socket_dir / "valkey.sock"
         self.pid_file = self.root / "valkey.pid"
 
@@ -53,8 +56,9 @@ class EmbeddedValkey(ChildServer):
         return f"unix://{self.socket_path}"
 
     async def on_start(self) -> None:
-        binary = find_valkey_server(self.binary_override)
+        binary = reachable_install(find_valkey_server(self.binary_override), self.run_as)
         ensure_reachable(binary, self.run_as)
+        prepare_home(self.state_dir, self.run_as, self.log)
         ensure_reachable(self.root, self.run_as)
         make_private_dir(self.root, self.run_as)
         make_private_dir(self.socket_dir.parent, RunAs.current(), 0o755)
