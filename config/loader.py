@@ -203,7 +203,9 @@ def _load_secrets(
                 table[key] = secret
         elif not table.get(key) and cred_dir:
             cred = Path(cred_dir) / CREDENTIAL_NAMES[(section, key)]
-            if cred.exists():
+            # An empty credential means "not provided": the unit's SetCredential=
+            # default when no LoadCredential= file exists (embedded mode).
+            if cred.exists() and cred.stat().st_size > 0:
                 secret = _read_secret(cred, "credentials", f"{section}.{key}", issues)
                 if secret is not None:
                     table[key] = secret

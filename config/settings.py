@@ -29,6 +29,9 @@ class DaemonSettings(_Section, frozen=True):
     log_format: LogFormat = "auto"
     # Kept below systemd's TimeoutStopSec so a drain never ends in SIGKILL.
     shutdown_timeout: PositiveFloat = 20.0
+    # On SIGTERM, readiness answers 503 this long before actors stop, so
+    # monitors and load balancers see the drain before the work stops.
+    drain_grace: NonNegativeFloat = 0.0
     # How often actors refresh the health they report; /health/ready reads the cache.
     health_interval: PositiveFloat = 2.0
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import structlog
 
 from config import ConfigError, LoadedConfig, load_settings, redacted, to_toml
 from jarvisd import __version__
@@ -38,9 +39,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     s = loaded.settings
     configure(s.daemon.log_level, s.daemon.log_format)
     from jarvisd.daemon import Daemon  # the daemon pulls in aiohttp; other commands need not
+    from jarvisd.systemd import listen_fds
 
     async def main() -> int:
-        daemon = Daemon(loaded)
+        activated = listen_fds()
+        if activated:
+            structlog.get_logger("jarvisd").bind(actor="daemon").info(
+                "socket_activation", sockets=[f"{a.name}={a.description}" for a in activated]
+            )
+        daemon = Daemon(
+            loaded,
+            sockets=[a.sock for a in activated],
+            config_arg=Path(args.config) if args.config else None,
+        )
         return await daemon.run()
 
     return asyncio.run(main())

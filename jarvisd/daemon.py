@@ -24,10 +24,14 @@ from actors import Actor, Escalation, FatalActorError, Supervisor
 from actors.embedded import EmbeddedPostgres, EmbeddedValkey, RunAs
 from actors.persistence import Persistence
 from actors.redis_link import RedisLink
-from config import LoadedConfig, Settings
+from config import ConfigError, LoadedConfig, Settings, load_settings
 from jarvisd import __version__
+from jarvisd.http.health import readiness
 from jarvisd.http.server import HttpServer
+from jarvisd.logs import set_level
+from jarvisd.reload import ReloadPlan, plan_reload
 from jarvisd.runtime import Check, Runtime
+from jarvisd.systemd import Notifier, Watchdog, watchdog_interval
 
 __all__ = ["Daemon", "build_actors"]
 
@@ -90,17 +94,31 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
 class Daemon:
     """One run of jarvisd. ``run()`` returns the process exit code."""
 
-    def __init__(self, loaded: LoadedConfig, *, sockets: list[socket.socket] | None = None) -> None:
+    def __init__(
+        self,
+        loaded: LoadedConfig,
+        *,
+        sockets: list[socket.socket] | None = None,
+        notifier: Notifier | None = None,
+        config_arg: Path | None = None,
+    ) -> None:
         self.loaded = loaded
+        self.config_arg = config_arg if config_arg is not None else loaded.path
         self.settings = loaded.settings
         actors, checks = build_actors(self.settings)
         self.supervisor = Supervisor(actors, self.settings.supervisor)
         self.runtime = Runtime(self.settings, self.supervisor, checks, __version__)
         self.http = HttpServer(self.runtime, sockets=sockets)
+        self.notifier = notifier or Notifier()
         self.stop_requested = asyncio.Event()
         self.ready = asyncio.Event()
+        self.reloads = 0
+        self.restart_needed: list[str] = []
         self._signals = 0
         self._stop_reason = ""
+        self._reload_task: asyncio.Task[None] | None = None
+        self._reload_again = False
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- signals -----------------------------------------------------------------
     def request_stop(self, reason: str = "requested") -> None:
@@ -108,6 +126,7 @@ class Daemon:
         if not self.stop_requested.is_set():
             self._stop_reason = reason
             self.runtime.draining = True
+            self.notifier.stopping(f"draining ({reason})")
             self.stop_requested.set()
 
     def _on_signal(self, signum: int) -> None:
@@ -123,23 +142,119 @@ class Daemon:
         sys.stdout.flush()
         os._exit(EXIT_FORCED)
 
+    def _on_hup(self) -> None:
+        if self.stop_requested.is_set():
+            return
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_again = True  # coalesce: one more reload after this one
+            return
+        self._reload_task = asyncio.get_running_loop().create_task(
+            self._reload_loop(), name="daemon.reload"
+        )
+
+    async def _reload_loop(self) -> None:
+        while True:
+            self._reload_again = False
+            await self.reload()
+            if not self._reload_again:
+                return
+
     def install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, int(sig))
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
 
     def remove_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+    # -- reload ------------------------------------------------------------------
+    async def reload(self) -> ReloadPlan | None:
+        """Re-read the config; apply the live keys; report those needing a restart.
+        An invalid file changes nothing and the daemon keeps its current settings."""
+        self.notifier.reloading()
+        try:
+            loaded = await asyncio.to_thread(load_settings, self.config_arg)
+        except ConfigError as err:
+            problems = [str(i) for i in err.issues]
+            log.error(
+                "reload_rejected", problems=problems, action="keeping the running configuration"
+            )
+            self.notifier.send(
+                "READY=1",
+                f"STATUS=reload rejected ({len(problems)} problem(s)): "
+                f"{problems[0]}; running on the previous configuration",
+            )
+            self.notifier.last_status = ""
+            return None
+        plan = plan_reload(self.settings, loaded.settings)
+        self._apply(plan.settings)
+        self.reloads += 1
+        self.restart_needed = sorted(set(self.restart_needed) | set(plan.restart_needed))
+        log.info("reloaded", applied=plan.applied, restart_needed=plan.restart_needed)
+        self.notifier.send("READY=1", f"STATUS={self._status_line()}")
+        return plan
+
+    def _apply(self, settings: Settings) -> None:
+        self.settings = settings
+        self.runtime.settings = settings
+        set_level(settings.daemon.log_level)
+        self.supervisor.settings = settings.supervisor
+        for actor in self.supervisor.actors:
+            actor.health_interval = settings.daemon.health_interval
+
+    # -- status ------------------------------------------------------------------
+    def _status_line(self) -> str:
+        if self.runtime.draining:
+            return f"draining ({self._stop_reason or 'stopping'})"
+        if not self.ready.is_set():
+            return "starting"
+        doc = readiness(self.runtime)
+        failing = [
+            name
+            for name, entries in doc["checks"].items()
+            for e in entries
+            if e["status"] == "fail"
+        ]
+        if failing:
+            line = f"degraded: {', '.join(failing)} failing"
+        else:
+            line = (
+                f"ready: {len(self.supervisor.actors)} actors, "
+                f"restarts {sum(a.stats.restarts for a in self.supervisor.actors)}, "
+                f"listening on {', '.join(self.http.addresses)}"
+            )
+        if self.restart_needed:
+            line += f"; restart needed for {', '.join(self.restart_needed)}"
+        return line
+
+    async def _report_status(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.daemon.health_interval)
+            self.notifier.status(self._status_line())
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- run ---------------------------------------------------------------------
     async def run(self, *, handle_signals: bool = True) -> int:
         started = time.monotonic()
         if handle_signals:
             self.install_signal_handlers()
+        watchdog: Watchdog | None = None
+        interval = watchdog_interval()
+        if interval is not None and self.notifier.enabled:
+            watchdog = Watchdog(
+                self.notifier, interval, lambda: not self.supervisor.escalated.is_set()
+            )
+            watchdog.start()
         code = EXIT_OK
         try:
+            self.notifier.status("starting")
             log.info(
                 "starting",
                 version=__version__,
@@ -147,12 +262,22 @@ class Daemon:
                 state_dir=self.settings.daemon.state_dir,
                 pid=os.getpid(),
                 embedded=[a.name for a in self.supervisor.actors if a.name.startswith("embedded")],
+                watchdog_interval=interval,
             )
             code = await self._start_and_serve(started)
         finally:
+            for task in list(self._background):
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
+            if self._reload_task is not None:
+                self._reload_task.cancel()
+                await asyncio.gather(self._reload_task, return_exceptions=True)
             code = await self._shutdown(code)
+            if watchdog is not None:
+                await watchdog.stop()
             if handle_signals:
                 self.remove_signal_handlers()
+            self.notifier.close()
         return code
 
     async def _start_and_serve(self, started: float) -> int:
@@ -171,14 +296,20 @@ class Daemon:
                 startup.result()
             except (Escalation, FatalActorError) as exc:
                 log.critical("start_failed", error=str(exc))
+                self.notifier.status(f"failed: {exc}")
                 return EXIT_FAILURE
             self.ready.set()
+            # READY=1 means "config loaded, listeners up" - not "database reachable":
+            # a database outage at boot must show as degraded, not as a restart loop.
+            self.notifier.ready(self._status_line())
+            self._spawn(self._report_status(), "daemon.status")
             log.info(
                 "ready", seconds=round(time.monotonic() - started, 3), listening=self.http.addresses
             )
             await asyncio.wait({stop_wait, escalation_wait}, return_when=asyncio.FIRST_COMPLETED)
             if self.supervisor.escalated.is_set() and not self.stop_requested.is_set():
                 log.critical("escalated", reason=str(self.supervisor.escalation))
+                self.notifier.status(f"failed: {self.supervisor.escalation}")
                 return EXIT_FAILURE
             return EXIT_OK
         finally:
@@ -194,12 +325,20 @@ class Daemon:
         self.runtime.draining = True
         timeout = self.settings.daemon.shutdown_timeout
         deadline = time.monotonic() + timeout
+        if not self.stop_requested.is_set():
+            self.notifier.stopping("stopping" if code == EXIT_OK else "stopping after a failure")
+        # Ask systemd for the drain deadline plus room to close, in case the
+        # unit's TimeoutStopSec is shorter than daemon.shutdown_timeout.
+        self.notifier.extend_timeout(timeout + 10)
         log.info(
             "draining",
             reason=self._stop_reason or ("escalation" if code else "exit"),
             deadline=timeout,
         )
         left_in_flight = 0
+        grace = min(self.settings.daemon.drain_grace, timeout / 2)
+        if grace > 0 and self.stop_requested.is_set() and self.http.runner is not None:
+            await asyncio.sleep(grace)
         if self.http.runner is not None:
             left_in_flight = await self.http.wait_idle(min(timeout / 2, 5.0))
         summary: dict[str, Any] = await self.supervisor.stop(max(deadline - time.monotonic(), 1.0))

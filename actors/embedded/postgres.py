@@ -86,6 +86,9 @@ class EmbeddedPostgres(ChildServer):
             "unix_socket_permissions=0700",
             "-c",
             "logging_collector=off",
+            # JIT needs writable+executable memory, which the hardened unit forbids.
+            "-c",
+            "jit=off",
         ]
         for key, value in self.server_options.items():
             argv += ["-c", f"{key}={value}"]

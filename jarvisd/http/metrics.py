@@ -164,12 +164,14 @@ def process_metrics(out: MetricsWriter) -> None:
         )
         with open("/proc/self/stat") as fh:
             start_ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
-        out.metric(
-            "process_start_time_seconds",
-            "gauge",
-            "Start time of the process since unix epoch in seconds.",
-            round(_boot_time() + start_ticks / _CLK_TCK, 3),
-        )
+        boot = _boot_time()  # unknown when /proc/stat is hidden (ProcSubset=pid)
+        if boot:
+            out.metric(
+                "process_start_time_seconds",
+                "gauge",
+                "Start time of the process since unix epoch in seconds.",
+                round(boot + start_ticks / _CLK_TCK, 3),
+            )
         out.metric(
             "process_open_fds",
             "gauge",

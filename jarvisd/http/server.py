@@ -29,6 +29,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Served while draining, so orchestration can watch the daemon go away.
 ALWAYS_SERVED = frozenset({"/health/live", "/health/ready", "/health", "/metrics", "/stats"})
 MAX_UNIX_PATH = 107
+BODY_CEILING = 64 * 1024 * 1024
 
 
 def _route_name(request: web.Request) -> str:
@@ -44,8 +45,16 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
     status = 500
     metrics.in_flight += 1
     try:
-        if rt.draining and request.path not in ALWAYS_SERVED:
+        limit = rt.settings.http.max_body_bytes
+        if request.content_length is not None and request.content_length > limit:
             response: web.StreamResponse = problem(
+                413,
+                "Payload too large",
+                f"request body of {request.content_length} bytes is over "
+                f"the limit of {limit} bytes (http.max_body_bytes)",
+            )
+        elif rt.draining and request.path not in ALWAYS_SERVED:
+            response = problem(
                 503, "Draining", "jarvisd is shutting down", headers={"Retry-After": "5"}
             )
         else:
@@ -80,9 +89,9 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
 
 
 def build_app(runtime: Runtime) -> web.Application:
-    app = web.Application(
-        middlewares=[_observe], client_max_size=runtime.settings.http.max_body_bytes
-    )
+    # aiohttp's own limit is a fixed ceiling; the configured (reloadable) limit
+    # is enforced by _observe on Content-Length; body readers check it too.
+    app = web.Application(middlewares=[_observe], client_max_size=BODY_CEILING)
     app[RUNTIME] = runtime
     app[HTTP_METRICS] = HttpMetrics()
     health.add_routes(app)
