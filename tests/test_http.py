@@ -261,3 +261,23 @@ async def test_a_port_in_use_is_a_clear_start_failure(
         loaded = make_config(http={"port": s.getsockname()[1]})
         code = await asyncio.wait_for(Daemon(loaded).run(handle_signals=False), 30)
     assert code == 1
+
+
+async def test_secrets_never_appear_in_stats_metrics_health_or_logs(
+    make_config: Callable[..., LoadedConfig], pg_dsn: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Trust authentication ignores the password, so the DSN still works.
+    user, rest = pg_dsn.split("://", 1)[1].split("@", 1)
+    secret_dsn = f"postgresql://{user.split(':')[0]}:s3cr3t-pw@{rest}"
+    async for r in start_daemon(make_config(postgres={"dsn": secret_dsn})):
+        await r.wait_ready()
+        for path in (
+            "/stats",
+            "/metrics",
+            "/health/ready",
+            "/health/ready?verbose",
+            "/redis/stats",
+        ):
+            _status, _ctype, body = await r.get(path)
+            assert "s3cr3t-pw" not in body, path
+    assert "s3cr3t-pw" not in capsys.readouterr().out
