@@ -86,6 +86,8 @@ class Persistence(Actor):
             return
         self._ready.set()
         self.last_error = ""
+        # Report the new state now rather than at the next health interval.
+        await self.refresh_health()
         self.log.info("postgres_ready", pool_max=self.settings.pool_max, migrated=self.migrated)
 
     async def _connect(self) -> None:
