@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: run test test-external check lint types fmt bench clean distclean
+.PHONY: run test check lint types fmt bench clean distclean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,15 +22,19 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check config actors jarvisd tests
-	$(BIN)/ruff format --check config actors jarvisd tests
+	$(BIN)/ruff check config actors jarvisd tests bench
+	$(BIN)/ruff format --check config actors jarvisd tests bench
 
 types: $(STAMP)
 	$(BIN)/mypy
 
 fmt: $(STAMP)
-	$(BIN)/ruff format config actors jarvisd tests
-	$(BIN)/ruff check --fix config actors jarvisd tests
+	$(BIN)/ruff format config actors jarvisd tests bench
+	$(BIN)/ruff check --fix config actors jarvisd tests bench
+
+## bench: benchmarks that print figures (embedded servers unless JARVISD_TEST_* are set)
+bench: $(STAMP)
+	$(BIN)/python -m bench.cache
 
 ## check: lint, types and tests — keep it green
 check: lint types test

@@ -150,6 +150,9 @@ class Actor:
     _handlers: ClassVar[dict[type, str]] = {}
     # Upper bound for on_stop; connections must close even after a long drain.
     stop_hook_timeout: ClassVar[float] = 15.0
+    # Above 1, each worker takes up to this many queued messages at once and
+    # hands them to handle_batch (one network round trip for all of them).
+    batch_max: ClassVar[int] = 1
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -197,6 +200,12 @@ class Actor:
 
     async def run(self) -> None:
         """Optional background body; raising from it is a crash."""
+
+    async def handle_batch(self, msgs: list[Any]) -> list[Any]:
+        """With ``batch_max > 1``: handle several messages at once and return
+        one result per message, in order; an Exception instance in the list
+        is raised in that message's asker (and logged for a tell)."""
+        raise NotImplementedError
 
     async def check(self) -> Health | None:
         """Probe the actor's dependency (e.g. SELECT 1); None means no probe.
@@ -359,11 +368,25 @@ class Actor:
         while not self._halting:
             letter = await self._mailbox.get()
             self._busy.add(task)
+            if self.batch_max == 1:
+                try:
+                    await self._deliver(letter)
+                finally:
+                    self._busy.discard(task)
+                    self._mailbox.task_done()
+                continue
+            letters = [letter]
+            while len(letters) < self.batch_max:
+                try:
+                    letters.append(self._mailbox.get_nowait())
+                except asyncio.QueueEmpty:
+                    break
             try:
-                await self._deliver(letter)
+                await self._deliver_batch(letters)
             finally:
                 self._busy.discard(task)
-                self._mailbox.task_done()
+                for _ in letters:
+                    self._mailbox.task_done()
 
     async def _deliver(self, letter: _Letter) -> None:
         reply = letter.reply
@@ -388,6 +411,44 @@ class Actor:
             self.stats.processed += 1
             if reply is not None and not reply.done():
                 reply.set_result(result)
+
+    async def _deliver_batch(self, letters: list[_Letter]) -> None:
+        live = [lt for lt in letters if lt.reply is None or not lt.reply.done()]
+        if not live:
+            return
+        try:
+            results = await self.handle_batch([lt.msg for lt in live])
+        except asyncio.CancelledError:
+            for lt in live:
+                if lt.reply is not None and not lt.reply.done():
+                    lt.reply.set_exception(ActorStopped(self.name))
+            raise
+        except Exception as exc:
+            # The whole batch failed: every asker hears why; a tell among them
+            # makes it a crash, as a failing tell would alone.
+            for lt in live:
+                if lt.reply is not None and not lt.reply.done():
+                    lt.reply.set_exception(exc)
+            if any(lt.reply is None for lt in live):
+                raise
+            self.stats.ask_errors += len(live)
+            return
+        if len(results) != len(live):
+            raise RuntimeError(
+                f"{self.name}: handle_batch returned {len(results)} results for {len(live)}"
+            )
+        for lt, result in zip(live, results, strict=True):
+            if isinstance(result, Exception):
+                if lt.reply is None:
+                    self.log.error("tell_failed", message=type(lt.msg).__name__, error=repr(result))
+                    continue
+                self.stats.ask_errors += 1
+                if not lt.reply.done():
+                    lt.reply.set_exception(result)
+            else:
+                self.stats.processed += 1
+                if lt.reply is not None and not lt.reply.done():
+                    lt.reply.set_result(result)
 
     # -- crash -------------------------------------------------------------------
     def _crashed(self, exc: BaseException) -> None:

@@ -21,9 +21,11 @@ from typing import Any
 import structlog
 
 from actors import Actor, Escalation, FatalActorError, Supervisor
+from actors.cache import Cache
 from actors.embedded import EmbeddedPostgres, EmbeddedValkey, RunAs
 from actors.persistence import Persistence
 from actors.redis_link import RedisLink
+from actors.sessions import Sessions
 from config import ConfigError, LoadedConfig, Settings, load_settings
 from jarvisd import __version__
 from jarvisd.http.health import readiness
@@ -82,7 +84,9 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
 
     persistence = Persistence(settings.postgres, pg_dsn, health_interval=interval)
     redis = RedisLink(settings.redis, redis_url, health_interval=interval)
-    actors += [persistence, redis]
+    cache = Cache(settings.redis, settings.cache, redis_url, health_interval=interval)
+    sessions = Sessions(settings.redis, settings.sessions, redis_url, health_interval=interval)
+    actors += [persistence, redis, cache, sessions]
     checks = [
         Check("postgres", persistence, "datastore"),
         Check("redis", redis, "datastore"),
@@ -204,6 +208,10 @@ class Daemon:
         self.supervisor.settings = settings.supervisor
         for actor in self.supervisor.actors:
             actor.health_interval = settings.daemon.health_interval
+            if isinstance(actor, Cache):
+                actor.cache_settings = settings.cache
+            elif isinstance(actor, Sessions):
+                actor.settings = settings.sessions
 
     # -- status ------------------------------------------------------------------
     def _status_line(self) -> str:

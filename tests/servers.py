@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import tempfile
 import threading
 import uuid
@@ -70,34 +71,40 @@ class Servers:
     _actors: list[Any] = field(default_factory=list)
 
     @classmethod
-    def start(cls) -> Servers:
-        pg_dsn = os.environ.get("JARVISD_TEST_POSTGRES_DSN")
-        redis_url = os.environ.get("JARVISD_TEST_REDIS_URL")
-        if pg_dsn and redis_url:
+    def start(cls, *, postgres: bool = True) -> Servers:
+        """External servers where named, embedded ones for the rest. With
+        ``postgres=False`` no PostgreSQL is started (``postgres_dsn`` stays empty)."""
+        pg_dsn = os.environ.get("JARVISD_TEST_POSTGRES_DSN", "")
+        redis_url = os.environ.get("JARVISD_TEST_REDIS_URL", "")
+        need_pg = postgres and not pg_dsn
+        if not need_pg and redis_url:
             return cls(pg_dsn, redis_url, embedded=False)
         loop = LoopThread()
         state_dir = make_state_dir()
-        servers = cls("", "", embedded=True, state_dir=state_dir, loop=loop)
+        servers = cls(pg_dsn, redis_url, embedded=True, state_dir=state_dir, loop=loop)
         run_as = RunAs.resolve("nobody")
-        if not pg_dsn:
+        if need_pg:
             pg = EmbeddedPostgres(state_dir, run_as=run_as, server_options=FAST_PG)
             loop.run(pg.start())
             servers._actors.append(pg)
-            pg_dsn = pg.dsn
+            servers.postgres_dsn = pg.dsn
         if not redis_url:
             vk = EmbeddedValkey(state_dir, run_as=run_as, appendonly=False)
             loop.run(vk.start())
             servers._actors.append(vk)
-            redis_url = vk.url
-        servers.postgres_dsn, servers.redis_url = pg_dsn, redis_url
+            servers.redis_url = vk.url
         return servers
 
     def stop(self) -> None:
         if self.loop is None:
             return
-        for actor in reversed(self._actors):
-            self.loop.run(actor.stop())
-        self.loop.close()
+        try:
+            for actor in reversed(self._actors):
+                self.loop.run(actor.stop())
+        finally:
+            self.loop.close()
+            if self.state_dir is not None:
+                shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
 def dsn_with_database(dsn: str, database: str) -> str:

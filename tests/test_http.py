@@ -84,7 +84,12 @@ async def test_ready_passes_with_postgres_and_redis_checks(running: Running) -> 
     assert doc["checks"]["postgres"][0]["status"] == "pass"
     assert doc["checks"]["postgres"][0]["observedUnit"] == "ms"
     assert doc["checks"]["redis"][0]["status"] == "pass"
-    assert {e["componentId"] for e in doc["checks"]["mailboxes"]} == {"persistence", "redis"}
+    assert {e["componentId"] for e in doc["checks"]["mailboxes"]} == {
+        "persistence",
+        "redis",
+        "cache",
+        "sessions",
+    }
     assert (await running.json("/health"))[1]["checks"].keys() == doc["checks"].keys()
 
 

@@ -9,6 +9,7 @@ pass | warn | fail and ``checks`` maps each component to observations.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -17,6 +18,8 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from actors import ActorError
+from actors.cache import CacheStatsQuery, read_through
 from actors.redis_link import RedisInfo, RedisUnavailable
 from jarvisd.http.errors import problem, reject_unknown_params
 from jarvisd.http.keys import HTTP_METRICS, RUNTIME
@@ -142,11 +145,36 @@ def stats_document(rt: Runtime) -> dict[str, Any]:
     }
 
 
+STATS_TTL_MS = 1000  # /stats is read-through cached this long per daemon
+
+
+async def cache_stats(rt: Runtime) -> dict[str, Any] | None:
+    try:
+        result: dict[str, Any] = await rt.actor("cache").ask(
+            CacheStatsQuery(), timeout=rt.settings.http.request_timeout
+        )
+    except (KeyError, ActorError):
+        return None
+    return result
+
+
 async def stats(request: web.Request) -> web.Response:
     reject_unknown_params(request, set())
-    return web.json_response(
-        stats_document(request.app[RUNTIME]), dumps=lambda o: msgspec.json.encode(o).decode()
-    )
+    rt = request.app[RUNTIME]
+
+    async def build() -> dict[str, Any]:
+        doc = stats_document(rt)
+        doc["cache"] = await cache_stats(rt)
+        return doc
+
+    try:
+        cache = rt.actor("cache")
+    except KeyError:
+        doc = await build()
+    else:
+        key = f"stats:{socket.gethostname()}:{os.getpid()}"
+        doc = await read_through(cache, "jarvisd", key, build, ttl_ms=STATS_TTL_MS, timeout=1.0)
+    return web.Response(body=msgspec.json.encode(doc), content_type="application/json")
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -213,7 +241,44 @@ async def metrics(request: web.Request) -> web.Response:
                 {"check": check.name},
             )
     request.app[HTTP_METRICS].write(out)
+    write_cache_metrics(out, await cache_stats(rt) or {})
     return web.Response(text=out.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+_CACHE_COUNTERS = (
+    (
+        "hits",
+        "jarvisd_cache_hits_total",
+        "Cache reads that found a value (a cached null included).",
+    ),
+    (
+        "misses",
+        "jarvisd_cache_misses_total",
+        "Cache reads that found nothing (or could not reach Redis).",
+    ),
+    ("sets", "jarvisd_cache_sets_total", "Values stored."),
+    ("nxRefused", "jarvisd_cache_nx_refused_total", "NX sets refused because the key existed."),
+    ("xxRefused", "jarvisd_cache_xx_refused_total", "XX sets refused because the key was missing."),
+    ("deletes", "jarvisd_cache_deletes_total", "Keys deleted."),
+    ("invalidated", "jarvisd_cache_invalidated_total", "Keys removed by tag, pattern or flush."),
+    ("errors", "jarvisd_cache_errors_total", "Cache operations that failed on Redis."),
+)
+
+
+def write_cache_metrics(out: MetricsWriter, stats: dict[str, Any]) -> None:
+    for field, name, help_text in _CACHE_COUNTERS:
+        out.family(name, "counter", help_text)
+        for ns, doc in stats.items():
+            out.sample(name, doc[field], {"namespace": ns})
+    name = "jarvisd_cache_operation_duration_seconds"
+    out.family(
+        name, "histogram", "Latency of cache operations (one pipeline round trip), by namespace."
+    )
+    for ns, doc in stats.items():
+        for bound, count in doc["latency"]["buckets"].items():
+            out.sample(f"{name}_bucket", count, {"namespace": ns, "le": bound})
+        out.sample(f"{name}_sum", doc["latency"]["sumSeconds"], {"namespace": ns})
+        out.sample(f"{name}_count", doc["latency"]["count"], {"namespace": ns})
 
 
 async def redis_health(request: web.Request) -> web.Response:
@@ -247,6 +312,7 @@ async def redis_stats(request: web.Request) -> web.Response:
         info = await rt.actor("redis").ask(RedisInfo(), timeout=rt.settings.http.request_timeout)
     except RedisUnavailable as exc:
         return problem(503, "Redis unavailable", str(exc))
+    info["cache"] = await cache_stats(rt)
     return web.json_response(info)
 
 

@@ -1,0 +1,661 @@
+"""The cache actor: TTL, NX/XX, tags, patterns, stats on Redis (DESIGN §7).
+
+Keys: ``{prefix}cache:{namespace}:{key}``; tag sets: ``{prefix}cache-tag:{namespace}:{tag}``.
+Nothing outside ``{prefix}cache:`` / ``{prefix}cache-tag:`` is ever touched,
+by flush and pattern invalidation included.
+
+Throughput: each worker takes every message waiting in the mailbox (up to
+``batch_max``) and sends them as one pipeline: one round trip for many asks.
+Values are JSON (msgspec) unless given as bytes, which pass through raw.
+
+Failure policy: when Redis is unreachable, reads are misses (counted as
+misses and errors) and writes raise CacheUnavailable (HTTP 503); redis-py
+reconnects by itself on the next command.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from bisect import bisect_left
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from actors.kernel import Actor, Health, handles
+from actors.redis_link import connect_redis
+from config import CacheSettings, RedisSettings
+
+__all__ = [
+    "Cache",
+    "CacheDelete",
+    "CacheError",
+    "CacheExists",
+    "CacheFlush",
+    "CacheGet",
+    "CacheInvalidatePattern",
+    "CacheInvalidateTags",
+    "CacheMGet",
+    "CacheMSet",
+    "CacheSet",
+    "CacheStatsQuery",
+    "CacheTtl",
+    "CacheUnavailable",
+    "read_through",
+]
+
+NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_KEY_BYTES = 1024
+MAX_TAGS = 64
+SCAN_BATCH = 1000
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+Mode = Literal["", "NX", "XX"]
+
+
+class CacheError(ValueError):
+    """Invalid cache input (namespace, key, TTL, tags): nothing was changed."""
+
+
+class CacheUnavailable(Exception):
+    """Redis cannot be reached; the write did not happen."""
+
+
+# -- messages ---------------------------------------------------------------------
+class CacheGet(msgspec.Struct, frozen=True):
+    """Replies (hit, value); a cached null is a hit."""
+
+    namespace: str
+    key: str
+    raw: bool = False
+
+
+class CacheSet(msgspec.Struct, frozen=True):
+    """Replies True if stored, False if NX/XX refused it."""
+
+    namespace: str
+    key: str
+    value: Any
+    ttl_ms: int | None = None  # None: cache.default_ttl (unless keepttl)
+    mode: Mode = ""
+    keepttl: bool = False
+    tags: tuple[str, ...] = ()
+
+
+class CacheDelete(msgspec.Struct, frozen=True):
+    namespace: str
+    keys: tuple[str, ...]
+
+
+class CacheExists(msgspec.Struct, frozen=True):
+    namespace: str
+    keys: tuple[str, ...]
+
+
+class CacheTtl(msgspec.Struct, frozen=True):
+    """Replies the remaining TTL in ms, -1 without expiry, -2 when missing."""
+
+    namespace: str
+    key: str
+
+
+class CacheMGet(msgspec.Struct, frozen=True):
+    namespace: str
+    keys: tuple[str, ...]
+    raw: bool = False
+
+
+class CacheMSet(msgspec.Struct, frozen=True):
+    namespace: str
+    items: dict[str, Any]
+    ttl_ms: int | None = None
+
+
+class CacheInvalidateTags(msgspec.Struct, frozen=True):
+    """Replies the number of keys removed."""
+
+    namespace: str
+    tags: tuple[str, ...]
+
+
+class CacheInvalidatePattern(msgspec.Struct, frozen=True):
+    """Glob over keys of the namespace; replies the number of keys removed."""
+
+    namespace: str
+    pattern: str
+
+
+class CacheFlush(msgspec.Struct, frozen=True):
+    """Remove every key and tag set of the namespace, and only those."""
+
+    namespace: str
+
+
+class CacheStatsQuery(msgspec.Struct, frozen=True):
+    namespace: str | None = None
+
+
+# -- stats -------------------------------------------------------------------------
+@dataclass
+class NamespaceStats:
+    hits: int = 0
+    misses: int = 0
+    sets: int = 0
+    nx_refused: int = 0
+    xx_refused: int = 0
+    deletes: int = 0
+    invalidated: int = 0
+    errors: int = 0
+    latency_buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
+    latency_sum: float = 0.0
+    latency_count: int = 0
+
+    def observe(self, seconds: float) -> None:
+        self.latency_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+        self.latency_count += 1
+
+    def document(self) -> dict[str, Any]:
+        reads = self.hits + self.misses
+        cumulative, buckets = 0, {}
+        for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), self.latency_buckets, strict=True):
+            cumulative += count
+            buckets[str(bound)] = cumulative
+        return {
+            "hits": self.hits,
+            "misses": self.misses,
+            "hitRatio": round(self.hits / reads, 4) if reads else None,
+            "sets": self.sets,
+            "nxRefused": self.nx_refused,
+            "xxRefused": self.xx_refused,
+            "deletes": self.deletes,
+            "invalidated": self.invalidated,
+            "errors": self.errors,
+            "latency": {
+                "count": self.latency_count,
+                "sumSeconds": round(self.latency_sum, 6),
+                "buckets": buckets,
+            },
+        }
+
+
+# -- Lua ----------------------------------------------------------------------------
+# KEYS[1] = key, KEYS[2..] = tag sets. ARGV: value, ttl_ms (0 = none), mode, keepttl.
+# Value, mode, TTL and tag membership in one atomic step; each tag set lives at
+# least as long as the key (never shortened to the last key's TTL).
+TAGGED_SET = """
+local args = {KEYS[1], ARGV[1]}
+local ttl = tonumber(ARGV[2])
+if ARGV[4] == '1' then table.insert(args, 'KEEPTTL') elseif ttl > 0 then
+  table.insert(args, 'PX'); table.insert(args, ttl) end
+if ARGV[3] ~= '' then table.insert(args, ARGV[3]) end
+if not redis.call('SET', unpack(args)) then return 0 end
+local key_ttl = redis.call('PTTL', KEYS[1])
+for i = 2, #KEYS do
+  local existed = redis.call('EXISTS', KEYS[i])
+  redis.call('SADD', KEYS[i], KEYS[1])
+  local cur = redis.call('PTTL', KEYS[i])
+  if key_ttl < 0 then
+    if existed == 1 and cur >= 0 then redis.call('PERSIST', KEYS[i]) end
+  elseif existed == 0 or (cur >= 0 and cur < key_ttl) then
+    redis.call('PEXPIRE', KEYS[i], key_ttl)
+  end
+end
+return 1
+"""
+
+# KEYS[1] = tag set. ARGV[1] = the namespace's key prefix: members outside it are
+# never deleted. Replies how many member keys were still present and removed.
+INVALIDATE_TAG = """
+local members = redis.call('SMEMBERS', KEYS[1])
+local removed, batch = 0, {}
+local plen = string.len(ARGV[1])
+for _, m in ipairs(members) do
+  if string.sub(m, 1, plen) == ARGV[1] then
+    table.insert(batch, m)
+    if #batch == 1000 then removed = removed + redis.call('UNLINK', unpack(batch)); batch = {} end
+  end
+end
+if #batch > 0 then removed = removed + redis.call('UNLINK', unpack(batch)) end
+redis.call('UNLINK', KEYS[1])
+return removed
+"""
+
+_GLOB_SPECIAL = re.compile(r"([\\*?\[\]])")
+
+
+def glob_escape(text: str) -> str:
+    return _GLOB_SPECIAL.sub(r"\\\1", text)
+
+
+def _check_namespace(ns: str) -> None:
+    if not NAMESPACE_RE.match(ns):
+        raise CacheError(f"namespace {ns!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
+
+
+def _check_key(key: str, what: str = "key") -> None:
+    if not key:
+        raise CacheError(f"{what} must not be empty")
+    if len(key.encode()) > MAX_KEY_BYTES:
+        raise CacheError(f"{what} is longer than {MAX_KEY_BYTES} bytes")
+
+
+class Cache(Actor):
+    batch_max: ClassVar[int] = 256
+
+    def __init__(
+        self,
+        redis_settings: RedisSettings,
+        cache_settings: CacheSettings,
+        url: str,
+        *,
+        name: str = "cache",
+        concurrency: int = 4,
+        mailbox_size: int = 10_000,
+        health_interval: float = 2.0,
+        max_value_bytes: int = 1_048_576,
+    ) -> None:
+        super().__init__(
+            name,
+            mailbox_size=mailbox_size,
+            concurrency=concurrency,
+            health_interval=health_interval,
+        )
+        self.redis_settings = redis_settings
+        self.cache_settings = cache_settings
+        self.url = url
+        self.max_value_bytes = max_value_bytes
+        self.client: aioredis.Redis | None = None
+        self.stats_by_ns: dict[str, NamespaceStats] = {}
+        self._tagged_set: Any = None
+        self._invalidate_tag: Any = None
+        self._encoder = msgspec.json.Encoder()
+        self._decoder = msgspec.json.Decoder()
+
+    # -- keys ------------------------------------------------------------------------
+    def key(self, ns: str, key: str) -> str:
+        return f"{self.redis_settings.prefix}cache:{ns}:{key}"
+
+    def tag_key(self, ns: str, tag: str) -> str:
+        return f"{self.redis_settings.prefix}cache-tag:{ns}:{tag}"
+
+    def _stats(self, ns: str) -> NamespaceStats:
+        stats = self.stats_by_ns.get(ns)
+        if stats is None:
+            stats = self.stats_by_ns[ns] = NamespaceStats()
+        return stats
+
+    # -- lifecycle -------------------------------------------------------------------
+    async def on_start(self) -> None:
+        # One connection per worker keeps each pipeline on its own socket.
+        self.client = connect_redis(self.url, self.redis_settings, name="jarvisd-cache")
+        self._tagged_set = self.client.register_script(TAGGED_SET)
+        self._invalidate_tag = self.client.register_script(INVALIDATE_TAG)
+
+    async def on_stop(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            await client.aclose()
+
+    def _client(self) -> aioredis.Redis:
+        if self.client is None:
+            raise CacheUnavailable("cache not started")
+        return self.client
+
+    async def check(self) -> Health | None:
+        started = time.perf_counter()
+        try:
+            await self._client().ping()
+        except (OSError, RedisError, CacheUnavailable) as exc:
+            return Health(status="fail", detail=f"redis unreachable: {exc}")
+        return Health(
+            status="pass", detail="ok", observed_ms=round((time.perf_counter() - started) * 1000, 3)
+        )
+
+    # -- encoding ----------------------------------------------------------------------
+    def _encode(self, value: Any) -> bytes:
+        data = (
+            bytes(value)
+            if isinstance(value, bytes | bytearray | memoryview)
+            else self._encoder.encode(value)
+        )
+        if len(data) > self.max_value_bytes:
+            raise CacheError(
+                f"value of {len(data)} bytes is over the limit of {self.max_value_bytes} bytes"
+            )
+        return data
+
+    def _decode(self, data: bytes | None, raw: bool) -> Any:
+        if data is None or raw:
+            return data
+        try:
+            return self._decoder.decode(data)
+        except msgspec.DecodeError:
+            return data  # written raw by someone else: hand it back as bytes
+
+    def _ttl_ms(self, msg: CacheSet | CacheMSet) -> int:
+        if isinstance(msg, CacheSet) and msg.keepttl:
+            if msg.ttl_ms is not None:
+                raise CacheError("keepttl and a TTL exclude each other")
+            return 0
+        ttl = msg.ttl_ms if msg.ttl_ms is not None else self.cache_settings.default_ttl * 1000
+        if ttl <= 0:
+            raise CacheError("ttl must be positive")
+        return ttl
+
+    # -- the pipelined path --------------------------------------------------------------
+    async def handle_batch(self, msgs: list[Any]) -> list[Any]:
+        """Simple operations go out as one pipeline; scans and tag
+        invalidations (which loop or take their time) run one by one after."""
+        results: list[Any] = [None] * len(msgs)
+        plans: list[tuple[int, int, Callable[[list[Any]], Any]]] = []
+        client = self._client()
+        pipe = client.pipeline(transaction=False)
+        n_cmds = 0
+        slow: list[int] = []
+        for i, msg in enumerate(msgs):
+            try:
+                before = n_cmds
+                decode = await self._queue(pipe, msg)
+                if decode is None:
+                    slow.append(i)
+                    continue
+                n_cmds = len(pipe.command_stack)
+                plans.append((i, before, decode))
+            except CacheError as exc:
+                results[i] = exc
+        if plans:
+            await self._run_pipeline(pipe, msgs, plans, results)
+        for i in slow:
+            try:
+                results[i] = await self._slow(msgs[i])
+            except (CacheError, CacheUnavailable) as exc:
+                results[i] = exc
+        return results
+
+    async def _run_pipeline(
+        self,
+        pipe: Any,
+        msgs: list[Any],
+        plans: list[tuple[int, int, Callable[[list[Any]], Any]]],
+        results: list[Any],
+    ) -> None:
+        started = time.perf_counter()
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except (OSError, RedisError) as exc:
+            for i, _start, _decode in plans:
+                results[i] = self._unavailable(msgs[i], exc)
+            return
+        elapsed = time.perf_counter() - started
+        bounds = [start for _i, start, _d in plans] + [len(replies)]
+        for (i, start, decode), end in zip(plans, bounds[1:], strict=True):
+            own = replies[start:end]
+            stats = self._stats(msgs[i].namespace)
+            stats.observe(elapsed)
+            error = next((r for r in own if isinstance(r, Exception)), None)
+            if error is not None:
+                results[i] = self._unavailable(msgs[i], error)
+                continue
+            results[i] = decode(own)
+
+    def _unavailable(self, msg: Any, exc: BaseException) -> Any:
+        """A read that could not be served is a miss; a write is an error."""
+        stats = self._stats(msg.namespace)
+        stats.errors += 1
+        if isinstance(msg, CacheGet):
+            stats.misses += 1
+            return (False, None)
+        if isinstance(msg, CacheMGet):
+            stats.misses += len(msg.keys)
+            return [(False, None)] * len(msg.keys)
+        if isinstance(msg, CacheExists):
+            return 0
+        if isinstance(exc, ResponseError):
+            return CacheError(f"redis refused the command: {exc}")
+        return CacheUnavailable(f"redis unreachable: {type(exc).__name__}: {exc}")
+
+    async def _queue(self, pipe: Any, msg: Any) -> Callable[[list[Any]], Any] | None:
+        """Add msg's commands to the pipeline; return how to build its reply, or
+        None when it must run on its own."""
+        if isinstance(msg, CacheStatsQuery):
+            return None
+        ns = msg.namespace
+        _check_namespace(ns)
+        stats = self._stats(ns)
+        if isinstance(msg, CacheGet):
+            _check_key(msg.key)
+            pipe.get(self.key(ns, msg.key))
+
+            def got(r: list[Any]) -> Any:
+                if r[0] is None:
+                    stats.misses += 1
+                    return (False, None)
+                stats.hits += 1
+                return (True, self._decode(r[0], msg.raw))
+
+            return got
+        if isinstance(msg, CacheSet):
+            return await self._queue_set(pipe, msg, stats)
+        if isinstance(msg, CacheDelete):
+            for k in msg.keys:
+                _check_key(k)
+            pipe.unlink(*[self.key(ns, k) for k in msg.keys])
+
+            def deleted(r: list[Any]) -> int:
+                stats.deletes += int(r[0])
+                return int(r[0])
+
+            return deleted
+        if isinstance(msg, CacheExists):
+            for k in msg.keys:
+                _check_key(k)
+            pipe.exists(*[self.key(ns, k) for k in msg.keys])
+            return lambda r: int(r[0])
+        if isinstance(msg, CacheTtl):
+            _check_key(msg.key)
+            pipe.pttl(self.key(ns, msg.key))
+            return lambda r: int(r[0])
+        if isinstance(msg, CacheMGet):
+            for k in msg.keys:
+                _check_key(k)
+            pipe.mget([self.key(ns, k) for k in msg.keys])
+
+            def mgot(r: list[Any]) -> list[tuple[bool, Any]]:
+                out = []
+                for data in r[0]:
+                    if data is None:
+                        stats.misses += 1
+                        out.append((False, None))
+                    else:
+                        stats.hits += 1
+                        out.append((True, self._decode(data, msg.raw)))
+                return out
+
+            return mgot
+        if isinstance(msg, CacheMSet):
+            ttl = self._ttl_ms(msg)
+            encoded = {}
+            for k, v in msg.items.items():
+                _check_key(k)
+                encoded[self.key(ns, k)] = self._encode(v)
+            for k, data in encoded.items():
+                pipe.set(k, data, px=ttl)
+
+            def msetted(_r: list[Any]) -> bool:
+                stats.sets += len(encoded)
+                return True
+
+            return msetted
+        return None
+
+    async def _queue_set(
+        self, pipe: Any, msg: CacheSet, stats: NamespaceStats
+    ) -> Callable[[list[Any]], Any]:
+        _check_key(msg.key)
+        if len(msg.tags) > MAX_TAGS:
+            raise CacheError(f"at most {MAX_TAGS} tags per key")
+        for tag in msg.tags:
+            _check_key(tag, "tag")
+        ttl = self._ttl_ms(msg)
+        data = self._encode(msg.value)
+        key = self.key(msg.namespace, msg.key)
+        if msg.tags:
+            await self._tagged_set(
+                keys=[key, *(self.tag_key(msg.namespace, t) for t in msg.tags)],
+                args=[data, ttl, msg.mode, "1" if msg.keepttl else "0"],
+                client=pipe,
+            )
+        else:
+            pipe.set(
+                key,
+                data,
+                px=ttl or None,
+                nx=msg.mode == "NX",
+                xx=msg.mode == "XX",
+                keepttl=msg.keepttl,
+            )
+
+        def stored(r: list[Any]) -> bool:
+            ok = bool(r[-1])
+            if ok:
+                stats.sets += 1
+            elif msg.mode == "NX":
+                stats.nx_refused += 1
+            else:
+                stats.xx_refused += 1
+            return ok
+
+        return stored
+
+    # -- operations that loop ------------------------------------------------------------
+    async def _slow(self, msg: Any) -> Any:
+        if isinstance(msg, CacheStatsQuery):
+            return self.stats_document(msg.namespace)
+        ns = msg.namespace
+        _check_namespace(ns)
+        if isinstance(msg, CacheInvalidateTags):
+            return await self._invalidate_tags(ns, msg.tags)
+        if isinstance(msg, CacheInvalidatePattern):
+            _check_key(msg.pattern, "pattern")
+            return await self._unlink_matching(
+                ns, self.key(ns, "") + msg.pattern, prefix_literal=self.key(ns, "")
+            )
+        if isinstance(msg, CacheFlush):
+            removed = await self._unlink_matching(
+                ns, glob_escape(self.key(ns, "")) + "*", count_as_invalidated=True
+            )
+            await self._unlink_matching(
+                ns, glob_escape(self.tag_key(ns, "")) + "*", count_as_invalidated=False
+            )
+            return removed
+        raise CacheError(f"unsupported cache message {type(msg).__name__}")
+
+    async def _invalidate_tags(self, ns: str, tags: tuple[str, ...]) -> int:
+        if not tags:
+            raise CacheError("give at least one tag")
+        for tag in tags:
+            _check_key(tag, "tag")
+        removed = 0
+        started = time.perf_counter()
+        try:
+            for tag in tags:  # atomic per tag
+                removed += int(
+                    await self._invalidate_tag(
+                        keys=[self.tag_key(ns, tag)], args=[self.key(ns, "")]
+                    )
+                )
+        except (OSError, RedisError) as exc:
+            self._stats(ns).errors += 1
+            raise CacheUnavailable(f"redis unreachable: {type(exc).__name__}: {exc}") from exc
+        stats = self._stats(ns)
+        stats.invalidated += removed
+        stats.observe(time.perf_counter() - started)
+        return removed
+
+    async def _unlink_matching(
+        self,
+        ns: str,
+        pattern: str,
+        *,
+        prefix_literal: str | None = None,
+        count_as_invalidated: bool = True,
+    ) -> int:
+        """SCAN + UNLINK in batches until the cursor returns to 0. Never KEYS."""
+        if prefix_literal is not None:
+            # The caller's glob goes after the namespace's literal (escaped) prefix.
+            pattern = glob_escape(prefix_literal) + pattern[len(prefix_literal) :]
+        client = self._client()
+        removed = 0
+        started = time.perf_counter()
+        try:
+            cursor = 0
+            while True:
+                cursor, keys = await client.scan(cursor=cursor, match=pattern, count=SCAN_BATCH)
+                if keys:
+                    removed += int(await client.unlink(*keys))
+                if cursor == 0:
+                    break
+        except (OSError, RedisError) as exc:
+            self._stats(ns).errors += 1
+            raise CacheUnavailable(f"redis unreachable: {type(exc).__name__}: {exc}") from exc
+        stats = self._stats(ns)
+        if count_as_invalidated:
+            stats.invalidated += removed
+        stats.observe(time.perf_counter() - started)
+        return removed
+
+    def stats_document(self, ns: str | None = None) -> dict[str, Any]:
+        if ns is not None:
+            _check_namespace(ns)
+            return {ns: self._stats(ns).document()}
+        return {name: s.document() for name, s in sorted(self.stats_by_ns.items())}
+
+    # -- single messages (tell/ask outside a batch) -----------------------------------------
+    @handles(
+        CacheGet,
+        CacheSet,
+        CacheDelete,
+        CacheExists,
+        CacheTtl,
+        CacheMGet,
+        CacheMSet,
+        CacheInvalidateTags,
+        CacheInvalidatePattern,
+        CacheFlush,
+        CacheStatsQuery,
+    )
+    async def _one(self, msg: Any) -> Any:
+        (result,) = await self.handle_batch([msg])
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+
+async def read_through(
+    cache: Actor,
+    namespace: str,
+    key: str,
+    load: Callable[[], Awaitable[Any]],
+    *,
+    ttl_ms: int | None = None,
+    tags: tuple[str, ...] = (),
+    timeout: float = 5.0,
+) -> Any:
+    """The cached value, else ``load()`` stored for next time. The cache failing
+    never fails the read: the loader's value is returned regardless."""
+    try:
+        hit, value = await cache.ask(CacheGet(namespace, key), timeout=timeout)
+    except Exception:
+        hit, value = False, None
+    if hit:
+        return value
+    value = await load()
+    try:
+        await cache.ask(CacheSet(namespace, key, value, ttl_ms=ttl_ms, tags=tags), timeout=timeout)
+    except Exception as exc:
+        cache.log.warning("read_through_store_failed", namespace=namespace, error=repr(exc))
+    return value

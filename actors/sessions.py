@@ -1,0 +1,391 @@
+"""The sessions actor: user sessions in Redis (DESIGN §7).
+
+- The id is ``secrets.token_urlsafe(32)`` and is a bearer secret: Redis only
+  ever sees its SHA-256 (``{prefix}session:{sha256}``), and listings show that
+  hash ("ref"), never the id.
+- TTL = min(idle, absolute - age), slid on every touch; the absolute deadline
+  is also checked on read, so a session never outlives it.
+- Each user has an index (``{prefix}session-user:{uid}``, a sorted set scored
+  by deadline) to list and revoke all of their sessions.
+- Updates carry a version and run in Lua: an update racing a delete finds no
+  key and fails, it never recreates ("resurrects") the session.
+- Rotation (at login) moves the session to a new id with RENAME, keeping its
+  TTL and data, and the old id stops working at once.
+Times come from the Redis server's clock, so several daemons agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from actors.kernel import Actor, Health, handles
+from actors.redis_link import connect_redis
+from config import RedisSettings, SessionSettings
+
+__all__ = [
+    "Session",
+    "SessionConflict",
+    "SessionCreate",
+    "SessionDelete",
+    "SessionGet",
+    "SessionList",
+    "SessionNotFound",
+    "SessionRevokeAll",
+    "SessionRotate",
+    "SessionUpdate",
+    "Sessions",
+    "SessionsUnavailable",
+]
+
+_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
+
+
+class SessionNotFound(LookupError):
+    """No such session (never existed, expired, deleted or revoked)."""
+
+
+class SessionConflict(Exception):
+    """The session changed since the version the caller read (HTTP 409)."""
+
+    def __init__(self, current: int) -> None:
+        super().__init__(f"session was modified (now at version {current})")
+        self.current = current
+
+
+class SessionsUnavailable(Exception):
+    """Redis cannot be reached (HTTP 503)."""
+
+
+class Session(msgspec.Struct, frozen=True, rename="camel"):
+    ref: str  # sha256 of the id: safe to show and to log
+    user_id: int
+    data: Any
+    version: int
+    created_ms: int
+    last_seen_ms: int
+    expires_at_ms: int  # absolute deadline
+    id: str | None = None  # only when the session is created or rotated
+
+
+class SessionCreate(msgspec.Struct, frozen=True):
+    user_id: int
+    data: Any = None
+    idle_ttl: int | None = None  # seconds; defaults from [sessions]
+    absolute_ttl: int | None = None
+
+
+class SessionGet(msgspec.Struct, frozen=True):
+    id: str
+    touch: bool = True
+
+
+class SessionUpdate(msgspec.Struct, frozen=True):
+    id: str
+    data: Any
+    version: int | None = None  # expected version; None = last write wins
+
+
+class SessionDelete(msgspec.Struct, frozen=True):
+    id: str
+
+
+class SessionList(msgspec.Struct, frozen=True):
+    user_id: int
+
+
+class SessionRevokeAll(msgspec.Struct, frozen=True):
+    user_id: int
+
+
+class SessionRotate(msgspec.Struct, frozen=True):
+    id: str
+
+
+def _now_ms_lua() -> str:
+    return "local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
+
+
+# KEYS: session, index. ARGV: uid, data, idle_ms, absolute_ms, ref.
+CREATE = (
+    _now_ms_lua()
+    + """
+local deadline = now + tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], 'uid', ARGV[1], 'data', ARGV[2], 'ver', 1, 'created', now,
+           'seen', now, 'abs', deadline, 'idle', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], math.min(tonumber(ARGV[3]), deadline - now))
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+redis.call('ZADD', KEYS[2], deadline, ARGV[5])
+local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+redis.call('PEXPIREAT', KEYS[2], tonumber(last[2]))
+return {now, deadline}
+"""
+)
+
+# KEYS: session. ARGV: touch (0/1). Returns nil or the fields.
+GET = (
+    _now_ms_lua()
+    + """
+local f = redis.call('HMGET', KEYS[1], 'uid', 'data', 'ver', 'created', 'seen', 'abs', 'idle')
+if not f[1] then return nil end
+local deadline = tonumber(f[6])
+if now >= deadline then redis.call('UNLINK', KEYS[1]); return nil end
+if ARGV[1] == '1' then
+  redis.call('HSET', KEYS[1], 'seen', now)
+  redis.call('PEXPIRE', KEYS[1], math.min(tonumber(f[7]), deadline - now))
+  f[5] = tostring(now)
+end
+return f
+"""
+)
+
+# KEYS: session. ARGV: data, expected version ('' = any). {-1} missing, {-2, ver} conflict, {ver} ok.
+UPDATE = (
+    _now_ms_lua()
+    + """
+local f = redis.call('HMGET', KEYS[1], 'ver', 'abs', 'idle')
+if not f[1] then return {-1} end
+local deadline = tonumber(f[2])
+if now >= deadline then redis.call('UNLINK', KEYS[1]); return {-1} end
+if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= tonumber(f[1]) then return {-2, tonumber(f[1])} end
+local ver = redis.call('HINCRBY', KEYS[1], 'ver', 1)
+redis.call('HSET', KEYS[1], 'data', ARGV[1], 'seen', now)
+redis.call('PEXPIRE', KEYS[1], math.min(tonumber(f[3]), deadline - now))
+return {ver}
+"""
+)
+
+# KEYS: old session, new session, index. ARGV: old ref, new ref.
+ROTATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('RENAME', KEYS[1], KEYS[2])
+redis.call('HINCRBY', KEYS[2], 'ver', 1)
+local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+if score then redis.call('ZADD', KEYS[3], score, ARGV[2]) end
+return 1
+"""
+
+# KEYS: index. ARGV: session key prefix. Removes every session of the user and the index.
+REVOKE_ALL = """
+local refs = redis.call('ZRANGE', KEYS[1], 0, -1)
+local removed = 0
+for _, ref in ipairs(refs) do removed = removed + redis.call('UNLINK', ARGV[1] .. ref) end
+redis.call('UNLINK', KEYS[1])
+return removed
+"""
+
+
+def ref_of(session_id: str) -> str:
+    return hashlib.sha256(session_id.encode()).hexdigest()
+
+
+class Sessions(Actor):
+    def __init__(
+        self,
+        redis_settings: RedisSettings,
+        settings: SessionSettings,
+        url: str,
+        *,
+        name: str = "sessions",
+        concurrency: int = 8,
+        health_interval: float = 2.0,
+    ) -> None:
+        super().__init__(
+            name, mailbox_size=10_000, concurrency=concurrency, health_interval=health_interval
+        )
+        self.redis_settings = redis_settings
+        self.settings = settings
+        self.url = url
+        self.client: aioredis.Redis | None = None
+        self._scripts: dict[str, Any] = {}
+
+    def key(self, ref: str) -> str:
+        return f"{self.redis_settings.prefix}session:{ref}"
+
+    def index(self, user_id: int) -> str:
+        return f"{self.redis_settings.prefix}session-user:{user_id}"
+
+    async def on_start(self) -> None:
+        self.client = connect_redis(self.url, self.redis_settings, name="jarvisd-sessions")
+        for name, source in (
+            ("create", CREATE),
+            ("get", GET),
+            ("update", UPDATE),
+            ("rotate", ROTATE),
+            ("revoke_all", REVOKE_ALL),
+        ):
+            self._scripts[name] = self.client.register_script(source)
+
+    async def on_stop(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            await client.aclose()
+
+    def _client(self) -> aioredis.Redis:
+        if self.client is None:
+            raise SessionsUnavailable("sessions not started")
+        return self.client
+
+    async def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await self._scripts[script](keys=keys, args=args)
+        except (OSError, RedisError) as exc:
+            raise SessionsUnavailable(f"redis unreachable: {type(exc).__name__}: {exc}") from exc
+
+    async def check(self) -> Health | None:
+        try:
+            await self._client().ping()
+        except (OSError, RedisError, SessionsUnavailable) as exc:
+            return Health(status="fail", detail=f"redis unreachable: {exc}")
+        return Health(status="pass", detail="ok")
+
+    @staticmethod
+    def _ref(session_id: str) -> str:
+        if not _ID_RE.match(session_id):
+            raise SessionNotFound("no such session")  # same answer as a wrong id: nothing to probe
+        return ref_of(session_id)
+
+    # -- handlers -----------------------------------------------------------------
+    @handles(SessionCreate)
+    async def _create(self, msg: SessionCreate) -> Session:
+        idle = msg.idle_ttl or self.settings.idle_ttl
+        absolute = msg.absolute_ttl or self.settings.absolute_ttl
+        if idle <= 0 or absolute <= 0:
+            raise ValueError("session TTLs must be positive")
+        idle = min(idle, absolute)
+        session_id = secrets.token_urlsafe(32)
+        ref = ref_of(session_id)
+        data = msgspec.json.encode(msg.data)
+        now, deadline = await self._call(
+            "create",
+            [self.key(ref), self.index(msg.user_id)],
+            [msg.user_id, data, idle * 1000, absolute * 1000, ref],
+        )
+        return Session(
+            ref=ref,
+            user_id=msg.user_id,
+            data=msg.data,
+            version=1,
+            created_ms=int(now),
+            last_seen_ms=int(now),
+            expires_at_ms=int(deadline),
+            id=session_id,
+        )
+
+    @handles(SessionGet)
+    async def _get(self, msg: SessionGet) -> Session:
+        ref = self._ref(msg.id)
+        fields = await self._call("get", [self.key(ref)], ["1" if msg.touch else "0"])
+        if fields is None:
+            raise SessionNotFound("no such session")
+        uid, data, ver, created, seen, deadline, _idle = fields
+        return Session(
+            ref=ref,
+            user_id=int(uid),
+            data=msgspec.json.decode(data),
+            version=int(ver),
+            created_ms=int(created),
+            last_seen_ms=int(seen),
+            expires_at_ms=int(deadline),
+        )
+
+    @handles(SessionUpdate)
+    async def _update(self, msg: SessionUpdate) -> int:
+        ref = self._ref(msg.id)
+        expected = "" if msg.version is None else str(msg.version)
+        reply = await self._call(
+            "update", [self.key(ref)], [msgspec.json.encode(msg.data), expected]
+        )
+        if int(reply[0]) == -1:
+            raise SessionNotFound("no such session")
+        if int(reply[0]) == -2:
+            raise SessionConflict(int(reply[1]))
+        return int(reply[0])
+
+    @handles(SessionDelete)
+    async def _delete(self, msg: SessionDelete) -> bool:
+        ref = self._ref(msg.id)
+        client = self._client()
+        try:
+            uid = await client.hget(self.key(ref), "uid")
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.unlink(self.key(ref))
+                if uid is not None:
+                    pipe.zrem(self.index(int(uid)), ref)
+                removed, *_ = await pipe.execute()
+        except (OSError, RedisError) as exc:
+            raise SessionsUnavailable(f"redis unreachable: {type(exc).__name__}: {exc}") from exc
+        return bool(removed)
+
+    @handles(SessionRotate)
+    async def _rotate(self, msg: SessionRotate) -> Session:
+        old_ref = self._ref(msg.id)
+        client = self._client()
+        try:
+            uid = await client.hget(self.key(old_ref), "uid")
+        except (OSError, RedisError) as exc:
+            raise SessionsUnavailable(f"redis unreachable: {type(exc).__name__}: {exc}") from exc
+        if uid is None:
+            raise SessionNotFound("no such session")
+        new_id = secrets.token_urlsafe(32)
+        new_ref = ref_of(new_id)
+        moved = await self._call(
+            "rotate",
+            [self.key(old_ref), self.key(new_ref), self.index(int(uid))],
+            [old_ref, new_ref],
+        )
+        if not moved:
+            raise SessionNotFound("no such session")
+        session = await self._get(SessionGet(new_id, touch=True))
+        return msgspec.structs.replace(session, id=new_id)
+
+    @handles(SessionList)
+    async def _list(self, msg: SessionList) -> list[Session]:
+        client = self._client()
+        index = self.index(msg.user_id)
+        try:
+            now_s, now_us = await client.time()
+            now = now_s * 1000 + now_us // 1000
+            await client.zremrangebyscore(index, "-inf", now)
+            members: list[Any] = list(await client.zrange(index, 0, -1))
+            refs = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
+            async with client.pipeline(transaction=False) as pipe:
+                for ref in refs:
+                    pipe.hmget(self.key(ref), "uid", "data", "ver", "created", "seen", "abs")
+                rows = await pipe.execute()
+            out: list[Session] = []
+            gone: list[str] = []
+            for ref, row in zip(refs, rows, strict=True):
+                if row[0] is None:
+                    gone.append(ref)
+                    continue
+                out.append(
+                    Session(
+                        ref=ref,
+                        user_id=int(row[0]),
+                        data=msgspec.json.decode(row[1]),
+                        version=int(row[2]),
+                        created_ms=int(row[3]),
+                        last_seen_ms=int(row[4]),
+                        expires_at_ms=int(row[5]),
+                    )
+                )
+            if gone:  # expired by idle TTL: tidy the index
+                await client.zrem(index, *gone)
+        except (OSError, RedisError) as exc:
+            raise SessionsUnavailable(f"redis unreachable: {type(exc).__name__}: {exc}") from exc
+        return out
+
+    @handles(SessionRevokeAll)
+    async def _revoke_all(self, msg: SessionRevokeAll) -> int:
+        removed = await self._call(
+            "revoke_all", [self.index(msg.user_id)], [f"{self.redis_settings.prefix}session:"]
+        )
+        return int(removed)

@@ -1,0 +1,177 @@
+"""The sessions actor against a real Redis/Valkey (DESIGN §7)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from actors.sessions import (
+    SessionConflict,
+    SessionCreate,
+    SessionDelete,
+    SessionGet,
+    SessionList,
+    SessionNotFound,
+    SessionRevokeAll,
+    SessionRotate,
+    Sessions,
+    SessionUpdate,
+)
+from config import RedisSettings, SessionSettings
+from tests.servers import Servers
+
+
+@pytest.fixture
+async def raw(servers: Servers) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(servers.redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def sessions(servers: Servers, redis_prefix: str) -> AsyncIterator[Sessions]:
+    actor = Sessions(
+        RedisSettings(prefix=redis_prefix),
+        SessionSettings(idle_ttl=600, absolute_ttl=3600),
+        servers.redis_url,
+    )
+    await actor.start()
+    yield actor
+    await actor.stop()
+
+
+async def ask(actor: Sessions, msg: Any) -> Any:
+    return await actor.ask(msg, timeout=10)
+
+
+async def test_a_session_is_stored_under_the_hash_of_its_id(
+    sessions: Sessions, raw: aioredis.Redis, redis_prefix: str
+) -> None:
+    s = await ask(sessions, SessionCreate(7, {"theme": "dark"}))
+    assert s.id is not None
+    assert len(s.id) >= 43
+    assert s.ref == hashlib.sha256(s.id.encode()).hexdigest()
+    keys = [k.decode() async for k in raw.scan_iter(match=f"{redis_prefix}*")]
+    assert all(s.id not in k for k in keys)  # the bearer secret never reaches Redis
+    assert f"{redis_prefix}session:{s.ref}" in keys
+    got = await ask(sessions, SessionGet(s.id))
+    assert (got.user_id, got.data, got.version, got.id) == (7, {"theme": "dark"}, 1, None)
+
+
+async def test_ttl_is_the_smaller_of_idle_and_what_is_left_of_the_absolute_lifetime(
+    sessions: Sessions, raw: aioredis.Redis, redis_prefix: str
+) -> None:
+    s = await ask(sessions, SessionCreate(1, {}, idle_ttl=600, absolute_ttl=3600))
+    assert 599_000 < await raw.pttl(f"{redis_prefix}session:{s.ref}") <= 600_000
+    t = await ask(sessions, SessionCreate(1, {}, idle_ttl=600, absolute_ttl=100))
+    assert 99_000 < await raw.pttl(f"{redis_prefix}session:{t.ref}") <= 100_000
+
+
+async def test_idle_expiry_and_touch_slides_it(sessions: Sessions) -> None:
+    s = await ask(sessions, SessionCreate(1, {}, idle_ttl=1, absolute_ttl=60))
+    for _ in range(3):  # touching within the idle window keeps it alive past 1 s
+        await asyncio.sleep(0.5)
+        await ask(sessions, SessionGet(s.id))
+    await asyncio.sleep(1.2)
+    with pytest.raises(SessionNotFound):
+        await ask(sessions, SessionGet(s.id))
+
+
+async def test_absolute_expiry_ends_a_session_however_active(sessions: Sessions) -> None:
+    s = await ask(sessions, SessionCreate(1, {}, idle_ttl=1, absolute_ttl=2))
+    for _ in range(3):
+        await asyncio.sleep(0.5)
+        await ask(sessions, SessionGet(s.id))
+    await asyncio.sleep(0.7)  # past 2 s since creation
+    with pytest.raises(SessionNotFound):
+        await ask(sessions, SessionGet(s.id))
+
+
+async def test_delete_really_deletes(
+    sessions: Sessions, raw: aioredis.Redis, redis_prefix: str
+) -> None:
+    s = await ask(sessions, SessionCreate(3, {"a": 1}))
+    assert await ask(sessions, SessionDelete(s.id))
+    assert await raw.exists(f"{redis_prefix}session:{s.ref}") == 0
+    assert await raw.zscore(f"{redis_prefix}session-user:3", s.ref) is None
+    with pytest.raises(SessionNotFound):
+        await ask(sessions, SessionGet(s.id))
+    assert not await ask(sessions, SessionDelete(s.id))
+
+
+async def test_versions_refuse_a_stale_write(sessions: Sessions) -> None:
+    s = await ask(sessions, SessionCreate(1, {"n": 0}))
+    assert await ask(sessions, SessionUpdate(s.id, {"n": 1}, version=1)) == 2
+    with pytest.raises(SessionConflict) as err:
+        await ask(sessions, SessionUpdate(s.id, {"n": 99}, version=1))
+    assert err.value.current == 2
+    assert (await ask(sessions, SessionGet(s.id))).data == {"n": 1}
+    assert await ask(sessions, SessionUpdate(s.id, {"n": 2})) == 3  # no version: last write wins
+
+
+async def test_a_write_racing_a_delete_never_resurrects_the_session(
+    sessions: Sessions, raw: aioredis.Redis, redis_prefix: str
+) -> None:
+    for _ in range(20):
+        s = await ask(sessions, SessionCreate(5, {"n": 0}))
+        updates = [ask(sessions, SessionUpdate(s.id, {"n": i})) for i in range(10)]
+        results = await asyncio.gather(
+            ask(sessions, SessionDelete(s.id)), *updates, return_exceptions=True
+        )
+        assert all(isinstance(r, int | SessionNotFound) for r in results)
+        assert await raw.exists(f"{redis_prefix}session:{s.ref}") == 0
+        with pytest.raises(SessionNotFound):
+            await ask(sessions, SessionGet(s.id))
+
+
+async def test_list_and_revoke_all_of_a_users_sessions(
+    sessions: Sessions, raw: aioredis.Redis, redis_prefix: str
+) -> None:
+    mine = [await ask(sessions, SessionCreate(11, {"device": i})) for i in range(3)]
+    other = await ask(sessions, SessionCreate(12, {}))
+    listed = await ask(sessions, SessionList(11))
+    assert sorted(x.ref for x in listed) == sorted(x.ref for x in mine)
+    assert all(x.id is None for x in listed)  # a listing never shows the bearer ids
+    assert await ask(sessions, SessionRevokeAll(11)) == 3
+    for s in mine:
+        with pytest.raises(SessionNotFound):
+            await ask(sessions, SessionGet(s.id))
+    assert await raw.exists(f"{redis_prefix}session-user:11") == 0
+    assert (await ask(sessions, SessionGet(other.id))).user_id == 12
+
+
+async def test_the_list_drops_sessions_that_expired_by_idleness(sessions: Sessions) -> None:
+    await ask(sessions, SessionCreate(21, {}, idle_ttl=1, absolute_ttl=60))
+    keep = await ask(sessions, SessionCreate(21, {}))
+    await asyncio.sleep(1.2)
+    assert [x.ref for x in await ask(sessions, SessionList(21))] == [keep.ref]
+
+
+async def test_rotation_moves_the_session_to_a_new_id_and_kills_the_old(
+    sessions: Sessions, raw: aioredis.Redis, redis_prefix: str
+) -> None:
+    s = await ask(sessions, SessionCreate(31, {"cart": [1]}))
+    rotated = await ask(sessions, SessionRotate(s.id))
+    assert rotated.id is not None
+    assert rotated.id != s.id
+    assert rotated.data == {"cart": [1]}
+    assert rotated.version == 2
+    assert rotated.expires_at_ms == s.expires_at_ms  # the absolute deadline does not move
+    with pytest.raises(SessionNotFound):
+        await ask(sessions, SessionGet(s.id))
+    # Rotation is activity: the idle TTL slides, bounded by the idle setting.
+    assert 599_000 < await raw.pttl(f"{redis_prefix}session:{rotated.ref}") <= 600_000
+    assert [x.ref for x in await ask(sessions, SessionList(31))] == [rotated.ref]
+    with pytest.raises(SessionNotFound):
+        await ask(sessions, SessionRotate(s.id))
+
+
+async def test_malformed_ids_look_exactly_like_unknown_ones(sessions: Sessions) -> None:
+    for bad in ("", "short", "x" * 500, "has spaces in it........", "../../etc/passwd........"):
+        with pytest.raises(SessionNotFound, match="no such session"):
+            await ask(sessions, SessionGet(bad))
