@@ -235,8 +235,12 @@ async def test_binaries_the_server_user_cannot_reach_are_run_from_a_root_owned_c
         )
     bin_dir = locked / found.resolve().relative_to(layout["anchor"])
     run_as = RunAs.resolve("nobody")
+    stale = SHARED_BIN_ROOT / "postgres-stale-test"
+    stale.mkdir(parents=True, exist_ok=True)
+    (stale / ".source").write_text(str(state_dir / "a-checkout-deleted-long-ago"))
     mirrored = reachable_install(bin_dir / "postgres", run_as, **install_layout(bin_dir))
     assert mirrored.is_relative_to(SHARED_BIN_ROOT)
+    assert not stale.exists()  # copies of installs that are gone are pruned
     pg = EmbeddedPostgres(
         state_dir / "data", run_as=run_as, bin_dir=str(bin_dir), server_options=FAST_PG
     )

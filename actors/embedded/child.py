@@ -174,13 +174,28 @@ def reachable_install(
             elif src.exists():
                 (scratch / part).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, scratch / part)
+        (scratch / ".source").write_text(str(anchor))
         for dirpath, _dirs, _files in os.walk(scratch):
             os.chmod(dirpath, 0o755)  # noqa: S103 - read-only binaries the server user must reach
         try:
             scratch.rename(target)
         except OSError:  # another process made it first
             shutil.rmtree(scratch, ignore_errors=True)
+        _prune_mirrors(keep=target)
     return target / path.resolve().relative_to(anchor)
+
+
+def _prune_mirrors(keep: Path) -> None:
+    """Drop copies whose source install is gone (an old checkout's venv)."""
+    for entry in SHARED_BIN_ROOT.iterdir():
+        source = entry / ".source"
+        if entry == keep or not source.is_file():
+            continue
+        try:
+            if not Path(source.read_text()).exists():
+                shutil.rmtree(entry, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def make_private_dir(path: Path, owner: RunAs, mode: int = 0o700) -> None:
