@@ -17,8 +17,10 @@ import asyncpg
 import msgspec
 
 from actors import migrate as migrations
+from actors.data import repo
+from actors.data.handlers import DataHandlers
 from actors.kernel import Actor, Health, handles
-from config import PostgresSettings
+from config import ApprovalSettings, PostgresSettings
 
 __all__ = ["Migrate", "MigrationStatus", "Persistence", "PgPing", "Unavailable"]
 
@@ -39,7 +41,7 @@ class MigrationStatus(msgspec.Struct, frozen=True):
     """Replies {"applied": [...], "pending": [...]}."""
 
 
-class Persistence(Actor):
+class Persistence(DataHandlers, Actor):
     def __init__(
         self,
         settings: PostgresSettings,
@@ -48,6 +50,7 @@ class Persistence(Actor):
         name: str = "persistence",
         health_interval: float = 2.0,
         migration_set: list[migrations.Migration] | None = None,
+        approvals: ApprovalSettings | None = None,
     ) -> None:
         # Several workers so one slow query never holds up the others; the pool bounds real concurrency.
         super().__init__(
@@ -60,6 +63,7 @@ class Persistence(Actor):
         self.dsn = dsn
         self.pool: asyncpg.Pool | None = None
         self.migration_set = migration_set
+        self.approvals = approvals or ApprovalSettings()
         self.last_error = ""
         self.migrated: list[str] = []
         self._ready = asyncio.Event()
@@ -101,6 +105,7 @@ class Persistence(Actor):
             # Connections idle this long are closed, so a restarted server's
             # stale sockets are not handed out to queries.
             max_inactive_connection_lifetime=60.0,
+            init=repo.init_connection,
         )
         try:
             if s.migrate_on_start:

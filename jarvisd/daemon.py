@@ -22,6 +22,7 @@ import structlog
 
 from actors import Actor, Escalation, FatalActorError, Supervisor
 from actors.cache import Cache
+from actors.data.messages import EnsureAdmin
 from actors.embedded import EmbeddedPostgres, EmbeddedValkey, RunAs
 from actors.persistence import Persistence
 from actors.redis_link import RedisLink
@@ -82,7 +83,9 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
     assert pg_dsn is not None
     assert redis_url is not None
 
-    persistence = Persistence(settings.postgres, pg_dsn, health_interval=interval)
+    persistence = Persistence(
+        settings.postgres, pg_dsn, health_interval=interval, approvals=settings.approvals
+    )
     redis = RedisLink(settings.redis, redis_url, health_interval=interval)
     cache = Cache(settings.redis, settings.cache, redis_url, health_interval=interval)
     sessions = Sessions(settings.redis, settings.sessions, redis_url, health_interval=interval)
@@ -208,7 +211,9 @@ class Daemon:
         self.supervisor.settings = settings.supervisor
         for actor in self.supervisor.actors:
             actor.health_interval = settings.daemon.health_interval
-            if isinstance(actor, Cache):
+            if isinstance(actor, Persistence):
+                actor.approvals = settings.approvals
+            elif isinstance(actor, Cache):
                 actor.cache_settings = settings.cache
             elif isinstance(actor, Sessions):
                 actor.settings = settings.sessions
@@ -242,6 +247,34 @@ class Daemon:
         while True:
             await asyncio.sleep(self.settings.daemon.health_interval)
             self.notifier.status(self._status_line())
+
+    async def _bootstrap_admin(self) -> None:
+        """First start with no admin: create one and leave its token in a 0600
+        file in the state directory (the only place it is ever written)."""
+        persistence = self.supervisor.get("persistence")
+        assert isinstance(persistence, Persistence)
+        await persistence.wait_ready()
+        try:
+            created = await persistence.ask(EnsureAdmin(), timeout=30)
+        except Exception as exc:
+            log.error("admin_bootstrap_failed", error=repr(exc))
+            return
+        if created is None:
+            return
+        path = Path(self.settings.daemon.state_dir) / "admin-token"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, (created.token + "\n").encode())
+        finally:
+            os.close(fd)
+        log.warning(
+            "admin_created",
+            user="admin",
+            token_file=str(path),
+            hint="use it as 'Authorization: Bearer <token>'; create named admins and revoke it",
+        )
 
     def _spawn(self, coro: Any, name: str) -> None:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -311,6 +344,7 @@ class Daemon:
             # a database outage at boot must show as degraded, not as a restart loop.
             self.notifier.ready(self._status_line())
             self._spawn(self._report_status(), "daemon.status")
+            self._spawn(self._bootstrap_admin(), "daemon.bootstrap-admin")
             log.info(
                 "ready", seconds=round(time.monotonic() - started, 3), listening=self.http.addresses
             )

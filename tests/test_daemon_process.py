@@ -270,9 +270,11 @@ def test_migrate_applies_and_reports_on_the_embedded_database_without_a_daemon(
     status = jarvisd("migrate", "--status")
     assert status.returncode == 0, status.stderr
     assert "pending  0001_base" in status.stdout
+    assert "pending  0002_access_and_commands" in status.stdout
     applied = jarvisd("migrate")
     assert applied.returncode == 0, applied.stderr
     assert "applied 0001_base" in applied.stdout
+    assert "applied 0002_access_and_commands" in applied.stdout
     again = jarvisd("migrate")
     assert again.stdout.strip() == "up to date"
     # nothing is left running after the command

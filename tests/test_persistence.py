@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from actors import migrate as migrations
 from actors.embedded import EmbeddedPostgres, RunAs
 from actors.persistence import MigrationStatus, Persistence, PgPing, Unavailable
 from actors.redis_link import RedisInfo, RedisLink, RedisPing, RedisUnavailable
@@ -26,10 +27,11 @@ async def test_persistence_migrates_on_start_and_answers_pings(empty_pg_dsn: str
     await actor.start()
     try:
         await actor.wait_ready(10)
-        assert actor.migrated == ["0001_base"]
+        shipped = [f"{m.version:04d}_{m.name}" for m in migrations.discover()]
+        assert actor.migrated == shipped
         assert await actor.ask(PgPing(), timeout=5) > 0
         status = await actor.ask(MigrationStatus(), timeout=5)
-        assert status == {"applied": ["0001_base"], "pending": []}
+        assert status == {"applied": shipped, "pending": []}
         await wait_health(actor, "pass")
         assert actor.health().observed_ms is not None
     finally:

@@ -9,14 +9,18 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 
+import msgspec
 import structlog
 from aiohttp import web
 
 from actors import ActorDead, ActorStopped, AskTimeout, FatalActorError, MailboxFull
+from actors.cache import CacheError, CacheUnavailable
+from actors.data.repo import Conflict, Forbidden, Invalid, NotFound
 from actors.kernel import Actor, Health
 from actors.persistence import Unavailable
 from actors.redis_link import RedisUnavailable
-from jarvisd.http import health
+from actors.sessions import SessionConflict, SessionNotFound, SessionsUnavailable
+from jarvisd.http import api, health, openapi
 from jarvisd.http.errors import ProblemError, problem
 from jarvisd.http.keys import HTTP_METRICS, RUNTIME
 from jarvisd.http.metrics import HttpMetrics
@@ -81,7 +85,27 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
             detail = f"{request.method} {request.path}: {exc.reason.lower()}"
             return problem(exc.status, exc.reason, detail, headers=allow)
         raise
-    except (MailboxFull, ActorDead, ActorStopped, AskTimeout, Unavailable, RedisUnavailable) as exc:
+    except (NotFound, SessionNotFound) as exc:
+        return problem(404, "Not found", str(exc).strip("'\""))
+    except Conflict as exc:
+        extra = {"current": msgspec.to_builtins(exc.current)} if exc.current is not None else None
+        return problem(409, "Conflict", str(exc), extra=extra)
+    except SessionConflict as exc:
+        return problem(409, "Conflict", str(exc), extra={"currentVersion": exc.current})
+    except Forbidden as exc:
+        return problem(403, "Forbidden", str(exc))
+    except (Invalid, CacheError) as exc:
+        return problem(400, "Bad request", str(exc))
+    except (
+        MailboxFull,
+        ActorDead,
+        ActorStopped,
+        AskTimeout,
+        Unavailable,
+        RedisUnavailable,
+        CacheUnavailable,
+        SessionsUnavailable,
+    ) as exc:
         return problem(503, "Service unavailable", str(exc), headers={"Retry-After": "1"})
     except Exception:
         log.exception("http_handler_failed", path=request.path, method=request.method)
@@ -95,6 +119,8 @@ def build_app(runtime: Runtime) -> web.Application:
     app[RUNTIME] = runtime
     app[HTTP_METRICS] = HttpMetrics()
     health.add_routes(app)
+    api.add_routes(app)
+    openapi.add_routes(app)
     return app
 
 

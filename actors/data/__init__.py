@@ -1,0 +1,1 @@
+"""The data layer owned by the persistence actor: model, credentials, listing, SQL."""

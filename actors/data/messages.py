@@ -1,0 +1,135 @@
+"""The persistence actor's message API for users, tokens, commands and approvals.
+
+List messages carry an already-validated ListQuery (parsed at the edge, so a
+bad parameter is a 400 before any SQL runs) and the count mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from actors.data.model import (
+    ApprovalCreate,
+    CommandCreate,
+    CommandStatusUpdate,
+    Principal,
+    TokenCreate,
+    UserCreate,
+    UserUpdate,
+)
+
+Count = Literal["exact", "estimated"] | None
+
+
+class _Msg(msgspec.Struct, frozen=True, kw_only=True):
+    pass
+
+
+class CreateUser(_Msg, frozen=True):
+    new: UserCreate
+
+
+class GetUser(_Msg, frozen=True):
+    user_id: int
+
+
+class GetUserByName(_Msg, frozen=True):
+    username: str
+
+
+class ListUsers(_Msg, frozen=True):
+    query: Any  # ListQuery
+    count: Count = None
+
+
+class UpdateUser(_Msg, frozen=True):
+    user_id: int
+    change: UserUpdate
+
+
+class DeleteUser(_Msg, frozen=True):
+    user_id: int
+
+
+class CheckPassword(_Msg, frozen=True):
+    """Replies the Principal when the password is right and the user enabled, else None."""
+
+    username: str
+    password: str
+
+
+class CreateToken(_Msg, frozen=True):
+    user_id: int
+    new: TokenCreate
+
+
+class ListTokens(_Msg, frozen=True):
+    user_id: int
+
+
+class RevokeToken(_Msg, frozen=True):
+    token_id: int
+    user_id: int | None = None  # None: any user's (admins)
+
+
+class AuthenticateToken(_Msg, frozen=True):
+    token: str
+
+
+class CreateCommand(_Msg, frozen=True):
+    """Replies (Command, created)."""
+
+    new: CommandCreate
+    user_id: int | None
+
+
+class GetCommand(_Msg, frozen=True):
+    command_id: int
+
+
+class ListCommands(_Msg, frozen=True):
+    query: Any
+    count: Count = None
+
+
+class UpdateCommandStatus(_Msg, frozen=True):
+    command_id: int
+    change: CommandStatusUpdate
+    actor_id: int | None
+
+
+class InsertCommands(_Msg, frozen=True):
+    """The batched ingest path: replies [(request_id, id, new)]."""
+
+    rows: tuple[CommandCreate, ...]
+    user_ids: tuple[int | None, ...]
+
+
+class CreateApproval(_Msg, frozen=True):
+    new: ApprovalCreate
+    requester_id: int | None
+
+
+class GetApproval(_Msg, frozen=True):
+    approval_id: int
+
+
+class ListApprovals(_Msg, frozen=True):
+    query: Any
+    count: Count = None
+
+
+class DecideApproval(_Msg, frozen=True):
+    approval_id: int
+    decision: Literal["approved", "rejected", "cancelled"]
+    who: Principal
+    reason: str | None = None
+
+
+class EnsureAdmin(_Msg, frozen=True):
+    """First start: create user ``username`` as admin with a token if no admin
+    exists. Replies the TokenCreated, or None when an admin already exists."""
+
+    username: str = "admin"
