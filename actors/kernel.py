@@ -355,8 +355,12 @@ class Actor:
             await asyncio.sleep(self.health_interval)
 
     async def refresh_health(self) -> Health:
-        """Run the check now (used right after start and by tests); returns health()."""
-        result = await self.check()
+        """Run the check now (used right after start and by tests); returns health().
+        As in the periodic loop, a failing probe is a health result, never a crash."""
+        try:
+            result = await self.check()
+        except Exception as exc:
+            result = Health(status="fail", detail=f"{type(exc).__name__}: {exc}")
         if result is not None:
             self._last_check = msgspec.structs.replace(result, checked_at=time.time())
         return self.health()

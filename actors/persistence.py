@@ -131,7 +131,13 @@ class Persistence(DataHandlers, Actor):
         try:
             async with self._pool().acquire(timeout=self.settings.connect_timeout) as conn:
                 await conn.fetchval("SELECT 1")
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except (
+            OSError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.exceptions.InternalClientError,  # a connection caught mid-shutdown
+            TimeoutError,
+        ) as exc:
             raise Unavailable(f"database unreachable: {type(exc).__name__}: {exc}") from exc
         return (time.perf_counter() - started) * 1000
 

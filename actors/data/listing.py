@@ -75,6 +75,8 @@ def _one(query: Mapping[str, list[str]], name: str) -> str | None:
 
 
 def _convert(name: str, raw: str, typ: type) -> Any:
+    if "\x00" in raw:
+        raise ListError(f"{name} must not contain NUL characters")
     try:
         if typ is int:
             value = int(raw)

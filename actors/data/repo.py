@@ -102,7 +102,9 @@ def _command(row: asyncpg.Record) -> Command:
 
 
 def _approval(row: asyncpg.Record) -> Approval:
-    return Approval(**dict(row))
+    data = dict(row)
+    data.pop("lapsed", None)  # a helper column of decide_approval
+    return Approval(**data)
 
 
 async def _page(

@@ -32,7 +32,6 @@ from jarvisd.runtime import Runtime
 
 __all__ = ["authenticate", "bearer", "cached_user", "peer_uid", "require"]
 
-PRINCIPAL_KEY = "jarvisd.principal"
 USER_CACHE_NS = "users"
 USER_CACHE_TTL_MS = 60_000
 _PEERCRED = struct.Struct("3i")
@@ -145,7 +144,6 @@ def require(
                 raise Unauthorized("authentication required")
             if roles and principal.role not in roles:
                 raise forbidden(f"the {principal.role} role may not do this")
-            request[PRINCIPAL_KEY] = principal
             return await handler(request, principal)
 
         route.__name__ = handler.__name__

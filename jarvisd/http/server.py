@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 
+import asyncpg
 import msgspec
 import structlog
 from aiohttp import web
@@ -96,6 +97,9 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         return problem(403, "Forbidden", str(exc))
     except (Invalid, CacheError) as exc:
         return problem(400, "Bad request", str(exc))
+    except asyncpg.DataError as exc:
+        # Input the schema let through but PostgreSQL cannot store (NUL in text, \u0000 in JSON, ...).
+        return problem(400, "Invalid data", exc.args[0] if exc.args else type(exc).__name__)
     except (
         MailboxFull,
         ActorDead,
