@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,20 +68,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 # -- migrate ---------------------------------------------------------------------
-async def with_database(loaded: LoadedConfig, work: Any) -> Any:
-    """Run ``work(conn)`` against the configured database. In embedded mode,
-    use the running daemon's server if there is one, else start the embedded
-    server for the duration of the command."""
+@contextlib.asynccontextmanager
+async def database_dsn(loaded: LoadedConfig) -> AsyncIterator[str]:
+    """The configured database's DSN. In embedded mode: the running daemon's
+    server if there is one, else the embedded server started for the duration
+    of the command (and stopped after it)."""
     from actors.embedded import EmbeddedPostgres, RunAs
 
     s = loaded.settings
     if not s.embedded_postgres:
         assert s.postgres.dsn is not None
-        conn = await asyncpg.connect(s.postgres.dsn, timeout=s.postgres.connect_timeout)
-        try:
-            return await work(conn)
-        finally:
-            await conn.close()
+        yield s.postgres.dsn
+        return
     pg = EmbeddedPostgres(
         Path(s.daemon.state_dir),
         run_as=RunAs.resolve(s.embedded.postgres_user),
@@ -88,23 +87,28 @@ async def with_database(loaded: LoadedConfig, work: Any) -> Any:
         start_timeout=s.embedded.start_timeout,
     )
     try:
-        conn = await asyncpg.connect(pg.dsn, timeout=2)
+        probe = await asyncpg.connect(pg.dsn, timeout=2)
     except (OSError, asyncpg.PostgresError, TimeoutError):
-        conn = None
-    if conn is not None:
-        try:
-            return await work(conn)
-        finally:
-            await conn.close()
+        probe = None
+    if probe is not None:
+        await probe.close()
+        yield pg.dsn
+        return
     await pg.start()
     try:
-        conn = await asyncpg.connect(pg.dsn, timeout=s.postgres.connect_timeout)
+        yield pg.dsn
+    finally:
+        await pg.stop()
+
+
+async def with_database(loaded: LoadedConfig, work: Any) -> Any:
+    """Run ``work(conn)`` on one connection to the configured database."""
+    async with database_dsn(loaded) as dsn:
+        conn = await asyncpg.connect(dsn, timeout=loaded.settings.postgres.connect_timeout)
         try:
             return await work(conn)
         finally:
             await conn.close()
-    finally:
-        await pg.stop()
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
@@ -214,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     h.set_defaults(func=cmd_health)
     sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)
+    from jarvisd.cli_data import add_parsers
+
+    add_parsers(sub, with_config)
     return parser
 
 
