@@ -35,6 +35,7 @@ fmt: $(STAMP)
 ## bench: benchmarks that print figures (embedded servers unless JARVISD_TEST_* are set)
 bench: $(STAMP)
 	$(BIN)/python -m bench.cache
+	$(BIN)/python -m bench.commands
 
 ## check: lint, types and tests — keep it green
 check: lint types test

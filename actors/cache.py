@@ -256,7 +256,6 @@ class Cache(Actor):
         concurrency: int = 4,
         mailbox_size: int = 10_000,
         health_interval: float = 2.0,
-        max_value_bytes: int = 1_048_576,
     ) -> None:
         super().__init__(
             name,
@@ -267,7 +266,6 @@ class Cache(Actor):
         self.redis_settings = redis_settings
         self.cache_settings = cache_settings
         self.url = url
-        self.max_value_bytes = max_value_bytes
         self.client: aioredis.Redis | None = None
         self.stats_by_ns: dict[str, NamespaceStats] = {}
         self._tagged_set: Any = None
@@ -322,10 +320,9 @@ class Cache(Actor):
             if isinstance(value, bytes | bytearray | memoryview)
             else self._encoder.encode(value)
         )
-        if len(data) > self.max_value_bytes:
-            raise CacheError(
-                f"value of {len(data)} bytes is over the limit of {self.max_value_bytes} bytes"
-            )
+        limit = self.cache_settings.max_value_bytes
+        if len(data) > limit:
+            raise CacheError(f"value of {len(data)} bytes is over the limit of {limit} bytes")
         return data
 
     def _decode(self, data: bytes | None, raw: bool) -> Any:

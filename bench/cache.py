@@ -117,6 +117,91 @@ async def run(url: str, callers: int, seconds: float) -> None:
     await one.aclose()
 
 
+async def http_rates(url: str, pg_admin_dsn: str, callers: int, seconds: float) -> None:
+    """GET /cache/get/{key} on a real `jarvisd run` (another process), against
+    GET /health/live (the same HTTP stack, no actor, no Redis) as the floor."""
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    import aiohttp
+    import asyncpg
+
+    from tests.servers import dsn_with_database
+
+    name = f"jarvisd_bench_http_{os.getpid()}"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    folder = tempfile.mkdtemp(prefix="jarvisd-bench-")
+    port = 18000 + os.getpid() % 1000
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JARVISD_")}
+    env.update(
+        JARVISD_POSTGRES__DSN=dsn_with_database(pg_admin_dsn, name),
+        JARVISD_REDIS__URL=url,
+        JARVISD_REDIS__PREFIX=f"bench-http:{uuid.uuid4().hex[:6]}:",
+        JARVISD_DAEMON__STATE_DIR=folder,
+        JARVISD_HTTP__PORT=str(port),
+        JARVISD_DAEMON__LOG_LEVEL="warning",
+    )
+    proc = subprocess.Popen(  # noqa: ASYNC220 - once, at bench start
+        [sys.executable, "-m", "jarvisd", "run"],
+        env=env,
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}"
+    token_file = os.path.join(folder, "admin-token")
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=callers)) as session:
+            deadline = time.monotonic() + 60
+            while not os.path.exists(token_file):
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the daemon did not come up")
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.2)
+            with open(token_file) as fh:  # noqa: ASYNC230 - a few bytes, once
+                headers = {"Authorization": f"Bearer {fh.read().strip()}"}
+            # A session token is checked in Redis (one hop) rather than PostgreSQL.
+            async with session.post(
+                f"{base}/users/1/tokens", headers=headers, json={"name": "bench"}
+            ) as r:
+                assert r.status == 201, await r.text()
+            async with session.post(
+                f"{base}/cache/set",
+                headers=headers,
+                json={"key": "hot", "value": {"user": 7, "name": "bench"}, "ttl": 600},
+            ) as r:
+                assert r.status == 200, await r.text()
+
+            async def get(path: str) -> Callable[[int, int], Awaitable[object]]:
+                async def op(_c: int, _i: int) -> object:
+                    async with session.get(base + path, headers=headers) as resp:
+                        assert resp.status == 200, resp.status
+                        return await resp.read()
+
+                return op
+
+            live, cached = await get("/health/live"), await get("/cache/get/hot")
+            live_rates, cache_rates = [], []
+            for _ in range(3):
+                live_rates.append(await closed_loop(callers, seconds, live))
+                cache_rates.append(await closed_loop(callers, seconds, cached))
+        floor, rate = statistics.median(live_rates), statistics.median(cache_rates)
+        print(f"HTTP on a separate `jarvisd run`, {callers} concurrent clients (median of 3):")
+        print(f"  GET /health/live (HTTP floor)        {floor:10,.0f} req/s")
+        print(f"  GET /cache/get/{{key}} (API token)     {rate:10,.0f} req/s")
+        print(f"  cache get / floor                    {rate / floor:10.2f}")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        shutil.rmtree(folder, ignore_errors=True)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -124,16 +209,13 @@ def main() -> None:
     parser.add_argument("--callers", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=3.0)
     args = parser.parse_args()
-    url = os.environ.get("JARVISD_TEST_REDIS_URL")
-    if url:
-        asyncio.run(run(url, args.callers, args.seconds))
-        return
     from tests.servers import Servers
 
-    servers = Servers.start(postgres=False)
+    servers = Servers.start()
     try:
-        print(f"(embedded Valkey at {servers.redis_url})")
+        print(f"(PostgreSQL at {servers.postgres_dsn}, Redis at {servers.redis_url})")
         asyncio.run(run(servers.redis_url, args.callers, args.seconds))
+        asyncio.run(http_rates(servers.redis_url, servers.postgres_dsn, args.callers, args.seconds))
     finally:
         servers.stop()
 

@@ -235,10 +235,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--batch", type=int, default=20_000, help="rows per ingest round")
     args = parser.parse_args()
-    servers = Servers.start()
+    servers = Servers.start(redis=False)
     try:
-        if servers.embedded:
-            print(f"(embedded PostgreSQL at {servers.postgres_dsn})")
+        origin = "external" if os.environ.get("JARVISD_TEST_POSTGRES_DSN") else "embedded"
+        print(f"({origin} PostgreSQL at {servers.postgres_dsn})")
         asyncio.run(run(servers.postgres_dsn, args.rows, args.batch))
     finally:
         servers.stop()

@@ -50,6 +50,8 @@ class HttpSettings(_Section, frozen=True):
     max_body_bytes: PositiveInt = 1_048_576
     # Bounded per-request wait for an actor's answer before the API says 503.
     request_timeout: PositiveFloat = 10.0
+    # Health, stats and metrics without credentials (/health/live always is).
+    public_health: bool = True
 
 
 class PostgresSettings(_Section, frozen=True):
@@ -83,6 +85,8 @@ class EmbeddedSettings(_Section, frozen=True):
 
 class CacheSettings(_Section, frozen=True):
     default_ttl: PositiveInt = 300
+    # Largest value one key may hold (encoded); bigger ones are refused (HTTP 413).
+    max_value_bytes: PositiveInt = 524_288
 
 
 class SessionSettings(_Section, frozen=True):

@@ -71,13 +71,15 @@ class Servers:
     _actors: list[Any] = field(default_factory=list)
 
     @classmethod
-    def start(cls, *, postgres: bool = True) -> Servers:
-        """External servers where named, embedded ones for the rest. With
-        ``postgres=False`` no PostgreSQL is started (``postgres_dsn`` stays empty)."""
+    def start(cls, *, postgres: bool = True, redis: bool = True) -> Servers:
+        """External servers where named, embedded ones for the rest. A server
+        not wanted (``postgres=False`` / ``redis=False``) is not started and
+        its address stays empty."""
         pg_dsn = os.environ.get("JARVISD_TEST_POSTGRES_DSN", "")
         redis_url = os.environ.get("JARVISD_TEST_REDIS_URL", "")
         need_pg = postgres and not pg_dsn
-        if not need_pg and redis_url:
+        need_redis = redis and not redis_url
+        if not need_pg and not need_redis:
             return cls(pg_dsn, redis_url, embedded=False)
         loop = LoopThread()
         state_dir = make_state_dir()
@@ -88,7 +90,7 @@ class Servers:
             loop.run(pg.start())
             servers._actors.append(pg)
             servers.postgres_dsn = pg.dsn
-        if not redis_url:
+        if need_redis:
             vk = EmbeddedValkey(state_dir, run_as=run_as, appendonly=False)
             loop.run(vk.start())
             servers._actors.append(vk)

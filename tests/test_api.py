@@ -665,7 +665,7 @@ async def test_openapi_describes_every_route_from_the_same_types(api: Api) -> No
     status, _h, doc = await api.call("GET", "/openapi.json")
     assert status == 200
     assert doc["openapi"].startswith("3.1")
-    from jarvisd.http.api import ROUTES
+    from jarvisd.http.openapi import ROUTES
 
     for route in ROUTES:
         assert route.method.lower() in doc["paths"][route.path], route.path
@@ -686,3 +686,21 @@ def _walk(node: Any) -> Any:
             yield from _walk(value)
     else:
         yield node
+
+
+async def test_health_can_be_put_behind_authentication(
+    make_config: Callable[..., LoadedConfig],
+) -> None:
+    loaded = make_config(http={"public_health": False})
+    async for running in start_daemon(loaded):
+        assert (await running.get("/health/live"))[0] == 200  # liveness stays open for supervisors
+        for path in ("/health/ready", "/health", "/stats", "/metrics", "/redis/stats"):
+            status, _ctype, _body = await running.get(path)
+            assert status == 401, path
+        assert loaded.settings.http.unix_socket is not None
+        connector = aiohttp.UnixConnector(path=loaded.settings.http.unix_socket)
+        async with (
+            aiohttp.ClientSession(connector=connector) as local,
+            local.get("http://x/stats") as resp,
+        ):
+            assert resp.status == 200  # the local admin

@@ -269,18 +269,19 @@ async def authenticate_token(conn: asyncpg.Connection, token: str) -> Principal 
     """The token's user, if the token is live and the user enabled. Touches
     last_used_at at most once a minute, so reads stay reads."""
     row = await conn.fetchrow(
-        "SELECT t.id AS token_id, u.id, u.username, u.role FROM api_tokens t JOIN users u ON u.id = t.user_id "
+        "SELECT t.id AS token_id, u.id, u.username, u.role, "
+        "t.last_used_at IS NULL OR t.last_used_at < now() - interval '1 minute' AS stale "
+        "FROM api_tokens t JOIN users u ON u.id = t.user_id "
         "WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > now()) "
         "AND NOT u.disabled",
         credentials.hash_token(token),
     )
     if row is None:
         return None
-    await conn.execute(
-        "UPDATE api_tokens SET last_used_at = now() WHERE id = $1 "
-        "AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",
-        row["token_id"],
-    )
+    if row["stale"]:  # one write a minute per token, not one per request
+        await conn.execute(
+            "UPDATE api_tokens SET last_used_at = now() WHERE id = $1", row["token_id"]
+        )
     return Principal(
         user_id=row["id"],
         role=row["role"],

@@ -10,10 +10,13 @@ import msgspec
 from aiohttp import web
 
 from jarvisd import __version__
-from jarvisd.http.api import ROUTES, RouteDoc
+from jarvisd.http import cache_api
+from jarvisd.http.api import ROUTES as API_ROUTES
+from jarvisd.http.api import RouteDoc
 from jarvisd.http.errors import reject_unknown_params
 
 _PARAM = re.compile(r"{(\w+)}")
+ROUTES = [*API_ROUTES, *cache_api.ROUTES]
 _HEALTH = [
     ("/health/live", "Liveness: the process answers"),
     (
@@ -46,8 +49,14 @@ def _operation(route: RouteDoc, schema_of: dict[Any, Any]) -> dict[str, Any]:
     }
     if route.path.startswith("/auth/login"):
         op["security"] = []
+    textual = route.path.startswith(("/cache", "/sessions"))  # keys and session ids are strings
     params = [
-        {"name": p, "in": "path", "required": True, "schema": {"type": "integer"}}
+        {
+            "name": p,
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string" if textual else "integer"},
+        }
         for p in _PARAM.findall(route.path)
     ]
     if route.list_spec is not None:

@@ -21,7 +21,8 @@ from actors.kernel import Actor, Health
 from actors.persistence import Unavailable
 from actors.redis_link import RedisUnavailable
 from actors.sessions import SessionConflict, SessionNotFound, SessionsUnavailable
-from jarvisd.http import api, health, openapi
+from jarvisd.http import api, cache_api, health, openapi
+from jarvisd.http.auth import Unauthorized, authenticate
 from jarvisd.http.errors import ProblemError, problem
 from jarvisd.http.keys import HTTP_METRICS, RUNTIME
 from jarvisd.http.metrics import HttpMetrics
@@ -33,6 +34,10 @@ log = structlog.get_logger("jarvisd").bind(actor="http")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Served while draining, so orchestration can watch the daemon go away.
 ALWAYS_SERVED = frozenset({"/health/live", "/health/ready", "/health", "/metrics", "/stats"})
+# Open by default; behind authentication with http.public_health = false.
+GUARDED_HEALTH = frozenset(
+    {"/health/ready", "/health", "/stats", "/metrics", "/redis/health", "/redis/stats"}
+)
 MAX_UNIX_PATH = 107
 BODY_CEILING = 64 * 1024 * 1024
 
@@ -58,6 +63,8 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
                 f"request body of {request.content_length} bytes is over "
                 f"the limit of {limit} bytes (http.max_body_bytes)",
             )
+        elif not rt.settings.http.public_health and request.path in GUARDED_HEALTH:
+            response = await _guarded(request, _authenticated(handler))
         elif rt.draining and request.path not in ALWAYS_SERVED:
             response = problem(
                 503, "Draining", "jarvisd is shutting down", headers={"Retry-After": "5"}
@@ -116,6 +123,15 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         return problem(500, "Internal error", "the request failed; the daemon log has the details")
 
 
+def _authenticated(handler: Handler) -> Handler:
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        if await authenticate(request) is None:
+            raise Unauthorized("authentication required (http.public_health = false)")
+        return await handler(request)
+
+    return guarded
+
+
 def build_app(runtime: Runtime) -> web.Application:
     # aiohttp's own limit is a fixed ceiling; the configured (reloadable) limit
     # is enforced by _observe on Content-Length; body readers check it too.
@@ -124,6 +140,7 @@ def build_app(runtime: Runtime) -> web.Application:
     app[HTTP_METRICS] = HttpMetrics()
     health.add_routes(app)
     api.add_routes(app)
+    cache_api.add_routes(app)
     openapi.add_routes(app)
     return app
 
