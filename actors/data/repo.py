@@ -337,24 +337,15 @@ async def create_command(
             user_id,
         )
         if status == "awaiting_approval":
-            approval_id = await conn.fetchval(
-                "INSERT INTO approval_requests (command_id, requester_id, action, description, parameters_digest, "
-                "risk_score, risk_category, status, expires_at) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', now() + make_interval(secs => $8)) RETURNING id",
+            await _insert_approval(
+                conn,
                 command_id,
                 user_id,
                 new.action,
                 new.description,
-                parameters_digest(new.parameters),
+                new.parameters,
                 score,
-                category,
                 expiry,
-            )
-            await conn.execute(
-                "INSERT INTO approval_events (approval_id, from_status, to_status, actor_id) "
-                "VALUES ($1, NULL, 'pending', $2)",
-                approval_id,
-                user_id,
             )
         created = await conn.fetchrow(
             f"SELECT {COMMAND_COLUMNS} FROM commands WHERE id = $1", command_id
@@ -490,26 +481,50 @@ async def create_approval(
                     new.command_id,
                     requester_id,
                 )
-        row = await conn.fetchrow(
-            f"INSERT INTO approval_requests (command_id, requester_id, action, description, parameters_digest, "
-            f"risk_score, risk_category, status, expires_at) "
-            f"VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', now() + make_interval(secs => $8)) "
-            f"RETURNING {APPROVAL_COLUMNS}",
+        row = await _insert_approval(
+            conn,
             new.command_id,
             requester_id,
             new.action,
             new.description,
-            parameters_digest(new.parameters),
+            new.parameters,
             new.risk_score,
-            risk_category(new.risk_score),
             seconds,
         )
-        await conn.execute(
-            "INSERT INTO approval_events (approval_id, from_status, to_status, actor_id) VALUES ($1, NULL, 'pending', $2)",
-            row["id"],
-            requester_id,
-        )
     return _approval(row)
+
+
+async def _insert_approval(
+    conn: asyncpg.Connection,
+    command_id: int | None,
+    requester_id: int | None,
+    action: str,
+    description: str,
+    parameters: Any,
+    score: int,
+    expires_in: int,
+) -> asyncpg.Record:
+    """A pending approval request bound to the parameters' digest, with its audit event."""
+    row = await conn.fetchrow(
+        f"INSERT INTO approval_requests (command_id, requester_id, action, description, parameters_digest, "
+        f"risk_score, risk_category, status, expires_at) "
+        f"VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', now() + make_interval(secs => $8)) "
+        f"RETURNING {APPROVAL_COLUMNS}",
+        command_id,
+        requester_id,
+        action,
+        description,
+        parameters_digest(parameters),
+        score,
+        risk_category(score),
+        expires_in,
+    )
+    await conn.execute(
+        "INSERT INTO approval_events (approval_id, from_status, to_status, actor_id) VALUES ($1, NULL, 'pending', $2)",
+        row["id"],
+        requester_id,
+    )
+    return row
 
 
 async def get_approval(conn: asyncpg.Connection, approval_id: int) -> Approval:
