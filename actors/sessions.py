@@ -63,7 +63,7 @@ class SessionsUnavailable(Exception):
     """Redis cannot be reached (HTTP 503)."""
 
 
-class Session(msgspec.Struct, frozen=True, rename="camel"):
+class Session(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     ref: str  # sha256 of the id: safe to show and to log
     user_id: int
     data: Any

@@ -704,3 +704,35 @@ async def test_health_can_be_put_behind_authentication(
             local.get("http://x/stats") as resp,
         ):
             assert resp.status == 200  # the local admin
+
+
+async def test_user_lists_filter_by_role_state_and_text(api: Api) -> None:
+    await api.user("zed-approver", "approver")
+    await api.user("zed-agent", "agent")
+    bad, _ = await api.user("zed-off")
+    await api.call("PUT", f"/users/{bad}", local=True, json={"disabled": True})
+    _s, _h, page = await api.call(
+        "GET", "/users?role=approver,agent&q=zed&order=username", local=True
+    )
+    assert [u["username"] for u in page["items"]] == ["zed-agent", "zed-approver"]
+    _s, _h, page = await api.call("GET", "/users?disabled=true", local=True)
+    assert [u["username"] for u in page["items"]] == ["zed-off"]
+    _s, _h, page = await api.call("GET", "/users?q=%25", local=True)  # a literal %, not a wildcard
+    assert page["items"] == []
+    assert (await api.call("GET", "/users?disabled=maybe", local=True))[0] == 400
+
+
+async def test_a_user_lists_and_revokes_their_own_sessions(api: Api) -> None:
+    uid, token = await api.user("yan", password="pass word here")
+    for _ in range(2):
+        await api.call(
+            "POST", "/auth/login", json={"username": "yan", "password": "pass word here"}
+        )
+    status, _h, sessions = await api.call("GET", f"/users/{uid}/sessions", token=token)
+    assert (status, len(sessions)) == (200, 2)
+    assert all("id" not in s for s in sessions)  # the bearer ids are never listed
+    other, _ = await api.user("yan-other")
+    assert (await api.call("GET", f"/users/{other}/sessions", token=token))[0] == 403
+    status, _h, revoked = await api.call("DELETE", f"/users/{uid}/sessions", token=token)
+    assert (status, revoked) == (200, {"revoked": 2})
+    assert (await api.call("GET", f"/users/{uid}/sessions", token=token))[2] == []
