@@ -272,8 +272,9 @@ class Actor:
         self._admit(msg)
         reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         letter = _Letter(msg, reply)
+        deadline = asyncio.timeout(timeout)
         try:
-            async with asyncio.timeout(timeout):
+            async with deadline:
                 if wait_for_room:
                     await self._mailbox.put(letter)
                 else:
@@ -283,9 +284,12 @@ class Actor:
                         raise MailboxFull(self.name, self.mailbox_size) from None
                 return await reply
         except TimeoutError:
-            if not reply.done():
-                reply.cancel()  # the worker skips letters whose asker has gone
+            if not deadline.expired():
+                raise  # the handler's own TimeoutError, passed on as it is
             raise AskTimeout(self.name, timeout or 0.0) from None
+        finally:
+            if not reply.done():
+                reply.cancel()  # the asker has gone: the worker skips the letter
 
     # -- lifecycle (driven by the supervisor; usable alone in tests) -------------
     def set_crash_callback(self, callback: CrashCallback | None) -> None:

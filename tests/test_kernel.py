@@ -359,3 +359,33 @@ async def _wait_for(predicate: Any, timeout: float = 3.0) -> None:
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.005)
+
+
+async def test_a_handlers_own_timeout_error_is_not_mistaken_for_an_ask_timeout() -> None:
+    class Slow(Probe):
+        @handles(NotHandled)
+        async def _timeout(self, _msg: NotHandled) -> None:
+            raise TimeoutError("pool acquire timed out")
+
+    actor = Slow()
+    await actor.start()
+    with pytest.raises(TimeoutError, match="pool acquire") as err:
+        await actor.ask(NotHandled(), timeout=5)
+    assert not isinstance(err.value, AskTimeout)
+    await actor.stop()
+
+
+async def test_a_cancelled_asker_leaves_no_unretrieved_exception_behind() -> None:
+    actor = Probe()
+    await actor.start()
+    msg = hold()
+    task = asyncio.create_task(actor.ask(msg, timeout=5))
+    await msg.entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    msg.gate.set()
+    boom = asyncio.create_task(actor.ask(Boom("after"), timeout=5))
+    boom.cancel()
+    await actor.stop()
+    assert actor.state is ActorState.STOPPED
