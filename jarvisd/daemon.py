@@ -339,6 +339,10 @@ class Daemon:
                 log.critical("start_failed", error=str(exc))
                 self.notifier.status(f"failed: {exc}")
                 return EXIT_FAILURE
+            except Exception as exc:  # anything else at start-up: say what, exit 1, clean up
+                log.critical("start_failed", error=f"{type(exc).__name__}: {exc}", exc_info=exc)
+                self.notifier.status(f"failed: {exc}")
+                return EXIT_FAILURE
             self.ready.set()
             # READY=1 means "config loaded, listeners up" - not "database reachable":
             # a database outage at boot must show as degraded, not as a restart loop.
