@@ -23,7 +23,7 @@ from actors.data.listing import parse_list
 from actors.data.model import TokenCreate, User, UserCreate, UserUpdate
 from actors.data.repo import USERS, Conflict, NotFound
 from actors.persistence import Persistence
-from config import LoadedConfig, load_settings
+from config import LoadedConfig
 from jarvisd.logs import configure
 
 __all__ = ["add_parsers"]
@@ -60,7 +60,9 @@ def _password(args: argparse.Namespace) -> str | None:
 
 
 def _run(args: argparse.Namespace, work: Callable[[Persistence], Awaitable[int]]) -> int:
-    loaded = load_settings(args.config) if args.config else load_settings()
+    from jarvisd.cli import _load
+
+    loaded = _load(args)
     # stdout carries the command's answer (a token, a table): logs go to stderr.
     configure("warning", "console" if sys.stderr.isatty() else "json", stream=sys.stderr)
 
