@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import msgspec
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from actors.kernel import Actor, Health, handles
-from actors.redis_link import connect_redis
+from actors.kernel import Actor, handles
+from actors.redis_link import RedisClientActor, RedisUnavailable
 from config import CacheSettings, RedisSettings
 
 __all__ = [
@@ -60,7 +59,7 @@ class CacheError(ValueError):
     """Invalid cache input (namespace, key, TTL, tags): nothing was changed."""
 
 
-class CacheUnavailable(Exception):
+class CacheUnavailable(RedisUnavailable):
     """Redis cannot be reached; the write did not happen."""
 
 
@@ -243,8 +242,10 @@ def _check_key(key: str, what: str = "key") -> None:
         raise CacheError(f"{what} is longer than {MAX_KEY_BYTES} bytes")
 
 
-class Cache(Actor):
+class Cache(RedisClientActor):
     batch_max: ClassVar[int] = 256
+    client_name: ClassVar[str] = "jarvisd-cache"
+    unavailable: ClassVar[type[RedisUnavailable]] = CacheUnavailable
 
     def __init__(
         self,
@@ -259,14 +260,13 @@ class Cache(Actor):
     ) -> None:
         super().__init__(
             name,
+            redis_settings,
+            url,
             mailbox_size=mailbox_size,
             concurrency=concurrency,
             health_interval=health_interval,
         )
-        self.redis_settings = redis_settings
         self.cache_settings = cache_settings
-        self.url = url
-        self.client: aioredis.Redis | None = None
         self.stats_by_ns: dict[str, NamespaceStats] = {}
         self._tagged_set: Any = None
         self._invalidate_tag: Any = None
@@ -288,30 +288,11 @@ class Cache(Actor):
 
     # -- lifecycle -------------------------------------------------------------------
     async def on_start(self) -> None:
-        # One connection per worker keeps each pipeline on its own socket.
-        self.client = connect_redis(self.url, self.redis_settings, name="jarvisd-cache")
-        self._tagged_set = self.client.register_script(TAGGED_SET)
-        self._invalidate_tag = self.client.register_script(INVALIDATE_TAG)
-
-    async def on_stop(self) -> None:
-        client, self.client = self.client, None
-        if client is not None:
-            await client.aclose()
-
-    def _client(self) -> aioredis.Redis:
-        if self.client is None:
-            raise CacheUnavailable("cache not started")
-        return self.client
-
-    async def check(self) -> Health | None:
-        started = time.perf_counter()
-        try:
-            await self._client().ping()
-        except (OSError, RedisError, CacheUnavailable) as exc:
-            return Health(status="fail", detail=f"redis unreachable: {exc}")
-        return Health(
-            status="pass", detail="ok", observed_ms=round((time.perf_counter() - started) * 1000, 3)
-        )
+        # Each pipeline in flight takes its own connection from the client's pool.
+        await super().on_start()
+        client = self._client()
+        self._tagged_set = client.register_script(TAGGED_SET)
+        self._invalidate_tag = client.register_script(INVALIDATE_TAG)
 
     # -- encoding ----------------------------------------------------------------------
     def _encode(self, value: Any) -> bytes:
@@ -413,7 +394,7 @@ class Cache(Actor):
             return 0
         if isinstance(exc, ResponseError):
             return CacheError(f"redis refused the command: {exc}")
-        return CacheUnavailable(f"redis unreachable: {type(exc).__name__}: {exc}")
+        return self._down(exc)
 
     async def _queue(self, pipe: Any, msg: Any) -> Callable[[list[Any]], Any] | None:
         """Add msg's commands to the pipeline; return how to build its reply, or
@@ -567,7 +548,7 @@ class Cache(Actor):
                 )
         except (OSError, RedisError) as exc:
             self._stats(ns).errors += 1
-            raise CacheUnavailable(f"redis unreachable: {type(exc).__name__}: {exc}") from exc
+            raise self._down(exc) from exc
         stats = self._stats(ns)
         stats.invalidated += removed
         stats.observe(time.perf_counter() - started)
@@ -598,7 +579,7 @@ class Cache(Actor):
                     break
         except (OSError, RedisError) as exc:
             self._stats(ns).errors += 1
-            raise CacheUnavailable(f"redis unreachable: {type(exc).__name__}: {exc}") from exc
+            raise self._down(exc) from exc
         stats = self._stats(ns)
         if count_as_invalidated:
             stats.invalidated += removed

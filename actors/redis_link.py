@@ -9,7 +9,7 @@ needs no action here beyond the next check.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -18,7 +18,14 @@ from redis.exceptions import RedisError
 from actors.kernel import Actor, Health, handles
 from config import RedisSettings
 
-__all__ = ["RedisInfo", "RedisLink", "RedisPing", "RedisUnavailable", "connect_redis"]
+__all__ = [
+    "RedisClientActor",
+    "RedisInfo",
+    "RedisLink",
+    "RedisPing",
+    "RedisUnavailable",
+    "connect_redis",
+]
 
 
 class RedisUnavailable(Exception):
@@ -43,7 +50,57 @@ def connect_redis(url: str, settings: RedisSettings, *, name: str = "jarvisd") -
     )
 
 
-class RedisLink(Actor):
+class RedisClientActor(Actor):
+    """An actor that owns one redis-py client (with its own connection pool).
+
+    Subclasses name their client (``CLIENT SETNAME``) and the error they raise
+    when Redis cannot be reached; the client, its health probe and its closing
+    are the same for all of them."""
+
+    client_name: ClassVar[str] = "jarvisd"
+    unavailable: ClassVar[type[RedisUnavailable]] = RedisUnavailable
+
+    def __init__(self, name: str, redis_settings: RedisSettings, url: str, **kwargs: Any) -> None:
+        super().__init__(name, **kwargs)
+        self.redis_settings = redis_settings
+        self.url = url
+        self.client: aioredis.Redis | None = None
+
+    async def on_start(self) -> None:
+        self.client = connect_redis(self.url, self.redis_settings, name=self.client_name)
+
+    async def on_stop(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            await client.aclose()
+
+    def _client(self) -> aioredis.Redis:
+        if self.client is None:
+            raise self.unavailable(f"{self.name}: redis client not started")
+        return self.client
+
+    def _down(self, exc: BaseException) -> RedisUnavailable:
+        return self.unavailable(f"redis unreachable: {type(exc).__name__}: {exc}")
+
+    async def ping_ms(self) -> float:
+        started = time.perf_counter()
+        try:
+            await self._client().ping()
+        except (OSError, RedisError) as exc:
+            raise self._down(exc) from exc
+        return (time.perf_counter() - started) * 1000
+
+    async def check(self) -> Health | None:
+        try:
+            ms = await self.ping_ms()
+        except RedisUnavailable as exc:
+            return Health(status="fail", detail=str(exc))
+        return Health(status="pass", detail="ok", observed_ms=round(ms, 3))
+
+
+class RedisLink(RedisClientActor):
+    client_name: ClassVar[str] = "jarvisd-health"
+
     def __init__(
         self,
         settings: RedisSettings,
@@ -52,27 +109,13 @@ class RedisLink(Actor):
         name: str = "redis",
         health_interval: float = 2.0,
     ) -> None:
-        super().__init__(name, mailbox_size=100, concurrency=2, health_interval=health_interval)
-        self.settings = settings
-        self.url = url
-        self.client: aioredis.Redis | None = None
-
-    async def on_start(self) -> None:
-        self.client = connect_redis(self.url, self.settings, name="jarvisd-health")
-
-    def _client(self) -> aioredis.Redis:
-        if self.client is None:
-            raise RedisUnavailable("redis client not started")
-        return self.client
+        super().__init__(
+            name, settings, url, mailbox_size=100, concurrency=2, health_interval=health_interval
+        )
 
     @handles(RedisPing)
     async def _ping(self, _msg: RedisPing) -> float:
-        started = time.perf_counter()
-        try:
-            await self._client().ping()
-        except (OSError, RedisError) as exc:
-            raise RedisUnavailable(f"redis unreachable: {type(exc).__name__}: {exc}") from exc
-        return (time.perf_counter() - started) * 1000
+        return await self.ping_ms()
 
     @handles(RedisInfo)
     async def _info(self, _msg: RedisInfo) -> dict[str, Any]:
@@ -80,7 +123,7 @@ class RedisLink(Actor):
             info = await self._client().info()
             keys = await self._client().dbsize()
         except (OSError, RedisError) as exc:
-            raise RedisUnavailable(f"redis unreachable: {type(exc).__name__}: {exc}") from exc
+            raise self._down(exc) from exc
         return {
             "version": info.get("valkey_version") or info.get("redis_version"),
             "mode": info.get("redis_mode"),
@@ -88,17 +131,5 @@ class RedisLink(Actor):
             "connectedClients": info.get("connected_clients"),
             "usedMemoryBytes": info.get("used_memory"),
             "keys": keys,
-            "prefix": self.settings.prefix,
+            "prefix": self.redis_settings.prefix,
         }
-
-    async def check(self) -> Health | None:
-        try:
-            ms = await self._ping(RedisPing())
-        except RedisUnavailable as exc:
-            return Health(status="fail", detail=str(exc))
-        return Health(status="pass", detail="ok", observed_ms=round(ms, 3))
-
-    async def on_stop(self) -> None:
-        client, self.client = self.client, None
-        if client is not None:
-            await client.aclose()

@@ -19,14 +19,13 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from actors.kernel import Actor, Health, handles
-from actors.redis_link import connect_redis
+from actors.kernel import handles
+from actors.redis_link import RedisClientActor, RedisUnavailable
 from config import RedisSettings, SessionSettings
 
 __all__ = [
@@ -59,7 +58,7 @@ class SessionConflict(Exception):
         self.current = current
 
 
-class SessionsUnavailable(Exception):
+class SessionsUnavailable(RedisUnavailable):
     """Redis cannot be reached (HTTP 503)."""
 
 
@@ -186,7 +185,10 @@ def ref_of(session_id: str) -> str:
     return hashlib.sha256(session_id.encode()).hexdigest()
 
 
-class Sessions(Actor):
+class Sessions(RedisClientActor):
+    client_name: ClassVar[str] = "jarvisd-sessions"
+    unavailable: ClassVar[type[RedisUnavailable]] = SessionsUnavailable
+
     def __init__(
         self,
         redis_settings: RedisSettings,
@@ -198,12 +200,14 @@ class Sessions(Actor):
         health_interval: float = 2.0,
     ) -> None:
         super().__init__(
-            name, mailbox_size=10_000, concurrency=concurrency, health_interval=health_interval
+            name,
+            redis_settings,
+            url,
+            mailbox_size=10_000,
+            concurrency=concurrency,
+            health_interval=health_interval,
         )
-        self.redis_settings = redis_settings
         self.settings = settings
-        self.url = url
-        self.client: aioredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
 
     def key(self, ref: str) -> str:
@@ -213,7 +217,8 @@ class Sessions(Actor):
         return f"{self.redis_settings.prefix}session-user:{user_id}"
 
     async def on_start(self) -> None:
-        self.client = connect_redis(self.url, self.redis_settings, name="jarvisd-sessions")
+        await super().on_start()
+        client = self._client()
         for name, source in (
             ("create", CREATE),
             ("get", GET),
@@ -221,30 +226,13 @@ class Sessions(Actor):
             ("rotate", ROTATE),
             ("revoke_all", REVOKE_ALL),
         ):
-            self._scripts[name] = self.client.register_script(source)
-
-    async def on_stop(self) -> None:
-        client, self.client = self.client, None
-        if client is not None:
-            await client.aclose()
-
-    def _client(self) -> aioredis.Redis:
-        if self.client is None:
-            raise SessionsUnavailable("sessions not started")
-        return self.client
+            self._scripts[name] = client.register_script(source)
 
     async def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
         try:
             return await self._scripts[script](keys=keys, args=args)
         except (OSError, RedisError) as exc:
-            raise SessionsUnavailable(f"redis unreachable: {type(exc).__name__}: {exc}") from exc
-
-    async def check(self) -> Health | None:
-        try:
-            await self._client().ping()
-        except (OSError, RedisError, SessionsUnavailable) as exc:
-            return Health(status="fail", detail=f"redis unreachable: {exc}")
-        return Health(status="pass", detail="ok")
+            raise self._down(exc) from exc
 
     @staticmethod
     def _ref(session_id: str) -> str:
@@ -321,7 +309,7 @@ class Sessions(Actor):
                     pipe.zrem(self.index(int(uid)), ref)
                 removed, *_ = await pipe.execute()
         except (OSError, RedisError) as exc:
-            raise SessionsUnavailable(f"redis unreachable: {type(exc).__name__}: {exc}") from exc
+            raise self._down(exc) from exc
         return bool(removed)
 
     @handles(SessionRotate)
@@ -331,7 +319,7 @@ class Sessions(Actor):
         try:
             uid = await client.hget(self.key(old_ref), "uid")
         except (OSError, RedisError) as exc:
-            raise SessionsUnavailable(f"redis unreachable: {type(exc).__name__}: {exc}") from exc
+            raise self._down(exc) from exc
         if uid is None:
             raise SessionNotFound("no such session")
         new_id = secrets.token_urlsafe(32)
@@ -380,7 +368,7 @@ class Sessions(Actor):
             if gone:  # expired by idle TTL: tidy the index
                 await client.zrem(index, *gone)
         except (OSError, RedisError) as exc:
-            raise SessionsUnavailable(f"redis unreachable: {type(exc).__name__}: {exc}") from exc
+            raise self._down(exc) from exc
         return out
 
     @handles(SessionRevokeAll)

@@ -15,12 +15,12 @@ import structlog
 from aiohttp import web
 
 from actors import ActorDead, ActorStopped, AskTimeout, FatalActorError, MailboxFull
-from actors.cache import CacheError, CacheUnavailable
+from actors.cache import CacheError
 from actors.data.repo import Conflict, Forbidden, Invalid, NotFound
 from actors.kernel import Actor, Health
 from actors.persistence import Unavailable
 from actors.redis_link import RedisUnavailable
-from actors.sessions import SessionConflict, SessionNotFound, SessionsUnavailable
+from actors.sessions import SessionConflict, SessionNotFound
 from jarvisd.http import api, cache_api, health, openapi
 from jarvisd.http.auth import Unauthorized, authenticate
 from jarvisd.http.errors import ProblemError, problem
@@ -113,9 +113,7 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         ActorStopped,
         AskTimeout,
         Unavailable,
-        RedisUnavailable,
-        CacheUnavailable,
-        SessionsUnavailable,
+        RedisUnavailable,  # the cache's and the sessions' too
     ) as exc:
         return problem(503, "Service unavailable", str(exc), headers={"Retry-After": "1"})
     except Exception:
