@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, Literal, TypeVar
 
@@ -128,7 +128,6 @@ def handles(*types: type) -> Callable[[F], F]:
 class _Letter:
     msg: Any
     reply: asyncio.Future[Any] | None
-    enqueued: float = field(default_factory=time.monotonic)
 
 
 @dataclass(slots=True)

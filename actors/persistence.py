@@ -69,7 +69,8 @@ class Persistence(DataHandlers, Actor):
         self._ready = asyncio.Event()
 
     async def on_start(self) -> None:
-        self._ready = asyncio.Event()
+        # One event for the actor's whole life: waiters from before a restart
+        # are released by the restart's connection, not left on a stale event.
         self.last_error = ""
 
     async def run(self) -> None:
@@ -162,6 +163,7 @@ class Persistence(DataHandlers, Actor):
 
     async def on_stop(self) -> None:
         pool, self.pool = self.pool, None
+        self._ready.clear()
         if pool is not None:
             try:
                 async with asyncio.timeout(max(self.stop_hook_timeout - 2, 1)):

@@ -9,6 +9,7 @@ from typing import Any
 
 import msgspec
 import pytest
+import redis.asyncio as aioredis
 
 from config import LoadedConfig, Settings
 from tests.servers import DatabaseFactory, Servers, make_state_dir, unlink_prefix
@@ -52,6 +53,14 @@ async def redis_prefix(servers: Servers) -> AsyncIterator[str]:
     prefix = f"jt:{uuid.uuid4().hex[:10]}:"
     yield prefix
     await unlink_prefix(servers.redis_url, prefix)
+
+
+@pytest.fixture
+async def raw(servers: Servers) -> AsyncIterator[aioredis.Redis]:
+    """A plain client on the test Redis, to look behind the actors' backs."""
+    client = aioredis.Redis.from_url(servers.redis_url)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture

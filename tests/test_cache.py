@@ -36,13 +36,6 @@ from tests.servers import Servers
 
 
 @pytest.fixture
-async def raw(servers: Servers) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(servers.redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def cache(servers: Servers, redis_prefix: str) -> AsyncIterator[Cache]:
     actor = Cache(
         RedisSettings(prefix=redis_prefix), CacheSettings(default_ttl=60), servers.redis_url

@@ -112,3 +112,20 @@ async def test_redis_down_fails_health_and_asks_with_a_clear_error() -> None:
             await actor.ask(RedisPing(), timeout=5)
     finally:
         await actor.stop()
+
+
+async def test_readiness_follows_the_pool_across_a_restart(empty_pg_dsn: str) -> None:
+    actor = Persistence(PostgresSettings(pool_min=1, pool_max=2), empty_pg_dsn, health_interval=0.1)
+    await actor.start()
+    await actor.wait_ready(10)
+    await actor.stop()
+    with pytest.raises(TimeoutError):
+        await actor.wait_ready(0.2)  # no pool: not ready, whatever it was before
+    waiter = asyncio.create_task(actor.wait_ready(10))  # waiting from before the restart
+    actor._state = actor.state.RESTARTING
+    await actor.start()
+    try:
+        await asyncio.wait_for(waiter, 10)
+        assert actor.pool is not None
+    finally:
+        await actor.stop()

@@ -27,13 +27,6 @@ from tests.servers import Servers
 
 
 @pytest.fixture
-async def raw(servers: Servers) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(servers.redis_url)
-    yield client
-    await client.aclose()
-
-
-@pytest.fixture
 async def sessions(servers: Servers, redis_prefix: str) -> AsyncIterator[Sessions]:
     actor = Sessions(
         RedisSettings(prefix=redis_prefix),

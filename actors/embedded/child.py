@@ -19,7 +19,6 @@ import pwd
 import shutil
 import signal
 import stat
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -290,7 +289,6 @@ class ChildServer(Actor):
         self.proc: asyncio.subprocess.Process | None = None
         self.log_path: Path | None = None
         self._stopping_child = False
-        self.started_at = 0.0
 
     async def spawn(
         self, argv: list[str], *, cwd: Path, log_path: Path
@@ -316,7 +314,6 @@ class ChildServer(Actor):
         finally:
             os.close(log_fd)
         self._stopping_child = False
-        self.started_at = time.time()
         self.log.info(
             "child_started", server=self.server_name, pid=self.proc.pid, user=self.run_as.name
         )

@@ -214,7 +214,7 @@ class HttpServer(Actor):
         return Health(status="pass", detail=", ".join(self.addresses))
 
     async def wait_idle(self, timeout: float) -> int:
-        """Wait until no request is in flight besides health probes; return what remains."""
+        """Wait until no request is in flight, up to ``timeout``; return how many remain."""
         assert self.app is not None
         metrics = self.app[HTTP_METRICS]
         deadline = time.monotonic() + timeout
