@@ -173,6 +173,13 @@ class DatabaseFactory:
                 await conn.close()
 
 
+async def until_gone(client: aioredis.Redis, *keys: str, timeout: float = 10.0) -> None:
+    """Return once every key has expired (Redis reports expired keys as absent)."""
+    async with asyncio.timeout(timeout):
+        while await client.exists(*keys):
+            await asyncio.sleep(0.01)
+
+
 async def unlink_prefix(url: str, prefix: str) -> int:
     """Delete every key under ``prefix`` (SCAN + UNLINK, never KEYS)."""
     client = aioredis.Redis.from_url(url)

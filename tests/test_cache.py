@@ -32,7 +32,7 @@ from actors.cache import (
 )
 from actors.embedded import EmbeddedValkey, RunAs
 from config import CacheSettings, RedisSettings
-from tests.servers import Servers
+from tests.servers import Servers, until_gone
 
 
 @pytest.fixture
@@ -85,7 +85,9 @@ async def test_xx_on_a_missing_key_is_refused_and_creates_nothing(cache: Cache) 
     assert (await ask(cache, CacheStatsQuery("ns")))["ns"]["xxRefused"] == 1
 
 
-async def test_ttl_is_precise_to_the_millisecond_and_defaults_from_config(cache: Cache) -> None:
+async def test_ttl_is_precise_to_the_millisecond_and_defaults_from_config(
+    cache: Cache, raw: aioredis.Redis, redis_prefix: str
+) -> None:
     await ask(cache, CacheSet("ns", "ms", 1, ttl_ms=1500))
     await ask(cache, CacheSet("ns", "default", 1))
     ms = await ask(cache, CacheTtl("ns", "ms"))
@@ -93,7 +95,8 @@ async def test_ttl_is_precise_to_the_millisecond_and_defaults_from_config(cache:
     assert 59_000 <= await ask(cache, CacheTtl("ns", "default")) <= 60_000
     assert await ask(cache, CacheTtl("ns", "missing")) == -2
     await ask(cache, CacheSet("ns", "short", 1, ttl_ms=50))
-    await asyncio.sleep(0.1)
+    assert await ask(cache, CacheGet("ns", "short")) == (True, 1)
+    await until_gone(raw, f"{redis_prefix}cache:ns:short")
     assert await ask(cache, CacheGet("ns", "short")) == (False, None)
 
 
@@ -178,7 +181,7 @@ async def test_invalidating_a_tag_removes_its_members_even_after_some_expired(
     for i in range(5, 8):
         await ask(cache, CacheSet("ns", f"k{i}", i, ttl_ms=30, tags=("user:7",)))
     await ask(cache, CacheSet("ns", "other", 1, tags=("user:8",)))
-    await asyncio.sleep(0.1)  # the three short ones have expired
+    await until_gone(raw, *(f"{redis_prefix}cache:ns:k{i}" for i in range(5, 8)))
     assert await ask(cache, CacheInvalidateTags("ns", ("user:7",))) == 5
     assert await ask(cache, CacheExists("ns", tuple(f"k{i}" for i in range(8)))) == 0
     assert await raw.exists(f"{redis_prefix}cache-tag:ns:user:7") == 0
