@@ -8,8 +8,8 @@ exception in the caller). ``concurrency`` workers serve one mailbox.
 Failure contract:
 - an exception raised while handling an ask goes back to the asker; the actor
   keeps running;
-- an exception raised while handling a tell, from ``run()`` or from a health
-  check loop that dies is a crash: the actor stops taking mail, lets in-flight
+- an exception raised while handling a tell, or from ``run()``, is a crash
+  (a failing health probe is only a failing health result): the actor stops taking mail, lets in-flight
   messages finish, fails every ask still queued with ActorDead, keeps the
   queued tells (they were accepted), and reports to its supervisor, which
   restarts it after a backoff.

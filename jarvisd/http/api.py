@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgspec
+import structlog
 from aiohttp import web
 
 from actors.cache import CacheInvalidateTags
@@ -63,6 +64,7 @@ from jarvisd.http.errors import ProblemError, reject_unknown_params
 from jarvisd.http.keys import RUNTIME
 
 T = TypeVar("T")
+log = structlog.get_logger("jarvisd").bind(actor="http")
 _encoder = msgspec.json.Encoder()
 
 
@@ -150,9 +152,7 @@ async def forget_user(request: web.Request, user_id: int) -> None:
     try:
         await ask(request, "cache", CacheInvalidateTags("users", (f"user:{user_id}",)))
     except Exception as exc:  # the cache entry then lives out its short TTL
-        request.app[RUNTIME].supervisor.get("cache").log.warning(
-            "user_cache_invalidation_failed", error=repr(exc)
-        )
+        log.warning("user_cache_invalidation_failed", user_id=user_id, error=repr(exc))
 
 
 # -- users -----------------------------------------------------------------------------------------
