@@ -18,14 +18,14 @@ from __future__ import annotations
 import re
 import time
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import msgspec
 from redis.exceptions import RedisError, ResponseError
 
-from actors.kernel import Actor, handles
+from actors.kernel import handles
 from actors.redis_link import RedisClientActor, RedisUnavailable
 from config import CacheSettings, RedisSettings
 
@@ -44,15 +44,18 @@ __all__ = [
     "CacheStatsQuery",
     "CacheTtl",
     "CacheUnavailable",
-    "read_through",
+    "clamp_ttl_ms",
 ]
 
 NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-MAX_KEY_BYTES = 1024
+MAX_KEY_BYTES = 4096
 MAX_TAGS = 64
 SCAN_BATCH = 1000
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 Mode = Literal["", "NX", "XX"]
+# The statistics entry shared by namespaces past cache.max_namespaces; not a
+# valid namespace name, so no client can write under it.
+OTHER_NAMESPACES = "(other)"
 
 
 class CacheError(ValueError):
@@ -230,6 +233,14 @@ def glob_escape(text: str) -> str:
     return _GLOB_SPECIAL.sub(r"\\\1", text)
 
 
+def clamp_ttl_ms(settings: CacheSettings, ttl_ms: int | None) -> int:
+    """The TTL a set gets: the default when none is asked, at most cache.max_ttl."""
+    ttl = settings.default_ttl * 1000 if ttl_ms is None else ttl_ms
+    if ttl <= 0:
+        raise CacheError("ttl must be positive")
+    return min(ttl, settings.max_ttl * 1000)
+
+
 def _check_namespace(ns: str) -> None:
     if not NAMESPACE_RE.match(ns):
         raise CacheError(f"namespace {ns!r} must be 1-64 characters of A-Z a-z 0-9 _ . -")
@@ -281,9 +292,16 @@ class Cache(RedisClientActor):
         return f"{self.redis_settings.prefix}cache-tag:{ns}:{tag}"
 
     def _stats(self, ns: str) -> NamespaceStats:
+        """The namespace's counters. Namespaces are client-chosen names: past
+        ``cache.max_namespaces`` new ones share one entry, so memory, /stats and
+        /metrics stay bounded whatever names clients send."""
         stats = self.stats_by_ns.get(ns)
         if stats is None:
-            stats = self.stats_by_ns[ns] = NamespaceStats()
+            if len(self.stats_by_ns) >= self.cache_settings.max_namespaces:
+                ns = OTHER_NAMESPACES
+                stats = self.stats_by_ns.get(ns)
+            if stats is None:
+                stats = self.stats_by_ns[ns] = NamespaceStats()
         return stats
 
     # -- lifecycle -------------------------------------------------------------------
@@ -319,10 +337,7 @@ class Cache(RedisClientActor):
             if msg.ttl_ms is not None:
                 raise CacheError("keepttl and a TTL exclude each other")
             return 0
-        ttl = msg.ttl_ms if msg.ttl_ms is not None else self.cache_settings.default_ttl * 1000
-        if ttl <= 0:
-            raise CacheError("ttl must be positive")
-        return ttl
+        return clamp_ttl_ms(self.cache_settings, msg.ttl_ms)
 
     # -- the pipelined path --------------------------------------------------------------
     async def handle_batch(self, msgs: list[Any]) -> list[Any]:
@@ -589,7 +604,8 @@ class Cache(RedisClientActor):
     def stats_document(self, ns: str | None = None) -> dict[str, Any]:
         if ns is not None:
             _check_namespace(ns)
-            return {ns: self._stats(ns).document()}
+            found = self.stats_by_ns.get(ns)
+            return {ns: (found or NamespaceStats()).document()}
         return {name: s.document() for name, s in sorted(self.stats_by_ns.items())}
 
     # -- single messages (tell/ask outside a batch) -----------------------------------------
@@ -611,29 +627,3 @@ class Cache(RedisClientActor):
         if isinstance(result, Exception):
             raise result
         return result
-
-
-async def read_through(
-    cache: Actor,
-    namespace: str,
-    key: str,
-    load: Callable[[], Awaitable[Any]],
-    *,
-    ttl_ms: int | None = None,
-    tags: tuple[str, ...] = (),
-    timeout: float = 5.0,
-) -> Any:
-    """The cached value, else ``load()`` stored for next time. The cache failing
-    never fails the read: the loader's value is returned regardless."""
-    try:
-        hit, value = await cache.ask(CacheGet(namespace, key), timeout=timeout)
-    except Exception:
-        hit, value = False, None
-    if hit:
-        return value
-    value = await load()
-    try:
-        await cache.ask(CacheSet(namespace, key, value, ttl_ms=ttl_ms, tags=tags), timeout=timeout)
-    except Exception as exc:
-        cache.log.warning("read_through_store_failed", namespace=namespace, error=repr(exc))
-    return value

@@ -177,7 +177,7 @@ class Actor:
         self.concurrency = concurrency
         self.health_interval = health_interval
         self.stats = ActorStats()
-        self.log = structlog.get_logger("jarvisd").bind(actor=name)
+        self.log = structlog.get_logger("jarvisd", actor=name)
         self._mailbox: asyncio.Queue[_Letter] = asyncio.Queue(maxsize=mailbox_size)
         self._state = ActorState.NEW
         self._accepting = False

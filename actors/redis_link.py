@@ -60,14 +60,23 @@ class RedisClientActor(Actor):
     client_name: ClassVar[str] = "jarvisd"
     unavailable: ClassVar[type[RedisUnavailable]] = RedisUnavailable
 
-    def __init__(self, name: str, redis_settings: RedisSettings, url: str, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        name: str,
+        redis_settings: RedisSettings,
+        url: str,
+        *,
+        client_name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(name, **kwargs)
         self.redis_settings = redis_settings
         self.url = url
+        self.redis_client_name = client_name or self.client_name
         self.client: aioredis.Redis | None = None
 
     async def on_start(self) -> None:
-        self.client = connect_redis(self.url, self.redis_settings, name=self.client_name)
+        self.client = connect_redis(self.url, self.redis_settings, name=self.redis_client_name)
 
     async def on_stop(self) -> None:
         client, self.client = self.client, None

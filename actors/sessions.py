@@ -1,12 +1,24 @@
-"""The sessions actor: user sessions in Redis (DESIGN §7).
+"""The sessions actors: user sessions in Redis (DESIGN §7).
+
+Two instances of one class, each owning a key space of its own:
+
+- ``logins`` (space ``login``): login sessions, made only by POST /auth/login
+  after a password check. Their ids are credentials.
+- ``sessions`` (space ``session``): application sessions, the session store
+  services keep for their users (POST /sessions). They carry data, never
+  authority: authentication never reads them.
+
+In each:
 
 - The id is ``secrets.token_urlsafe(32)`` and is a bearer secret: Redis only
-  ever sees its SHA-256 (``{prefix}session:{sha256}``), and listings show that
+  ever sees its SHA-256 (``{prefix}{space}:{sha256}``), and listings show that
   hash ("ref"), never the id.
 - TTL = min(idle, absolute - age), slid on every touch; the absolute deadline
   is also checked on read, so a session never outlives it.
-- Each user has an index (``{prefix}session-user:{uid}``, a sorted set scored
-  by deadline) to list and revoke all of their sessions.
+- Each user has an index (``{prefix}{space}-user:{uid}``, a sorted set scored
+  by deadline) to list and revoke all of their sessions; past
+  ``sessions.max_per_user`` the sessions closest to their deadline go first.
+- Lifetimes a client asks for are capped at ``sessions.max_ttl``.
 - Updates carry a version and run in Lua: an update racing a delete finds no
   key and fails, it never recreates ("resurrects") the session.
 - Rotation (at login) moves the session to a new id with RENAME, keeping its
@@ -19,7 +31,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import msgspec
 from redis.exceptions import RedisError
@@ -62,8 +74,12 @@ class SessionsUnavailable(RedisUnavailable):
     """Redis cannot be reached (HTTP 503)."""
 
 
+SessionKind = Literal["login", "app"]
+
+
 class Session(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     ref: str  # sha256 of the id: safe to show and to log
+    kind: SessionKind
     user_id: int
     data: Any
     version: int
@@ -111,7 +127,9 @@ def _now_ms_lua() -> str:
     return "local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
 
 
-# KEYS: session, index. ARGV: uid, data, idle_ms, absolute_ms, ref.
+# KEYS: session, index. ARGV: uid, data, idle_ms, absolute_ms, ref, max per user,
+# session key prefix. Past the per-user bound, the other sessions nearest their
+# deadline are removed (keys and index entries); never the one being created.
 CREATE = (
     _now_ms_lua()
     + """
@@ -121,6 +139,16 @@ redis.call('HSET', KEYS[1], 'uid', ARGV[1], 'data', ARGV[2], 'ver', 1, 'created'
 redis.call('PEXPIRE', KEYS[1], math.min(tonumber(ARGV[3]), deadline - now))
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('ZADD', KEYS[2], deadline, ARGV[5])
+local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[6])
+if over > 0 then
+  for _, ref in ipairs(redis.call('ZRANGE', KEYS[2], 0, over)) do
+    if over > 0 and ref ~= ARGV[5] then
+      redis.call('UNLINK', ARGV[7] .. ref)
+      redis.call('ZREM', KEYS[2], ref)
+      over = over - 1
+    end
+  end
+end
 local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
 redis.call('PEXPIREAT', KEYS[2], tonumber(last[2]))
 return {now, deadline}
@@ -186,7 +214,6 @@ def ref_of(session_id: str) -> str:
 
 
 class Sessions(RedisClientActor):
-    client_name: ClassVar[str] = "jarvisd-sessions"
     unavailable: ClassVar[type[RedisUnavailable]] = SessionsUnavailable
 
     def __init__(
@@ -195,26 +222,30 @@ class Sessions(RedisClientActor):
         settings: SessionSettings,
         url: str,
         *,
-        name: str = "sessions",
+        kind: SessionKind = "app",
+        name: str | None = None,
         concurrency: int = 8,
         health_interval: float = 2.0,
     ) -> None:
         super().__init__(
-            name,
+            name or ("logins" if kind == "login" else "sessions"),
             redis_settings,
             url,
+            client_name="jarvisd-logins" if kind == "login" else "jarvisd-sessions",
             mailbox_size=10_000,
             concurrency=concurrency,
             health_interval=health_interval,
         )
+        self.kind: SessionKind = kind
+        self.space = "login" if kind == "login" else "session"
         self.settings = settings
         self._scripts: dict[str, Any] = {}
 
     def key(self, ref: str) -> str:
-        return f"{self.redis_settings.prefix}session:{ref}"
+        return f"{self.redis_settings.prefix}{self.space}:{ref}"
 
     def index(self, user_id: int) -> str:
-        return f"{self.redis_settings.prefix}session-user:{user_id}"
+        return f"{self.redis_settings.prefix}{self.space}-user:{user_id}"
 
     async def on_start(self) -> None:
         await super().on_start()
@@ -243,10 +274,12 @@ class Sessions(RedisClientActor):
     # -- handlers -----------------------------------------------------------------
     @handles(SessionCreate)
     async def _create(self, msg: SessionCreate) -> Session:
-        idle = msg.idle_ttl or self.settings.idle_ttl
-        absolute = msg.absolute_ttl or self.settings.absolute_ttl
+        s = self.settings
+        idle = msg.idle_ttl or s.idle_ttl
+        absolute = msg.absolute_ttl or s.absolute_ttl
         if idle <= 0 or absolute <= 0:
             raise ValueError("session TTLs must be positive")
+        absolute = min(absolute, s.max_ttl)
         idle = min(idle, absolute)
         session_id = secrets.token_urlsafe(32)
         ref = ref_of(session_id)
@@ -254,10 +287,19 @@ class Sessions(RedisClientActor):
         now, deadline = await self._call(
             "create",
             [self.key(ref), self.index(msg.user_id)],
-            [msg.user_id, data, idle * 1000, absolute * 1000, ref],
+            [
+                msg.user_id,
+                data,
+                idle * 1000,
+                absolute * 1000,
+                ref,
+                s.max_per_user,
+                f"{self.redis_settings.prefix}{self.space}:",
+            ],
         )
         return Session(
             ref=ref,
+            kind=self.kind,
             user_id=msg.user_id,
             data=msg.data,
             version=1,
@@ -276,6 +318,7 @@ class Sessions(RedisClientActor):
         uid, data, ver, created, seen, deadline, _idle = fields
         return Session(
             ref=ref,
+            kind=self.kind,
             user_id=int(uid),
             data=msgspec.json.decode(data),
             version=int(ver),
@@ -357,6 +400,7 @@ class Sessions(RedisClientActor):
                 out.append(
                     Session(
                         ref=ref,
+                        kind=self.kind,
                         user_id=int(row[0]),
                         data=msgspec.json.decode(row[1]),
                         version=int(row[2]),
@@ -374,6 +418,6 @@ class Sessions(RedisClientActor):
     @handles(SessionRevokeAll)
     async def _revoke_all(self, msg: SessionRevokeAll) -> int:
         removed = await self._call(
-            "revoke_all", [self.index(msg.user_id)], [f"{self.redis_settings.prefix}session:"]
+            "revoke_all", [self.index(msg.user_id)], [f"{self.redis_settings.prefix}{self.space}:"]
         )
         return int(removed)

@@ -21,7 +21,7 @@ from config import SupervisorSettings
 
 __all__ = ["Escalation", "Supervisor"]
 
-log = structlog.get_logger("jarvisd").bind(actor="supervisor")
+log = structlog.get_logger("jarvisd", actor="supervisor")  # lazy: follows configure()
 
 
 class Escalation(Exception):

@@ -12,6 +12,7 @@ from config.loader import (
 )
 from config.settings import (
     ApprovalSettings,
+    AuthSettings,
     BusSettings,
     CacheSettings,
     DaemonSettings,
@@ -26,6 +27,7 @@ from config.settings import (
 
 __all__ = [
     "ApprovalSettings",
+    "AuthSettings",
     "BusSettings",
     "CacheSettings",
     "ConfigError",

@@ -52,6 +52,9 @@ class HttpSettings(_Section, frozen=True):
     request_timeout: PositiveFloat = 10.0
     # Health, stats and metrics without credentials (/health/live always is).
     public_health: bool = True
+    # A connection that has not sent a complete request head within this many
+    # seconds (an idle keep-alive connection, or a slow or stalled client) is closed.
+    idle_timeout: PositiveFloat = 30.0
 
 
 class PostgresSettings(_Section, frozen=True):
@@ -85,13 +88,34 @@ class EmbeddedSettings(_Section, frozen=True):
 
 class CacheSettings(_Section, frozen=True):
     default_ttl: PositiveInt = 300
+    # The longest TTL a client may ask for (seconds); longer ones are capped to it.
+    max_ttl: PositiveInt = 7 * 86400
     # Largest value one key may hold (encoded); bigger ones are refused (HTTP 413).
     max_value_bytes: PositiveInt = 524_288
+    # Statistics are kept for this many namespaces; the rest are counted together as "_other".
+    max_namespaces: PositiveInt = 64
 
 
 class SessionSettings(_Section, frozen=True):
     idle_ttl: PositiveInt = 1800
     absolute_ttl: PositiveInt = 86400
+    # The longest idle or absolute lifetime a client may ask for when it creates
+    # an application session (POST /sessions); longer ones are capped to it.
+    max_ttl: PositiveInt = 7 * 86400
+    # Sessions one user may hold in each store (login, application); past it,
+    # the ones nearest their deadline are removed.
+    max_per_user: PositiveInt = 100
+
+
+class AuthSettings(_Section, frozen=True):
+    # Failed logins allowed per user name and per client address within
+    # login_window seconds; past that, POST /auth/login answers 429.
+    login_failures_per_user: PositiveInt = 10
+    login_failures_per_address: PositiveInt = 50
+    login_window: PositiveInt = 300
+    # The longest lifetime of an API token (seconds); 0: tokens may live until
+    # revoked. When set, tokens created without expiresIn get this lifetime.
+    token_max_ttl: NonNegativeInt = 0
 
 
 class BusSettings(_Section, frozen=True):
@@ -103,6 +127,8 @@ class BusSettings(_Section, frozen=True):
 class ApprovalSettings(_Section, frozen=True):
     threshold: Annotated[int, msgspec.Meta(ge=0, le=100)] = 70
     expiry: PositiveInt = 900
+    # The longest expiry a requester may ask for (expiresIn); longer ones are capped to it.
+    max_expiry: PositiveInt = 86400
 
 
 class Settings(_Section, frozen=True):
@@ -114,6 +140,7 @@ class Settings(_Section, frozen=True):
     embedded: EmbeddedSettings = msgspec.field(default_factory=EmbeddedSettings)
     cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
     sessions: SessionSettings = msgspec.field(default_factory=SessionSettings)
+    auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
     bus: BusSettings = msgspec.field(default_factory=BusSettings)
     approvals: ApprovalSettings = msgspec.field(default_factory=ApprovalSettings)
 

@@ -24,6 +24,7 @@ from actors import Actor, Escalation, FatalActorError, Supervisor
 from actors.cache import Cache
 from actors.data.messages import EnsureAdmin
 from actors.embedded import EmbeddedPostgres, EmbeddedValkey, RunAs
+from actors.logins import Logins
 from actors.persistence import Persistence
 from actors.redis_link import RedisLink
 from actors.sessions import Sessions
@@ -38,7 +39,7 @@ from jarvisd.systemd import Notifier, Watchdog, watchdog_interval
 
 __all__ = ["Daemon", "build_actors"]
 
-log = structlog.get_logger("jarvisd").bind(actor="daemon")
+log = structlog.get_logger("jarvisd", actor="daemon")  # lazy: follows configure()
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -89,7 +90,10 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
     redis = RedisLink(settings.redis, redis_url, health_interval=interval)
     cache = Cache(settings.redis, settings.cache, redis_url, health_interval=interval)
     sessions = Sessions(settings.redis, settings.sessions, redis_url, health_interval=interval)
-    actors += [persistence, redis, cache, sessions]
+    logins = Logins(
+        settings.redis, settings.sessions, settings.auth, redis_url, health_interval=interval
+    )
+    actors += [persistence, redis, cache, sessions, logins]
     checks = [
         Check("postgres", persistence, "datastore"),
         Check("redis", redis, "datastore"),
@@ -217,6 +221,8 @@ class Daemon:
                 actor.cache_settings = settings.cache
             elif isinstance(actor, Sessions):
                 actor.settings = settings.sessions
+                if isinstance(actor, Logins):
+                    actor.auth = settings.auth
 
     # -- status ------------------------------------------------------------------
     def _status_line(self) -> str:

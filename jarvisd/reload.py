@@ -25,6 +25,7 @@ RESTART_KEYS: frozenset[str] = frozenset(
         "http.host",
         "http.port",
         "http.unix_socket",
+        "http.idle_timeout",
         "postgres.*",
         "redis.*",
         "embedded.*",

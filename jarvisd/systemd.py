@@ -23,7 +23,7 @@ import structlog
 
 __all__ = ["ActivatedSocket", "Notifier", "Watchdog", "listen_fds", "watchdog_interval"]
 
-log = structlog.get_logger("jarvisd").bind(actor="systemd")
+log = structlog.get_logger("jarvisd", actor="systemd")  # lazy: follows configure()
 SD_LISTEN_FDS_START = 3
 
 

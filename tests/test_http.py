@@ -89,6 +89,7 @@ async def test_ready_passes_with_postgres_and_redis_checks(running: Running) -> 
         "redis",
         "cache",
         "sessions",
+        "logins",
     }
     assert (await running.json("/health"))[1]["checks"].keys() == doc["checks"].keys()
 

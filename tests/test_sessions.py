@@ -170,3 +170,44 @@ async def test_malformed_ids_look_exactly_like_unknown_ones(sessions: Sessions) 
     for bad in ("", "short", "x" * 500, "has spaces in it........", "../../etc/passwd........"):
         with pytest.raises(SessionNotFound, match="no such session"):
             await ask(sessions, SessionGet(bad))
+
+
+async def test_a_user_holds_at_most_max_per_user_sessions_and_the_new_one_always_stays(
+    servers: Servers, raw: aioredis.Redis, redis_prefix: str
+) -> None:
+    actor = Sessions(
+        RedisSettings(prefix=redis_prefix),
+        SessionSettings(idle_ttl=600, absolute_ttl=3600, max_per_user=5),
+        servers.redis_url,
+    )
+    await actor.start()
+    try:
+        long_lived = [await ask(actor, SessionCreate(41, {}, absolute_ttl=3000)) for _ in range(5)]
+        # The newest has the nearest deadline of all, and still it stays.
+        newest = await ask(actor, SessionCreate(41, {}, absolute_ttl=60))
+        assert (await ask(actor, SessionGet(newest.id))).user_id == 41
+        listed = {s.ref for s in await ask(actor, SessionList(41))}
+        assert len(listed) == 5
+        assert newest.ref in listed
+        gone = [s for s in long_lived if s.ref not in listed]
+        assert len(gone) == 1
+        assert await raw.exists(f"{redis_prefix}session:{gone[0].ref}") == 0
+    finally:
+        await actor.stop()
+
+
+async def test_a_client_asking_for_a_longer_lifetime_gets_max_ttl(
+    servers: Servers, raw: aioredis.Redis, redis_prefix: str
+) -> None:
+    actor = Sessions(
+        RedisSettings(prefix=redis_prefix),
+        SessionSettings(idle_ttl=600, absolute_ttl=3600, max_ttl=120),
+        servers.redis_url,
+    )
+    await actor.start()
+    try:
+        s = await ask(actor, SessionCreate(42, {}, idle_ttl=10**9, absolute_ttl=10**9))
+        assert s.expires_at_ms - s.created_ms == 120_000
+        assert 0 < await raw.pttl(f"{redis_prefix}session:{s.ref}") <= 120_000
+    finally:
+        await actor.stop()

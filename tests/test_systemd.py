@@ -229,7 +229,7 @@ def test_ready_status_watchdog_reload_and_stop_over_the_notify_socket(
         ready = receiver.wait_for(lambda m: m.get("READY") == "1")
         assert ready["STATUS"].startswith(("ready", "degraded"))
         d.wait_ready(30)
-        receiver.wait_for(lambda m: m.get("STATUS", "").startswith("ready: 6 actors"))
+        receiver.wait_for(lambda m: m.get("STATUS", "").startswith("ready: "))
         first = receiver.mark()
         time.sleep(1.0)
         pings = [m for m in receiver.since(first) if m.get("WATCHDOG") == "1"]

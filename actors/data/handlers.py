@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+import secrets
 from typing import Any
 
 import asyncpg
@@ -12,12 +14,20 @@ import msgspec
 from actors.data import credentials, repo
 from actors.data import messages as m
 from actors.data.model import Principal, TokenCreate, UserCreate
+from actors.data.repo import Forbidden
 from actors.kernel import handles
 from config import ApprovalSettings
 
 _BOOTSTRAP_LOCK = (
     int.from_bytes(hashlib.sha256(b"jarvisd.bootstrap-admin").digest()[:8], "big") >> 1
 )
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified when the user is unknown or has no password, so that a login
+    costs the same whether or not the user exists or has a password."""
+    return credentials.hash_password(secrets.token_urlsafe(16))
 
 
 class DataHandlers:
@@ -58,9 +68,25 @@ class DataHandlers:
     async def _update_user(self, msg: m.UpdateUser) -> Any:
         hashed = None
         if msg.change.password is not msgspec.UNSET:
+            if msg.verify_current:
+                await self._verify_current_password(msg)
             hashed = await asyncio.to_thread(credentials.hash_password, msg.change.password)
         async with self._pool().acquire() as conn:
             return await repo.update_user(conn, msg.user_id, msg.change, hashed)
+
+    async def _verify_current_password(self, msg: m.UpdateUser) -> None:
+        async with self._pool().acquire() as conn:
+            user = await repo.get_user(conn, msg.user_id)
+            found = await repo.password_hash_of(conn, user.username)
+        stored = found[1] if found is not None else None
+        if stored is None:
+            return  # no password yet: nothing to prove
+        given = msg.change.current_password
+        if given is msgspec.UNSET:
+            raise Forbidden("changing a password needs the current one (currentPassword)")
+        ok = await asyncio.to_thread(credentials.verify_password, given, stored)
+        if not ok:
+            raise Forbidden("the current password is wrong")
 
     @handles(m.DeleteUser)
     async def _delete_user(self, msg: m.DeleteUser) -> None:
@@ -71,14 +97,13 @@ class DataHandlers:
     async def _check_password(self, msg: m.CheckPassword) -> Principal | None:
         async with self._pool().acquire() as conn:
             found = await repo.password_hash_of(conn, msg.username)
-        # Hash even for an unknown user, so timing does not tell which names exist.
-        stored = (
-            found[1]
-            if found
-            else "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+        # One scrypt run whatever the case, so timing does not tell which
+        # names exist or which users have a password.
+        stored = found[1] if found is not None else None
+        ok = await asyncio.to_thread(
+            credentials.verify_password, msg.password, stored or _dummy_hash()
         )
-        ok = await asyncio.to_thread(credentials.verify_password, msg.password, stored)
-        if not ok or found is None or found[0].disabled:
+        if not ok or stored is None or found is None or found[0].disabled:
             return None
         user = found[0]
         async with self._pool().acquire() as conn:
@@ -106,6 +131,11 @@ class DataHandlers:
         async with self._pool().acquire() as conn:
             return await repo.authenticate_token(conn, msg.token)
 
+    @handles(m.AuthenticateUser)
+    async def _authenticate_user(self, msg: m.AuthenticateUser) -> Principal | None:
+        async with self._pool().acquire() as conn:
+            return await repo.principal_of(conn, msg.user_id, msg.via)
+
     # -- commands -------------------------------------------------------------------------------
     @handles(m.CreateCommand)
     async def _create_command(self, msg: m.CreateCommand) -> Any:
@@ -114,6 +144,7 @@ class DataHandlers:
                 conn,
                 msg.new,
                 msg.user_id,
+                created_by=msg.created_by,
                 threshold=self.approvals.threshold,
                 expiry=self.approvals.expiry,
             )
@@ -144,8 +175,9 @@ class DataHandlers:
     @handles(m.CreateApproval)
     async def _create_approval(self, msg: m.CreateApproval) -> Any:
         async with self._pool().acquire() as conn:
+            expires_in = min(msg.new.expires_in or self.approvals.expiry, self.approvals.max_expiry)
             return await repo.create_approval(
-                conn, msg.new, msg.requester_id, expiry=self.approvals.expiry
+                conn, msg.new, msg.requester_id, expires_in=expires_in
             )
 
     @handles(m.GetApproval)

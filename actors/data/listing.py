@@ -10,18 +10,39 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, Literal
 
 import msgspec
 
-__all__ = ["MAX_OFFSET", "Filter", "ListError", "ListQuery", "ListSpec", "parse_list"]
+__all__ = [
+    "ID_BOUNDS",
+    "MAX_LIMIT",
+    "MAX_OFFSET",
+    "MAX_OFFSET_PARAM",
+    "MAX_PAGE",
+    "MAX_TEXT",
+    "Filter",
+    "ListError",
+    "ListQuery",
+    "ListSpec",
+    "parse_integer",
+    "parse_list",
+]
 
 MAX_LIMIT = 200
 DEFAULT_LIMIT = 50
-MAX_OFFSET = 10_000
+# offset (≤ 5,000) and page (≤ 26, of ``limit`` rows) add up: at most 10,000
+# rows deep whatever the combination. Past that, the cursor walks on.
+MAX_OFFSET_PARAM = 5_000
+MAX_PAGE = 26
+MAX_OFFSET = MAX_OFFSET_PARAM + (MAX_PAGE - 1) * MAX_LIMIT
+MAX_TEXT = 200
+ID_BOUNDS = (1, 2**63 - 1)
 COMMON = frozenset({"limit", "cursor", "offset", "page", "order"})
 Kind = Literal["eq", "in", "min", "max", "fts", "bool", "like"]
 
@@ -36,6 +57,7 @@ class Filter:
     kind: Kind
     type: type = str
     choices: frozenset[str] | None = None
+    bounds: tuple[int, int] | None = None  # inclusive, for int filters
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,8 +101,8 @@ def _convert(name: str, raw: str, typ: type) -> Any:
         raise ListError(f"{name} must not contain NUL characters")
     try:
         if typ is int:
-            value = int(raw)
-            if not -(2**63) <= value < 2**63:
+            value = parse_integer(raw)
+            if value is None or not -(2**63) <= value < 2**63:
                 raise ValueError
             return value
         if typ is bool:
@@ -88,17 +110,68 @@ def _convert(name: str, raw: str, typ: type) -> Any:
                 raise ValueError
             return raw.lower() == "true"
         if typ is datetime:
-            when = datetime.fromisoformat(raw)
-            if when.tzinfo is None:
-                raise ListError(f"{name} needs a timezone, e.g. 2026-11-28T15:00:00Z")
-            return when
+            return parse_timestamp(name, raw)
     except ValueError as exc:
         if isinstance(exc, ListError):
             raise
         raise ListError(f"{name}: {raw!r} is not a valid {typ.__name__}") from None
-    if len(raw) > 200:
-        raise ListError(f"{name} is longer than 200 characters")
+    if len(raw) > MAX_TEXT:
+        raise ListError(f"{name} is longer than {MAX_TEXT} characters")
     return raw
+
+
+_INTEGER = re.compile(r"^-?[0-9]+(\.[0-9]*)?([eE][+-]?[0-9]{1,2})?$")
+
+
+def parse_integer(raw: str) -> int | None:
+    """A JSON Schema integer written as text: digits, or any number with a
+    zero fraction ("7", "7.0", "7e2"); None for anything else."""
+    if len(raw) > 100 or not _INTEGER.match(raw):
+        return None
+    if raw.lstrip("-").isdigit():
+        return int(raw)
+    number = Decimal(raw)
+    if number != number.to_integral_value():
+        return None
+    return int(number)
+
+
+_RFC3339 = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt ](\d{2}):(\d{2}):(\d{2})(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$"
+)
+
+
+def parse_timestamp(name: str, raw: str) -> datetime:
+    """An RFC 3339 date-time (what the API documents): a timezone is required.
+    A leap second reads as the last microsecond before it; an instant outside
+    what Python represents is the nearest representable one (the filters it
+    feeds compare, so the answer is the same)."""
+    m = _RFC3339.match(raw)
+    if m is None:
+        if _RFC3339.match(raw + "Z"):
+            raise ListError(f"{name} needs a timezone, e.g. 2026-11-28T15:00:00Z")
+        raise ListError(f"{name}: {raw!r} is not an RFC 3339 date-time")
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    fraction = (m.group(7) or ".0")[1:7].ljust(6, "0")
+    zone = m.group(8)
+    offset = timedelta(0)
+    if zone not in ("Z", "z"):
+        sign = -1 if zone[0] == "-" else 1
+        hours, minutes = int(zone[1:3]), int(zone[4:6])
+        if hours > 23 or minutes > 59:
+            raise ListError(f"{name}: {raw!r} has an invalid UTC offset")
+        offset = sign * timedelta(hours=hours, minutes=minutes)
+    micro = int(fraction)
+    if second == 60:  # a leap second
+        second, micro = 59, 999_999
+    try:
+        local = datetime(year, month, day, hour, minute, second, micro)
+    except ValueError:
+        raise ListError(f"{name}: {raw!r} is not a valid date-time") from None
+    try:
+        return (local - offset).replace(tzinfo=UTC)
+    except OverflowError:
+        return (datetime.min if offset > timedelta(0) else datetime.max).replace(tzinfo=UTC)
 
 
 def _escape_like(text: str) -> str:
@@ -154,28 +227,30 @@ def parse_list(
             lq.where.append(f"({flt.column}) ILIKE {lq.bind(pattern)}")
         else:
             value = _convert(name, raw, flt.type)
+            if flt.bounds is not None and not flt.bounds[0] <= value <= flt.bounds[1]:
+                raise ListError(f"{name} must be between {flt.bounds[0]} and {flt.bounds[1]}")
             op = {"eq": "=", "bool": "=", "min": ">=", "max": "<="}[flt.kind]
             lq.where.append(f"{flt.column} {op} {lq.bind(value)}")
     for column, value in (forced or {}).items():
         lq.where.append(f"{column} = {lq.bind(value)}")
+    # Each of these narrows the same walk: rows after the cursor, skipping
+    # ``offset`` rows and then ``page - 1`` pages.
     cursor, offset, page = _one(query, "cursor"), _one(query, "offset"), _one(query, "page")
-    if cursor is not None and (offset is not None or page is not None):
-        raise ListError("use either cursor or offset/page, not both")
-    if offset is not None and page is not None:
-        raise ListError("use either offset or page, not both")
-    if cursor is not None:
+    if cursor:  # an empty cursor is the first page
         lq.after = decode_cursor(cursor, lq.order, spec.orders[lq.order.lstrip("-")][1])
     if offset is not None:
         lq.offset = _convert("offset", offset, int)
+        if not 0 <= lq.offset <= MAX_OFFSET_PARAM:
+            raise ListError(
+                f"offset must be between 0 and {MAX_OFFSET_PARAM}; use the cursor (nextCursor) beyond"
+            )
     if page is not None:
         number = _convert("page", page, int)
-        if number < 1:
-            raise ListError("page starts at 1")
-        lq.offset = (number - 1) * lq.limit
-    if not 0 <= lq.offset <= MAX_OFFSET:
-        raise ListError(
-            f"offset/page may reach at most {MAX_OFFSET} rows deep; use the cursor (nextCursor) beyond that"
-        )
+        if not 1 <= number <= MAX_PAGE:
+            raise ListError(
+                f"page must be between 1 and {MAX_PAGE}; use the cursor (nextCursor) beyond"
+            )
+        lq.offset += (number - 1) * lq.limit
     return lq
 
 

@@ -47,6 +47,10 @@ class ListUsers(_Msg, frozen=True):
 class UpdateUser(_Msg, frozen=True):
     user_id: int
     change: UserUpdate
+    # A new password is accepted only with the right change.current_password
+    # (when the user has a password): the API sets this unless an admin resets
+    # someone else's.
+    verify_current: bool = False
 
 
 class DeleteUser(_Msg, frozen=True):
@@ -78,11 +82,19 @@ class AuthenticateToken(_Msg, frozen=True):
     token: str
 
 
+class AuthenticateUser(_Msg, frozen=True):
+    """Replies the Principal of an enabled user, else None (session authentication)."""
+
+    user_id: int
+    via: Literal["session"] = "session"
+
+
 class CreateCommand(_Msg, frozen=True):
     """Replies (Command, created)."""
 
     new: CommandCreate
     user_id: int | None
+    created_by: int | None = None
 
 
 class GetCommand(_Msg, frozen=True):

@@ -35,13 +35,38 @@ Username = Annotated[
         description="1-64 of A-Z a-z 0-9 _ . @ -, unique ignoring case",
     ),
 ]
-Email = Annotated[str, msgspec.Meta(max_length=254, pattern=r"^[^@\s]+@[^@\s]+$")]
+# PostgreSQL text and jsonb cannot hold NUL: text stored there says so in its schema.
+NO_NUL = "^[^\x00]*$"
+# No control characters or spaces (spelled out: "\s" differs between regex dialects).
+Email = Annotated[
+    str, msgspec.Meta(max_length=254, pattern=r"^[^@\x00-\x20\x7f]+@[^@\x00-\x20\x7f]+$")
+]
 Password = Annotated[str, msgspec.Meta(min_length=8, max_length=1024)]
-Action = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-Description = Annotated[str, msgspec.Meta(max_length=2000)]
-RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+Action = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)]
+Description = Annotated[str, msgspec.Meta(max_length=2000, pattern=NO_NUL)]
+RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)]
 Score = Annotated[int, msgspec.Meta(ge=0, le=100)]
-Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
+Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=2000, pattern=NO_NUL)]
+# JSON stored as jsonb: any JSON without NUL in its strings or keys. The schema
+# refers to a JsonValue component that /openapi.json defines (recursively).
+JSON_VALUE_REF = "#/components/schemas/JsonValue"
+JsonObject = Annotated[
+    dict[str, Any],
+    msgspec.Meta(
+        extra_json_schema={
+            "propertyNames": {"pattern": NO_NUL},
+            "additionalProperties": {"$ref": JSON_VALUE_REF},
+        }
+    ),
+]
+JsonValue = Annotated[Any, msgspec.Meta(extra_json_schema={"$ref": JSON_VALUE_REF})]
+# Row ids are PostgreSQL bigints: anything larger is refused by the schema, not by the database.
+RowId = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+
+# Statuses an agent or an admin may report with PUT /commands/{id}. The others
+# (awaiting_approval, approved, rejected, expired) are the approval workflow's
+# alone: a status report never decides an approval.
+ReportedStatus = Literal["running", "succeeded", "failed", "cancelled"]
 
 # Which statuses a command may come from, for each status it may go to.
 COMMAND_TRANSITIONS: dict[str, frozenset[str]] = {
@@ -100,25 +125,30 @@ class UserCreate(_Input, frozen=True):
     role: Role = "user"
     email: Email | None = None
     password: Password | None = None
-    preferences: dict[str, Any] = msgspec.field(default_factory=dict)
+    preferences: JsonObject = msgspec.field(default_factory=dict)
 
 
 class UserUpdate(_Input, frozen=True):
-    """Only the fields present change."""
+    """Only the fields present change. A new password needs the current one
+    (``currentPassword``), except when an admin sets someone else's."""
 
     email: Email | msgspec.UnsetType | None = msgspec.UNSET
     role: Role | msgspec.UnsetType = msgspec.UNSET
-    preferences: dict[str, Any] | msgspec.UnsetType = msgspec.UNSET
+    preferences: JsonObject | msgspec.UnsetType = msgspec.UNSET
     disabled: bool | msgspec.UnsetType = msgspec.UNSET
     password: Password | msgspec.UnsetType = msgspec.UNSET
+    current_password: Annotated[str, msgspec.Meta(max_length=1024)] | msgspec.UnsetType = (
+        msgspec.UNSET
+    )
 
 
 class Token(_Wire, frozen=True):
+    """A token carries exactly its user's role: there are no scopes."""
+
     id: int
     user_id: int
     name: str
     prefix: str
-    scopes: list[str]
     created_at: datetime
     last_used_at: datetime | None
     expires_at: datetime | None
@@ -126,10 +156,7 @@ class Token(_Wire, frozen=True):
 
 
 class TokenCreate(_Input, frozen=True):
-    name: Annotated[str, msgspec.Meta(min_length=1, max_length=100)] = "default"
-    scopes: list[Annotated[str, msgspec.Meta(min_length=1, max_length=64)]] = msgspec.field(
-        default_factory=list
-    )
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=100, pattern=NO_NUL)] = "default"
     expires_in: Annotated[int, msgspec.Meta(ge=60, le=10 * 365 * 86400)] | None = None
 
 
@@ -159,6 +186,7 @@ class Command(_Wire, frozen=True):
     started_at: datetime | None
     finished_at: datetime | None
     duration_ms: int | None
+    created_by: int | None = None
     approval_id: int | None = None
 
 
@@ -166,17 +194,17 @@ class CommandCreate(_Input, frozen=True):
     action: Action
     type: CommandType = "api"
     request_id: RequestId | None = None  # the idempotency key; generated when absent
-    user_id: int | None = None  # on whose behalf (admins and agents); others: themselves
-    source: Annotated[str, msgspec.Meta(max_length=100)] = ""
-    parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+    user_id: RowId | None = None  # on whose behalf (admins, approvers, agents); users: themselves
+    source: Annotated[str, msgspec.Meta(max_length=100, pattern=NO_NUL)] = ""
+    parameters: JsonObject = msgspec.field(default_factory=dict)
     description: Description = ""
     risk_score: Score | None = None  # a suggestion: may raise the policy score, never lower it
 
 
 class CommandStatusUpdate(_Input, frozen=True):
-    status: CommandStatus
-    result: Any = None
-    error: Annotated[str, msgspec.Meta(max_length=4000)] | None = None
+    status: ReportedStatus
+    result: JsonValue = None
+    error: Annotated[str, msgspec.Meta(max_length=4000, pattern=NO_NUL)] | None = None
     reason: Description | None = None
 
 
@@ -196,19 +224,27 @@ class Approval(_Wire, frozen=True):
     decided_at: datetime | None
     reason: str | None
     created_at: datetime
+    created_by: int | None = None
 
 
 class ApprovalCreate(_Input, frozen=True):
+    """A standalone request. A command's approval request is the one the daemon
+    creates with the command; a standalone one never attaches to a command."""
+
     action: Action
     risk_score: Score
     description: Description = ""
     parameters: dict[str, Any] = msgspec.field(default_factory=dict)
-    command_id: int | None = None
+    # Seconds; capped at approvals.max_expiry.
     expires_in: Annotated[int, msgspec.Meta(ge=10, le=86400)] | None = None
 
 
 class Decision(_Input, frozen=True):
     reason: Reason | None = None
+
+
+class Rejection(_Input, frozen=True):
+    reason: Reason
 
 
 # -- lists ---------------------------------------------------------------------------------------

@@ -1,9 +1,11 @@
 """Who is calling (DESIGN §8).
 
 - ``Authorization: Bearer jv_…`` is an API token (checked in PostgreSQL);
-  any other bearer value is a session token from ``POST /auth/login``
-  (checked in Redis by the sessions actor; the user record comes through
-  the read-through cache).
+  any other bearer value is a login session token from ``POST /auth/login``,
+  looked up in the login key space (the ``logins`` actor), which no API route
+  writes. The user behind it is read from PostgreSQL. Authority is never
+  read from anything a client can set: not the cache, not application
+  sessions (``/sessions``), which are data only.
 - A request on the Unix socket from the daemon's own uid or root, without a
   token, is the local admin (SO_PEERCRED): the CLI and operators on the box.
 - No credentials: 401 with ``WWW-Authenticate: Bearer``. Valid credentials
@@ -16,25 +18,20 @@ import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-import msgspec
 from aiohttp import web
 
-from actors.cache import read_through
 from actors.data.credentials import TOKEN_PREFIX
-from actors.data.messages import AuthenticateToken, GetUser
-from actors.data.model import Principal, User
+from actors.data.messages import AuthenticateToken, AuthenticateUser
+from actors.data.model import Principal
 from actors.sessions import SessionGet, SessionNotFound
 from jarvisd.http.errors import ProblemError
 from jarvisd.http.keys import RUNTIME
-from jarvisd.runtime import Runtime
 
-__all__ = ["authenticate", "bearer", "cached_user", "peer_uid", "require"]
+__all__ = ["Unauthorized", "authenticate", "bearer", "forbidden", "peer_uid", "require"]
 
-USER_CACHE_NS = "users"
-USER_CACHE_TTL_MS = 60_000
 _PEERCRED = struct.Struct("3i")
+MAX_TOKEN_LENGTH = 512
 
 
 class Unauthorized(ProblemError):
@@ -67,36 +64,22 @@ def peer_uid(request: web.Request) -> int | None:
 
 
 def bearer(request: web.Request) -> str | None:
+    """The bearer token, None without an Authorization header, 401 for any
+    other scheme or shape. Error details never quote the header."""
     header = request.headers.get("Authorization")
     if header is None:
         return None
     scheme, _, token = header.partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token or len(token) > 512:
+    if (
+        scheme.lower() != "bearer"
+        or not token
+        or len(token) > MAX_TOKEN_LENGTH
+        or not token.isascii()
+        or not token.isprintable()
+    ):
         raise Unauthorized("use Authorization: Bearer <token>")
     return token
-
-
-async def cached_user(rt: Runtime, user_id: int) -> User:
-    """The user record through the read-through cache (tag ``user:<id>``,
-    invalidated on every write to that user)."""
-    timeout = rt.settings.http.request_timeout
-
-    async def load() -> Any:
-        return await rt.actor("persistence").ask(GetUser(user_id=user_id), timeout=timeout)
-
-    cached = await read_through(
-        rt.actor("cache"),
-        USER_CACHE_NS,
-        str(user_id),
-        load,
-        ttl_ms=USER_CACHE_TTL_MS,
-        tags=(f"user:{user_id}",),
-        timeout=timeout,
-    )
-    if isinstance(cached, User):
-        return cached
-    return msgspec.convert(cached, User)  # from the cache: plain JSON
 
 
 async def authenticate(request: web.Request) -> Principal | None:
@@ -113,16 +96,15 @@ async def authenticate(request: web.Request) -> Principal | None:
                 raise Unauthorized("invalid, revoked or expired token")
             return principal  # type: ignore[no-any-return]
         try:
-            session = await rt.actor("sessions").ask(SessionGet(token), timeout=timeout)
+            session = await rt.actor("logins").ask(SessionGet(token), timeout=timeout)
         except SessionNotFound:
             raise Unauthorized("invalid or expired session") from None
-        try:
-            user = await cached_user(rt, session.user_id)
-        except LookupError:
-            raise Unauthorized("the session's user no longer exists") from None
-        if user.disabled:
-            raise Unauthorized("the user is disabled")
-        return Principal(user_id=user.id, role=user.role, name=user.username, via="session")
+        principal = await rt.actor("persistence").ask(
+            AuthenticateUser(user_id=session.user_id), timeout=timeout
+        )
+        if principal is None:
+            raise Unauthorized("the session's user is disabled or no longer exists")
+        return principal  # type: ignore[no-any-return]
     uid = peer_uid(request)
     if uid is not None and uid in (0, os.geteuid()):
         return Principal(user_id=None, role="admin", name=f"uid:{uid}", via="peer")

@@ -1,19 +1,20 @@
-"""HTTP routes of the cache and sessions actors (DESIGN §8).
+"""HTTP routes of the cache actor (DESIGN §7, §8).
 
-Cache: admins and agents (the services that cache); stats also approvers.
-Sessions (the store other services use for their users): admins and agents
-for any session; other users only for their own.
+Admins and agents (the services that cache) use the cache; approvers may read
+its statistics. Namespaces are names clients choose; jarvisd keeps nothing of
+its own in them, so nothing written here is ever read back as authority.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from aiohttp import web
 
 from actors.cache import (
-    MAX_KEY_BYTES,
+    MAX_TAGS,
+    NAMESPACE_RE,
     CacheDelete,
     CacheError,
     CacheExists,
@@ -24,15 +25,29 @@ from actors.cache import (
     CacheSet,
     CacheStatsQuery,
     Mode,
+    clamp_ttl_ms,
 )
 from actors.data.model import Principal
-from actors.sessions import Session, SessionCreate, SessionDelete, SessionGet, SessionUpdate
-from jarvisd.http.api import RouteDoc, ask, body, reply
-from jarvisd.http.auth import forbidden, require
+from jarvisd.http.auth import require
+from jarvisd.http.common import RouteDoc, ask, body, reply
 from jarvisd.http.errors import ProblemError, reject_unknown_params
+from jarvisd.http.keys import RUNTIME
+
+__all__ = ["ROUTES"]
 
 DEFAULT_NS = "default"
-CacheKey = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_KEY_BYTES)]
+# Characters, so that any key the schema allows fits the actor's byte limit.
+MAX_KEY_CHARS = 1024
+CacheKey = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_KEY_CHARS)]
+Namespace = Annotated[str, msgspec.Meta(pattern=NAMESPACE_RE.pattern)]
+# Seconds; the schema's bound only keeps numbers sane, cache.max_ttl caps them.
+Ttl = Annotated[float, msgspec.Meta(ge=0.001, le=10 * 365 * 86400)]
+NAMESPACE = (
+    "namespace",
+    {"type": "string", "pattern": NAMESPACE_RE.pattern, "default": DEFAULT_NS},
+    "the cache namespace",
+)
+RAW = ("raw", {"type": "string"}, "present: answer the stored bytes as they are")
 
 
 class CacheSetBody(
@@ -40,62 +55,88 @@ class CacheSetBody(
 ):
     key: CacheKey
     value: Any
-    namespace: str = DEFAULT_NS
-    ttl: Annotated[float, msgspec.Meta(gt=0)] | None = None  # seconds
-    ttl_ms: Annotated[int, msgspec.Meta(gt=0)] | None = None
-    nx: bool = False
-    xx: bool = False
-    keepttl: bool = False
-    tags: list[CacheKey] = msgspec.field(default_factory=list)
+    namespace: Namespace = DEFAULT_NS
+    # Seconds (fractions allowed), or "keep" to keep the key's current TTL;
+    # absent: cache.default_ttl. Capped at cache.max_ttl.
+    ttl: Ttl | Literal["keep"] | None = None
+    # NX: only if the key is absent; XX: only if it exists.
+    mode: Literal["NX", "XX"] | None = None
+    tags: Annotated[list[CacheKey], msgspec.Meta(max_length=MAX_TAGS)] = msgspec.field(
+        default_factory=list
+    )
+
+
+class CacheSetReply(msgspec.Struct, frozen=True, rename="camel"):
+    stored: bool
+    key: str
+    namespace: str
+    ttl_ms: int | None  # the TTL applied (None: the key's own was kept)
 
 
 class CacheInvalidateBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    namespace: str = DEFAULT_NS
-    tags: list[CacheKey] | None = None
+    """Tags, a pattern, or both (their counts add up); neither invalidates nothing."""
+
+    namespace: Namespace = DEFAULT_NS
+    tags: Annotated[list[CacheKey], msgspec.Meta(max_length=MAX_TAGS)] = msgspec.field(
+        default_factory=list
+    )
     pattern: CacheKey | None = None
 
 
-class SessionCreateBody(
-    msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid_unknown_fields=True
-):
-    user_id: int
-    data: Any = None
-    idle_ttl: Annotated[int, msgspec.Meta(gt=0)] | None = None
-    absolute_ttl: Annotated[int, msgspec.Meta(gt=0)] | None = None
+class CacheValue(msgspec.Struct, frozen=True):
+    key: str
+    value: Any
+    hit: bool
 
 
-class SessionUpdateBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    data: Any
-    version: int | None = None
+class Invalidated(msgspec.Struct, frozen=True):
+    invalidated: int
+    namespace: str
+
+
+class Flushed(msgspec.Struct, frozen=True):
+    flushed: int
+    namespace: str
+
+
+class Deleted(msgspec.Struct, frozen=True):
+    deleted: int
+
+
+class Exists(msgspec.Struct, frozen=True):
+    exists: bool
 
 
 def _namespace(request: web.Request) -> str:
     return request.query.get("namespace", DEFAULT_NS)
 
 
-def _cache_error(exc: CacheError) -> ProblemError:
-    status = 413 if "over the limit" in str(exc) else 400
-    return ProblemError(status, "Payload too large" if status == 413 else "Bad request", str(exc))
+def _key(request: web.Request) -> str:
+    key = request.match_info["key"]
+    if len(key) > MAX_KEY_CHARS:
+        raise ProblemError(400, "Bad request", f"a key is at most {MAX_KEY_CHARS} characters")
+    return key
 
 
 async def _cache(request: web.Request, msg: Any) -> Any:
     try:
         return await ask(request, "cache", msg)
     except CacheError as exc:
-        raise _cache_error(exc) from None
+        if "over the limit" in str(exc):
+            raise ProblemError(413, "Payload too large", str(exc)) from None
+        raise ProblemError(400, "Bad request", str(exc)) from None
 
 
-# -- cache ---------------------------------------------------------------------------------------------------
 @require("admin", "agent")
 async def cache_set(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ())
     b = await body(request, CacheSetBody)
-    if b.nx and b.xx:
-        raise ProblemError(400, "Bad request", "nx and xx exclude each other")
-    if b.ttl is not None and b.ttl_ms is not None:
-        raise ProblemError(400, "Bad request", "give ttl or ttlMs, not both")
-    ttl_ms = b.ttl_ms if b.ttl is None else max(1, round(b.ttl * 1000))
-    mode: Mode = "NX" if b.nx else "XX" if b.xx else ""
+    keep = b.ttl == "keep"
+    ttl_ms = None
+    if not keep:
+        asked = None if b.ttl is None else max(1, round(float(b.ttl) * 1000))
+        ttl_ms = clamp_ttl_ms(request.app[RUNTIME].settings.cache, asked)
+    mode: Mode = b.mode or ""
     stored = await _cache(
         request,
         CacheSet(
@@ -104,59 +145,57 @@ async def cache_set(request: web.Request, who: Principal) -> web.Response:
             b.value,
             ttl_ms=ttl_ms,
             mode=mode,
-            keepttl=b.keepttl,
+            keepttl=keep,
             tags=tuple(b.tags),
         ),
     )
-    return reply({"stored": stored, "key": b.key, "namespace": b.namespace})
+    return reply(CacheSetReply(stored=stored, key=b.key, namespace=b.namespace, ttl_ms=ttl_ms))
 
 
 @require("admin", "agent")
 async def cache_get(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ("namespace", "raw"))
-    key = request.match_info["key"]
+    key = _key(request)
     raw = "raw" in request.query
     hit, value = await _cache(request, CacheGet(_namespace(request), key, raw=raw))
     if not hit:
-        raise ProblemError(404, "Not found", f"no cached value for {key!r}")
+        raise ProblemError(404, "Not found", "no cached value for that key")
     if raw:
         return web.Response(body=value, content_type="application/octet-stream")
-    return reply({"key": key, "value": value, "hit": True})
+    return reply(CacheValue(key=key, value=value, hit=True))
 
 
 @require("admin", "agent")
 async def cache_delete(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ("namespace",))
-    deleted = await _cache(request, CacheDelete(_namespace(request), (request.match_info["key"],)))
-    return reply({"deleted": deleted})
+    deleted = await _cache(request, CacheDelete(_namespace(request), (_key(request),)))
+    return reply(Deleted(deleted))
 
 
 @require("admin", "agent")
 async def cache_exists(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ("namespace",))
-    found = await _cache(request, CacheExists(_namespace(request), (request.match_info["key"],)))
-    return reply({"exists": bool(found)})
+    found = await _cache(request, CacheExists(_namespace(request), (_key(request),)))
+    return reply(Exists(bool(found)))
 
 
 @require("admin", "agent")
 async def cache_invalidate(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ())
     b = await body(request, CacheInvalidateBody)
-    if (b.tags is None) == (b.pattern is None):
-        raise ProblemError(400, "Bad request", "give either tags or pattern")
-    if b.tags is not None:
-        removed = await _cache(request, CacheInvalidateTags(b.namespace, tuple(b.tags)))
-    else:
-        assert b.pattern is not None
-        removed = await _cache(request, CacheInvalidatePattern(b.namespace, b.pattern))
-    return reply({"invalidated": removed, "namespace": b.namespace})
+    removed = 0
+    if b.tags:
+        removed += await _cache(request, CacheInvalidateTags(b.namespace, tuple(b.tags)))
+    if b.pattern is not None:
+        removed += await _cache(request, CacheInvalidatePattern(b.namespace, b.pattern))
+    return reply(Invalidated(removed, b.namespace))
 
 
 @require("admin", "agent")
 async def cache_flush(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ("namespace",))
     ns = _namespace(request)
-    return reply({"flushed": await _cache(request, CacheFlush(ns)), "namespace": ns})
+    return reply(Flushed(await _cache(request, CacheFlush(ns)), ns))
 
 
 @require("admin", "agent", "approver")
@@ -166,89 +205,64 @@ async def cache_stats(request: web.Request, who: Principal) -> web.Response:
     return reply(await _cache(request, CacheStatsQuery(ns)))
 
 
-# -- sessions -----------------------------------------------------------------------------------------------------
-def _own_session(who: Principal, session: Session) -> None:
-    if who.role not in ("admin", "agent") and session.user_id != who.user_id:
-        raise ProblemError(404, "Not found", "no such session")
-
-
-@require()
-async def session_create(request: web.Request, who: Principal) -> web.Response:
-    reject_unknown_params(request, ())
-    b = await body(request, SessionCreateBody)
-    if who.role not in ("admin", "agent") and b.user_id != who.user_id:
-        raise forbidden("only admins and agents create sessions for other users")
-    session = await ask(
-        request, "sessions", SessionCreate(b.user_id, b.data, b.idle_ttl, b.absolute_ttl)
-    )
-    return reply(session, 201)
-
-
-@require()
-async def session_get(request: web.Request, who: Principal) -> web.Response:
-    reject_unknown_params(request, ("touch",))
-    touch = request.query.get("touch", "true") != "false"
-    session = await ask(request, "sessions", SessionGet(request.match_info["id"], touch=touch))
-    _own_session(who, session)
-    return reply(session)
-
-
-@require()
-async def session_update(request: web.Request, who: Principal) -> web.Response:
-    reject_unknown_params(request, ())
-    b = await body(request, SessionUpdateBody)
-    session_id = request.match_info["id"]
-    _own_session(who, await ask(request, "sessions", SessionGet(session_id, touch=False)))
-    version = await ask(request, "sessions", SessionUpdate(session_id, b.data, b.version))
-    return reply({"version": version})
-
-
-@require()
-async def session_delete(request: web.Request, who: Principal) -> web.Response:
-    reject_unknown_params(request, ())
-    session_id = request.match_info["id"]
-    _own_session(who, await ask(request, "sessions", SessionGet(session_id, touch=False)))
-    await ask(request, "sessions", SessionDelete(session_id))
-    return web.Response(status=204)
-
-
 ROUTES: list[RouteDoc] = [
     RouteDoc(
-        "POST", "/cache/set", cache_set, "Store a value (TTL, NX/XX, KEEPTTL, tags)", CacheSetBody
+        "POST",
+        "/cache/set",
+        cache_set,
+        "Store a value (TTL or keep, NX/XX, tags)",
+        CacheSetBody,
+        CacheSetReply,
     ),
-    RouteDoc("GET", "/cache/get/{key}", cache_get, "Read a value (404 on a miss; ?raw for bytes)"),
-    RouteDoc("DELETE", "/cache/{key}", cache_delete, "Delete a key"),
-    RouteDoc("GET", "/cache/exists/{key}", cache_exists, "Whether a key exists"),
+    RouteDoc(
+        "GET",
+        "/cache/get/{key}",
+        cache_get,
+        "Read a value (404 on a miss; ?raw for the stored bytes)",
+        response=CacheValue,
+        query=(NAMESPACE, RAW),
+        raw_content="application/octet-stream",
+    ),
+    RouteDoc(
+        "DELETE",
+        # The route's own paths (/cache/set, /cache/stats, ...) are not keys
+        # here, so each of them allows exactly its own methods.
+        "/cache/{key}",
+        cache_delete,
+        "Delete a key",
+        response=Deleted,
+        query=(NAMESPACE,),
+    ),
+    RouteDoc(
+        "GET",
+        "/cache/exists/{key}",
+        cache_exists,
+        "Whether a key exists",
+        response=Exists,
+        query=(NAMESPACE,),
+    ),
     RouteDoc(
         "POST",
         "/cache/invalidate",
         cache_invalidate,
-        "Invalidate by tags or by pattern",
+        "Invalidate by tags, by pattern, or both",
         CacheInvalidateBody,
+        Invalidated,
     ),
-    RouteDoc("DELETE", "/cache", cache_flush, "Flush one namespace (and nothing else)"),
-    RouteDoc("GET", "/cache/stats", cache_stats, "Cache statistics per namespace"),
     RouteDoc(
-        "POST",
-        "/sessions",
-        session_create,
-        "Create a session for a user",
-        SessionCreateBody,
-        Session,
-        201,
+        "DELETE",
+        "/cache",
+        cache_flush,
+        "Flush one namespace (and nothing else)",
+        response=Flushed,
+        query=(NAMESPACE,),
     ),
-    RouteDoc("GET", "/sessions/{id}", session_get, "Read (and touch) a session", response=Session),
     RouteDoc(
-        "PUT",
-        "/sessions/{id}",
-        session_update,
-        "Replace a session's data (optional expected version)",
-        SessionUpdateBody,
+        "GET",
+        "/cache/stats",
+        cache_stats,
+        "Cache statistics per namespace",
+        response=dict[str, Any],
+        query=(NAMESPACE,),
     ),
-    RouteDoc("DELETE", "/sessions/{id}", session_delete, "Delete a session", status=204),
 ]
-
-
-def add_routes(app: web.Application) -> None:
-    for route in ROUTES:
-        app.router.add_route(route.method, route.path, route.handler)

@@ -30,15 +30,24 @@ def problem(
 class ProblemError(Exception):
     """Raise from a handler to answer with a problem document."""
 
-    def __init__(self, status: int, title: str, detail: str = "", **extra: object) -> None:
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str = "",
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: object,
+    ) -> None:
         super().__init__(detail or title)
         self.status = status
         self.title = title
         self.detail = detail
+        self.headers = headers
         self.extra = extra
 
     def response(self) -> web.Response:
-        return problem(self.status, self.title, self.detail, extra=self.extra)
+        return problem(self.status, self.title, self.detail, headers=self.headers, extra=self.extra)
 
 
 def reject_unknown_params(request: web.Request, allowed: Iterable[str]) -> None:

@@ -9,7 +9,6 @@ pass | warn | fail and ``checks`` maps each component to observations.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -19,7 +18,7 @@ import msgspec
 from aiohttp import web
 
 from actors import ActorError
-from actors.cache import CacheStatsQuery, read_through
+from actors.cache import CacheStatsQuery
 from actors.redis_link import RedisInfo, RedisUnavailable
 from jarvisd.http.errors import problem, reject_unknown_params
 from jarvisd.http.keys import HTTP_METRICS, RUNTIME
@@ -145,9 +144,6 @@ def stats_document(rt: Runtime) -> dict[str, Any]:
     }
 
 
-STATS_TTL_MS = 1000  # /stats is read-through cached this long per daemon
-
-
 async def cache_stats(rt: Runtime) -> dict[str, Any] | None:
     try:
         result: dict[str, Any] = await rt.actor("cache").ask(
@@ -162,18 +158,8 @@ async def stats(request: web.Request) -> web.Response:
     reject_unknown_params(request, set())
     rt = request.app[RUNTIME]
 
-    async def build() -> dict[str, Any]:
-        doc = stats_document(rt)
-        doc["cache"] = await cache_stats(rt)
-        return doc
-
-    try:
-        cache = rt.actor("cache")
-    except KeyError:
-        doc = await build()
-    else:
-        key = f"stats:{socket.gethostname()}:{os.getpid()}"
-        doc = await read_through(cache, "jarvisd", key, build, ttl_ms=STATS_TTL_MS, timeout=1.0)
+    doc = stats_document(rt)
+    doc["cache"] = await cache_stats(rt)
     return web.Response(body=msgspec.json.encode(doc), content_type="application/json")
 
 
@@ -314,6 +300,23 @@ async def redis_stats(request: web.Request) -> web.Response:
         return problem(503, "Redis unavailable", str(exc))
     info["cache"] = await cache_stats(rt)
     return web.json_response(info)
+
+
+# (path, summary, query parameters, content types) for /openapi.json.
+HEALTH_ROUTES: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
+    ("/health/live", "Liveness: the process answers", (), (HEALTH_JSON,)),
+    (
+        "/health/ready",
+        "Readiness (503 when failing or draining; ?verbose for text)",
+        ("verbose",),
+        (HEALTH_JSON, "text/plain"),
+    ),
+    ("/health", "The readiness document", ("verbose",), (HEALTH_JSON, "text/plain")),
+    ("/stats", "Daemon statistics (JSON)", (), ("application/json",)),
+    ("/metrics", "Prometheus text exposition 0.0.4", (), ("text/plain",)),
+    ("/redis/health", "Redis reachability", ("verbose",), (HEALTH_JSON, "text/plain")),
+    ("/redis/stats", "Redis server facts and cache statistics", (), ("application/json",)),
+]
 
 
 def add_routes(app: web.Application) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 __all__ = ["HttpMetrics", "MetricsWriter", "process_metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -89,7 +90,9 @@ class HttpMetrics:
         self.in_flight = 0
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        key = (method, route, str(status))
+        # Clients choose methods: any outside the known set counts as "other",
+        # so no client can add series.
+        key = (method if method in KNOWN_METHODS else "other", route, str(status))
         self.requests[key] = self.requests.get(key, 0) + 1
         self.latency.setdefault(route, _Histogram()).observe(seconds)
 

@@ -8,11 +8,14 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 
 import asyncpg
 import msgspec
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from actors import ActorDead, ActorStopped, AskTimeout, FatalActorError, MailboxFull
 from actors.cache import CacheError
@@ -21,7 +24,7 @@ from actors.kernel import Actor, Health
 from actors.persistence import Unavailable
 from actors.redis_link import RedisUnavailable
 from actors.sessions import SessionConflict, SessionNotFound
-from jarvisd.http import api, cache_api, health, openapi
+from jarvisd.http import api, health, openapi
 from jarvisd.http.auth import Unauthorized, authenticate
 from jarvisd.http.errors import ProblemError, problem
 from jarvisd.http.keys import HTTP_METRICS, RUNTIME
@@ -30,7 +33,7 @@ from jarvisd.runtime import Runtime
 
 __all__ = ["HttpServer", "build_app"]
 
-log = structlog.get_logger("jarvisd").bind(actor="http")
+log = structlog.get_logger("jarvisd", actor="http")  # lazy: follows configure()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # Served while draining, so orchestration can watch the daemon go away.
 ALWAYS_SERVED = frozenset({"/health/live", "/health/ready", "/health", "/metrics", "/stats"})
@@ -107,6 +110,8 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
     except asyncpg.DataError as exc:
         # Input the schema let through but PostgreSQL cannot store (NUL in text, \u0000 in JSON, ...).
         return problem(400, "Invalid data", exc.args[0] if exc.args else type(exc).__name__)
+    except UnicodeError:
+        return problem(400, "Invalid data", "text that is not valid Unicode")
     except (
         MailboxFull,
         ActorDead,
@@ -117,7 +122,8 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
     ) as exc:
         return problem(503, "Service unavailable", str(exc), headers={"Retry-After": "1"})
     except Exception:
-        log.exception("http_handler_failed", path=request.path, method=request.method)
+        # The route's template, never the path: a path may hold a session id.
+        log.exception("http_handler_failed", route=_route_name(request), method=request.method)
         return problem(500, "Internal error", "the request failed; the daemon log has the details")
 
 
@@ -138,7 +144,6 @@ def build_app(runtime: Runtime) -> web.Application:
     app[HTTP_METRICS] = HttpMetrics()
     health.add_routes(app)
     api.add_routes(app)
-    cache_api.add_routes(app)
     openapi.add_routes(app)
     return app
 
@@ -155,11 +160,14 @@ class HttpServer(Actor):
     async def on_start(self) -> None:
         s = self.runtime.settings.http
         self.app = build_app(self.runtime)
-        self.runner = web.AppRunner(
+        self.runner = _Runner(
             self.app,
             handle_signals=False,
             access_log=None,
             shutdown_timeout=self.runtime.settings.daemon.shutdown_timeout,
+            # aiohttp closes a connection whose request head has not come in
+            # within this time: the header read timeout, and the idle timeout.
+            keepalive_timeout=s.idle_timeout,
         )
         await self.runner.setup()
         try:
@@ -229,6 +237,51 @@ class HttpServer(Actor):
         unix_socket = self.runtime.settings.http.unix_socket
         if unix_socket and not self.sockets and os.path.exists(unix_socket):
             os.unlink(unix_socket)
+
+
+class _RequestHandler(RequestHandler):
+    """Requests aiohttp cannot parse (bad request line, header, framing) get a
+    problem document like every other error, and one log line that names the
+    error's type only: aiohttp's messages quote the offending bytes, which may
+    be a credential."""
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        error = type(exc).__name__ if exc is not None else "unknown"
+        if status >= 500:
+            log.error("http_internal_error", status=status, error=error)
+        else:
+            log.info("http_bad_request", status=status, error=error, remote=request.remote)
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response has started; it cannot become an error")
+        title = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+        detail = (
+            f"the request is not valid HTTP/1.1 ({error})"
+            if status < 500
+            else "the request failed; the daemon log has the details"
+        )
+        resp = problem(status, title, detail)
+        resp.force_close()
+        return resp
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _RequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _Runner(web.AppRunner):
+    """An AppRunner whose connections use _RequestHandler."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server  # same state, our handler factory
+        return server
 
 
 def _socket_in_use(path: str) -> bool:

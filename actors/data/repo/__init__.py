@@ -1,0 +1,73 @@
+"""SQL for users, tokens, commands and approvals (DESIGN §4), one module per
+entity. Every status change is one conditional ``UPDATE … WHERE status = …
+RETURNING`` with its audit event in the same transaction: a repeated event is
+a no-op, a conflicting one raises Conflict, nothing is applied twice.
+"""
+
+from actors.data.repo.approvals import (
+    APPROVALS,
+    create_approval,
+    decide_approval,
+    get_approval,
+    list_approvals,
+)
+from actors.data.repo.commands import (
+    COMMANDS,
+    create_command,
+    get_command,
+    insert_commands_batch,
+    list_commands,
+    update_command_status,
+)
+from actors.data.repo.common import Conflict, Forbidden, Invalid, NotFound, init_connection
+from actors.data.repo.users import (
+    USERS,
+    authenticate_token,
+    create_token,
+    create_user,
+    delete_user,
+    get_user,
+    get_user_by_name,
+    has_admin,
+    list_tokens,
+    list_users,
+    password_hash_of,
+    principal_of,
+    record_login,
+    revoke_token,
+    update_user,
+)
+
+__all__ = [
+    "APPROVALS",
+    "COMMANDS",
+    "USERS",
+    "Conflict",
+    "Forbidden",
+    "Invalid",
+    "NotFound",
+    "authenticate_token",
+    "create_approval",
+    "create_command",
+    "create_token",
+    "create_user",
+    "decide_approval",
+    "delete_user",
+    "get_approval",
+    "get_command",
+    "get_user",
+    "get_user_by_name",
+    "has_admin",
+    "init_connection",
+    "insert_commands_batch",
+    "list_approvals",
+    "list_commands",
+    "list_tokens",
+    "list_users",
+    "password_hash_of",
+    "principal_of",
+    "record_login",
+    "revoke_token",
+    "update_command_status",
+    "update_user",
+]

@@ -1,0 +1,250 @@
+"""Commands and their status transitions (DESIGN §4).
+
+A status report (PUT /commands/{id}, the bus's command.* events) moves a
+command only along running → succeeded | failed, or cancels it. The
+approval statuses (awaiting_approval, approved, rejected, expired) are set by
+the approval workflow alone (``approvals.py``): a report never decides one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+import asyncpg
+
+from actors.data.listing import ID_BOUNDS, Filter, ListQuery, ListSpec
+from actors.data.model import (
+    COMMAND_TRANSITIONS,
+    Command,
+    CommandCreate,
+    CommandStatusUpdate,
+    Page,
+    risk_category,
+)
+from actors.data.repo.approvals import cancel_pending_for_command, insert_approval
+from actors.data.repo.common import Conflict, Invalid, NotFound, page
+
+COMMAND_COLUMNS = (
+    "id, request_id, user_id, source, type, action, parameters, description, status, risk_score, "
+    "risk_category, result, error, created_at, started_at, finished_at, duration_ms, created_by, "
+    "(SELECT a.id FROM approval_requests a WHERE a.command_id = commands.id ORDER BY a.id DESC LIMIT 1) "
+    "AS approval_id"
+)
+# What a status report may do: the target, and the statuses it may come from.
+REPORTABLE: dict[str, frozenset[str]] = {
+    target: COMMAND_TRANSITIONS[target]
+    for target in ("running", "succeeded", "failed", "cancelled")
+}
+
+
+def _command(row: asyncpg.Record) -> Command:
+    return Command(**dict(row))
+
+
+async def create_command(
+    conn: asyncpg.Connection,
+    new: CommandCreate,
+    user_id: int | None,
+    *,
+    created_by: int | None,
+    threshold: int,
+    expiry: int,
+    policy_score: int = 0,
+) -> tuple[Command, bool]:
+    """Insert a command (idempotent on request_id); at or above the approval
+    threshold it waits for approval and gets an approval request, in the same
+    transaction. Returns (command, created). ``created_by`` is the principal
+    who asked (it may differ from ``user_id``, on whose behalf)."""
+    score = max(policy_score, new.risk_score or 0)
+    category = risk_category(score)
+    status = "awaiting_approval" if score >= threshold else "approved"
+    request_id = new.request_id or f"api-{uuid.uuid4()}"
+    async with conn.transaction():
+        try:
+            row = await conn.fetchrow(
+                "INSERT INTO commands (request_id, user_id, source, type, action, parameters, description, "
+                "status, risk_score, risk_category, created_by) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) "
+                "ON CONFLICT (request_id) DO NOTHING RETURNING id",
+                request_id,
+                user_id,
+                new.source,
+                new.type,
+                new.action,
+                new.parameters,
+                new.description,
+                status,
+                score,
+                category,
+                created_by,
+            )
+        except asyncpg.ForeignKeyViolationError:
+            raise NotFound(f"no user {user_id}") from None
+        if row is None:
+            existing = await conn.fetchrow(
+                f"SELECT {COMMAND_COLUMNS} FROM commands WHERE request_id = $1", request_id
+            )
+            return _command(existing), False
+        command_id = row["id"]
+        await conn.execute(
+            "INSERT INTO command_events (command_id, from_status, to_status, actor_id) VALUES ($1, NULL, $2, $3)",
+            command_id,
+            status,
+            created_by,
+        )
+        if status == "awaiting_approval":
+            await insert_approval(
+                conn,
+                command_id=command_id,
+                requester_id=user_id,
+                created_by=created_by,
+                action=new.action,
+                description=new.description,
+                parameters=new.parameters,
+                score=score,
+                expires_in=expiry,
+            )
+        created = await conn.fetchrow(
+            f"SELECT {COMMAND_COLUMNS} FROM commands WHERE id = $1", command_id
+        )
+    return _command(created), True
+
+
+async def get_command(conn: asyncpg.Connection, command_id: int) -> Command:
+    row = await conn.fetchrow(f"SELECT {COMMAND_COLUMNS} FROM commands WHERE id = $1", command_id)
+    if row is None:
+        raise NotFound(f"no command {command_id}")
+    return _command(row)
+
+
+async def update_command_status(
+    conn: asyncpg.Connection, command_id: int, change: CommandStatusUpdate, actor_id: int | None
+) -> Command:
+    """Apply a status report. Cancelling a command that awaits approval also
+    cancels its pending approval request, in the same transaction."""
+    target = change.status
+    allowed = REPORTABLE.get(target)
+    if allowed is None:
+        raise Invalid(f"a status report cannot move a command to {target!r}")
+    extra = ""
+    if target == "running":
+        extra = ", started_at = now()"
+    elif target in ("succeeded", "failed"):
+        extra = (
+            ", finished_at = now(), duration_ms = "
+            "(extract(epoch FROM now() - coalesce(started_at, created_at)) * 1000)::bigint"
+        )
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            f"WITH old AS (SELECT status FROM commands WHERE id = $1 FOR UPDATE) "
+            f"UPDATE commands c SET status = $2, result = coalesce($3, c.result), error = coalesce($4, c.error)"
+            f"{extra} FROM old WHERE c.id = $1 AND old.status = ANY($5::text[]) RETURNING old.status AS previous",
+            command_id,
+            target,
+            change.result,
+            change.error,
+            list(allowed),
+        )
+        if row is None:
+            current = await conn.fetchrow(
+                f"SELECT {COMMAND_COLUMNS} FROM commands WHERE id = $1", command_id
+            )
+            if current is None:
+                raise NotFound(f"no command {command_id}")
+            if current["status"] == target:
+                return _command(current)  # a repeated report: no-op
+            raise Conflict(
+                f"command {command_id} is {current['status']}; it cannot become {target}",
+                _command(current),
+            )
+        reason = change.reason or change.error
+        await conn.execute(
+            "INSERT INTO command_events (command_id, from_status, to_status, actor_id, reason) "
+            "VALUES ($1, $2, $3, $4, $5)",
+            command_id,
+            row["previous"],
+            target,
+            actor_id,
+            reason,
+        )
+        if target == "cancelled" and row["previous"] == "awaiting_approval":
+            await cancel_pending_for_command(conn, command_id, actor_id, reason)
+        updated = await conn.fetchrow(
+            f"SELECT {COMMAND_COLUMNS} FROM commands WHERE id = $1", command_id
+        )
+    return _command(updated)
+
+
+async def insert_commands_batch(
+    conn: asyncpg.Connection,
+    rows: list[CommandCreate],
+    user_ids: list[int | None],
+    *,
+    threshold: int,
+) -> list[tuple[str, int | None, bool]]:
+    """Many commands in one round trip, idempotent on request_id.
+    Returns (request_id, id, new) per row; ``id`` is None for a duplicate
+    within the batch that lost to an earlier row."""
+    request_ids = [r.request_id or f"api-{uuid.uuid4()}" for r in rows]
+    scores = [r.risk_score or 0 for r in rows]
+    inserted = await conn.fetch(
+        "INSERT INTO commands (request_id, user_id, source, type, action, parameters, description, status, "
+        "risk_score, risk_category) "
+        "SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::jsonb[], "
+        "$7::text[], $8::text[], $9::smallint[], $10::text[]) "
+        "ON CONFLICT (request_id) DO NOTHING RETURNING id, request_id",
+        request_ids,
+        user_ids,
+        [r.source for r in rows],
+        [r.type for r in rows],
+        [r.action for r in rows],
+        [r.parameters for r in rows],
+        [r.description for r in rows],
+        ["awaiting_approval" if s >= threshold else "approved" for s in scores],
+        scores,
+        [risk_category(s) for s in scores],
+    )
+    new = {r["request_id"]: r["id"] for r in inserted}
+    missing = [rid for rid in request_ids if rid not in new]
+    existing: dict[str, int] = {}
+    if missing:
+        for r in await conn.fetch(
+            "SELECT id, request_id FROM commands WHERE request_id = ANY($1::text[])", missing
+        ):
+            existing[r["request_id"]] = r["id"]
+    return [(rid, new.get(rid, existing.get(rid)), rid in new) for rid in request_ids]
+
+
+_COMMAND_STATUSES = frozenset(COMMAND_TRANSITIONS) | {"pending"}
+CATEGORIES = frozenset({"LOW", "MEDIUM", "HIGH", "CRITICAL"})
+
+COMMANDS = ListSpec(
+    table="commands",
+    columns=COMMAND_COLUMNS,
+    filters={
+        "userId": Filter("user_id", "eq", int, bounds=ID_BOUNDS),
+        "status": Filter("status", "in", choices=_COMMAND_STATUSES),
+        "type": Filter(
+            "type", "in", choices=frozenset({"voice", "text", "api", "scheduled", "agent"})
+        ),
+        "action": Filter("action", "eq"),
+        "riskCategory": Filter("risk_category", "in", choices=CATEGORIES),
+        "riskScoreMin": Filter("risk_score", "min", int, bounds=(0, 100)),
+        "riskScoreMax": Filter("risk_score", "max", int, bounds=(0, 100)),
+        "createdAfter": Filter("created_at", "min", datetime),
+        "createdBefore": Filter("created_at", "max", datetime),
+        "q": Filter("search", "fts"),
+    },
+    orders={
+        "createdAt": ("created_at", datetime),
+        "riskScore": ("risk_score", int),
+        "id": ("id", int),
+    },
+)
+
+
+async def list_commands(
+    conn: asyncpg.Connection, lq: ListQuery, count: str | None
+) -> Page[Command]:
+    return await page(conn, COMMANDS, lq, _command, count)

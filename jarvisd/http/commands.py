@@ -1,0 +1,237 @@
+"""Commands and approval requests (DESIGN §4, §6, §8).
+
+| route | admin | approver | user | agent |
+|---|---|---|---|---|
+| POST /commands | for anyone | for anyone | for self | for anyone |
+| GET /commands, /commands/{id} | all | all | own | all |
+| PUT /commands/{id} (running, succeeded, failed, cancelled) | yes | - | - | yes |
+| POST /approvals (standalone) | yes | yes | yes | yes |
+| GET /approvals, /approvals/{id} | all | all | own | all |
+| approve, reject (reason required) | yes | not own, not CRITICAL | - | - |
+| cancel | any | own | own | own |
+
+"Own" is what the caller asked for or created. Another user's command or
+approval is "not found" to a user, never "forbidden": a user cannot learn
+which ids exist. A status report never decides an approval: only approve and
+reject do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from actors.data import messages as m
+from actors.data.model import (
+    Approval,
+    ApprovalCreate,
+    Command,
+    CommandCreate,
+    CommandStatusUpdate,
+    Decision,
+    Page,
+    Principal,
+    Rejection,
+)
+from actors.data.repo import APPROVALS, COMMANDS
+from jarvisd.http.auth import forbidden, require
+from jarvisd.http.common import (
+    RouteDoc,
+    ask,
+    body,
+    list_query,
+    listed,
+    optional_body,
+    path_id,
+    reply,
+)
+from jarvisd.http.errors import ProblemError, reject_unknown_params
+
+__all__ = ["ROUTES"]
+
+
+def _sees_all(who: Principal) -> bool:
+    return who.role in ("admin", "approver", "agent")
+
+
+def _owns(who: Principal, *ids: int | None) -> bool:
+    return who.user_id is not None and who.user_id in ids
+
+
+# -- commands ---------------------------------------------------------------------------------------
+@require()
+async def list_commands(request: web.Request, who: Principal) -> web.Response:
+    forced = None if _sees_all(who) else {"user_id": who.user_id}
+    lq, count = list_query(request, COMMANDS, forced)
+    return listed(await ask(request, "persistence", m.ListCommands(query=lq, count=count)), count)
+
+
+async def _visible_command(request: web.Request, who: Principal, command_id: int) -> Command:
+    command: Command = await ask(request, "persistence", m.GetCommand(command_id=command_id))
+    if not _sees_all(who) and not _owns(who, command.user_id, command.created_by):
+        raise ProblemError(404, "Not found", f"no command {command_id}")
+    return command
+
+
+@require()
+async def get_command(request: web.Request, who: Principal) -> web.Response:
+    reject_unknown_params(request, ())
+    return reply(await _visible_command(request, who, path_id(request)))
+
+
+@require()
+async def create_command(request: web.Request, who: Principal) -> web.Response:
+    reject_unknown_params(request, ())
+    new = await body(request, CommandCreate)
+    user_id = new.user_id
+    if who.role == "user":
+        if user_id is not None and user_id != who.user_id:
+            raise forbidden("a user creates commands only for themselves")
+        user_id = who.user_id
+    elif user_id is None:
+        user_id = who.user_id
+    command, created = await ask(
+        request,
+        "persistence",
+        m.CreateCommand(new=new, user_id=user_id, created_by=who.user_id),
+    )
+    return reply(command, 201 if created else 200, {"Location": f"/commands/{command.id}"})
+
+
+@require("admin", "agent")
+async def update_command(request: web.Request, who: Principal) -> web.Response:
+    reject_unknown_params(request, ())
+    change = await body(request, CommandStatusUpdate)
+    msg = m.UpdateCommandStatus(command_id=path_id(request), change=change, actor_id=who.user_id)
+    return reply(await ask(request, "persistence", msg))
+
+
+# -- approvals ----------------------------------------------------------------------------------------
+@require()
+async def list_approvals(request: web.Request, who: Principal) -> web.Response:
+    forced = None if _sees_all(who) else {"requester_id": who.user_id}
+    lq, count = list_query(request, APPROVALS, forced)
+    return listed(await ask(request, "persistence", m.ListApprovals(query=lq, count=count)), count)
+
+
+async def _visible_approval(request: web.Request, who: Principal, approval_id: int) -> Approval:
+    approval: Approval = await ask(request, "persistence", m.GetApproval(approval_id=approval_id))
+    if not _sees_all(who) and not _owns(who, approval.requester_id, approval.created_by):
+        raise ProblemError(404, "Not found", f"no approval request {approval_id}")
+    return approval
+
+
+@require()
+async def get_approval(request: web.Request, who: Principal) -> web.Response:
+    reject_unknown_params(request, ())
+    return reply(await _visible_approval(request, who, path_id(request)))
+
+
+@require()
+async def create_approval(request: web.Request, who: Principal) -> web.Response:
+    reject_unknown_params(request, ())
+    new = await body(request, ApprovalCreate)
+    approval = await ask(
+        request, "persistence", m.CreateApproval(new=new, requester_id=who.user_id)
+    )
+    return reply(approval, 201, {"Location": f"/approvals/{approval.id}"})
+
+
+def _decide(
+    decision: str, shape: type[Any]
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    @require()
+    async def decide(request: web.Request, who: Principal) -> web.Response:
+        reject_unknown_params(request, ())
+        approval_id = path_id(request)
+        if shape is Rejection:
+            reason: str | None = (await body(request, Rejection)).reason
+        else:
+            reason = (await optional_body(request, Decision, Decision())).reason
+        await _visible_approval(request, who, approval_id)
+        msg = m.DecideApproval(
+            approval_id=approval_id,
+            decision=decision,  # type: ignore[arg-type]
+            who=who,
+            reason=reason,
+        )
+        return reply(await ask(request, "persistence", msg))
+
+    decide.__name__ = f"{decision}_approval"
+    return decide
+
+
+ROUTES: list[RouteDoc] = [
+    RouteDoc(
+        "GET",
+        "/commands",
+        list_commands,
+        "List commands",
+        response=Page[Command],
+        list_spec=COMMANDS,
+    ),
+    RouteDoc(
+        "POST",
+        "/commands",
+        create_command,
+        "Create a command (idempotent on requestId)",
+        CommandCreate,
+        Command,
+        201,
+    ),
+    RouteDoc("GET", "/commands/{id}", get_command, "Read a command", response=Command),
+    RouteDoc(
+        "PUT",
+        "/commands/{id}",
+        update_command,
+        "Report a command's progress: running, succeeded, failed or cancelled",
+        CommandStatusUpdate,
+        Command,
+    ),
+    RouteDoc(
+        "GET",
+        "/approvals",
+        list_approvals,
+        "List approval requests",
+        response=Page[Approval],
+        list_spec=APPROVALS,
+    ),
+    RouteDoc(
+        "POST",
+        "/approvals",
+        create_approval,
+        "Request a standalone approval",
+        ApprovalCreate,
+        Approval,
+        201,
+    ),
+    RouteDoc("GET", "/approvals/{id}", get_approval, "Read an approval request", response=Approval),
+    RouteDoc(
+        "PUT",
+        "/approvals/{id}/approve",
+        _decide("approved", Decision),
+        "Approve",
+        Decision,
+        Approval,
+        body_required=False,
+    ),
+    RouteDoc(
+        "PUT",
+        "/approvals/{id}/reject",
+        _decide("rejected", Rejection),
+        "Reject (a reason is required)",
+        Rejection,
+        Approval,
+    ),
+    RouteDoc(
+        "PUT",
+        "/approvals/{id}/cancel",
+        _decide("cancelled", Decision),
+        "Cancel",
+        Decision,
+        Approval,
+        body_required=False,
+    ),
+]

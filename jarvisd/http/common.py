@@ -1,0 +1,203 @@
+"""What every route module shares: the route record (router and OpenAPI),
+JSON replies, body decoding with its limits, path ids, list queries, and the
+ask that reaches an actor."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from actors.data.listing import ListError, ListSpec, parse_integer, parse_list
+from jarvisd.http.errors import ProblemError
+from jarvisd.http.keys import RUNTIME
+
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "RouteDoc",
+    "ask",
+    "body",
+    "list_query",
+    "listed",
+    "path_id",
+    "reply",
+]
+
+T = TypeVar("T")
+_encoder = msgspec.json.Encoder()
+# Deeper JSON is refused: nothing jarvisd stores needs it, and deep values
+# cost recursion in every decoder that reads them back (PostgreSQL, Python).
+MAX_JSON_DEPTH = 64
+MAX_ID = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class RouteDoc:
+    """One route, for the router and for /openapi.json."""
+
+    method: str
+    path: str
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    summary: str
+    body: type | None = None
+    response: Any = None
+    status: int = 200
+    list_spec: ListSpec | None = None
+    # Query parameters beside a list's: (name, JSON schema, description).
+    query: tuple[tuple[str, dict[str, Any], str], ...] = ()
+    # Extra statuses this route answers, beyond the common ones (for the document).
+    statuses: tuple[int, ...] = ()
+    body_required: bool = True
+    # Another content type the success response may have (e.g. raw bytes).
+    raw_content: str | None = None
+
+
+def reply(obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=_encoder.encode(obj), content_type="application/json", headers=headers
+    )
+
+
+async def _read(request: web.Request, limit: int) -> bytes:
+    raw = bytearray()
+    async for chunk in request.content.iter_chunked(65536):
+        raw += chunk
+        if len(raw) > limit:
+            raise ProblemError(
+                413, "Payload too large", f"request body is over the limit of {limit} bytes"
+            )
+    return bytes(raw)
+
+
+def _depth_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether the JSON in ``raw`` nests deeper than ``limit``. Bodies with few
+    brackets (nearly all) are cleared by counting alone."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    stack: list[tuple[Any, int]] = [(msgspec.json.decode(raw), 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            children: Any = node.values()
+        elif isinstance(node, list):
+            children = node
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+async def body(request: web.Request, typ: type[T]) -> T:
+    """The JSON body decoded as ``typ``: 413 over http.max_body_bytes, 408 when
+    it does not arrive within http.request_timeout, 400 for anything that is
+    not valid UTF-8 JSON of that shape or nests deeper than MAX_JSON_DEPTH."""
+    settings = request.app[RUNTIME].settings.http
+    try:
+        async with asyncio.timeout(settings.request_timeout):
+            raw = await _read(request, settings.max_body_bytes)
+    except TimeoutError:
+        raise ProblemError(
+            408,
+            "Request timeout",
+            f"the request body did not arrive within {settings.request_timeout:g} s",
+        ) from None
+    if not raw:
+        raise ProblemError(400, "Bad request", "a JSON body is required")
+    try:
+        raw.decode()  # strict UTF-8 (RFC 8259), even in parts the type skips
+        if _depth_exceeds(raw, MAX_JSON_DEPTH):
+            raise ProblemError(
+                400, "Invalid JSON", f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
+            )
+        return _decode(raw, typ)
+    except msgspec.ValidationError as exc:
+        raise ProblemError(400, "Invalid body", str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise ProblemError(400, "Invalid JSON", str(exc)) from None
+    except UnicodeError:
+        raise ProblemError(400, "Invalid JSON", "the body is not valid UTF-8") from None
+    except RecursionError:
+        raise ProblemError(400, "Invalid JSON", "JSON nested too deeply") from None
+
+
+_FLOAT_FOR_INT = re.compile(r"^Expected `int[^`]*`, got `float` - at `\$((?:\.\w+|\[\d+\])*)`$")
+_STEP = re.compile(r"\.(\w+)|\[(\d+)\]")
+
+
+def _decode(raw: bytes, typ: type[T]) -> T:
+    """Decode ``raw`` as ``typ``. A number with a zero fraction (``97.0``) is an
+    integer in JSON Schema, so where ``typ`` wants an int it is taken as one;
+    a number with a fraction still is not."""
+    try:
+        return msgspec.json.decode(raw, type=typ)
+    except msgspec.ValidationError as first:
+        error: msgspec.ValidationError = first
+    data: Any = msgspec.json.decode(raw)
+    for _ in range(64):  # one integral float fixed per round
+        m = _FLOAT_FOR_INT.match(str(error))
+        if m is None:
+            raise error
+        parent: Any = None
+        step: str | int | None = None
+        node = data
+        for name, index in _STEP.findall(m.group(1)):
+            parent, step = node, (name if name else int(index))
+            node = node[step]
+        if not isinstance(node, float) or not node.is_integer() or parent is None:
+            raise error
+        parent[step] = int(node)
+        try:
+            return msgspec.convert(data, type=typ)
+        except msgspec.ValidationError as again:
+            error = again
+    raise error
+
+
+async def optional_body(request: web.Request, typ: type[T], default: T) -> T:
+    """The body decoded as ``typ`` if there is one, else ``default``."""
+    if not request.can_read_body:
+        return default
+    return await body(request, typ)
+
+
+def path_id(request: web.Request, name: str = "id") -> int:
+    """A row id from the path; anything else (or too large) is "not found"."""
+    raw = request.match_info[name]
+    value = parse_integer(raw) if len(raw) <= 40 else None
+    if value is None or not 0 < value <= MAX_ID:
+        raise ProblemError(404, "Not found", f"no such {name}: {raw[:40]!r}")
+    return value
+
+
+def list_query(
+    request: web.Request, spec: ListSpec, forced: dict[str, Any] | None = None
+) -> tuple[Any, Any]:
+    query = {k: request.query.getall(k) for k in request.query}
+    try:
+        lq = parse_list(spec, query, forced=forced)
+    except ListError as exc:
+        raise ProblemError(400, "Invalid list request", str(exc)) from None
+    prefer = request.headers.get("Prefer", "")
+    count = None
+    for part in prefer.split(","):
+        key, _, value = part.strip().partition("=")
+        if key == "count" and value in ("exact", "estimated"):
+            count = value
+    return lq, count
+
+
+def listed(page: Any, count: str | None) -> web.Response:
+    headers = {"Preference-Applied": f"count={count}"} if count else None
+    return reply(page, headers=headers)
+
+
+async def ask(request: web.Request, actor: str, msg: Any) -> Any:
+    rt = request.app[RUNTIME]
+    return await rt.actor(actor).ask(msg, timeout=rt.settings.http.request_timeout)

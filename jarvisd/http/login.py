@@ -1,0 +1,125 @@
+"""``POST /auth/login`` and ``POST /auth/logout`` (DESIGN §8).
+
+A login costs one scrypt verification whether or not the user exists or has a
+password, so its timing tells nothing. Failed logins are counted per user name
+and per client address (``[auth]``); past the limit the answer is 429 with
+Retry-After, before any password is checked.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated
+
+import msgspec
+from aiohttp import web
+
+from actors.data import messages as m
+from actors.data.credentials import TOKEN_PREFIX
+from actors.data.model import NO_NUL, User
+from actors.logins import LoginFailed, LoginThrottle
+from actors.sessions import SessionCreate, SessionDelete, SessionGet, SessionNotFound, SessionRotate
+from jarvisd.http.auth import Unauthorized, bearer
+from jarvisd.http.common import RouteDoc, ask, body, reply
+from jarvisd.http.errors import ProblemError, reject_unknown_params
+
+__all__ = ["ROUTES"]
+
+
+class Login(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    username: Annotated[str, msgspec.Meta(min_length=1, max_length=256, pattern=NO_NUL)]
+    password: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
+
+
+class LoginReply(msgspec.Struct, frozen=True, rename="camel"):
+    token: str
+    expires_at_ms: int
+    user: User
+
+
+def client_address(request: web.Request) -> str:
+    """The peer's address; every Unix-socket client counts as one address."""
+    return request.remote or "unix"
+
+
+async def login(request: web.Request) -> web.Response:
+    """Password in, session token out. A session token presented with the
+    request is rotated (same session, new id) rather than kept: no fixation."""
+    reject_unknown_params(request, ())
+    creds = await body(request, Login)
+    address = client_address(request)
+    wait = await ask(request, "logins", LoginThrottle(creds.username, address))
+    if wait > 0:
+        raise ProblemError(
+            429,
+            "Too many requests",
+            "too many failed logins for this user or address; try again later",
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+    who = await ask(
+        request, "persistence", m.CheckPassword(username=creds.username, password=creds.password)
+    )
+    if who is None:
+        await ask(request, "logins", LoginFailed(creds.username, address))
+        raise Unauthorized("wrong username or password")
+    user = await ask(request, "persistence", m.GetUser(user_id=who.user_id))
+    presented = _session_token(request)
+    session = None
+    if presented is not None:
+        try:
+            current = await ask(request, "logins", SessionGet(presented, touch=False))
+            if current.user_id == user.id:
+                session = await ask(request, "logins", SessionRotate(presented))
+            else:
+                await ask(request, "logins", SessionDelete(presented))
+        except SessionNotFound:
+            session = None
+    if session is None:
+        session = await ask(request, "logins", SessionCreate(user.id, {"login": "password"}))
+    return reply(LoginReply(token=session.id, expires_at_ms=session.expires_at_ms, user=user), 201)
+
+
+def _session_token(request: web.Request) -> str | None:
+    try:
+        token = bearer(request)
+    except ProblemError:
+        return None
+    return None if token is None or token.startswith(TOKEN_PREFIX) else token
+
+
+async def logout(request: web.Request) -> web.Response:
+    reject_unknown_params(request, ())
+    token = bearer(request)
+    if token is None:
+        raise Unauthorized("log out with the session token as Authorization: Bearer")
+    if token.startswith(TOKEN_PREFIX):
+        raise ProblemError(
+            403,
+            "Not a session",
+            "an API token is not a session: revoke it with DELETE /users/{id}/tokens/{tokenId}",
+        )
+    if not await ask(request, "logins", SessionDelete(token)):
+        raise Unauthorized("invalid or expired session")
+    return web.Response(status=204)
+
+
+ROUTES: list[RouteDoc] = [
+    RouteDoc(
+        "POST",
+        "/auth/login",
+        login,
+        "Log in with a password; returns a session token",
+        Login,
+        LoginReply,
+        201,
+        statuses=(429,),
+    ),
+    RouteDoc(
+        "POST",
+        "/auth/logout",
+        logout,
+        "End the session given as the bearer token",
+        status=204,
+        body_required=False,
+    ),
+]

@@ -1,0 +1,144 @@
+"""Application sessions: the session store services keep for their users
+(DESIGN §7, §8). They hold data and nothing else: no route authenticates with
+them, so creating one never gives anyone authority.
+
+| route | admin | agent | approver, user |
+|---|---|---|---|
+| POST /sessions | for any user | for any user | for self |
+| GET, PUT, DELETE /sessions/{id} | any | any | own |
+
+Another user's session is "not found". Lifetimes asked for are capped at
+``sessions.max_ttl``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from aiohttp import web
+
+from actors.data import messages as m
+from actors.data.model import Principal, RowId
+from actors.sessions import Session, SessionCreate, SessionDelete, SessionGet, SessionUpdate
+from jarvisd.http.auth import forbidden, require
+from jarvisd.http.common import RouteDoc, ask, body, reply
+from jarvisd.http.errors import ProblemError, reject_unknown_params
+
+__all__ = ["ROUTES"]
+
+TOUCH = (
+    "touch",
+    {"type": "string", "enum": ["true", "false"]},
+    "false reads without sliding the idle TTL",
+)
+# Seconds; the schema's bound only keeps numbers sane, the config caps them.
+Lifetime = Annotated[int, msgspec.Meta(ge=1, le=10 * 365 * 86400)]
+
+
+class SessionCreateBody(
+    msgspec.Struct, frozen=True, kw_only=True, rename="camel", forbid_unknown_fields=True
+):
+    user_id: RowId
+    data: Any = None
+    idle_ttl: Lifetime | None = None
+    absolute_ttl: Lifetime | None = None
+
+
+class SessionUpdateBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    data: Any
+    version: Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)] | None = None
+
+
+class SessionVersion(msgspec.Struct, frozen=True):
+    version: int
+
+
+def _store_for(who: Principal) -> bool:
+    """Admins and agents (the services that keep sessions) act for any user."""
+    return who.role in ("admin", "agent")
+
+
+async def _visible(request: web.Request, who: Principal, session_id: str) -> Session:
+    session: Session = await ask(request, "sessions", SessionGet(session_id, touch=False))
+    if not _store_for(who) and session.user_id != who.user_id:
+        raise ProblemError(404, "Not found", "no such session")
+    return session
+
+
+@require()
+async def session_create(request: web.Request, who: Principal) -> web.Response:
+    reject_unknown_params(request, ())
+    b = await body(request, SessionCreateBody)
+    if not _store_for(who) and b.user_id != who.user_id:
+        raise forbidden("only admins and agents create sessions for other users")
+    await ask(request, "persistence", m.GetUser(user_id=b.user_id))  # 404 for an unknown user
+    session = await ask(
+        request, "sessions", SessionCreate(b.user_id, b.data, b.idle_ttl, b.absolute_ttl)
+    )
+    return reply(session, 201)
+
+
+@require()
+async def session_get(request: web.Request, who: Principal) -> web.Response:
+    reject_unknown_params(request, ("touch",))
+    touch_param = request.query.get("touch", "true")
+    if touch_param not in ("true", "false"):
+        raise ProblemError(400, "Bad request", "touch is true or false")
+    touch = touch_param == "true"
+    session_id = request.match_info["id"]
+    await _visible(request, who, session_id)
+    if touch:
+        return reply(await ask(request, "sessions", SessionGet(session_id, touch=True)))
+    return reply(await ask(request, "sessions", SessionGet(session_id, touch=False)))
+
+
+@require()
+async def session_update(request: web.Request, who: Principal) -> web.Response:
+    reject_unknown_params(request, ())
+    b = await body(request, SessionUpdateBody)
+    session_id = request.match_info["id"]
+    await _visible(request, who, session_id)
+    version = await ask(request, "sessions", SessionUpdate(session_id, b.data, b.version))
+    return reply(SessionVersion(version))
+
+
+@require()
+async def session_delete(request: web.Request, who: Principal) -> web.Response:
+    reject_unknown_params(request, ())
+    session_id = request.match_info["id"]
+    await _visible(request, who, session_id)
+    await ask(request, "sessions", SessionDelete(session_id))
+    return web.Response(status=204)
+
+
+ROUTES: list[RouteDoc] = [
+    RouteDoc(
+        "POST",
+        "/sessions",
+        session_create,
+        "Create an application session for a user (data only; never a credential)",
+        SessionCreateBody,
+        Session,
+        201,
+    ),
+    RouteDoc(
+        "GET",
+        "/sessions/{id}",
+        session_get,
+        "Read (and touch) an application session",
+        response=Session,
+        query=(TOUCH,),
+    ),
+    RouteDoc(
+        "PUT",
+        "/sessions/{id}",
+        session_update,
+        "Replace an application session's data (optional expected version)",
+        SessionUpdateBody,
+        SessionVersion,
+    ),
+    RouteDoc(
+        "DELETE", "/sessions/{id}", session_delete, "Delete an application session", status=204
+    ),
+]
