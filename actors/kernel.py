@@ -216,6 +216,11 @@ class Actor:
     def state(self) -> ActorState:
         return self._state
 
+    def halting(self) -> bool:
+        """True once the actor is stopping or crashed: loops in ``run()`` check it
+        (cancellation alone may be swallowed by a library on Python 3.11)."""
+        return self._halting
+
     @property
     def mailbox_depth(self) -> int:
         return self._mailbox.qsize()

@@ -19,7 +19,9 @@ import msgspec
 from actors import migrate as migrations
 from actors.data import repo
 from actors.data.handlers import DataHandlers
-from actors.kernel import Actor, Health, handles
+from actors.data.workflow import WorkflowHandlers
+from actors.envelope import Event, EventKind
+from actors.kernel import Actor, ActorError, Health, handles
 from config import ApprovalSettings, PostgresSettings
 
 __all__ = ["Migrate", "MigrationStatus", "Persistence", "PgPing", "Unavailable"]
@@ -41,7 +43,7 @@ class MigrationStatus(msgspec.Struct, frozen=True):
     """Replies {"applied": [...], "pending": [...]}."""
 
 
-class Persistence(DataHandlers, Actor):
+class Persistence(DataHandlers, WorkflowHandlers, Actor):
     def __init__(
         self,
         settings: PostgresSettings,
@@ -51,6 +53,7 @@ class Persistence(DataHandlers, Actor):
         health_interval: float = 2.0,
         migration_set: list[migrations.Migration] | None = None,
         approvals: ApprovalSettings | None = None,
+        events: Actor | None = None,
     ) -> None:
         # Several workers so one slow query never holds up the others; the pool bounds real concurrency.
         super().__init__(
@@ -64,6 +67,9 @@ class Persistence(DataHandlers, Actor):
         self.pool: asyncpg.Pool | None = None
         self.migration_set = migration_set
         self.approvals = approvals or ApprovalSettings()
+        # Where committed changes are announced (the pubsub actor); None: nowhere.
+        self.events = events
+        self.events_dropped = 0
         self.last_error = ""
         self.migrated: list[str] = []
         self._ready = asyncio.Event()
@@ -116,6 +122,17 @@ class Persistence(DataHandlers, Actor):
             await pool.close()
             raise
         self.pool = pool
+
+    def announce(self, published: list[tuple[EventKind, Event]]) -> None:
+        """Hand events to the sink without waiting; count the ones it cannot take."""
+        if self.events is None or not published:
+            return
+        from actors.pubsub import PublishEvents
+
+        try:
+            self.events.tell_nowait(PublishEvents(tuple(published)))
+        except ActorError:  # full, stopped or restarting: the events are dropped
+            self.events_dropped += len(published)
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         async with asyncio.timeout(timeout):
@@ -174,6 +191,7 @@ class Persistence(DataHandlers, Actor):
     def snapshot(self) -> dict[str, Any]:
         data = super().snapshot()
         pool = self.pool
+        data["eventsDropped"] = self.events_dropped
         data["pool"] = (
             None
             if pool is None

@@ -24,6 +24,9 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=
 
 
 class DaemonSettings(_Section, frozen=True):
+    # This daemon's name among several on the same servers (stats, metrics, its
+    # bus consumer); empty: the host name.
+    name: Annotated[str, msgspec.Meta(max_length=100, pattern=r"^[A-Za-z0-9_.-]*$")] = ""
     state_dir: str = "/var/lib/jarvisd"
     log_level: LogLevel = "info"
     log_format: LogFormat = "auto"
@@ -118,10 +121,43 @@ class AuthSettings(_Section, frozen=True):
     token_max_ttl: NonNegativeInt = 0
 
 
+class PubSubSettings(_Section, frozen=True):
+    # Longest wait for a message before the reader looks at its other duties.
+    poll_interval: PositiveFloat = 0.05
+    # An idle connection is pinged this often; no answer within ping_timeout
+    # means it is dead (half-open) and it is replaced.
+    ping_interval: PositiveFloat = 5.0
+    ping_timeout: PositiveFloat = 3.0
+    reconnect_max: PositiveFloat = 5.0
+    # Messages waiting for one WebSocket client; past it the client is dropped (1013).
+    client_queue: PositiveInt = 1000
+    # Largest message POST /publish accepts (encoded).
+    max_message_bytes: PositiveInt = 65_536
+    # WebSocket clients are pinged this often; one that does not answer is closed.
+    ws_heartbeat: PositiveFloat = 30.0
+
+
 class BusSettings(_Section, frozen=True):
-    stream: Annotated[str, msgspec.Meta(min_length=1)] = "jarvis:inbox"
-    group: Annotated[str, msgspec.Meta(min_length=1)] = "jarvisd"
+    # The agents' inbox: a stream (XADD) and a channel (PUBLISH) of this name.
+    stream: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] = "jarvis:inbox"
+    group: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] = "jarvisd"
+    # An entry delivered this many times without being processed is dead-lettered.
     max_deliveries: PositiveInt = 5
+    # Entries read (and committed) per round.
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 500
+    # Longest wait for new entries in one read (milliseconds).
+    block_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 1000
+    # An entry pending this long (a daemon died holding it, or it failed) is
+    # claimed by the next daemon that looks, this one included.
+    claim_idle: PositiveFloat = 30.0
+    claim_interval: PositiveFloat = 5.0
+    # Bigger envelopes are dead-lettered unread.
+    max_envelope_bytes: PositiveInt = 65_536
+    # The stream is trimmed to what is not yet processed; past max_length
+    # entries (a backlog nobody consumes) the oldest go anyway.
+    max_length: PositiveInt = 1_000_000
+    dead_max_length: PositiveInt = 100_000
+    trim_interval: PositiveFloat = 10.0
 
 
 class ApprovalSettings(_Section, frozen=True):
@@ -141,6 +177,7 @@ class Settings(_Section, frozen=True):
     cache: CacheSettings = msgspec.field(default_factory=CacheSettings)
     sessions: SessionSettings = msgspec.field(default_factory=SessionSettings)
     auth: AuthSettings = msgspec.field(default_factory=AuthSettings)
+    pubsub: PubSubSettings = msgspec.field(default_factory=PubSubSettings)
     bus: BusSettings = msgspec.field(default_factory=BusSettings)
     approvals: ApprovalSettings = msgspec.field(default_factory=ApprovalSettings)
 

@@ -1,6 +1,7 @@
 """The composition root: build the actors from the settings, run, stop.
 
-Start order (DESIGN §3): embedded servers → persistence → redis → http.
+Start order (DESIGN §3): embedded servers → persistence → redis, cache,
+sessions, logins → pubsub → bus → http.
 Stop: the daemon first stops taking work (readiness turns 503, API requests
 get 503 "draining"), waits for in-flight requests, then stops the actors in
 reverse start order under one deadline, and closes the HTTP listeners last,
@@ -10,6 +11,7 @@ so that health keeps answering "draining" while the actors drain.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import socket
@@ -21,11 +23,13 @@ from typing import Any
 import structlog
 
 from actors import Actor, Escalation, FatalActorError, Supervisor
+from actors.bus import Bus
 from actors.cache import Cache
 from actors.data.messages import EnsureAdmin
 from actors.embedded import EmbeddedPostgres, EmbeddedValkey, RunAs
 from actors.logins import Logins
 from actors.persistence import Persistence
+from actors.pubsub import PubSub
 from actors.redis_link import RedisLink
 from actors.sessions import Sessions
 from config import ConfigError, LoadedConfig, Settings, load_settings
@@ -93,13 +97,38 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
     logins = Logins(
         settings.redis, settings.sessions, settings.auth, redis_url, health_interval=interval
     )
-    actors += [persistence, redis, cache, sessions, logins]
+    pubsub = PubSub(settings.redis, settings.pubsub, redis_url, health_interval=interval)
+    persistence.events = pubsub  # committed changes are announced on Redis
+    bus = Bus(
+        settings.redis,
+        settings.bus,
+        redis_url,
+        consumer=consumer_name(settings),
+        persistence=persistence,
+        cache=cache,
+        pubsub=pubsub,
+        health_interval=interval,
+    )
+    actors += [persistence, redis, cache, sessions, logins, pubsub, bus]
     checks = [
         Check("postgres", persistence, "datastore"),
         Check("redis", redis, "datastore"),
+        Check("pubsub", pubsub, "component"),
+        Check("bus", bus, "component", critical=False),
         *checks,
     ]
     return actors, checks
+
+
+def daemon_name(settings: Settings) -> str:
+    return settings.daemon.name or socket.gethostname()
+
+
+def consumer_name(settings: Settings) -> str:
+    """This daemon's bus consumer: its name and its state directory, so that
+    it is the same after a restart and differs between daemons on one host."""
+    place = hashlib.sha256(os.path.abspath(settings.daemon.state_dir).encode()).hexdigest()
+    return f"{daemon_name(settings)}-{place[:8]}"
 
 
 class Daemon:
@@ -219,6 +248,11 @@ class Daemon:
                 actor.approvals = settings.approvals
             elif isinstance(actor, Cache):
                 actor.cache_settings = settings.cache
+            elif isinstance(actor, PubSub):
+                actor.settings = settings.pubsub
+            elif isinstance(actor, Bus):
+                # stream and group are bound at start (reload.RESTART_KEYS)
+                actor.settings = settings.bus
             elif isinstance(actor, Sessions):
                 actor.settings = settings.sessions
                 if isinstance(actor, Logins):

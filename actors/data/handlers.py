@@ -1,4 +1,4 @@
-"""Handlers of the data messages; mixed into the persistence actor."""
+"""Handlers of the user and token messages; mixed into the persistence actor."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from actors.data import messages as m
 from actors.data.model import Principal, TokenCreate, UserCreate
 from actors.data.repo import Forbidden
 from actors.kernel import handles
-from config import ApprovalSettings
 
 _BOOTSTRAP_LOCK = (
     int.from_bytes(hashlib.sha256(b"jarvisd.bootstrap-admin").digest()[:8], "big") >> 1
@@ -31,9 +30,7 @@ def _dummy_hash() -> str:
 
 
 class DataHandlers:
-    """Requires ``self._pool()`` and ``self.approvals`` from the actor."""
-
-    approvals: ApprovalSettings
+    """Users, tokens and the first admin. Requires ``self._pool()`` from the actor."""
 
     def _pool(self) -> asyncpg.Pool:
         raise NotImplementedError
@@ -135,67 +132,6 @@ class DataHandlers:
     async def _authenticate_user(self, msg: m.AuthenticateUser) -> Principal | None:
         async with self._pool().acquire() as conn:
             return await repo.principal_of(conn, msg.user_id, msg.via)
-
-    # -- commands -------------------------------------------------------------------------------
-    @handles(m.CreateCommand)
-    async def _create_command(self, msg: m.CreateCommand) -> Any:
-        async with self._pool().acquire() as conn:
-            return await repo.create_command(
-                conn,
-                msg.new,
-                msg.user_id,
-                created_by=msg.created_by,
-                threshold=self.approvals.threshold,
-                expiry=self.approvals.expiry,
-            )
-
-    @handles(m.GetCommand)
-    async def _get_command(self, msg: m.GetCommand) -> Any:
-        async with self._pool().acquire() as conn:
-            return await repo.get_command(conn, msg.command_id)
-
-    @handles(m.ListCommands)
-    async def _list_commands(self, msg: m.ListCommands) -> Any:
-        async with self._pool().acquire() as conn:
-            return await repo.list_commands(conn, msg.query, msg.count)
-
-    @handles(m.UpdateCommandStatus)
-    async def _update_command_status(self, msg: m.UpdateCommandStatus) -> Any:
-        async with self._pool().acquire() as conn:
-            return await repo.update_command_status(conn, msg.command_id, msg.change, msg.actor_id)
-
-    @handles(m.InsertCommands)
-    async def _insert_commands(self, msg: m.InsertCommands) -> Any:
-        async with self._pool().acquire() as conn:
-            return await repo.insert_commands_batch(
-                conn, list(msg.rows), list(msg.user_ids), threshold=self.approvals.threshold
-            )
-
-    # -- approvals -------------------------------------------------------------------------------
-    @handles(m.CreateApproval)
-    async def _create_approval(self, msg: m.CreateApproval) -> Any:
-        async with self._pool().acquire() as conn:
-            expires_in = min(msg.new.expires_in or self.approvals.expiry, self.approvals.max_expiry)
-            return await repo.create_approval(
-                conn, msg.new, msg.requester_id, expires_in=expires_in
-            )
-
-    @handles(m.GetApproval)
-    async def _get_approval(self, msg: m.GetApproval) -> Any:
-        async with self._pool().acquire() as conn:
-            return await repo.get_approval(conn, msg.approval_id)
-
-    @handles(m.ListApprovals)
-    async def _list_approvals(self, msg: m.ListApprovals) -> Any:
-        async with self._pool().acquire() as conn:
-            return await repo.list_approvals(conn, msg.query, msg.count)
-
-    @handles(m.DecideApproval)
-    async def _decide_approval(self, msg: m.DecideApproval) -> Any:
-        async with self._pool().acquire() as conn:
-            return await repo.decide_approval(
-                conn, msg.approval_id, msg.decision, msg.who, msg.reason
-            )
 
     @handles(m.EnsureAdmin)
     async def _ensure_admin(self, msg: m.EnsureAdmin) -> Any:

@@ -112,11 +112,20 @@ class UpdateCommandStatus(_Msg, frozen=True):
     actor_id: int | None
 
 
-class InsertCommands(_Msg, frozen=True):
-    """The batched ingest path: replies [(request_id, id, new)]."""
+class IngestCommands(_Msg, frozen=True):
+    """The batched ingest path (agent bus): replies one repo.Ingested per row."""
 
-    rows: tuple[CommandCreate, ...]
-    user_ids: tuple[int | None, ...]
+    rows: tuple[tuple[CommandCreate, int | None], ...]
+
+
+class ReportCommand(_Msg, frozen=True):
+    """A status report naming the command by id or by the requestId it was
+    created with (agents know the latter); replies the Command."""
+
+    change: CommandStatusUpdate
+    command_id: int | None = None
+    request_id: str | None = None
+    duration_ms: int | None = None  # as measured by the agent
 
 
 class CreateApproval(_Msg, frozen=True):

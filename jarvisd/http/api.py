@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from jarvisd.http import cache_api, commands, login, sessions, users
+from jarvisd.http import cache_api, commands, login, pubsub, sessions, users
 from jarvisd.http.common import RouteDoc
 
 __all__ = ["ROUTES", "add_routes"]
@@ -17,6 +17,7 @@ ROUTES: list[RouteDoc] = [
     *commands.ROUTES,
     *cache_api.ROUTES,
     *sessions.ROUTES,
+    *pubsub.ROUTES,
 ]
 
 
@@ -31,3 +32,4 @@ def add_routes(app: web.Application) -> None:
         if path == "/cache/{key}":
             path = "/cache/" + _CACHE_KEY
         app.router.add_route(route.method, path, route.handler)
+    app.router.add_get("/ws", pubsub.websocket)

@@ -256,6 +256,18 @@ def document() -> dict[str, Any]:
         }
     for route in ROUTES:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, schema_of)
+    paths["/ws"] = {
+        "get": {
+            "summary": "WebSocket: subscribe to channels and patterns (ops in README, WebSocket)",
+            "operationId": "websocket",
+            "security": [{"bearer": []}],
+            "responses": {
+                "101": {"description": "Switching to the WebSocket protocol"},
+                "400": _problem_response(),
+                "401": _problem_response(),
+            },
+        }
+    }
     return {
         "openapi": "3.1.0",
         "info": {

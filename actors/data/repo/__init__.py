@@ -13,13 +13,21 @@ from actors.data.repo.approvals import (
 )
 from actors.data.repo.commands import (
     COMMANDS,
+    command_id_of,
     create_command,
     get_command,
-    insert_commands_batch,
     list_commands,
     update_command_status,
 )
-from actors.data.repo.common import Conflict, Forbidden, Invalid, NotFound, init_connection
+from actors.data.repo.common import (
+    Conflict,
+    Expired,
+    Forbidden,
+    Invalid,
+    NotFound,
+    init_connection,
+)
+from actors.data.repo.ingest import Ingested, ingest_commands
 from actors.data.repo.users import (
     USERS,
     authenticate_token,
@@ -43,10 +51,13 @@ __all__ = [
     "COMMANDS",
     "USERS",
     "Conflict",
+    "Expired",
     "Forbidden",
+    "Ingested",
     "Invalid",
     "NotFound",
     "authenticate_token",
+    "command_id_of",
     "create_approval",
     "create_command",
     "create_token",
@@ -58,8 +69,8 @@ __all__ = [
     "get_user",
     "get_user_by_name",
     "has_admin",
+    "ingest_commands",
     "init_connection",
-    "insert_commands_batch",
     "list_approvals",
     "list_commands",
     "list_tokens",

@@ -26,7 +26,7 @@ from actors.data.model import (
     parameters_digest,
     risk_category,
 )
-from actors.data.repo.common import Conflict, Forbidden, Invalid, NotFound, page
+from actors.data.repo.common import Conflict, Expired, Forbidden, Invalid, NotFound, page
 
 APPROVAL_COLUMNS = (
     "id, command_id, requester_id, action, description, parameters_digest, risk_score, risk_category, "
@@ -129,10 +129,11 @@ def _check_decider(current: asyncpg.Record, decision: str, who: Principal) -> No
 
 async def decide_approval(
     conn: asyncpg.Connection, approval_id: int, decision: str, who: Principal, reason: str | None
-) -> Approval:
+) -> tuple[Approval, bool]:
     """approved | rejected | cancelled, checked against the row as it is when
-    the decision lands. A request found past its deadline is expired (and
-    that is committed) instead of decided."""
+    the decision lands; returns the request and whether this call changed it
+    (False: the same decision again, a no-op). A request found past its
+    deadline is expired (and that is committed) instead of decided: Conflict."""
     if decision == "rejected" and not reason:
         raise Invalid("a rejection needs a reason")
     lapsed = False
@@ -149,7 +150,7 @@ async def decide_approval(
             await set_status(conn, current, "expired", None, "expired before a decision")
             lapsed = True
         elif current["status"] == decision:
-            return _approval(current)  # the same decision again: no-op
+            return _approval(current), False  # the same decision again: no-op
         elif current["status"] != "pending":
             raise Conflict(
                 f"approval request {approval_id} is already {current['status']}", _approval(current)
@@ -160,8 +161,8 @@ async def decide_approval(
             await set_status(conn, current, decision, who.user_id, reason)
     decided = await get_approval(conn, approval_id)
     if lapsed:
-        raise Conflict(f"approval request {approval_id} expired", decided)
-    return decided
+        raise Expired(f"approval request {approval_id} expired", decided)
+    return decided, True
 
 
 async def _check_bound_command(conn: asyncpg.Connection, current: asyncpg.Record) -> None:

@@ -118,11 +118,26 @@ async def get_command(conn: asyncpg.Connection, command_id: int) -> Command:
     return _command(row)
 
 
+async def command_id_of(conn: asyncpg.Connection, request_id: str) -> int:
+    found = await conn.fetchval("SELECT id FROM commands WHERE request_id = $1", request_id)
+    if found is None:
+        raise NotFound(f"no command with requestId {request_id!r}")
+    return int(found)
+
+
 async def update_command_status(
-    conn: asyncpg.Connection, command_id: int, change: CommandStatusUpdate, actor_id: int | None
-) -> Command:
-    """Apply a status report. Cancelling a command that awaits approval also
-    cancels its pending approval request, in the same transaction."""
+    conn: asyncpg.Connection,
+    command_id: int,
+    change: CommandStatusUpdate,
+    actor_id: int | None,
+    *,
+    duration_ms: int | None = None,
+) -> tuple[Command, str | None]:
+    """Apply a status report; returns the command and the status it left
+    (None when the report repeated the current status: a no-op). A finished
+    command's duration is the agent's ``duration_ms`` if given, else the time
+    since it started. Cancelling a command that awaits approval also cancels
+    its pending approval request, in the same transaction."""
     target = change.status
     allowed = REPORTABLE.get(target)
     if allowed is None:
@@ -132,8 +147,8 @@ async def update_command_status(
         extra = ", started_at = now()"
     elif target in ("succeeded", "failed"):
         extra = (
-            ", finished_at = now(), duration_ms = "
-            "(extract(epoch FROM now() - coalesce(started_at, created_at)) * 1000)::bigint"
+            ", finished_at = now(), duration_ms = coalesce($6::bigint, "
+            "(extract(epoch FROM now() - coalesce(started_at, created_at)) * 1000)::bigint)"
         )
     async with conn.transaction():
         row = await conn.fetchrow(
@@ -145,6 +160,7 @@ async def update_command_status(
             change.result,
             change.error,
             list(allowed),
+            *((duration_ms,) if target in ("succeeded", "failed") else ()),
         )
         if row is None:
             current = await conn.fetchrow(
@@ -153,7 +169,7 @@ async def update_command_status(
             if current is None:
                 raise NotFound(f"no command {command_id}")
             if current["status"] == target:
-                return _command(current)  # a repeated report: no-op
+                return _command(current), None  # a repeated report: no-op
             raise Conflict(
                 f"command {command_id} is {current['status']}; it cannot become {target}",
                 _command(current),
@@ -173,47 +189,7 @@ async def update_command_status(
         updated = await conn.fetchrow(
             f"SELECT {COMMAND_COLUMNS} FROM commands WHERE id = $1", command_id
         )
-    return _command(updated)
-
-
-async def insert_commands_batch(
-    conn: asyncpg.Connection,
-    rows: list[CommandCreate],
-    user_ids: list[int | None],
-    *,
-    threshold: int,
-) -> list[tuple[str, int | None, bool]]:
-    """Many commands in one round trip, idempotent on request_id.
-    Returns (request_id, id, new) per row; ``id`` is None for a duplicate
-    within the batch that lost to an earlier row."""
-    request_ids = [r.request_id or f"api-{uuid.uuid4()}" for r in rows]
-    scores = [r.risk_score or 0 for r in rows]
-    inserted = await conn.fetch(
-        "INSERT INTO commands (request_id, user_id, source, type, action, parameters, description, status, "
-        "risk_score, risk_category) "
-        "SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::jsonb[], "
-        "$7::text[], $8::text[], $9::smallint[], $10::text[]) "
-        "ON CONFLICT (request_id) DO NOTHING RETURNING id, request_id",
-        request_ids,
-        user_ids,
-        [r.source for r in rows],
-        [r.type for r in rows],
-        [r.action for r in rows],
-        [r.parameters for r in rows],
-        [r.description for r in rows],
-        ["awaiting_approval" if s >= threshold else "approved" for s in scores],
-        scores,
-        [risk_category(s) for s in scores],
-    )
-    new = {r["request_id"]: r["id"] for r in inserted}
-    missing = [rid for rid in request_ids if rid not in new]
-    existing: dict[str, int] = {}
-    if missing:
-        for r in await conn.fetch(
-            "SELECT id, request_id FROM commands WHERE request_id = ANY($1::text[])", missing
-        ):
-            existing[r["request_id"]] = r["id"]
-    return [(rid, new.get(rid, existing.get(rid)), rid in new) for rid in request_ids]
+    return _command(updated), str(row["previous"])
 
 
 _COMMAND_STATUSES = frozenset(COMMAND_TRANSITIONS) | {"pending"}

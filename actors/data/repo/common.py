@@ -13,7 +13,7 @@ import msgspec
 from actors.data.listing import ListQuery, ListSpec, count_sql, encode_cursor, select_sql
 from actors.data.model import Page
 
-__all__ = ["Conflict", "Forbidden", "Invalid", "NotFound", "init_connection", "page"]
+__all__ = ["Conflict", "Expired", "Forbidden", "Invalid", "NotFound", "init_connection", "page"]
 
 
 class NotFound(LookupError):
@@ -26,6 +26,11 @@ class Conflict(Exception):
     def __init__(self, message: str, current: Any = None) -> None:
         super().__init__(message)
         self.current = current
+
+
+class Expired(Conflict):
+    """A decision found its request past the deadline and expired it (that is
+    committed); ``current`` is the expired request."""
 
 
 class Forbidden(PermissionError):

@@ -1,0 +1,80 @@
+"""The events a state change announces (DESIGN §5): envelopes for
+``{prefix}events`` and the channel of their kind, built from the rows as
+committed. Agents match them to what they asked for by ``requestId``."""
+
+from __future__ import annotations
+
+from actors.data.model import Approval, Command
+from actors.envelope import Event, EventKind, event
+
+__all__ = [
+    "approval_decided",
+    "approval_requested",
+    "command_created",
+    "command_updated",
+]
+
+Published = tuple[EventKind, Event]
+
+
+def command_created(c: Command) -> Published:
+    return event(
+        "commands",
+        "command.created",
+        c.user_id,
+        commandId=c.id,
+        requestId=c.request_id,
+        status=c.status,
+        action=c.action,
+        type=c.type,
+        source=c.source or None,
+        riskScore=c.risk_score,
+        riskCategory=c.risk_category,
+        approvalId=c.approval_id,
+    )
+
+
+def command_updated(c: Command, previous: str) -> Published:
+    return event(
+        "commands",
+        "command.updated",
+        c.user_id,
+        commandId=c.id,
+        requestId=c.request_id,
+        status=c.status,
+        previous=previous,
+        error=c.error,
+        durationMs=c.duration_ms,
+        approvalId=c.approval_id,
+    )
+
+
+def approval_requested(a: Approval, request_id: str | None, user_id: int | None) -> Published:
+    return event(
+        "approvals",
+        "approval.requested",
+        user_id,
+        approvalId=a.id,
+        commandId=a.command_id,
+        requestId=request_id,
+        action=a.action,
+        description=a.description or None,
+        riskScore=a.risk_score,
+        riskCategory=a.risk_category,
+        expiresAt=a.expires_at.isoformat(),
+    )
+
+
+def approval_decided(a: Approval, request_id: str | None, user_id: int | None) -> Published:
+    """approval.decided; for a request that ran out of time, approval.expired."""
+    return event(
+        "approvals",
+        "approval.expired" if a.status == "expired" else "approval.decided",
+        user_id,
+        approvalId=a.id,
+        commandId=a.command_id,
+        requestId=request_id,
+        decision=a.status,
+        decidedBy=a.decided_by,
+        reason=a.reason,
+    )

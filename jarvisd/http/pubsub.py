@@ -1,0 +1,318 @@
+"""``POST /publish`` and ``GET /ws`` (DESIGN §8): Redis pub/sub over HTTP.
+
+Publishing (admins and agents): any channel outside the daemon's own
+(``{prefix}…``), and the agents' inbox (``bus.stream``). The daemon's event
+channels are never writable here, so an event read from them is the daemon's.
+
+Subscribing, over a WebSocket:
+
+| channels | admin, agent | approver | user |
+|---|---|---|---|
+| ``{prefix}events``, ``{prefix}commands``, ``{prefix}approvals`` | all events | all events | events about their own commands and requests |
+| the inbox, other channels, patterns | yes | - | - |
+| ``{prefix}internal:*`` | - | - | - |
+
+A message matching a pattern on an internal channel is never delivered.
+The ops are JSON text frames (README, "WebSocket"). Each client has a bounded
+queue (``pubsub.client_queue``): one that falls behind is closed with 1013,
+never waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from typing import Annotated, Any, Literal
+
+import msgspec
+import structlog
+from aiohttp import WSMsgType, web
+
+from actors.data.model import Principal
+from actors.pubsub import Delivery, Detach, Publish, Subscribe, Subscriber, Unsubscribe
+from jarvisd.http.auth import Unauthorized, authenticate, forbidden, require
+from jarvisd.http.common import RouteDoc, ask, body, reply
+from jarvisd.http.errors import ProblemError, reject_unknown_params
+from jarvisd.http.keys import RUNTIME
+from jarvisd.runtime import Runtime
+
+__all__ = ["ROUTES", "websocket"]
+
+log = structlog.get_logger("jarvisd", actor="http")
+CHANNEL_RE = r"^[A-Za-z0-9_.:@/-]{1,200}$"
+PATTERN_RE = r"^[A-Za-z0-9_.:@/*?\[\]^-]{1,200}$"
+Channel = Annotated[str, msgspec.Meta(pattern=CHANNEL_RE)]
+Pattern = Annotated[str, msgspec.Meta(pattern=PATTERN_RE)]
+MAX_SUBSCRIPTIONS = 100
+AUTH_WAIT = 10.0
+# 1008: policy violation (no or bad credentials); 1013: try again later (too slow).
+WS_POLICY, WS_TRY_LATER, WS_GOING_AWAY = 1008, 1013, 1001
+
+
+class PublishBody(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    channel: Channel
+    message: Any  # any JSON value; published as its JSON text
+
+
+class Published(msgspec.Struct, frozen=True):
+    channel: str
+    receivers: int
+
+
+# -- channel rules ------------------------------------------------------------------------
+class Rules:
+    """What a caller may publish and see, from the daemon's settings."""
+
+    def __init__(self, rt: Runtime) -> None:
+        prefix = rt.settings.redis.prefix
+        self.prefix = prefix
+        self.inbox = rt.settings.bus.stream
+        self.internal = f"{prefix}internal:"
+        self.event_channels = frozenset(f"{prefix}{k}" for k in ("events", "commands", "approvals"))
+
+    def may_publish(self, who: Principal, channel: str) -> bool:
+        if who.role not in ("admin", "agent"):
+            return False
+        return channel == self.inbox or not channel.startswith(self.prefix)
+
+    def may_subscribe(self, who: Principal, channel: str) -> bool:
+        if channel.startswith(self.internal):
+            return False
+        if channel in self.event_channels:
+            return True
+        return who.role in ("admin", "agent")
+
+    def may_see(self, who: Principal, item: Delivery) -> bool:
+        channel = item.channel
+        if channel.startswith(self.internal):
+            return False
+        if who.role != "user":
+            return True
+        # A user sees the daemon's events about themselves, nothing else.
+        return channel in self.event_channels and _user_of(item.data) == who.user_id
+
+
+class _UserOf(msgspec.Struct, rename="camel"):
+    user_id: int | None = None
+
+
+_user_decoder = msgspec.json.Decoder(_UserOf)
+
+
+def _user_of(data: bytes) -> int | None:
+    try:
+        return _user_decoder.decode(data).user_id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+# -- POST /publish ----------------------------------------------------------------------------
+@require()
+async def publish(request: web.Request, who: Principal) -> web.Response:
+    reject_unknown_params(request, ())
+    rt = request.app[RUNTIME]
+    b = await body(request, PublishBody)
+    if not Rules(rt).may_publish(who, b.channel):
+        raise forbidden(
+            "admins and agents publish; the daemon's own channels are not writable"
+            if who.role in ("admin", "agent")
+            else f"the {who.role} role may not publish"
+        )
+    data = msgspec.json.encode(b.message)
+    limit = rt.settings.pubsub.max_message_bytes
+    if len(data) > limit:
+        raise ProblemError(
+            413, "Payload too large", f"message of {len(data)} bytes is over {limit} bytes"
+        )
+    receivers = await ask(request, "pubsub", Publish(b.channel, data))
+    return reply(Published(b.channel, receivers))
+
+
+# -- GET /ws --------------------------------------------------------------------------------------
+class _Op(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    op: Literal["subscribe", "unsubscribe", "ping", "auth"]
+    channels: Annotated[list[Channel], msgspec.Meta(max_length=MAX_SUBSCRIPTIONS)] = []
+    patterns: Annotated[list[Pattern], msgspec.Meta(max_length=MAX_SUBSCRIPTIONS)] = []
+    token: Annotated[str, msgspec.Meta(max_length=512)] | None = None
+
+
+_op_decoder = msgspec.json.Decoder(_Op)
+_encoder = msgspec.json.Encoder()
+
+
+@functools.lru_cache(maxsize=512)
+def _frame(item: Delivery) -> str:
+    """The text frame of a delivery, encoded once for all its receivers."""
+    if item.kind == "gap":
+        return _encoder.encode(
+            {"type": "subscription.gap", "reason": item.data.decode(errors="replace")}
+        ).decode()
+    try:
+        data: Any = msgspec.Raw(item.data) if _is_json(item.data) else item.data.decode()
+    except UnicodeError:
+        data = item.data.decode(errors="replace")
+    return _encoder.encode(
+        {"type": "message", "channel": item.channel, "pattern": item.pattern, "data": data}
+    ).decode()
+
+
+def _is_json(data: bytes) -> bool:
+    try:
+        msgspec.json.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        return False
+    return True
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    reject_unknown_params(request, ())
+    rt = request.app[RUNTIME]
+    who = await authenticate(request)  # 401 for bad credentials; none: an auth op must come first
+    ws = web.WebSocketResponse(heartbeat=rt.settings.pubsub.ws_heartbeat, max_msg_size=65_536)
+    if not ws.can_prepare(request).ok:
+        raise ProblemError(400, "Bad request", "GET /ws expects a WebSocket upgrade")
+    await ws.prepare(request)
+    if who is None:
+        who = await _first_auth(request, ws)
+        if who is None:
+            return ws
+    session = _Session(rt, request, ws, who)
+    await session.run()
+    return ws
+
+
+async def _first_auth(request: web.Request, ws: web.WebSocketResponse) -> Principal | None:
+    """Browsers cannot send headers with a WebSocket: the first frame may be
+    {"op": "auth", "token": …}."""
+    try:
+        async with asyncio.timeout(AUTH_WAIT):
+            msg = await ws.receive()
+        op = _op_decoder.decode(msg.data) if msg.type == WSMsgType.TEXT else None
+        if op is None or op.op != "auth" or not op.token:
+            raise Unauthorized('send {"op": "auth", "token": …} first')
+        # authenticate() reads the header: present the token the same way.
+        headers = request.headers.copy()
+        headers["Authorization"] = f"Bearer {op.token}"
+        who = await authenticate(request.clone(headers=headers))
+        if who is None:
+            raise Unauthorized("no credentials")
+    except (TimeoutError, msgspec.DecodeError, msgspec.ValidationError, Unauthorized) as exc:
+        reason = exc.detail if isinstance(exc, Unauthorized) else "authenticate first"
+        await ws.close(code=WS_POLICY, message=reason.encode()[:120])
+        return None
+    await ws.send_str(_encoder.encode({"type": "authenticated", "user": who.name}).decode())
+    return who
+
+
+class _Session:
+    """One WebSocket client: a reader of ops and a writer of deliveries."""
+
+    def __init__(
+        self, rt: Runtime, request: web.Request, ws: web.WebSocketResponse, who: Principal
+    ) -> None:
+        self.rt = rt
+        self.request = request
+        self.ws = ws
+        self.who = who
+        self.rules = Rules(rt)
+        self.pubsub = rt.actor("pubsub")
+        self.sub = Subscriber(
+            f"ws:{who.name}", queue_size=rt.settings.pubsub.client_queue, overflow="close"
+        )
+
+    async def run(self) -> None:
+        writer = asyncio.get_running_loop().create_task(self._write(), name="ws.writer")
+        try:
+            await self._read()
+        finally:
+            self.sub.close("the client went away")
+            with contextlib.suppress(Exception):
+                await self.pubsub.ask(Detach(self.sub), timeout=5)
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+
+    async def _send(self, doc: dict[str, Any]) -> None:
+        await self.ws.send_str(_encoder.encode(doc).decode())
+
+    async def _read(self) -> None:
+        async for msg in self.ws:
+            if msg.type != WSMsgType.TEXT:
+                await self._send({"type": "error", "error": "send JSON text frames"})
+                continue
+            try:
+                op = _op_decoder.decode(msg.data)
+            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                await self._send({"type": "error", "error": f"invalid op: {exc}"})
+                continue
+            await self._do(op)
+
+    async def _do(self, op: _Op) -> None:
+        if op.op == "ping":
+            await self._send({"type": "pong"})
+            return
+        if op.op == "auth":
+            await self._send({"type": "error", "op": "auth", "error": "already authenticated"})
+            return
+        channels, patterns = tuple(dict.fromkeys(op.channels)), tuple(dict.fromkeys(op.patterns))
+        if op.op == "subscribe":
+            refused = [c for c in channels if not self.rules.may_subscribe(self.who, c)]
+            if patterns and self.who.role not in ("admin", "agent"):
+                refused += list(patterns)
+            if refused:
+                await self._send(
+                    {"type": "error", "op": "subscribe", "error": "not allowed", "refused": refused}
+                )
+                return
+            total = len(self.sub.channels | set(channels)) + len(self.sub.patterns | set(patterns))
+            if total > MAX_SUBSCRIPTIONS:
+                await self._send(
+                    {
+                        "type": "error",
+                        "op": "subscribe",
+                        "error": f"at most {MAX_SUBSCRIPTIONS} subscriptions",
+                    }
+                )
+                return
+            try:
+                await self.pubsub.ask(Subscribe(self.sub, channels, patterns), timeout=10)
+            except Exception as exc:  # Redis unreachable: say so, keep the socket
+                await self._send({"type": "error", "op": "subscribe", "error": str(exc)})
+                return
+            await self._send({"type": "subscribed", "channels": channels, "patterns": patterns})
+        else:
+            await self.pubsub.ask(Unsubscribe(self.sub, channels, patterns), timeout=10)
+            await self._send({"type": "unsubscribed", "channels": channels, "patterns": patterns})
+
+    async def _write(self) -> None:
+        while True:
+            item = await self.sub.next()
+            if item is None:
+                break
+            if item.kind == "message" and not self.rules.may_see(self.who, item):
+                continue
+            await self.ws.send_str(_frame(item))
+        reason = self.sub.closed or "closed"
+        code = WS_TRY_LATER if reason.startswith("too slow") else WS_GOING_AWAY
+        # A client too slow to read may not read the close frame either: bound the wait.
+        try:
+            async with asyncio.timeout(2):
+                await self.ws.close(code=code, message=reason.encode()[:120])
+        except TimeoutError:
+            log.info("ws_aborted", reason=reason)
+        finally:
+            transport = self.request.transport
+            if transport is not None and not self.ws.closed:
+                transport.abort()
+
+
+ROUTES: list[RouteDoc] = [
+    RouteDoc(
+        "POST",
+        "/publish",
+        publish,
+        "Publish a JSON message on a channel (admins and agents)",
+        PublishBody,
+        Published,
+    ),
+]
