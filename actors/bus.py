@@ -75,6 +75,7 @@ class Bus(RedisClientActor):
         settings: BusSettings,
         url: str,
         *,
+        stream: str,
         consumer: str,
         persistence: Actor,
         cache: Actor,
@@ -86,6 +87,7 @@ class Bus(RedisClientActor):
             name, redis_settings, url, mailbox_size=16, health_interval=health_interval
         )
         self.settings = settings
+        self.stream = stream
         self.consumer = consumer
         self.router = Router(persistence, cache)
         self.pubsub = pubsub
@@ -97,7 +99,7 @@ class Bus(RedisClientActor):
 
     @property
     def dead_stream(self) -> str:
-        return f"{self.settings.stream}:dead"
+        return f"{self.stream}:dead"
 
     # -- the loop ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -145,11 +147,9 @@ class Bus(RedisClientActor):
     async def _ensure_group(self) -> None:
         try:
             await self._client().xgroup_create(
-                self.settings.stream, self.settings.group, id="0", mkstream=True
+                self.stream, self.settings.group, id="0", mkstream=True
             )
-            self.log.info(
-                "bus_group_created", stream=self.settings.stream, group=self.settings.group
-            )
+            self.log.info("bus_group_created", stream=self.stream, group=self.settings.group)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
@@ -160,7 +160,7 @@ class Bus(RedisClientActor):
         reply: Any = await self._client().xreadgroup(
             self.settings.group,
             self.consumer,
-            {self.settings.stream: start},
+            {self.stream: start},
             count=self.settings.batch_size,
             block=block,
         )
@@ -183,7 +183,7 @@ class Bus(RedisClientActor):
     async def _claim(self) -> None:
         idle_ms = int(self.settings.claim_idle * 1000)
         reply = await self._client().xautoclaim(
-            self.settings.stream,
+            self.stream,
             self.settings.group,
             self.consumer,
             idle_ms,
@@ -202,7 +202,7 @@ class Bus(RedisClientActor):
 
     async def _deliveries(self, ids: list[str]) -> dict[str, int]:
         rows = await self._client().xpending_range(
-            self.settings.stream,
+            self.stream,
             self.settings.group,
             min=ids[0],
             max=ids[-1],
@@ -276,7 +276,7 @@ class Bus(RedisClientActor):
                     maxlen=self.settings.dead_max_length,
                     approximate=True,
                 )
-            pipe.xack(self.settings.stream, self.settings.group, *acked)
+            pipe.xack(self.stream, self.settings.group, *acked)
             await pipe.execute()
         self.bus_stats.acked += len(acked)
         self.bus_stats.dead += len(dead)
@@ -310,7 +310,7 @@ class Bus(RedisClientActor):
         delay = 0.1
         while not self.halting():
             try:
-                await self.pubsub.ask(Subscribe(sub, channels=(self.settings.stream,)), timeout=10)
+                await self.pubsub.ask(Subscribe(sub, channels=(self.stream,)), timeout=10)
                 return
             except Exception as exc:  # not connected yet: try again
                 self.log.debug("bus_subscribe_retry", error=repr(exc))
@@ -355,7 +355,7 @@ class Bus(RedisClientActor):
     async def _trim(self) -> None:
         """Drop what the group has finished; cap the rest at max_length."""
         client = self._client()
-        groups = await client.xinfo_groups(self.settings.stream)
+        groups = await client.xinfo_groups(self.stream)
         mine = next((g for g in groups if _text(g["name"]) == self.settings.group), None)
         if mine is None:
             return
@@ -363,20 +363,18 @@ class Bus(RedisClientActor):
         lag = mine.get("lag")
         self.bus_stats.lag = None if lag is None else int(lag)
         floor = _text(mine["last-delivered-id"])
-        summary = await client.xpending(self.settings.stream, self.settings.group)
+        summary = await client.xpending(self.stream, self.settings.group)
         if summary and summary.get("pending") and summary.get("min"):
             floor = min(floor, _text(summary["min"]), key=_stream_id)
-        trimmed = int(await client.xtrim(self.settings.stream, minid=floor, approximate=True))
-        length = int(await client.xlen(self.settings.stream))
+        trimmed = int(await client.xtrim(self.stream, minid=floor, approximate=True))
+        length = int(await client.xlen(self.stream))
         if length > self.settings.max_length:
             self.bus_stats.over_max_length += 1
             self.log.warning(
                 "bus_stream_over_max_length", length=length, max_length=self.settings.max_length
             )
             trimmed += int(
-                await client.xtrim(
-                    self.settings.stream, maxlen=self.settings.max_length, approximate=True
-                )
+                await client.xtrim(self.stream, maxlen=self.settings.max_length, approximate=True)
             )
         self.bus_stats.trimmed += trimmed
 

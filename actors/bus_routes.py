@@ -119,6 +119,10 @@ class Router:
         for (key, env), done in zip(items, results, strict=True):
             if done.outcome == "no_user":
                 out[key] = Outcome("dead", f"no user {env.user_id}")
+            elif done.outcome == "conflict":
+                out[key] = Outcome(
+                    "dead", f"conflict: requestId {done.request_id!r} is used by another command"
+                )
             else:
                 out[key] = DONE
         return out
@@ -154,6 +158,7 @@ class Router:
             command_id=data.command_id,
             request_id=data.request_id,
             duration_ms=duration,
+            actor_name=f"bus:{env.source}"[:100],
         )
         try:
             await self._ask(self.persistence, msg)

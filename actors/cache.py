@@ -185,7 +185,8 @@ class NamespaceStats:
 
 
 # -- Lua ----------------------------------------------------------------------------
-# KEYS[1] = key, KEYS[2..] = tag sets. ARGV: value, ttl_ms (0 = none), mode, keepttl.
+# KEYS[1] = key, KEYS[2..] = tag sets. ARGV: value, ttl_ms (0 = none), mode, keepttl,
+# default ttl_ms (for a key KEEPTTL finds without one).
 # Value, mode, TTL and tag membership in one atomic step; each tag set lives at
 # least as long as the key (never shortened to the last key's TTL).
 TAGGED_SET = """
@@ -196,6 +197,10 @@ if ARGV[4] == '1' then table.insert(args, 'KEEPTTL') elseif ttl > 0 then
 if ARGV[3] ~= '' then table.insert(args, ARGV[3]) end
 if not redis.call('SET', unpack(args)) then return 0 end
 local key_ttl = redis.call('PTTL', KEYS[1])
+if key_ttl == -1 and ARGV[4] == '1' then
+  -- KEEPTTL on a key that had none (a new key): it gets the default TTL.
+  redis.call('PEXPIRE', KEYS[1], ARGV[5]); key_ttl = tonumber(ARGV[5])
+end
 for i = 2, #KEYS do
   local existed = redis.call('EXISTS', KEYS[i])
   redis.call('SADD', KEYS[i], KEYS[1])
@@ -496,10 +501,16 @@ class Cache(RedisClientActor):
         ttl = self._ttl_ms(msg)
         data = self._encode(msg.value)
         key = self.key(msg.namespace, msg.key)
-        if msg.tags:
+        if msg.tags or msg.keepttl:
             await self._tagged_set(
                 keys=[key, *(self.tag_key(msg.namespace, t) for t in msg.tags)],
-                args=[data, ttl, msg.mode, "1" if msg.keepttl else "0"],
+                args=[
+                    data,
+                    ttl,
+                    msg.mode,
+                    "1" if msg.keepttl else "0",
+                    clamp_ttl_ms(self.cache_settings, None),
+                ],
                 client=pipe,
             )
         else:

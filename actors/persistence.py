@@ -10,6 +10,7 @@ connections by itself, so a restarted PostgreSQL needs no daemon restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -29,6 +30,54 @@ __all__ = ["Migrate", "MigrationStatus", "Persistence", "PgPing", "Unavailable"]
 
 class Unavailable(Exception):
     """The database cannot be reached right now (HTTP maps this to 503)."""
+
+
+# Errors that say "the database is not there or not writable now", not "this
+# request is wrong": a connection lost or refused, the server shutting down,
+# out of connections, disk or memory, or a read-only server (a failover).
+_OUTAGES: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
+)
+
+
+class _Guarded:
+    """``pool.acquire()`` whose outage errors become Unavailable: any error
+    while getting a connection (the server refuses them), and outage errors
+    while using one."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self._cm: Any = None
+
+    async def __aenter__(self) -> asyncpg.Connection:
+        self._cm = self._pool.acquire()
+        try:
+            return await self._cm.__aenter__()
+        except asyncpg.PostgresError as exc:
+            raise Unavailable(f"database refused a connection: {exc}") from exc
+        except _OUTAGES as exc:
+            raise Unavailable(f"database unreachable: {type(exc).__name__}: {exc}") from exc
+
+    async def __aexit__(self, et: Any, exc: Any, tb: Any) -> None:
+        with contextlib.suppress(*_OUTAGES):  # the connection is gone; the pool drops it
+            await self._cm.__aexit__(et, exc, tb)
+        if isinstance(exc, _OUTAGES) and not isinstance(exc, PermissionError):
+            raise Unavailable(f"database unavailable: {type(exc).__name__}: {exc}") from exc
+
+
+class GuardedPool:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    def acquire(self) -> _Guarded:
+        return _Guarded(self.pool)
 
 
 class PgPing(msgspec.Struct, frozen=True):
@@ -138,24 +187,20 @@ class Persistence(DataHandlers, WorkflowHandlers, Actor):
         async with asyncio.timeout(timeout):
             await self._ready.wait()
 
-    def _pool(self) -> asyncpg.Pool:
+    def _pool(self) -> GuardedPool:
         if self.pool is None:
             raise Unavailable(f"database not connected: {self.last_error or 'connecting'}")
-        return self.pool
+        return GuardedPool(self.pool)
 
     @handles(PgPing)
     async def _ping(self, _msg: PgPing) -> float:
         started = time.perf_counter()
+        if self.pool is None:
+            raise Unavailable(f"database not connected: {self.last_error or 'connecting'}")
         try:
-            async with self._pool().acquire(timeout=self.settings.connect_timeout) as conn:
+            async with self.pool.acquire(timeout=self.settings.connect_timeout) as conn:
                 await conn.fetchval("SELECT 1")
-        except (
-            OSError,
-            asyncpg.PostgresError,
-            asyncpg.InterfaceError,
-            asyncpg.exceptions.InternalClientError,  # a connection caught mid-shutdown
-            TimeoutError,
-        ) as exc:
+        except (asyncpg.PostgresError, *_OUTAGES) as exc:
             raise Unavailable(f"database unreachable: {type(exc).__name__}: {exc}") from exc
         return (time.perf_counter() - started) * 1000
 

@@ -6,6 +6,7 @@ Unknown keys are rejected: a typo must never be silently ignored.
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Annotated, Literal
 
 import msgspec
@@ -119,6 +120,8 @@ class AuthSettings(_Section, frozen=True):
     # The longest lifetime of an API token (seconds); 0: tokens may live until
     # revoked. When set, tokens created without expiresIn get this lifetime.
     token_max_ttl: NonNegativeInt = 0
+    # Live (not revoked, not expired) tokens one user may hold.
+    max_tokens_per_user: PositiveInt = 100
 
 
 class PubSubSettings(_Section, frozen=True):
@@ -139,7 +142,8 @@ class PubSubSettings(_Section, frozen=True):
 
 class BusSettings(_Section, frozen=True):
     # The agents' inbox: a stream (XADD) and a channel (PUBLISH) of this name.
-    stream: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] = "jarvis:inbox"
+    # Unset: redis.prefix + "inbox" ("jarvis:inbox"), inside the daemon's key space.
+    stream: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
     group: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] = "jarvisd"
     # An entry delivered this many times without being processed is dead-lettered.
     max_deliveries: PositiveInt = 5
@@ -160,11 +164,58 @@ class BusSettings(_Section, frozen=True):
     trim_interval: PositiveFloat = 10.0
 
 
+Score = Annotated[int, msgspec.Meta(ge=0, le=100)]
+
+
+class RiskRule(_Section, frozen=True):
+    """Commands whose action matches ``action`` (a glob, case-insensitive) score ``score``."""
+
+    action: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    score: Score
+
+
+# What jarvisd scores out of the box: the first rule that matches wins; an
+# action no rule matches scores default_score. An agent's suggested score may
+# raise a command's score, never lower it.
+DEFAULT_RULES: tuple[RiskRule, ...] = (
+    RiskRule(action="shell*", score=95),
+    RiskRule(action="exec*", score=95),
+    RiskRule(action="run_command*", score=95),
+    RiskRule(action="sudo*", score=95),
+    RiskRule(action="format*", score=95),
+    RiskRule(action="wipe*", score=95),
+    RiskRule(action="rm *", score=90),
+    RiskRule(action="transfer*", score=85),
+    RiskRule(action="pay*", score=85),
+    RiskRule(action="purchase*", score=85),
+    RiskRule(action="delete*", score=80),
+    RiskRule(action="remove*", score=80),
+    RiskRule(action="erase*", score=80),
+    RiskRule(action="uninstall*", score=75),
+    RiskRule(action="install*", score=75),
+    RiskRule(action="shutdown*", score=75),
+    RiskRule(action="reboot*", score=75),
+    RiskRule(action="send_*", score=60),
+    RiskRule(action="post_*", score=60),
+    RiskRule(action="write_*", score=50),
+)
+
+
 class ApprovalSettings(_Section, frozen=True):
-    threshold: Annotated[int, msgspec.Meta(ge=0, le=100)] = 70
+    threshold: Score = 70
     expiry: PositiveInt = 900
     # The longest expiry a requester may ask for (expiresIn); longer ones are capped to it.
     max_expiry: PositiveInt = 86400
+    default_score: Score = 30
+    rules: list[RiskRule] = msgspec.field(default_factory=lambda: list(DEFAULT_RULES))
+
+    def score(self, action: str) -> int:
+        """The policy's score for ``action``: the first matching rule's, else the default."""
+        name = action.casefold()
+        for rule in self.rules:
+            if fnmatch.fnmatchcase(name, rule.action.casefold()):
+                return rule.score
+        return self.default_score
 
 
 class Settings(_Section, frozen=True):
@@ -185,6 +236,11 @@ class Settings(_Section, frozen=True):
     def embedded_postgres(self) -> bool:
         """True when jarvisd must run PostgreSQL itself (embedded, no DSN given)."""
         return self.embedded.enabled and self.postgres.dsn is None
+
+    @property
+    def inbox(self) -> str:
+        """The agents' inbox stream and channel (bus.stream, else {prefix}inbox)."""
+        return self.bus.stream or f"{self.redis.prefix}inbox"
 
     @property
     def embedded_redis(self) -> bool:

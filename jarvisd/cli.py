@@ -8,24 +8,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import structlog
 
-from config import ConfigError, LoadedConfig, load_settings, redacted, to_toml
+from config import ConfigError, LoadedConfig, redacted, to_toml
 from jarvisd import __version__
+from jarvisd.cli_common import load, with_database
 from jarvisd.logs import configure
 
 EXIT_CONFIG = 2
-
-
-def _load(args: argparse.Namespace) -> LoadedConfig:
-    return load_settings(Path(args.config) if args.config else None)
 
 
 def _print_config_errors(err: ConfigError) -> None:
@@ -36,7 +32,7 @@ def _print_config_errors(err: ConfigError) -> None:
 
 # -- run -------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    loaded = _load(args)
+    loaded = load(args)
     s = loaded.settings
     configure(s.daemon.log_level, s.daemon.log_format)
     from jarvisd.daemon import Daemon  # the daemon pulls in aiohttp; other commands need not
@@ -60,7 +56,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # -- check-config ----------------------------------------------------------------
 def cmd_check_config(args: argparse.Namespace) -> int:
-    loaded = _load(args)
+    loaded = load(args)
     source = loaded.path or "defaults and environment"
     print(f"# effective configuration from {source} (secrets redacted)")
     print(to_toml(redacted(loaded.settings)), end="")
@@ -68,53 +64,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 # -- migrate ---------------------------------------------------------------------
-@contextlib.asynccontextmanager
-async def database_dsn(loaded: LoadedConfig) -> AsyncIterator[str]:
-    """The configured database's DSN. In embedded mode: the running daemon's
-    server if there is one, else the embedded server started for the duration
-    of the command (and stopped after it)."""
-    from actors.embedded import EmbeddedPostgres, RunAs
-
-    s = loaded.settings
-    if not s.embedded_postgres:
-        assert s.postgres.dsn is not None
-        yield s.postgres.dsn
-        return
-    pg = EmbeddedPostgres(
-        Path(s.daemon.state_dir),
-        run_as=RunAs.resolve(s.embedded.postgres_user),
-        bin_dir=s.embedded.postgres_bin_dir,
-        start_timeout=s.embedded.start_timeout,
-    )
-    try:
-        probe = await asyncpg.connect(pg.dsn, timeout=2)
-    except (OSError, asyncpg.PostgresError, TimeoutError):
-        probe = None
-    if probe is not None:
-        await probe.close()
-        yield pg.dsn
-        return
-    await pg.start()
-    try:
-        yield pg.dsn
-    finally:
-        await pg.stop()
-
-
-async def with_database(loaded: LoadedConfig, work: Any) -> Any:
-    """Run ``work(conn)`` on one connection to the configured database."""
-    async with database_dsn(loaded) as dsn:
-        conn = await asyncpg.connect(dsn, timeout=loaded.settings.postgres.connect_timeout)
-        try:
-            return await work(conn)
-        finally:
-            await conn.close()
-
-
 def cmd_migrate(args: argparse.Namespace) -> int:
     from actors import migrate as migrations
 
-    loaded = _load(args)
+    loaded = load(args)
     configure("warning", "console" if sys.stderr.isatty() else "json", stream=sys.stderr)
 
     async def work(conn: Any) -> Any:
@@ -173,7 +126,7 @@ async def probe_ready(loaded: LoadedConfig, timeout: float = 5.0) -> tuple[int, 
 def cmd_health(args: argparse.Namespace) -> int:
     import aiohttp
 
-    loaded = _load(args)
+    loaded = load(args)
     try:
         status, text = asyncio.run(probe_ready(loaded, args.timeout))
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -181,6 +134,32 @@ def cmd_health(args: argparse.Namespace) -> int:
         return 1
     print(text, end="")
     return 0 if status == 200 else 1
+
+
+def cmd_redis_cli(args: argparse.Namespace) -> int:
+    """valkey-cli (or redis-cli) on the daemon's Redis: the embedded server's
+    socket, or the configured URL."""
+    import os
+
+    from actors.embedded import EmbeddedValkey, RunAs
+    from actors.embedded.binaries import find_valkey_cli
+
+    s = load(args).settings
+    binary = find_valkey_cli()
+    if binary is None:
+        print("jarvisd redis-cli: no valkey-cli or redis-cli found", file=sys.stderr)
+        return 1
+    if s.embedded_redis:
+        server = EmbeddedValkey(
+            Path(s.daemon.state_dir), run_as=RunAs.resolve(s.embedded.postgres_user)
+        )
+        where = ["-s", str(server.socket_path)]
+    else:
+        assert s.redis.url is not None
+        where = ["-u", s.redis.url]
+    argv = [str(binary), *where, *args.args]
+    os.execv(argv[0], argv)  # noqa: S606 - the CLI's own binary, an argument list
+    return 1  # not reached: execv replaces this process
 
 
 def cmd_version(_args: argparse.Namespace) -> int:
@@ -218,9 +197,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     h.set_defaults(func=cmd_health)
     sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)
-    from jarvisd.cli_data import add_parsers
+    rc = with_config(
+        sub.add_parser(
+            "redis-cli", help="valkey-cli/redis-cli on the daemon's Redis (embedded or configured)"
+        )
+    )
+    rc.add_argument("args", nargs=argparse.REMAINDER, help="the command, e.g. XLEN jarvis:inbox")
+    rc.set_defaults(func=cmd_redis_cli)
+    from jarvisd import cli_data, cli_pubsub
 
-    add_parsers(sub, with_config)
+    cli_data.add_parsers(sub, with_config)
+    cli_pubsub.add_parsers(sub, with_config)
     return parser
 
 

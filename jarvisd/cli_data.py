@@ -24,6 +24,7 @@ from actors.data.model import TokenCreate, User, UserCreate, UserUpdate
 from actors.data.repo import USERS, Conflict, NotFound
 from actors.persistence import Persistence
 from config import LoadedConfig
+from jarvisd.cli_common import database_dsn, load
 from jarvisd.logs import configure
 
 __all__ = ["add_parsers"]
@@ -31,8 +32,6 @@ __all__ = ["add_parsers"]
 
 @contextlib.asynccontextmanager
 async def persistence(loaded: LoadedConfig) -> AsyncIterator[Persistence]:
-    from jarvisd.cli import database_dsn
-
     s = loaded.settings
     settings = msgspec.structs.replace(s.postgres, pool_min=1, pool_max=2, migrate_on_start=True)
     async with database_dsn(loaded) as dsn:
@@ -60,9 +59,7 @@ def _password(args: argparse.Namespace) -> str | None:
 
 
 def _run(args: argparse.Namespace, work: Callable[[Persistence], Awaitable[int]]) -> int:
-    from jarvisd.cli import _load
-
-    loaded = _load(args)
+    loaded = load(args)
     # stdout carries the command's answer (a token, a table): logs go to stderr.
     configure("warning", "console" if sys.stderr.isatty() else "json", stream=sys.stderr)
 
@@ -153,7 +150,12 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     async def work(actor: Persistence) -> int:
         user = await _user(actor, args.user)
         created = await actor.ask(
-            m.CreateToken(user_id=user.id, new=TokenCreate(name=args.name)), timeout=30
+            m.CreateToken(
+                user_id=user.id,
+                new=TokenCreate(name=args.name),
+                max_live=load(args).settings.auth.max_tokens_per_user,
+            ),
+            timeout=30,
         )
         print(created.token)  # alone on stdout, for scripts
         print(

@@ -103,6 +103,7 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
         settings.redis,
         settings.bus,
         redis_url,
+        stream=settings.inbox,
         consumer=consumer_name(settings),
         persistence=persistence,
         cache=cache,

@@ -5,7 +5,8 @@
 - On a TTY, with ``log_format = "auto"``, readable console output.
 - Otherwise JSON with an ISO timestamp.
 
-Exceptions are rendered into the JSON object, so a traceback is one line too.
+Exceptions are rendered into the JSON object, so a traceback is one line too,
+without the frames' local variables (they may hold credentials).
 The level is a module setting read by a processor, so SIGHUP can change it
 for loggers that already exist.
 """
@@ -112,9 +113,17 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         shared.append(structlog.processors.TimeStamper(fmt="iso", utc=True))
     renderer: Any
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=stream.isatty(), exception_formatter=structlog.dev.plain_traceback
+        )
     else:
-        shared += [structlog.processors.dict_tracebacks]
+        # Never the frames' local variables: they hold request bodies and headers
+        # (passwords, tokens).
+        shared += [
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            )
+        ]
         renderer = _JournalRenderer() if fmt == "journal" else structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[*shared, renderer],

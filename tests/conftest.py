@@ -96,6 +96,8 @@ def make_config(
             "http": {"port": 0, "unix_socket": str(tmp_path / "jarvisd.sock")},
             "postgres": {"dsn": pg_dsn, "pool_min": 1, "pool_max": 4},
             "redis": {"url": servers.redis_url, "prefix": redis_prefix},
+            # Tests choose scores themselves; the rules (delete*, transfer*, …) stay.
+            "approvals": {"default_score": 0},
         }
         for section, values in sections.items():
             data.setdefault(section, {}).update(values)

@@ -609,7 +609,9 @@ async def test_a_body_over_the_limit_is_413(api: Api) -> None:
 
     try:
         async with chunked.post(
-            api.base + "/commands", data=chunks(), headers={"Authorization": f"Bearer {token}"}
+            api.base + "/commands",
+            data=chunks(),
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
         ) as resp:
             assert resp.status == 413
     finally:

@@ -108,6 +108,13 @@ async def test_keepttl_keeps_the_remaining_ttl(cache: Cache) -> None:
         await ask(cache, CacheSet("ns", "k", 3, keepttl=True, ttl_ms=10))
 
 
+async def test_keepttl_on_a_new_key_gives_it_the_default_ttl_never_none(
+    cache: Cache, raw: aioredis.Redis, redis_prefix: str
+) -> None:
+    await ask(cache, CacheSet("ns", "fresh", 1, keepttl=True))
+    assert 59_000 < await raw.pttl(f"{redis_prefix}cache:ns:fresh") <= 60_000
+
+
 async def test_mset_mget_delete_and_exists(cache: Cache) -> None:
     assert await ask(cache, CacheMSet("ns", {"a": 1, "b": [2], "c": None}, ttl_ms=10_000))
     assert await ask(cache, CacheMGet("ns", ("a", "b", "c", "d"))) == [
@@ -160,8 +167,10 @@ async def test_a_tag_set_lives_at_least_as_long_as_its_longest_key(
     assert 99_000 < await raw.pttl(tag_key) <= 100_000  # not shrunk to the last key's TTL
     await ask(cache, CacheSet("ns", "longer", 1, ttl_ms=200_000, tags=("group",)))
     assert 199_000 < await raw.pttl(tag_key) <= 200_000
-    await ask(cache, CacheSet("ns", "forever", 1, keepttl=True, tags=("group",)))  # no TTL at all
-    assert await raw.pttl(tag_key) == -1
+    # KEEPTTL on a new key: the default TTL (60 s here); the tag set keeps its longer one.
+    await ask(cache, CacheSet("ns", "new", 1, keepttl=True, tags=("group",)))
+    assert 59_000 < await raw.pttl(f"{redis_prefix}cache:ns:new") <= 60_000
+    assert 199_000 < await raw.pttl(tag_key) <= 200_000
 
 
 async def test_a_tagged_set_refused_by_nx_adds_no_membership(

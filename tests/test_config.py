@@ -249,3 +249,24 @@ def test_version_prints_the_version() -> None:
     proc = run_cli("version")
     assert proc.returncode == 0
     assert proc.stdout.startswith("jarvisd ")
+
+
+def test_the_full_example_lists_every_key_with_its_default() -> None:
+    import tomllib
+
+    import msgspec
+
+    from config import Settings
+
+    example = tomllib.loads(
+        (Path(__file__).parent.parent / "config/examples/full.toml").read_text()
+    )
+    defaults = msgspec.to_builtins(Settings())
+    for section, values in defaults.items():
+        for key, value in values.items():
+            if value is None:
+                continue  # unset by default: shown commented out
+            assert key in example.get(section, {}), f"{section}.{key} missing from full.toml"
+            assert example[section][key] == value, f"{section}.{key}"
+    for section, values in example.items():
+        assert set(values) <= set(defaults[section]), section

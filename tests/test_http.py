@@ -90,6 +90,8 @@ async def test_ready_passes_with_postgres_and_redis_checks(running: Running) -> 
         "cache",
         "sessions",
         "logins",
+        "pubsub",
+        "bus",
     }
     assert (await running.json("/health"))[1]["checks"].keys() == doc["checks"].keys()
 

@@ -103,6 +103,10 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(
                 "delete_user",
                 "--exclude-operation-id",
                 "revoke_token",
+                # A WebSocket upgrade is not a request schemathesis can make:
+                # tests/test_ws.py covers /ws.
+                "--exclude-path",
+                "/ws",
                 "--no-color",
             ],
             cwd=instance,

@@ -143,7 +143,8 @@ async def test_writing_role_admin_into_the_cache_changes_nobodys_role(
     written = [k.decode() async for k in raw.scan_iter(match=f"{redis_prefix}*")]
     cache_space = (f"{redis_prefix}cache:", f"{redis_prefix}cache-tag:")
     login_space = (f"{redis_prefix}login:", f"{redis_prefix}login-user:")
-    assert all(k.startswith(cache_space + login_space) for k in written), written
+    inbox = (f"{redis_prefix}inbox",)  # the bus's stream
+    assert all(k.startswith(cache_space + login_space + inbox) for k in written), written
     assert not any(k.startswith(cache_space) and "login" in k.split(":")[2] for k in written)
 
 
@@ -156,6 +157,7 @@ async def test_a_standalone_request_cannot_attach_to_someone_elses_critical_comm
     _o, owner = await api.user("owner")
     _u, attacker = await api.user("attacker")
     _p, approver = await api.user("approver-1", "approver")
+    _d, admin = await api.user("admin-1", "admin")
     _, _, cmd = await api.call(
         "POST", "/commands", token=owner, json={"action": "wipe_disk", "riskScore": 95}
     )
@@ -173,7 +175,10 @@ async def test_a_standalone_request_cannot_attach_to_someone_elses_critical_comm
         "POST", "/approvals", token=attacker, json={"action": "wipe_disk", "riskScore": 70}
     )
     assert standalone["commandId"] is None
+    assert standalone["riskCategory"] == "CRITICAL"  # the policy's score for wipe_*, not 70
     status, _h, _b = await api.call("PUT", f"/approvals/{standalone['id']}/approve", token=approver)
+    assert status == 403  # CRITICAL needs an admin
+    status, _h, _b = await api.call("PUT", f"/approvals/{standalone['id']}/approve", token=admin)
     assert status == 200
     _s, _h, after = await api.call("GET", f"/commands/{cmd['id']}", local=True)
     assert after["status"] == "awaiting_approval"
@@ -355,7 +360,8 @@ async def test_a_session_ttl_of_2_pow_63_leaves_no_unexpiring_key_and_logins_kee
     )
     assert status == 400
     async for key in raw.scan_iter(match=f"{redis_prefix}*"):
-        assert await raw.pttl(key) > 0, key  # every key expires
+        if await raw.type(key) != b"stream":  # the bus's inbox is trimmed, not expired
+            assert await raw.pttl(key) > 0, key  # every other key expires
     await login(api, "ttl-user", "long password 3")
 
 
@@ -601,3 +607,196 @@ async def test_a_login_takes_the_same_time_whether_the_user_exists_or_has_a_pass
     # One scrypt run each: the same order of time (a skipped check is ~50x faster).
     for other in (missing, passwordless):
         assert existing / 3 < other < existing * 3, (existing, missing, passwordless)
+
+
+# --- found by probing: each closed --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config_overrides", [{"approvals": {"default_score": 30}}])
+async def test_the_risk_policy_scores_commands_and_a_suggestion_only_raises_it(api: Api) -> None:
+    _u, user = await api.user("policy-user")
+    cases = [
+        ({"action": "delete_file"}, 80, "awaiting_approval"),
+        ({"action": "delete_file", "riskScore": 0}, 80, "awaiting_approval"),
+        ({"action": "rm -rf /"}, 90, "awaiting_approval"),
+        ({"action": "Shell_Exec"}, 95, "awaiting_approval"),
+        ({"action": "open_app"}, 30, "approved"),
+        ({"action": "open_app", "riskScore": 92}, 92, "awaiting_approval"),
+    ]
+    for body, score, status in cases:
+        code, _h, cmd = await api.call("POST", "/commands", token=user, json=body)
+        assert code == 201, cmd
+        assert (cmd["riskScore"], cmd["status"]) == (score, status), body
+    _s, _h, standalone = await api.call(
+        "POST", "/approvals", token=user, json={"action": "transfer_funds", "riskScore": 10}
+    )
+    assert standalone["riskScore"] == 85
+
+
+async def test_the_local_admin_decides_requests_but_makes_none_and_is_named_as_decider(
+    api: Api,
+) -> None:
+    for path, body in (
+        ("/commands", {"action": "x"}),
+        ("/approvals", {"action": "x", "riskScore": 80}),
+    ):
+        status, _h, problem = await api.call("POST", path, local=True, json=body)
+        assert status == 403, path
+        assert "local admin" in problem["detail"]
+    _u, user = await api.user("asks-for-it")
+    _, _, cmd = await api.call(
+        "POST", "/commands", token=user, json={"action": "x", "riskScore": 95}
+    )
+    status, _h, decided = await api.call(
+        "PUT", f"/approvals/{cmd['approvalId']}/approve", local=True
+    )
+    assert status == 200
+    assert decided["decidedBy"] is None
+    assert decided["decider"].startswith("uid:")
+
+
+async def test_a_request_id_used_by_another_command_is_a_conflict_that_shows_nothing(
+    api: Api,
+) -> None:
+    u1, first = await api.user("rid-one")
+    _u2, second = await api.user("rid-two")
+    _a, agent = await api.user("rid-agent", "agent")
+    _, _, mine = await api.call(
+        "POST", "/commands", token=first, json={"action": "ls", "requestId": "job-42"}
+    )
+    # Someone else's command under the same id: 409, and none of it in the answer.
+    for token, body in (
+        (second, {"action": "ls", "requestId": "job-42"}),
+        (agent, {"action": "rm -rf /", "requestId": "job-42", "userId": u1, "riskScore": 99}),
+    ):
+        status, _h, problem = await api.call("POST", "/commands", token=token, json=body)
+        assert status == 409
+        assert "already used" in problem["detail"]
+        assert "current" not in problem
+        assert str(mine["id"]) not in json.dumps(problem)
+    # The same caller repeating the same command is the idempotent replay.
+    status, _h, again = await api.call(
+        "POST", "/commands", token=first, json={"action": "ls", "requestId": "job-42"}
+    )
+    assert (status, again["id"]) == (200, mine["id"])
+
+
+async def test_deciding_while_the_command_is_cancelled_never_deadlocks(api: Api) -> None:
+    _u, user = await api.user("racer")
+    _p, approver = await api.user("racer-approver", "approver")
+    _a, agent = await api.user("racer-agent", "agent")
+    for _ in range(15):
+        _, _, cmd = await api.call(
+            "POST", "/commands", token=user, json={"action": "x", "riskScore": 80}
+        )
+        results = await asyncio.gather(
+            api.call("PUT", f"/approvals/{cmd['approvalId']}/approve", token=approver),
+            api.call("PUT", f"/commands/{cmd['id']}", token=agent, json={"status": "cancelled"}),
+        )
+        assert sorted(r[0] for r in results) in ([200, 200], [200, 409]), results
+        _s, _h, final = await api.call("GET", f"/commands/{cmd['id']}", local=True)
+        _s, _h, approval = await api.call("GET", f"/approvals/{cmd['approvalId']}", local=True)
+        assert (final["status"], approval["status"]) in (
+            ("cancelled", "cancelled"),  # cancelled first: the request went with it
+            ("approved", "approved"),  # approved first: the cancel came too late (409)
+            ("cancelled", "approved"),  # approved first, then the approved command cancelled
+        )
+
+
+async def test_a_client_leaving_mid_body_or_a_bad_encoding_logs_no_body_and_answers_4xx(
+    api: Api, log_lines: io.StringIO
+) -> None:
+    secret = "LEAKY-PASSWORD-123"
+    cut = (
+        "POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f'Content-Length: 200\r\n\r\n{{"username": "u1", "password": "{secret}"'
+    ).encode()
+    port = api.r.daemon.http.bound_port
+    _reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(cut)
+    await writer.drain()
+    writer.close()
+    body = f'{{"username": "u1", "password": "{secret}"}}'.encode()
+    status, _h, problem = await api.call(
+        "POST",
+        "/auth/login",
+        data=body,
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert status == 400, problem
+    await asyncio.sleep(0.3)  # the cut request's handler finishes
+    text = log_lines.getvalue()
+    assert secret not in text
+    assert "http_handler_failed" not in text
+
+
+async def test_a_body_that_is_not_utf8_json_is_415(api: Api) -> None:
+    _a, agent = await api.user("ctype-agent", "agent")
+    for ctype in (
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "application/json; charset=utf-16",
+    ):
+        status, _h, problem = await api.call(
+            "POST",
+            "/commands",
+            token=agent,
+            data=b'{"action": "x"}',
+            headers={"Content-Type": ctype},
+        )
+        assert status == 415, ctype
+        assert problem["status"] == 415
+    assert (await api.call("GET", "/commands", token=agent))[2]["items"] == []
+
+
+async def test_a_login_racing_a_password_change_keeps_no_session(api: Api) -> None:
+    uid, _t = await api.user("racing-login", password="old password 1")
+    for round_ in range(6):
+        logins = [
+            api.call(
+                "POST",
+                "/auth/login",
+                json={"username": "racing-login", "password": f"old password {round_ + 1}"},
+            )
+            for _ in range(8)
+        ]
+        change = api.call(
+            "PUT", f"/users/{uid}", local=True, json={"password": f"old password {round_ + 2}"}
+        )
+        results = await asyncio.gather(change, *logins)
+        tokens = [r[2]["token"] for r in results[1:] if r[0] == 201]
+        for token in tokens:  # whatever got out before the change must be dead now
+            assert (await api.call("GET", f"/users/{uid}", token=token))[0] == 401
+
+
+@pytest.mark.parametrize("config_overrides", [{"auth": {"max_tokens_per_user": 3}}])
+async def test_a_user_holds_a_bounded_number_of_live_tokens(api: Api) -> None:
+    uid, token = await api.user("many-tokens")  # holds one already
+    made = []
+    for _ in range(2):
+        status, _h, t = await api.call("POST", f"/users/{uid}/tokens", token=token, json={})
+        assert status == 201
+        made.append(t)
+    status, _h, problem = await api.call("POST", f"/users/{uid}/tokens", token=token, json={})
+    assert status == 409
+    assert "max_tokens_per_user" in problem["detail"]
+    await api.call("DELETE", f"/users/{uid}/tokens/{made[0]['info']['id']}", token=token)
+    assert (await api.call("POST", f"/users/{uid}/tokens", token=token, json={}))[0] == 201
+
+
+async def test_cache_query_parameters_are_given_once_and_flags_are_flags(api: Api) -> None:
+    _a, agent = await api.user("flags-agent", "agent")
+    await api.call(
+        "POST", "/cache/set", token=agent, json={"key": "k", "value": 1, "namespace": "a"}
+    )
+    assert (await api.call("GET", "/cache/get/k?namespace=a&namespace=default", token=agent))[
+        0
+    ] == 400
+    assert (await api.call("GET", "/cache/get/k?namespace=a&raw=maybe", token=agent))[0] == 400
+    assert (await api.call("GET", "/cache/get/k?namespace=a&raw", token=agent))[0] == 200
+    status, _h, stored = await api.call(
+        "POST", "/cache/set", token=agent, json={"key": "new", "value": 1, "ttl": "keep"}
+    )
+    assert status == 200
+    assert stored["ttlMs"] is None
+    _s, _h, _b = await api.call("GET", "/cache/get/new", token=agent)

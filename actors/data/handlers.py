@@ -8,7 +8,6 @@ import hashlib
 import secrets
 from typing import Any
 
-import asyncpg
 import msgspec
 
 from actors.data import credentials, repo
@@ -29,10 +28,14 @@ def _dummy_hash() -> str:
     return credentials.hash_password(secrets.token_urlsafe(16))
 
 
+def credential_stamp(password_hash: str | None, disabled: bool) -> str:
+    return hashlib.sha256(f"{password_hash}|{disabled}".encode()).hexdigest()
+
+
 class DataHandlers:
     """Users, tokens and the first admin. Requires ``self._pool()`` from the actor."""
 
-    def _pool(self) -> asyncpg.Pool:
+    def _pool(self) -> Any:  # persistence.GuardedPool
         raise NotImplementedError
 
     # -- users ---------------------------------------------------------------------------
@@ -91,7 +94,7 @@ class DataHandlers:
             await repo.delete_user(conn, msg.user_id)
 
     @handles(m.CheckPassword)
-    async def _check_password(self, msg: m.CheckPassword) -> Principal | None:
+    async def _check_password(self, msg: m.CheckPassword) -> tuple[Principal, str] | None:
         async with self._pool().acquire() as conn:
             found = await repo.password_hash_of(conn, msg.username)
         # One scrypt run whatever the case, so timing does not tell which
@@ -105,13 +108,22 @@ class DataHandlers:
         user = found[0]
         async with self._pool().acquire() as conn:
             await repo.record_login(conn, user.id)
-        return Principal(user_id=user.id, role=user.role, name=user.username, via="session")
+        principal = Principal(user_id=user.id, role=user.role, name=user.username, via="session")
+        return principal, credential_stamp(stored, user.disabled)
+
+    @handles(m.CredentialStamp)
+    async def _credential_stamp(self, msg: m.CredentialStamp) -> str | None:
+        async with self._pool().acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT password_hash, disabled FROM users WHERE id = $1", msg.user_id
+            )
+        return None if row is None else credential_stamp(row["password_hash"], row["disabled"])
 
     # -- tokens --------------------------------------------------------------------------------
     @handles(m.CreateToken)
     async def _create_token(self, msg: m.CreateToken) -> Any:
         async with self._pool().acquire() as conn:
-            return await repo.create_token(conn, msg.user_id, msg.new)
+            return await repo.create_token(conn, msg.user_id, msg.new, max_live=msg.max_live)
 
     @handles(m.ListTokens)
     async def _list_tokens(self, msg: m.ListTokens) -> Any:

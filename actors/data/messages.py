@@ -58,15 +58,25 @@ class DeleteUser(_Msg, frozen=True):
 
 
 class CheckPassword(_Msg, frozen=True):
-    """Replies the Principal when the password is right and the user enabled, else None."""
+    """Replies (Principal, stamp) when the password is right and the user
+    enabled, else None. The stamp changes whenever the user's password or
+    disabled state does (see CredentialStamp)."""
 
     username: str
     password: str
 
 
+class CredentialStamp(_Msg, frozen=True):
+    """Replies the user's credential stamp now, or None for an unknown user:
+    a login compares it with CheckPassword's to notice a change made meanwhile."""
+
+    user_id: int
+
+
 class CreateToken(_Msg, frozen=True):
     user_id: int
     new: TokenCreate
+    max_live: int = 100  # auth.max_tokens_per_user
 
 
 class ListTokens(_Msg, frozen=True):
@@ -110,6 +120,7 @@ class UpdateCommandStatus(_Msg, frozen=True):
     command_id: int
     change: CommandStatusUpdate
     actor_id: int | None
+    actor_name: str = "jarvisd"
 
 
 class IngestCommands(_Msg, frozen=True):
@@ -126,6 +137,7 @@ class ReportCommand(_Msg, frozen=True):
     command_id: int | None = None
     request_id: str | None = None
     duration_ms: int | None = None  # as measured by the agent
+    actor_name: str = "bus"  # who reported (the envelope's source)
 
 
 class CreateApproval(_Msg, frozen=True):

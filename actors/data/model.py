@@ -221,6 +221,7 @@ class Approval(_Wire, frozen=True):
     status: ApprovalStatus
     expires_at: datetime
     decided_by: int | None
+    decider: str | None  # who decided, by name (the local admin has no user id)
     decided_at: datetime | None
     reason: str | None
     created_at: datetime

@@ -28,7 +28,7 @@ class WorkflowHandlers:
 
     approvals: ApprovalSettings
 
-    def _pool(self) -> asyncpg.Pool:
+    def _pool(self) -> Any:  # persistence.GuardedPool
         raise NotImplementedError
 
     def announce(self, published: list[tuple[EventKind, Event]]) -> None:
@@ -45,6 +45,7 @@ class WorkflowHandlers:
                 created_by=msg.created_by,
                 threshold=self.approvals.threshold,
                 expiry=self.approvals.expiry,
+                policy_score=self.approvals.score(msg.new.action),
             )
             approval = None
             if created and command.approval_id is not None:
@@ -68,11 +69,15 @@ class WorkflowHandlers:
 
     @handles(m.UpdateCommandStatus)
     async def _update_command_status(self, msg: m.UpdateCommandStatus) -> Command:
-        return await self._report(msg.command_id, None, msg.change, msg.actor_id, None)
+        return await self._report(
+            msg.command_id, None, msg.change, msg.actor_id, None, msg.actor_name
+        )
 
     @handles(m.ReportCommand)
     async def _report_command(self, msg: m.ReportCommand) -> Command:
-        return await self._report(msg.command_id, msg.request_id, msg.change, None, msg.duration_ms)
+        return await self._report(
+            msg.command_id, msg.request_id, msg.change, None, msg.duration_ms, msg.actor_name
+        )
 
     async def _report(
         self,
@@ -81,13 +86,14 @@ class WorkflowHandlers:
         change: Any,
         actor_id: int | None,
         duration_ms: int | None,
+        actor_name: str,
     ) -> Command:
         async with self._pool().acquire() as conn:
             if command_id is None:
                 assert request_id is not None
                 command_id = await repo.command_id_of(conn, request_id)
             command, previous = await repo.update_command_status(
-                conn, command_id, change, actor_id, duration_ms=duration_ms
+                conn, command_id, change, actor_id, duration_ms=duration_ms, actor_name=actor_name
             )
             cancelled = None
             if previous == "awaiting_approval" and command.approval_id is not None:
@@ -107,6 +113,7 @@ class WorkflowHandlers:
                 list(msg.rows),
                 threshold=self.approvals.threshold,
                 expiry=self.approvals.expiry,
+                policy_scores=[self.approvals.score(new.action) for new, _u in msg.rows],
             )
         out: list[tuple[EventKind, Event]] = []
         for (new, _user), done in zip(msg.rows, results, strict=True):
@@ -152,9 +159,10 @@ class WorkflowHandlers:
     @handles(m.CreateApproval)
     async def _create_approval(self, msg: m.CreateApproval) -> Approval:
         expires_in = min(msg.new.expires_in or self.approvals.expiry, self.approvals.max_expiry)
+        score = max(self.approvals.score(msg.new.action), msg.new.risk_score)
         async with self._pool().acquire() as conn:
             approval = await repo.create_approval(
-                conn, msg.new, msg.requester_id, expires_in=expires_in
+                conn, msg.new, msg.requester_id, expires_in=expires_in, score=score
             )
         self.announce([events.approval_requested(approval, None, approval.requester_id)])
         return approval

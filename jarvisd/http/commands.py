@@ -81,9 +81,18 @@ async def get_command(request: web.Request, who: Principal) -> web.Response:
     return reply(await _visible_command(request, who, path_id(request)))
 
 
+def _not_local(who: Principal) -> None:
+    if who.user_id is None:
+        raise forbidden(
+            "the local admin decides requests; commands and requests are made with a "
+            "user's or an agent's token"
+        )
+
+
 @require()
 async def create_command(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ())
+    _not_local(who)
     new = await body(request, CommandCreate)
     user_id = new.user_id
     if who.role == "user":
@@ -104,7 +113,9 @@ async def create_command(request: web.Request, who: Principal) -> web.Response:
 async def update_command(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ())
     change = await body(request, CommandStatusUpdate)
-    msg = m.UpdateCommandStatus(command_id=path_id(request), change=change, actor_id=who.user_id)
+    msg = m.UpdateCommandStatus(
+        command_id=path_id(request), change=change, actor_id=who.user_id, actor_name=who.name
+    )
     return reply(await ask(request, "persistence", msg))
 
 
@@ -132,6 +143,7 @@ async def get_approval(request: web.Request, who: Principal) -> web.Response:
 @require()
 async def create_approval(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ())
+    _not_local(who)
     new = await body(request, ApprovalCreate)
     approval = await ask(
         request, "persistence", m.CreateApproval(new=new, requester_id=who.user_id)

@@ -12,6 +12,8 @@ from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestPayloadError
 
 from actors.data.listing import ListError, ListSpec, parse_integer, parse_list
 from jarvisd.http.errors import ProblemError
@@ -25,6 +27,7 @@ __all__ = [
     "list_query",
     "listed",
     "path_id",
+    "query_param",
     "reply",
 ]
 
@@ -65,13 +68,40 @@ def reply(obj: Any, status: int = 200, headers: dict[str, str] | None = None) ->
 
 async def _read(request: web.Request, limit: int) -> bytes:
     raw = bytearray()
-    async for chunk in request.content.iter_chunked(65536):
-        raw += chunk
-        if len(raw) > limit:
-            raise ProblemError(
-                413, "Payload too large", f"request body is over the limit of {limit} bytes"
-            )
+    try:
+        async for chunk in request.content.iter_chunked(65536):
+            raw += chunk
+            if len(raw) > limit:
+                raise ProblemError(
+                    413, "Payload too large", f"request body is over the limit of {limit} bytes"
+                )
+    except (RequestPayloadError, HttpProcessingError) as exc:
+        # Bad framing or a Content-Encoding the body does not match.
+        raise ProblemError(
+            400, "Bad request", f"the body cannot be read: {type(exc).__name__}"
+        ) from None
+    except ConnectionError:
+        raise ClientGone() from None
     return bytes(raw)
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its request was read: nobody
+    is there to answer (HTTP logs it briefly, answers 400 to nobody)."""
+
+
+def _check_content_type(request: web.Request) -> None:
+    ctype = request.content_type
+    charset = request.charset
+    if not (
+        ctype == "application/json"
+        or (ctype.startswith("application/") and ctype.endswith("+json"))
+    ):
+        raise ProblemError(
+            415, "Unsupported media type", f"send the body as application/json, not {ctype[:80]}"
+        )
+    if charset is not None and charset.lower() not in ("utf-8", "utf8"):
+        raise ProblemError(415, "Unsupported media type", "JSON bodies are UTF-8")
 
 
 def _depth_exceeds(raw: bytes, limit: int) -> bool:
@@ -95,10 +125,12 @@ def _depth_exceeds(raw: bytes, limit: int) -> bool:
 
 
 async def body(request: web.Request, typ: type[T]) -> T:
-    """The JSON body decoded as ``typ``: 413 over http.max_body_bytes, 408 when
-    it does not arrive within http.request_timeout, 400 for anything that is
-    not valid UTF-8 JSON of that shape or nests deeper than MAX_JSON_DEPTH."""
+    """The JSON body decoded as ``typ``: 415 unless it is sent as UTF-8
+    application/json, 413 over http.max_body_bytes, 408 when it does not
+    arrive within http.request_timeout, 400 for anything that is not valid
+    UTF-8 JSON of that shape or nests deeper than MAX_JSON_DEPTH."""
     settings = request.app[RUNTIME].settings.http
+    _check_content_type(request)
     try:
         async with asyncio.timeout(settings.request_timeout):
             raw = await _read(request, settings.max_body_bytes)
@@ -174,6 +206,14 @@ def path_id(request: web.Request, name: str = "id") -> int:
     if value is None or not 0 < value <= MAX_ID:
         raise ProblemError(404, "Not found", f"no such {name}: {raw[:40]!r}")
     return value
+
+
+def query_param(request: web.Request, name: str, default: str | None = None) -> str | None:
+    """A query parameter given at most once (twice is a 400, as in list queries)."""
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise ProblemError(400, "Bad request", f"give {name} once")
+    return values[0] if values else default
 
 
 def list_query(

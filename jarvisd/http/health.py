@@ -228,8 +228,103 @@ async def metrics(request: web.Request) -> web.Response:
             )
     request.app[HTTP_METRICS].write(out)
     write_cache_metrics(out, await cache_stats(rt) or {})
+    for snap in snapshot.values():
+        for section, exported in _SECTION_METRICS.items():
+            values = snap.get(section)
+            if values is None:
+                continue
+            for key, metric_name, metric_kind, metric_help in exported:
+                value = values.get(key)
+                if value is not None:
+                    out.metric(metric_name, metric_kind, metric_help, value)
     return web.Response(text=out.render(), headers={"Content-Type": CONTENT_TYPE})
 
+
+# Actor snapshot sections exported as they are: (key, metric, type, help).
+_SECTION_METRICS: dict[str, tuple[tuple[str, str, str, str], ...]] = {
+    "pubsub": (
+        ("connected", "jarvisd_pubsub_connected", "gauge", "1 while the pub/sub connection is up."),
+        ("subscribers", "jarvisd_pubsub_subscribers", "gauge", "Local subscribers."),
+        ("channels", "jarvisd_pubsub_channels", "gauge", "Channels subscribed on Redis."),
+        ("patterns", "jarvisd_pubsub_patterns", "gauge", "Patterns subscribed on Redis."),
+        ("received", "jarvisd_pubsub_received_total", "counter", "Messages received from Redis."),
+        (
+            "delivered",
+            "jarvisd_pubsub_delivered_total",
+            "counter",
+            "Messages put on subscribers' queues.",
+        ),
+        (
+            "droppedMessages",
+            "jarvisd_pubsub_dropped_messages_total",
+            "counter",
+            "Messages an internal subscriber had no room for.",
+        ),
+        (
+            "droppedSubscribers",
+            "jarvisd_pubsub_dropped_subscribers_total",
+            "counter",
+            "Subscribers (WebSocket clients) dropped for being too slow.",
+        ),
+        (
+            "published",
+            "jarvisd_pubsub_published_total",
+            "counter",
+            "Messages published for clients.",
+        ),
+        (
+            "eventsPublished",
+            "jarvisd_events_published_total",
+            "counter",
+            "Events published by the daemon.",
+        ),
+        (
+            "publishErrors",
+            "jarvisd_pubsub_publish_errors_total",
+            "counter",
+            "Messages and events that could not be published.",
+        ),
+        (
+            "reconnects",
+            "jarvisd_pubsub_reconnects_total",
+            "counter",
+            "Pub/sub connections replaced.",
+        ),
+        ("gaps", "jarvisd_pubsub_gaps_total", "counter", "subscription.gap notices sent."),
+    ),
+    "bus": (
+        ("read", "jarvisd_bus_read_total", "counter", "Inbox entries read (deliveries)."),
+        ("acked", "jarvisd_bus_acked_total", "counter", "Inbox entries acknowledged."),
+        (
+            "dead",
+            "jarvisd_bus_dead_letters_total",
+            "counter",
+            "Envelopes moved to the dead-letter stream.",
+        ),
+        (
+            "retried",
+            "jarvisd_bus_retried_total",
+            "counter",
+            "Deliveries left pending to be retried.",
+        ),
+        ("claimed", "jarvisd_bus_claimed_total", "counter", "Entries claimed from idle consumers."),
+        (
+            "publishedIn",
+            "jarvisd_bus_published_in_total",
+            "counter",
+            "Envelopes received by PUBLISH.",
+        ),
+        ("trimmed", "jarvisd_bus_trimmed_total", "counter", "Inbox entries trimmed."),
+        (
+            "outages",
+            "jarvisd_bus_outages_total",
+            "counter",
+            "Batches held back while a dependency was down.",
+        ),
+        ("pending", "jarvisd_bus_pending", "gauge", "Entries delivered and not yet acknowledged."),
+        ("lag", "jarvisd_bus_lag", "gauge", "Entries not yet delivered to the group."),
+    ),
+}
 
 _CACHE_COUNTERS = (
     (

@@ -56,12 +56,13 @@ async def login(request: web.Request) -> web.Response:
             "too many failed logins for this user or address; try again later",
             headers={"Retry-After": str(max(1, math.ceil(wait)))},
         )
-    who = await ask(
+    checked = await ask(
         request, "persistence", m.CheckPassword(username=creds.username, password=creds.password)
     )
-    if who is None:
+    if checked is None:
         await ask(request, "logins", LoginFailed(creds.username, address))
         raise Unauthorized("wrong username or password")
+    who, stamp = checked
     user = await ask(request, "persistence", m.GetUser(user_id=who.user_id))
     presented = _session_token(request)
     session = None
@@ -76,6 +77,11 @@ async def login(request: web.Request) -> web.Response:
             session = None
     if session is None:
         session = await ask(request, "logins", SessionCreate(user.id, {"login": "password"}))
+    # A password change or a disable that landed during this login revoked the
+    # user's sessions before ours existed: ours must not survive it.
+    if await ask(request, "persistence", m.CredentialStamp(user_id=user.id)) != stamp:
+        await ask(request, "logins", SessionDelete(session.id))
+        raise Unauthorized("the user's credentials changed during the login; log in again")
     return reply(LoginReply(token=session.id, expires_at_ms=session.expires_at_ms, user=user), 201)
 
 

@@ -32,7 +32,7 @@ _PARAM = re.compile(r"{(\w+)}")
 # Statuses any route may answer: bad input, no or wrong credentials, not
 # found, a conflicting state, a body over the limit, a dependency down.
 COMMON_STATUSES = (400, 401, 403, 404, 409, 413, 503)
-BODY_STATUSES = (408,)
+BODY_STATUSES = (408, 415)
 PROBLEM = {
     "type": "object",
     "properties": {

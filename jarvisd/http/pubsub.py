@@ -67,7 +67,7 @@ class Rules:
     def __init__(self, rt: Runtime) -> None:
         prefix = rt.settings.redis.prefix
         self.prefix = prefix
-        self.inbox = rt.settings.bus.stream
+        self.inbox = rt.settings.inbox
         self.internal = f"{prefix}internal:"
         self.event_channels = frozenset(f"{prefix}{k}" for k in ("events", "commands", "approvals"))
 

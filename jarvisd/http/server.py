@@ -26,6 +26,7 @@ from actors.redis_link import RedisUnavailable
 from actors.sessions import SessionConflict, SessionNotFound
 from jarvisd.http import api, health, openapi
 from jarvisd.http.auth import Unauthorized, authenticate
+from jarvisd.http.common import ClientGone
 from jarvisd.http.errors import ProblemError, problem
 from jarvisd.http.keys import HTTP_METRICS, RUNTIME
 from jarvisd.http.metrics import HttpMetrics
@@ -112,6 +113,9 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         return problem(400, "Invalid data", exc.args[0] if exc.args else type(exc).__name__)
     except UnicodeError:
         return problem(400, "Invalid data", "text that is not valid Unicode")
+    except ClientGone:
+        log.info("http_client_gone", route=_route_name(request), method=request.method)
+        return problem(400, "Bad request", "the client closed the connection")
     except (
         MailboxFull,
         ActorDead,

@@ -22,7 +22,7 @@ from actors.data import messages as m
 from actors.data.model import Principal, RowId
 from actors.sessions import Session, SessionCreate, SessionDelete, SessionGet, SessionUpdate
 from jarvisd.http.auth import forbidden, require
-from jarvisd.http.common import RouteDoc, ask, body, reply
+from jarvisd.http.common import RouteDoc, ask, body, query_param, reply
 from jarvisd.http.errors import ProblemError, reject_unknown_params
 
 __all__ = ["ROUTES"]
@@ -82,7 +82,7 @@ async def session_create(request: web.Request, who: Principal) -> web.Response:
 @require()
 async def session_get(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ("touch",))
-    touch_param = request.query.get("touch", "true")
+    touch_param = query_param(request, "touch", "true")
     if touch_param not in ("true", "false"):
         raise ProblemError(400, "Bad request", "touch is true or false")
     touch = touch_param == "true"

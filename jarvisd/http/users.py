@@ -119,10 +119,12 @@ async def create_token(request: web.Request, who: Principal) -> web.Response:
     user_id = path_id(request)
     self_or_admin(who, user_id)
     new = await body(request, TokenCreate)
-    cap = request.app[RUNTIME].settings.auth.token_max_ttl
+    auth = request.app[RUNTIME].settings.auth
+    cap = auth.token_max_ttl
     if cap:
         new = msgspec.structs.replace(new, expires_in=min(new.expires_in or cap, cap))
-    return reply(await ask(request, "persistence", m.CreateToken(user_id=user_id, new=new)), 201)
+    msg = m.CreateToken(user_id=user_id, new=new, max_live=auth.max_tokens_per_user)
+    return reply(await ask(request, "persistence", msg), 201)
 
 
 @require()

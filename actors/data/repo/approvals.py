@@ -30,7 +30,7 @@ from actors.data.repo.common import Conflict, Expired, Forbidden, Invalid, NotFo
 
 APPROVAL_COLUMNS = (
     "id, command_id, requester_id, action, description, parameters_digest, risk_score, risk_category, "
-    "status, expires_at, decided_by, decided_at, reason, created_at, created_by"
+    "status, expires_at, decided_by, decider, decided_at, reason, created_at, created_by"
 )
 
 
@@ -46,8 +46,10 @@ async def create_approval(
     requester_id: int | None,
     *,
     expires_in: int,
+    score: int,
 ) -> Approval:
-    """A standalone request by ``requester_id`` (who is also its creator)."""
+    """A standalone request by ``requester_id`` (who is also its creator),
+    scored ``score`` (the policy's, or the requester's if higher)."""
     async with conn.transaction():
         row = await insert_approval(
             conn,
@@ -57,7 +59,7 @@ async def create_approval(
             action=new.action,
             description=new.description,
             parameters=new.parameters,
-            score=new.risk_score,
+            score=score,
             expires_in=expires_in,
         )
     return _approval(row)
@@ -138,6 +140,13 @@ async def decide_approval(
         raise Invalid("a rejection needs a reason")
     lapsed = False
     async with conn.transaction():
+        # Locks are taken command first, then request, as a status report does
+        # (cancelling a waiting command cancels its request): never a deadlock.
+        command_id = await conn.fetchval(
+            "SELECT command_id FROM approval_requests WHERE id = $1", approval_id
+        )
+        if command_id is not None:
+            await conn.execute("SELECT 1 FROM commands WHERE id = $1 FOR UPDATE", command_id)
         current = await conn.fetchrow(
             f"SELECT {APPROVAL_COLUMNS}, expires_at <= now() AS lapsed FROM approval_requests "
             f"WHERE id = $1 FOR UPDATE",
@@ -147,7 +156,7 @@ async def decide_approval(
             raise NotFound(f"no approval request {approval_id}")
         _check_decider(current, decision, who)
         if current["status"] == "pending" and current["lapsed"]:
-            await set_status(conn, current, "expired", None, "expired before a decision")
+            await set_status(conn, current, "expired", None, "expired before a decision", "jarvisd")
             lapsed = True
         elif current["status"] == decision:
             return _approval(current), False  # the same decision again: no-op
@@ -158,7 +167,7 @@ async def decide_approval(
         else:
             if decision == "approved" and current["command_id"] is not None:
                 await _check_bound_command(conn, current)
-            await set_status(conn, current, decision, who.user_id, reason)
+            await set_status(conn, current, decision, who.user_id, reason, who.name)
     decided = await get_approval(conn, approval_id)
     if lapsed:
         raise Expired(f"approval request {approval_id} expired", decided)
@@ -190,15 +199,17 @@ async def set_status(
     status: str,
     actor_id: int | None,
     reason: str | None,
+    decider: str,
 ) -> None:
     """pending → ``status`` for the request and, if it has one, its command."""
     await conn.execute(
-        "UPDATE approval_requests SET status = $2, decided_by = $3, decided_at = now(), reason = $4 "
-        "WHERE id = $1 AND status = 'pending'",
+        "UPDATE approval_requests SET status = $2, decided_by = $3, decided_at = now(), reason = $4, "
+        "decider = $5 WHERE id = $1 AND status = 'pending'",
         current["id"],
         status,
         actor_id,
         reason,
+        decider,
     )
     await conn.execute(
         "INSERT INTO approval_events (approval_id, from_status, to_status, actor_id, reason) "
@@ -226,16 +237,21 @@ async def set_status(
 
 
 async def cancel_pending_for_command(
-    conn: asyncpg.Connection, command_id: int, actor_id: int | None, reason: str | None
+    conn: asyncpg.Connection,
+    command_id: int,
+    actor_id: int | None,
+    reason: str | None,
+    decider: str,
 ) -> None:
     """The command was cancelled while it waited: so is its pending request
     (the command itself has already moved)."""
     rows = await conn.fetch(
         "UPDATE approval_requests SET status = 'cancelled', decided_by = $2, decided_at = now(), "
-        "reason = $3 WHERE command_id = $1 AND status = 'pending' RETURNING id",
+        "reason = $3, decider = $4 WHERE command_id = $1 AND status = 'pending' RETURNING id",
         command_id,
         actor_id,
         reason or "the command was cancelled",
+        decider,
     )
     for row in rows:
         await conn.execute(

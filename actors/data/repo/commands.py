@@ -20,6 +20,7 @@ from actors.data.model import (
     CommandCreate,
     CommandStatusUpdate,
     Page,
+    parameters_digest,
     risk_category,
 )
 from actors.data.repo.approvals import cancel_pending_for_command, insert_approval
@@ -40,6 +41,20 @@ REPORTABLE: dict[str, frozenset[str]] = {
 
 def _command(row: asyncpg.Record) -> Command:
     return Command(**dict(row))
+
+
+def same_command(
+    existing: Command, new: CommandCreate, user_id: int | None, created_by: int | None
+) -> bool:
+    """Whether ``new`` repeats ``existing`` (an idempotent retry) rather than
+    reusing its requestId for something else: same creator, same user, same
+    action and parameters."""
+    return (
+        existing.created_by == created_by
+        and existing.user_id == user_id
+        and existing.action == new.action
+        and parameters_digest(existing.parameters) == parameters_digest(new.parameters)
+    )
 
 
 async def create_command(
@@ -82,10 +97,15 @@ async def create_command(
         except asyncpg.ForeignKeyViolationError:
             raise NotFound(f"no user {user_id}") from None
         if row is None:
-            existing = await conn.fetchrow(
-                f"SELECT {COMMAND_COLUMNS} FROM commands WHERE request_id = $1", request_id
+            existing = _command(
+                await conn.fetchrow(
+                    f"SELECT {COMMAND_COLUMNS} FROM commands WHERE request_id = $1", request_id
+                )
             )
-            return _command(existing), False
+            if not same_command(existing, new, user_id, created_by):
+                # Never the other command itself: the caller may not be allowed to see it.
+                raise Conflict(f"requestId {request_id!r} is already used by another command")
+            return existing, False
         command_id = row["id"]
         await conn.execute(
             "INSERT INTO command_events (command_id, from_status, to_status, actor_id) VALUES ($1, NULL, $2, $3)",
@@ -132,6 +152,7 @@ async def update_command_status(
     actor_id: int | None,
     *,
     duration_ms: int | None = None,
+    actor_name: str = "jarvisd",
 ) -> tuple[Command, str | None]:
     """Apply a status report; returns the command and the status it left
     (None when the report repeated the current status: a no-op). A finished
@@ -185,7 +206,7 @@ async def update_command_status(
             reason,
         )
         if target == "cancelled" and row["previous"] == "awaiting_approval":
-            await cancel_pending_for_command(conn, command_id, actor_id, reason)
+            await cancel_pending_for_command(conn, command_id, actor_id, reason, actor_name)
         updated = await conn.fetchrow(
             f"SELECT {COMMAND_COLUMNS} FROM commands WHERE id = $1", command_id
         )

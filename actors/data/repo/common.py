@@ -33,7 +33,7 @@ class Expired(Conflict):
     committed); ``current`` is the expired request."""
 
 
-class Forbidden(PermissionError):
+class Forbidden(Exception):
     """Allowed to ask, but not this (HTTP 403)."""
 
 

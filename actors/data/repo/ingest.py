@@ -18,7 +18,7 @@ from actors.data.model import CommandCreate, parameters_digest, risk_category
 
 __all__ = ["Ingested", "ingest_commands"]
 
-Outcome = Literal["created", "exists", "no_user"]
+Outcome = Literal["created", "exists", "no_user", "conflict"]
 
 
 class Ingested(msgspec.Struct, frozen=True):
@@ -114,37 +114,51 @@ async def ingest_commands(
         existing: dict[str, asyncpg.Record] = {}
         if missing:
             for r in await conn.fetch(
-                "SELECT id, request_id, status, user_id, "
+                "SELECT id, request_id, status, user_id, created_by, action, parameters, "
                 "(SELECT max(a.id) FROM approval_requests a WHERE a.command_id = c.id) AS approval_id "
                 "FROM commands c WHERE request_id = ANY($1::text[])",
                 missing,
             ):
                 existing[r["request_id"]] = r
     out: list[Ingested] = []
-    reported: set[str] = set()
-    for rid, score, user_id in zip(request_ids, scores, user_ids, strict=True):
+    first: dict[str, tuple[CommandCreate, int | None]] = {}
+    for (new, user_id), rid, score in zip(rows, request_ids, scores, strict=True):
         row = made.get(rid)
-        if row is not None and rid not in reported:
-            reported.add(rid)
+        if row is not None and rid not in first:
+            first[rid] = (new, user_id)
             out.append(
                 Ingested(
                     rid, "created", row["id"], row["status"], row["approval_id"], score, user_id
                 )
             )
             continue
-        row = made.get(rid) or existing.get(rid)
-        if row is None:
+        old = existing.get(rid)
+        if row is None and old is None:
             out.append(Ingested(rid, "no_user", risk_score=score, user_id=user_id))
-        else:
-            out.append(
-                Ingested(
-                    rid,
-                    "exists",
-                    row["id"],
-                    row["status"],
-                    row["approval_id"],
-                    score,
-                    row["user_id"],
-                )
+            continue
+        if rid in first and first[rid] != (new, user_id):
+            out.append(Ingested(rid, "conflict", risk_score=score, user_id=user_id))
+            continue
+        if old is not None and not _repeats(old, new, user_id):
+            # The requestId names another command: nothing of it in our answer.
+            out.append(Ingested(rid, "conflict", risk_score=score, user_id=user_id))
+            continue
+        found = row if row is not None else old
+        assert found is not None
+        out.append(
+            Ingested(
+                rid, "exists", found["id"], found["status"], found["approval_id"], score, user_id
             )
+        )
     return out
+
+
+def _repeats(old: asyncpg.Record, new: CommandCreate, user_id: int | None) -> bool:
+    """An idempotent redelivery: made on the bus too, for the same user, action
+    and parameters."""
+    return (
+        old["created_by"] is None
+        and old["user_id"] == user_id
+        and old["action"] == new.action
+        and parameters_digest(old["parameters"]) == parameters_digest(new.parameters)
+    )

@@ -132,14 +132,30 @@ async def has_admin(conn: asyncpg.Connection) -> bool:
 
 
 # -- tokens ------------------------------------------------------------------------------------
-async def create_token(conn: asyncpg.Connection, user_id: int, new: TokenCreate) -> TokenCreated:
+async def create_token(
+    conn: asyncpg.Connection, user_id: int, new: TokenCreate, *, max_live: int = 100
+) -> TokenCreated:
+    """A new token, unless the user already holds ``max_live`` live ones (409)."""
     token = credentials.new_token()
     expires = (
         None
         if new.expires_in is None
         else datetime.now().astimezone() + timedelta(seconds=new.expires_in)
     )
-    try:
+    async with conn.transaction():
+        # The user's row lock serializes token creation per user: the bound holds.
+        if await conn.fetchval("SELECT id FROM users WHERE id = $1 FOR UPDATE", user_id) is None:
+            raise NotFound(f"no user {user_id}")
+        live = await conn.fetchval(
+            "SELECT count(*) FROM api_tokens WHERE user_id = $1 AND revoked_at IS NULL "
+            "AND (expires_at IS NULL OR expires_at > now())",
+            user_id,
+        )
+        if live >= max_live:
+            raise Conflict(
+                f"user {user_id} holds {live} live tokens (auth.max_tokens_per_user); "
+                "revoke some first"
+            )
         row = await conn.fetchrow(
             f"INSERT INTO api_tokens (user_id, name, token_hash, prefix, expires_at) "
             f"VALUES ($1, $2, $3, $4, $5) RETURNING {TOKEN_COLUMNS}",
@@ -149,14 +165,19 @@ async def create_token(conn: asyncpg.Connection, user_id: int, new: TokenCreate)
             credentials.token_display_prefix(token),
             expires,
         )
-    except asyncpg.ForeignKeyViolationError:
-        raise NotFound(f"no user {user_id}") from None
     return TokenCreated(token=token, info=_token(row))
 
 
+LISTED_TOKENS = 200
+
+
 async def list_tokens(conn: asyncpg.Connection, user_id: int) -> list[Token]:
+    """The user's tokens, newest first: at most LISTED_TOKENS (revoked and
+    expired ones included, so that the list shows what happened to them)."""
     rows = await conn.fetch(
-        f"SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE user_id = $1 ORDER BY id", user_id
+        f"SELECT {TOKEN_COLUMNS} FROM api_tokens WHERE user_id = $1 ORDER BY id DESC LIMIT $2",
+        user_id,
+        LISTED_TOKENS,
     )
     return [_token(r) for r in rows]
 

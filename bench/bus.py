@@ -1,0 +1,271 @@
+"""Agent bus and pub/sub benchmark, floors measured in the same run.
+
+    python -m bench.bus [--envelopes 50000] [--rate 2000] [--seconds 10]
+                        [--clients 100] [--ws-rate 1000]
+
+1. Sustained ingest: XADD of command.requested envelopes (pipelined, faster
+   than the daemon reads) to rows committed in PostgreSQL by a separate
+   `jarvisd run`; against raw asyncpg executemany of 1,000-row transactions
+   into the same table.
+2. Latency from XADD to the command.created event (published after commit)
+   at a steady rate.
+3. Publish → WebSocket delivery at a steady rate to many clients, against
+   raw Redis subscribers receiving the same PUBLISH.
+
+Servers: JARVISD_TEST_POSTGRES_DSN / JARVISD_TEST_REDIS_URL, else embedded ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+import uuid
+
+import aiohttp
+import asyncpg
+import redis.asyncio as aioredis
+
+from actors import migrate as migrations
+from bench.daemon import BenchDaemon, bench_daemon
+from tests.servers import dsn_with_database
+
+
+def envelope(request_id: str, score: int = 10) -> bytes:
+    return json.dumps(
+        {
+            "v": 1,
+            "id": request_id,
+            "type": "command.requested",
+            "source": "bench",
+            "data": {
+                "action": "turn_on_light",
+                "type": "voice",
+                "parameters": {"room": "kitchen", "level": 80},
+                "description": "Turn on the kitchen light",
+                "riskScore": score,
+            },
+        }
+    ).encode()
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def raw_floor(pg_admin_dsn: str, rows: int) -> float:
+    """asyncpg executemany, 1,000 rows per transaction, into a migrated commands table."""
+    name = f"jarvisd_bench_floor_{uuid.uuid4().hex[:6]}"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    conn = await asyncpg.connect(dsn_with_database(pg_admin_dsn, name))
+    try:
+        await migrations.migrate(conn)
+        params = json.dumps({"room": "kitchen", "level": 80})
+        started = time.perf_counter()
+        for start in range(0, rows, 1000):
+            batch = [
+                (
+                    f"floor-{i}",
+                    "bench",
+                    "voice",
+                    "turn_on_light",
+                    params,
+                    "Turn on the kitchen light",
+                    "approved",
+                    10,
+                    "LOW",
+                )
+                for i in range(start, min(start + 1000, rows))
+            ]
+            async with conn.transaction():
+                await conn.executemany(
+                    "INSERT INTO commands (request_id, source, type, action, parameters, description, "
+                    "status, risk_score, risk_category) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9)",
+                    batch,
+                )
+        return rows / (time.perf_counter() - started)
+    finally:
+        await conn.close()
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
+async def ingest(d: BenchDaemon, redis_url: str, n: int) -> tuple[float, float]:
+    raw = aioredis.Redis.from_url(redis_url)
+    db = await asyncpg.connect(d.dsn)
+    try:
+        started = time.perf_counter()
+        for start in range(0, n, 1000):
+            async with raw.pipeline(transaction=False) as pipe:
+                for i in range(start, min(start + 1000, n)):
+                    pipe.xadd(
+                        d.stream, {"envelope": envelope(f"ingest-{i}", 90 if i % 50 == 0 else 10)}
+                    )
+                await pipe.execute()
+        produced = time.perf_counter() - started
+        while await db.fetchval("SELECT count(*) FROM commands") < n:
+            await asyncio.sleep(0.02)
+        elapsed = time.perf_counter() - started
+        return n / elapsed, n / produced
+    finally:
+        await db.close()
+        await raw.aclose()
+
+
+async def latency(d: BenchDaemon, redis_url: str, rate: int, seconds: float) -> list[float]:
+    raw = aioredis.Redis.from_url(redis_url)
+    listener = raw.pubsub()
+    await listener.subscribe(f"{d.prefix}commands")
+    sent: dict[str, float] = {}
+    got: list[float] = []
+    total = int(rate * seconds)
+
+    async def listen() -> None:
+        while len(got) < total:
+            msg = await listener.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if msg is None:
+                continue
+            doc = json.loads(msg["data"])
+            rid = doc["data"].get("requestId", "")
+            if doc["type"] == "command.created" and rid in sent:
+                got.append((time.perf_counter() - sent[rid]) * 1000)
+
+    listening = asyncio.create_task(listen())
+    started = time.perf_counter()
+    for i in range(total):
+        target = started + i / rate
+        delay = target - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        rid = f"lat-{i}"
+        sent[rid] = time.perf_counter()
+        await raw.xadd(d.stream, {"envelope": envelope(rid)})
+    try:
+        await asyncio.wait_for(listening, 30)
+    finally:
+        await listener.aclose()
+        await raw.aclose()
+    return got
+
+
+async def fanout_ws(
+    d: BenchDaemon, redis_url: str, clients: int, rate: int, seconds: float
+) -> list[float]:
+    lat: list[float] = []
+    total = int(rate * seconds)
+    async with aiohttp.ClientSession() as s:
+        sockets = [
+            await s.ws_connect(f"{d.base}/ws", headers={"Authorization": f"Bearer {d.token}"})
+            for _ in range(clients)
+        ]
+        for ws in sockets:
+            await ws.send_json({"op": "subscribe", "channels": ["bench-fanout"]})
+            await ws.receive_json()
+
+        async def reader(ws: aiohttp.ClientWebSocketResponse) -> None:
+            n = 0
+            while n < total:
+                msg = await ws.receive()
+                now = time.perf_counter()
+                doc = json.loads(msg.data)
+                if doc.get("type") == "message":
+                    lat.append((now - doc["data"]["t"]) * 1000)
+                    n += 1
+
+        readers = [asyncio.create_task(reader(ws)) for ws in sockets]
+        await publish_steady(redis_url, "bench-fanout", rate, total)
+        await asyncio.wait_for(asyncio.gather(*readers), 60)
+        for ws in sockets:
+            await ws.close()
+    return lat
+
+
+async def fanout_raw(redis_url: str, clients: int, rate: int, seconds: float) -> list[float]:
+    lat: list[float] = []
+    total = int(rate * seconds)
+    subs = []
+    for _ in range(clients):
+        client = aioredis.Redis.from_url(redis_url)
+        ps = client.pubsub()
+        await ps.subscribe("bench-raw")
+        subs.append((client, ps))
+
+    async def reader(ps: aioredis.client.PubSub) -> None:
+        n = 0
+        while n < total:
+            msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if msg is not None:
+                lat.append((time.perf_counter() - json.loads(msg["data"])["t"]) * 1000)
+                n += 1
+
+    readers = [asyncio.create_task(reader(ps)) for _c, ps in subs]
+    await publish_steady(redis_url, "bench-raw", rate, total)
+    await asyncio.wait_for(asyncio.gather(*readers), 60)
+    for client, ps in subs:
+        await ps.aclose()
+        await client.aclose()
+    return lat
+
+
+async def publish_steady(redis_url: str, channel: str, rate: int, total: int) -> None:
+    raw = aioredis.Redis.from_url(redis_url)
+    started = time.perf_counter()
+    for i in range(total):
+        delay = started + i / rate - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await raw.publish(channel, json.dumps({"t": time.perf_counter(), "n": i}))
+    await raw.aclose()
+
+
+async def run(pg: str, redis_url: str, args: argparse.Namespace) -> None:
+    floor = await raw_floor(pg, args.envelopes)
+    async with bench_daemon(pg, redis_url, BUS__BATCH_SIZE="1000") as d:
+        rate, produced = await ingest(d, redis_url, args.envelopes)
+        lat = await latency(d, redis_url, args.rate, args.seconds)
+        ws = await fanout_ws(d, redis_url, args.clients, args.ws_rate, args.seconds)
+    raw = await fanout_raw(redis_url, args.clients, args.ws_rate, args.seconds)
+    print(f"Ingest of {args.envelopes:,} command.requested envelopes (1 in 50 needing approval):")
+    print(f"  raw asyncpg executemany, 1,000-row transactions  {floor:10,.0f} rows/s")
+    print(f"  XADD (the producer, pipelined)                   {produced:10,.0f} envelopes/s")
+    print(f"  stream → committed rows (jarvisd)                {rate:10,.0f} envelopes/s")
+    print(f"  jarvisd / raw floor                              {rate / floor:10.2f}")
+    print(f"XADD → command.created (after commit) at {args.rate}/s for {args.seconds:g} s:")
+    print(
+        f"  p50 {statistics.median(lat):.2f} ms, p99 {pct(lat, 0.99):.2f} ms, max {max(lat):.2f} ms"
+    )
+    print(f"PUBLISH → {args.clients} subscribers at {args.ws_rate} msg/s for {args.seconds:g} s:")
+    print(
+        f"  raw Redis subscribers   p50 {statistics.median(raw):.2f} ms, p99 {pct(raw, 0.99):.2f} ms"
+    )
+    print(
+        f"  jarvisd WebSocket       p50 {statistics.median(ws):.2f} ms, p99 {pct(ws, 0.99):.2f} ms"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--envelopes", type=int, default=50_000)
+    parser.add_argument("--rate", type=int, default=2000)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--ws-rate", type=int, default=1000)
+    args = parser.parse_args()
+    from tests.servers import Servers
+
+    servers = Servers.start()
+    try:
+        print(f"(PostgreSQL at {servers.postgres_dsn}, Redis at {servers.redis_url})")
+        asyncio.run(run(servers.postgres_dsn, servers.redis_url, args))
+    finally:
+        servers.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""A real `jarvisd run` for benchmarks: its own database on the bench
+PostgreSQL, its own key prefix on the bench Redis, stopped afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import asyncpg
+
+from tests.servers import dsn_with_database
+
+__all__ = ["BenchDaemon", "bench_daemon"]
+
+
+@dataclass
+class BenchDaemon:
+    base: str
+    port: int
+    token: str
+    prefix: str
+    stream: str
+    dsn: str
+    folder: str
+
+
+@asynccontextmanager
+async def bench_daemon(
+    pg_admin_dsn: str, redis_url: str, **settings: str
+) -> AsyncIterator[BenchDaemon]:
+    """Start it with ``settings`` as JARVISD_* overrides (e.g. BUS__BATCH_SIZE="1000")."""
+    name = f"jarvisd_bench_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    folder = tempfile.mkdtemp(prefix="jarvisd-bench-")
+    port = 18000 + os.getpid() % 1000
+    prefix = f"bench:{uuid.uuid4().hex[:6]}:"
+    dsn = dsn_with_database(pg_admin_dsn, name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JARVISD_")}
+    env.update(
+        JARVISD_POSTGRES__DSN=dsn,
+        JARVISD_REDIS__URL=redis_url,
+        JARVISD_REDIS__PREFIX=prefix,
+        JARVISD_BUS__STREAM=f"{prefix}inbox",
+        JARVISD_DAEMON__STATE_DIR=folder,
+        JARVISD_HTTP__PORT=str(port),
+        JARVISD_DAEMON__LOG_LEVEL="warning",
+        **{f"JARVISD_{k}": v for k, v in settings.items()},
+    )
+    proc = subprocess.Popen(  # noqa: ASYNC220 - once, at bench start
+        [sys.executable, "-m", "jarvisd", "run"],
+        env=env,
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    token_file = os.path.join(folder, "admin-token")
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(token_file):
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("the daemon did not come up")
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3)
+        with open(token_file) as fh:  # noqa: ASYNC230 - a few bytes, once
+            token = fh.read().strip()
+        yield BenchDaemon(
+            base=f"http://127.0.0.1:{port}",
+            port=port,
+            token=token,
+            prefix=prefix,
+            stream=f"{prefix}inbox",
+            dsn=dsn,
+            folder=folder,
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        shutil.rmtree(folder, ignore_errors=True)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

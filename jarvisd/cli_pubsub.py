@@ -1,0 +1,137 @@
+"""``jarvisd publish`` and ``jarvisd subscribe``: pub/sub for scripts, through
+the running daemon's API (the same rules as POST /publish and /ws).
+
+The daemon is reached on its Unix socket when there is one (the local admin,
+by peer credentials), else on its TCP port with ``--token`` or
+``$JARVISD_TOKEN``. ``subscribe`` prints one JSON object per line, flushed, and
+exits 0 on Ctrl-C, 1 if the daemon goes away.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from config import LoadedConfig
+from jarvisd.cli_common import load
+
+__all__ = ["add_parsers"]
+
+
+def _endpoint(loaded: LoadedConfig, token: str | None) -> tuple[str | None, str, dict[str, str]]:
+    """(Unix socket or None, base URL, headers) of the running daemon."""
+    http = loaded.settings.http
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if http.unix_socket and Path(http.unix_socket).exists() and not token:
+        return http.unix_socket, "http://localhost", headers
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "", "::") else http.host  # noqa: S104
+    host = f"[{host}]" if ":" in host else host
+    return None, f"http://{host}:{http.port}", headers
+
+
+def _session(socket_path: str | None, **kwargs: Any) -> aiohttp.ClientSession:
+    connector = aiohttp.UnixConnector(path=socket_path) if socket_path else None
+    return aiohttp.ClientSession(connector=connector, **kwargs)
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    return args.token or os.environ.get("JARVISD_TOKEN") or None
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    try:
+        message = json.loads(args.message)
+    except json.JSONDecodeError as exc:
+        print(f"jarvisd publish: the message is not JSON: {exc}", file=sys.stderr)
+        return 2
+    socket_path, base, headers = _endpoint(load(args), _token(args))
+
+    async def run() -> int:
+        async with (
+            _session(socket_path, timeout=aiohttp.ClientTimeout(total=15)) as s,
+            s.post(
+                f"{base}/publish",
+                json={"channel": args.channel, "message": message},
+                headers=headers,
+            ) as resp,
+        ):
+            body = await resp.json(content_type=None)
+            if resp.status != 200:
+                print(
+                    f"jarvisd publish: {resp.status}: {body.get('detail', body)}", file=sys.stderr
+                )
+                return 1
+            print(body["receivers"])
+            return 0
+
+    try:
+        return asyncio.run(run())
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        print(f"jarvisd publish: daemon unreachable ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 1
+
+
+def cmd_subscribe(args: argparse.Namespace) -> int:
+    socket_path, base, headers = _endpoint(load(args), _token(args))
+
+    async def run() -> int:
+        async with (
+            _session(socket_path) as s,
+            s.ws_connect(f"{base}/ws", headers=headers, heartbeat=30) as ws,
+        ):
+            await ws.send_json(
+                {"op": "subscribe", "channels": args.channels, "patterns": args.pattern or []}
+            )
+            async for msg in ws:
+                if msg.type != aiohttp.WSMsgType.TEXT:
+                    break
+                doc: dict[str, Any] = json.loads(msg.data)
+                if doc.get("type") == "error":
+                    print(
+                        f"jarvisd subscribe: {doc.get('error')} {doc.get('refused', '')}",
+                        file=sys.stderr,
+                    )
+                    return 1
+                if doc.get("type") in ("message", "subscription.gap"):
+                    sys.stdout.write(json.dumps(doc) + "\n")
+                    sys.stdout.flush()
+            reason = ws.close_code
+            print(
+                f"jarvisd subscribe: the daemon closed the connection ({reason})", file=sys.stderr
+            )
+            return 1
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return 0
+    except (aiohttp.ClientError, OSError) as exc:
+        print(
+            f"jarvisd subscribe: daemon unreachable ({type(exc).__name__}: {exc})", file=sys.stderr
+        )
+        return 1
+
+
+def add_parsers(
+    sub: Any, with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
+) -> None:
+    pub = with_config(sub.add_parser("publish", help="publish a JSON message on a channel"))
+    pub.add_argument("channel")
+    pub.add_argument("message", help='a JSON value, e.g. \'{"event": "login"}\'')
+    pub.add_argument("--token", help="API token (default $JARVISD_TOKEN; none: the Unix socket)")
+    pub.set_defaults(func=cmd_publish)
+    s = with_config(
+        sub.add_parser("subscribe", help="print messages of channels, one JSON per line")
+    )
+    s.add_argument("channels", nargs="*", metavar="CHANNEL")
+    s.add_argument("--pattern", action="append", metavar="GLOB", help="a pattern too (repeatable)")
+    s.add_argument("--token", help="API token (default $JARVISD_TOKEN; none: the Unix socket)")
+    s.set_defaults(func=cmd_subscribe)
