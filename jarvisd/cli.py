@@ -136,7 +136,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 0 if status == 200 else 1
 
 
-def cmd_redis_cli(args: argparse.Namespace) -> int:
+def cmd_redis_cli(args: argparse.Namespace) -> int:  # noqa: RET503 - execv does not return
     """valkey-cli (or redis-cli) on the daemon's Redis: the embedded server's
     socket, or the configured URL."""
     import os
@@ -159,7 +159,6 @@ def cmd_redis_cli(args: argparse.Namespace) -> int:
         where = ["-u", s.redis.url]
     argv = [str(binary), *where, *args.args]
     os.execv(argv[0], argv)  # noqa: S606 - the CLI's own binary, an argument list
-    return 1  # not reached: execv replaces this process
 
 
 def cmd_version(_args: argparse.Namespace) -> int:
