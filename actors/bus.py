@@ -30,6 +30,7 @@ harmlessly.
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
 import time
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from typing import Any, ClassVar
 from redis.exceptions import RedisError, ResponseError
 
 from actors.bus_routes import DependencyDown, Outcome, Router
-from actors.envelope import Envelope, Malformed, parse
+from actors.envelope import CommandRequested, Envelope, Malformed, parse
 from actors.kernel import Actor, Health
 from actors.pubsub import Delivery, Detach, Subscribe, Subscriber
 from actors.redis_link import RedisClientActor
@@ -118,31 +119,53 @@ class Bus(RedisClientActor):
     async def _stream_loop(self) -> None:
         delay = 0.1
         own_pending = True
-        while not self.halting():
-            try:
-                if not self._ready:
-                    await self._ensure_group()
-                    own_pending = True
-                if own_pending:
-                    await self._drain_own_pending()
-                    own_pending = False
-                now = time.monotonic()
-                if now >= self._next_claim:
-                    self._next_claim = now + self.settings.claim_interval
-                    await self._claim()
-                if now >= self._next_trim:
-                    self._next_trim = now + self.settings.trim_interval
-                    await self._trim()
-                entries = await self._read(">")
-                if entries:
-                    await self._handle(entries, None)
-                delay = 0.1
-            except (OSError, RedisError) as exc:
-                self._ready = not _lost_group(exc) and self._ready
-                self.bus_stats.last_error = f"{type(exc).__name__}: {exc}"
-                self.log.warning("bus_redis_error", error=self.bus_stats.last_error)
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 - jitter
-                delay = min(delay * 2, 5.0)
+        # The next batch is read while this one is handled, and two batches
+        # may be handled at once: Redis, Python and PostgreSQL work side by
+        # side. A batch with anything but new commands waits for the one
+        # before it, so effects on one command still apply in stream order.
+        prefetch: asyncio.Task[list[Entry]] | None = None
+        running: collections.deque[asyncio.Task[None]] = collections.deque()
+        try:
+            while not self.halting():
+                try:
+                    if not self._ready:
+                        await self._ensure_group()
+                        own_pending = True
+                    if own_pending:
+                        await self._drain_own_pending()
+                        own_pending = False
+                    now = time.monotonic()
+                    if now >= self._next_claim:
+                        self._next_claim = now + self.settings.claim_interval
+                        await self._claim()
+                    if now >= self._next_trim:
+                        self._next_trim = now + self.settings.trim_interval
+                        await self._trim()
+                    entries = await (prefetch or self._read(">"))
+                    prefetch = None
+                    if entries:
+                        loop = asyncio.get_running_loop()
+                        prefetch = loop.create_task(self._read(">"))
+                        after = running[-1] if running else None
+                        running.append(loop.create_task(self._handle(entries, None, after)))
+                    while running and (len(running) > 1 or not entries):
+                        await running.popleft()
+                    delay = 0.1
+                except (OSError, RedisError) as exc:
+                    await _discard(prefetch)
+                    prefetch = None
+                    while running:
+                        await _discard(running.popleft())
+                    self._ready = not _lost_group(exc) and self._ready
+                    self.bus_stats.last_error = f"{type(exc).__name__}: {exc}"
+                    self.log.warning("bus_redis_error", error=self.bus_stats.last_error)
+                    await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 - jitter
+                    delay = min(delay * 2, 5.0)
+        finally:
+            # Entries it read stay pending for this consumer: handled after a restart.
+            await _discard(prefetch)
+            while running:
+                await _discard(running.popleft())
 
     async def _ensure_group(self) -> None:
         try:
@@ -212,7 +235,15 @@ class Bus(RedisClientActor):
         return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
     # -- one batch --------------------------------------------------------------------------
-    async def _handle(self, entries: list[Entry], deliveries: dict[str, int] | None) -> None:
+    async def _handle(
+        self,
+        entries: list[Entry],
+        deliveries: dict[str, int] | None,
+        after: asyncio.Task[None] | None = None,
+    ) -> None:
+        """Parse, route and settle one batch. ``after`` is the batch before it,
+        still being handled: unless this one holds only new commands, it waits
+        for that one first."""
         self.bus_stats.read += len(entries)
         dead: list[tuple[str, bytes, str, int]] = []
         good: list[tuple[str, Envelope, int]] = []
@@ -231,6 +262,8 @@ class Bus(RedisClientActor):
                     dead.append((entry_id, raw, parsed.reason, count))
                 else:
                     good.append((entry_id, parsed, count))
+        if after is not None and not all(isinstance(env, CommandRequested) for _i, env, _c in good):
+            await asyncio.wait({after})
         outcomes = await self._route_until_done([(i, env) for i, env, _c in good])
         acked = [entry_id for entry_id, *_rest in dead]
         raws = {entry_id: fields.get(b"envelope", b"") for entry_id, fields in entries}
@@ -404,6 +437,12 @@ class Bus(RedisClientActor):
             "lag": st.lag,
         }
         return data
+
+
+async def _discard(task: asyncio.Task[Any] | None) -> None:
+    if task is not None:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def _dead_fields(

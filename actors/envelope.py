@@ -11,7 +11,9 @@ Out: the events the daemon publishes on ``{prefix}events`` and per kind
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import secrets
+import time
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -228,15 +230,33 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     data: dict[str, Any]
 
 
+_last_ts: tuple[int, str] = (0, "")
+
+
+def _now() -> str:
+    """The time as ISO 8601 to the millisecond (formatted once per millisecond)."""
+    global _last_ts
+    ms = time.time_ns() // 1_000_000
+    if ms != _last_ts[0]:
+        when = datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+        _last_ts = (ms, when.replace("+00:00", "Z"))
+    return _last_ts[1]
+
+
+# Event ids: random per process, then a counter: unique, and cheap to make.
+_ID_PREFIX = secrets.token_hex(8)
+_ids = itertools.count(1)
+
+
 def event(
     kind: EventKind, name: str, user_id: int | None, /, **data: Any
 ) -> tuple[EventKind, Event]:
     """A new event ``name`` with the kind (channel) it belongs to. Fields
     whose value is None are left out."""
     return kind, Event(
-        id=str(uuid.uuid4()),
+        id=f"{_ID_PREFIX}-{next(_ids):x}",
         type=name,
-        ts=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        ts=_now(),
         user_id=user_id,
         data={k: v for k, v in data.items() if v is not None},
     )

@@ -25,6 +25,7 @@ import contextlib
 import itertools
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -63,24 +64,43 @@ class Delivery(msgspec.Struct, frozen=True):
     data: bytes = b""
 
 
-class Subscriber:
-    """A local receiver of pub/sub messages, with a bounded queue."""
+_CLOSED = Delivery("gap", data=b"closed")  # the end-of-queue marker, compared by identity
 
-    def __init__(self, name: str, *, queue_size: int, overflow: Overflow = "close") -> None:
+
+Sink = Callable[[Delivery], bool]
+
+
+class Subscriber:
+    """A local receiver of pub/sub messages: a bounded queue, or a ``sink``
+    that takes each delivery at once without waiting (a WebSocket writing to
+    its socket's bounded buffer). Either one answers False when it is full."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        queue_size: int = 1000,
+        overflow: Overflow = "close",
+        sink: Sink | None = None,
+        on_close: Callable[[str], None] | None = None,
+    ) -> None:
         self.id = next(_ids)
         self.name = name
         self.overflow = overflow
+        self.sink = sink
+        self.on_close = on_close
         self.queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=queue_size)
         self.channels: set[str] = set()
         self.patterns: set[str] = set()
         self.closed: str | None = None  # why, once closed
         self.dropped = 0
-        self._closed = asyncio.Event()
 
     def offer(self, item: Delivery) -> bool:
-        """Put without waiting; False when the queue is full."""
+        """Take ``item`` without waiting; False when there is no room for it."""
         if self.closed is not None:
             return True
+        if self.sink is not None:
+            return self.sink(item)
         try:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
@@ -90,25 +110,19 @@ class Subscriber:
     def close(self, reason: str) -> None:
         if self.closed is None:
             self.closed = reason
-            self._closed.set()
+            if self.on_close is not None:
+                self.on_close(reason)
+            # Wakes a reader waiting on an empty queue; a full one has items
+            # to read first, and then finds it closed.
+            with contextlib.suppress(asyncio.QueueFull):
+                self.queue.put_nowait(_CLOSED)
 
     async def next(self) -> Delivery | None:
         """The next delivery, or None once the subscriber is closed."""
-        if not self.queue.empty():
-            return self.queue.get_nowait()
-        if self.closed is not None:
+        if self.closed is not None and self.queue.empty():
             return None
-        getter = asyncio.ensure_future(self.queue.get())
-        closer = asyncio.ensure_future(self._closed.wait())
-        try:
-            await asyncio.wait({getter, closer}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            closer.cancel()
-            if not getter.done():
-                getter.cancel()
-        if getter.done() and not getter.cancelled():
-            return getter.result()
-        return None
+        item = await self.queue.get()
+        return None if item is _CLOSED else item
 
 
 # -- messages ---------------------------------------------------------------------------
@@ -143,6 +157,17 @@ class PublishEvents(msgspec.Struct, frozen=True):
     """Events to ``{prefix}events`` and their kind's channel; fire and forget."""
 
     events: tuple[tuple[EventKind, Event], ...]
+
+
+# ARGV: the events channel, then (kind channel, message) pairs. Every event in
+# one round trip, to both of its channels.
+PUBLISH_MANY = """
+for i = 2, #ARGV, 2 do
+  redis.call('PUBLISH', ARGV[1], ARGV[i + 1])
+  redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
+end
+return (#ARGV - 1) / 2
+"""
 
 
 @dataclass
@@ -190,6 +215,11 @@ class PubSub(RedisClientActor):
         self._confirm: dict[tuple[str, str], list[asyncio.Future[None]]] = {}
         self._pong: asyncio.Event = asyncio.Event()
         self._encoder = msgspec.json.Encoder()
+        self._publish_many: Any = None
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        self._publish_many = self._client().register_script(PUBLISH_MANY)
 
     @property
     def events_channel(self) -> str:
@@ -332,7 +362,8 @@ class PubSub(RedisClientActor):
             return
         # A subscriber that cannot keep up is let go, never waited for.
         self.ps_stats.dropped_subscribers += 1
-        sub.close(f"too slow: {sub.queue.qsize()} messages were waiting")
+        waiting = "its buffer is full" if sub.sink else f"{sub.queue.qsize()} messages were waiting"
+        sub.close(f"too slow: {waiting}")
         self._forget(sub)
 
     def _gap(self, reason: str) -> None:
@@ -452,13 +483,11 @@ class PubSub(RedisClientActor):
 
     @handles(PublishEvents)
     async def _publish_events(self, msg: PublishEvents) -> None:
+        args: list[Any] = [self.events_channel]
+        for kind, evt in msg.events:
+            args += (self.channel_of(kind), self._encoder.encode(evt))
         try:
-            async with self._client().pipeline(transaction=False) as pipe:
-                for kind, evt in msg.events:
-                    data = self._encoder.encode(evt)
-                    pipe.publish(self.events_channel, data)
-                    pipe.publish(self.channel_of(kind), data)
-                await pipe.execute()
+            await self._publish_many(args=args)
         except (OSError, RedisError) as exc:
             # Events are notifications (the state is in PostgreSQL): a lost
             # one is counted, and never fails the actor.

@@ -24,12 +24,12 @@ import statistics
 import time
 import uuid
 
-import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 
 from actors import migrate as migrations
 from bench.daemon import BenchDaemon, bench_daemon
+from bench.light import read_raw_redis, read_websockets
 from tests.servers import dsn_with_database
 
 
@@ -152,62 +152,53 @@ async def latency(d: BenchDaemon, redis_url: str, rate: int, seconds: float) -> 
     return got
 
 
-async def fanout_ws(
-    d: BenchDaemon, redis_url: str, clients: int, rate: int, seconds: float
+READER_PROCESSES = 2
+
+
+async def fanout(
+    kind: str, target: str, token: str, redis_url: str, clients: int, rate: int, seconds: float
 ) -> list[float]:
-    lat: list[float] = []
+    """``clients`` subscribers spread over reader processes (so that the
+    measuring side is not the bottleneck); PUBLISH at ``rate`` with the send
+    time inside; each reader reports receive minus send (one monotonic clock)."""
+    import sys
+
     total = int(rate * seconds)
-    async with aiohttp.ClientSession() as s:
-        sockets = [
-            await s.ws_connect(f"{d.base}/ws", headers={"Authorization": f"Bearer {d.token}"})
-            for _ in range(clients)
-        ]
-        for ws in sockets:
-            await ws.send_json({"op": "subscribe", "channels": ["bench-fanout"]})
-            await ws.receive_json()
-
-        async def reader(ws: aiohttp.ClientWebSocketResponse) -> None:
-            n = 0
-            while n < total:
-                msg = await ws.receive()
-                now = time.perf_counter()
-                doc = json.loads(msg.data)
-                if doc.get("type") == "message":
-                    lat.append((now - doc["data"]["t"]) * 1000)
-                    n += 1
-
-        readers = [asyncio.create_task(reader(ws)) for ws in sockets]
-        await publish_steady(redis_url, "bench-fanout", rate, total)
-        await asyncio.wait_for(asyncio.gather(*readers), 60)
-        for ws in sockets:
-            await ws.close()
-    return lat
-
-
-async def fanout_raw(redis_url: str, clients: int, rate: int, seconds: float) -> list[float]:
+    channel = f"bench-{kind}-{uuid.uuid4().hex[:6]}"
+    per = [
+        clients // READER_PROCESSES + (i < clients % READER_PROCESSES)
+        for i in range(READER_PROCESSES)
+    ]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bench.bus",
+            "--reader",
+            kind,
+            "--target",
+            target,
+            "--token",
+            token,
+            "--channel",
+            channel,
+            "--reader-clients",
+            str(n),
+            "--count",
+            str(total),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for n in per
+        if n
+    ]
+    for proc in procs:
+        assert proc.stdout is not None
+        assert (await proc.stdout.readline()).strip() == b"ready"
+    await publish_steady(redis_url, channel, rate, total)
     lat: list[float] = []
-    total = int(rate * seconds)
-    subs = []
-    for _ in range(clients):
-        client = aioredis.Redis.from_url(redis_url)
-        ps = client.pubsub()
-        await ps.subscribe("bench-raw")
-        subs.append((client, ps))
-
-    async def reader(ps: aioredis.client.PubSub) -> None:
-        n = 0
-        while n < total:
-            msg = await ps.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if msg is not None:
-                lat.append((time.perf_counter() - json.loads(msg["data"])["t"]) * 1000)
-                n += 1
-
-    readers = [asyncio.create_task(reader(ps)) for _c, ps in subs]
-    await publish_steady(redis_url, "bench-raw", rate, total)
-    await asyncio.wait_for(asyncio.gather(*readers), 60)
-    for client, ps in subs:
-        await ps.aclose()
-        await client.aclose()
+    for proc in procs:
+        out, _err = await proc.communicate()
+        lat += json.loads(out)
     return lat
 
 
@@ -224,11 +215,13 @@ async def publish_steady(redis_url: str, channel: str, rate: int, total: int) ->
 
 async def run(pg: str, redis_url: str, args: argparse.Namespace) -> None:
     floor = await raw_floor(pg, args.envelopes)
-    async with bench_daemon(pg, redis_url, BUS__BATCH_SIZE="1000") as d:
+    async with bench_daemon(pg, redis_url) as d:
         rate, produced = await ingest(d, redis_url, args.envelopes)
         lat = await latency(d, redis_url, args.rate, args.seconds)
-        ws = await fanout_ws(d, redis_url, args.clients, args.ws_rate, args.seconds)
-    raw = await fanout_raw(redis_url, args.clients, args.ws_rate, args.seconds)
+        ws = await fanout(
+            "ws", d.base, d.token, redis_url, args.clients, args.ws_rate, args.seconds
+        )
+    raw = await fanout("raw", redis_url, "", redis_url, args.clients, args.ws_rate, args.seconds)
     print(f"Ingest of {args.envelopes:,} command.requested envelopes (1 in 50 needing approval):")
     print(f"  raw asyncpg executemany, 1,000-row transactions  {floor:10,.0f} rows/s")
     print(f"  XADD (the producer, pipelined)                   {produced:10,.0f} envelopes/s")
@@ -256,7 +249,26 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--ws-rate", type=int, default=1000)
+    # A reader process of the fan-out measurement (internal).
+    parser.add_argument("--reader", choices=["ws", "raw"], help=argparse.SUPPRESS)
+    parser.add_argument("--target", help=argparse.SUPPRESS)
+    parser.add_argument("--token", help=argparse.SUPPRESS)
+    parser.add_argument("--channel", help=argparse.SUPPRESS)
+    parser.add_argument("--reader-clients", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.reader == "ws":
+        lat = asyncio.run(
+            read_websockets(args.target, args.token, args.channel, args.reader_clients, args.count)
+        )
+        print(json.dumps(lat))
+        return
+    if args.reader == "raw":
+        lat = asyncio.run(
+            read_raw_redis(args.target, args.channel, args.reader_clients, args.count)
+        )
+        print(json.dumps(lat))
+        return
     from tests.servers import Servers
 
     servers = Servers.start()

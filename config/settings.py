@@ -7,6 +7,8 @@ Unknown keys are rejected: a typo must never be silently ignored.
 from __future__ import annotations
 
 import fnmatch
+import functools
+import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -132,8 +134,9 @@ class PubSubSettings(_Section, frozen=True):
     ping_interval: PositiveFloat = 5.0
     ping_timeout: PositiveFloat = 3.0
     reconnect_max: PositiveFloat = 5.0
-    # Messages waiting for one WebSocket client; past it the client is dropped (1013).
-    client_queue: PositiveInt = 1000
+    # Bytes waiting to be sent to one WebSocket client; past it the client is
+    # dropped (1013) rather than waited for.
+    client_buffer_bytes: PositiveInt = 1_048_576
     # Largest message POST /publish accepts (encoded).
     max_message_bytes: PositiveInt = 65_536
     # WebSocket clients are pinged this often; one that does not answer is closed.
@@ -148,7 +151,7 @@ class BusSettings(_Section, frozen=True):
     # An entry delivered this many times without being processed is dead-lettered.
     max_deliveries: PositiveInt = 5
     # Entries read (and committed) per round.
-    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 500
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
     # Longest wait for new entries in one read (milliseconds).
     block_ms: Annotated[int, msgspec.Meta(ge=1, le=60_000)] = 1000
     # An entry pending this long (a daemon died holding it, or it failed) is
@@ -211,11 +214,27 @@ class ApprovalSettings(_Section, frozen=True):
 
     def score(self, action: str) -> int:
         """The policy's score for ``action``: the first matching rule's, else the default."""
-        name = action.casefold()
-        for rule in self.rules:
-            if fnmatch.fnmatchcase(name, rule.action.casefold()):
-                return rule.score
-        return self.default_score
+        rules = tuple((r.action, r.score) for r in self.rules)
+        return _score(rules, self.default_score, action)
+
+
+@functools.lru_cache(maxsize=64)
+def _policy(rules: tuple[tuple[str, int], ...]) -> re.Pattern[str]:
+    """All rules as one pattern: the first alternative that matches is the
+    first rule that matches."""
+    parts = [
+        f"(?P<r{i}>{fnmatch.translate(glob.casefold())})" for i, (glob, _s) in enumerate(rules)
+    ]
+    return re.compile("|".join(parts) or "(?!)")
+
+
+@functools.lru_cache(maxsize=4096)
+def _score(rules: tuple[tuple[str, int], ...], default: int, action: str) -> int:
+    found = _policy(rules).match(action.casefold())
+    if found is None:
+        return default
+    # fnmatch's own groups may nest inside: the rule is the r<i> group that matched.
+    return next(rules[i][1] for i in range(len(rules)) if found.group(f"r{i}") is not None)
 
 
 class Settings(_Section, frozen=True):

@@ -215,7 +215,7 @@ async def test_a_client_without_headers_authenticates_with_its_first_frame(api: 
     assert status == 401
 
 
-@pytest.mark.parametrize("overrides", [{"pubsub": {**FAST_PUBSUB, "client_queue": 20}}])
+@pytest.mark.parametrize("overrides", [{"pubsub": {**FAST_PUBSUB, "client_buffer_bytes": 200_000}}])
 async def test_one_stalled_client_is_dropped_with_1013_and_never_delays_the_others(
     api: Api,
 ) -> None:

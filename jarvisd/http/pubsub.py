@@ -14,7 +14,7 @@ Subscribing, over a WebSocket:
 
 A message matching a pattern on an internal channel is never delivered.
 The ops are JSON text frames (README, "WebSocket"). Each client has a bounded
-queue (``pubsub.client_queue``): one that falls behind is closed with 1013,
+socket buffer (``pubsub.client_buffer_bytes``): one that falls behind is closed with 1013,
 never waited for.
 """
 
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
+import struct
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -141,20 +141,42 @@ _op_decoder = msgspec.json.Decoder(_Op)
 _encoder = msgspec.json.Encoder()
 
 
-@functools.lru_cache(maxsize=512)
-def _frame(item: Delivery) -> str:
-    """The text frame of a delivery, encoded once for all its receivers."""
+def _payload(item: Delivery) -> bytes:
     if item.kind == "gap":
         return _encoder.encode(
             {"type": "subscription.gap", "reason": item.data.decode(errors="replace")}
-        ).decode()
+        )
     try:
         data: Any = msgspec.Raw(item.data) if _is_json(item.data) else item.data.decode()
     except UnicodeError:
         data = item.data.decode(errors="replace")
     return _encoder.encode(
         {"type": "message", "channel": item.channel, "pattern": item.pattern, "data": data}
-    ).decode()
+    )
+
+
+_last_frame: tuple[Delivery | None, bytes] = (None, b"")
+
+
+def _frame(item: Delivery) -> bytes:
+    """The whole WebSocket text frame of a delivery (RFC 6455 §5.2: a server's
+    frames are unmasked, so every client gets the same bytes). The pub/sub
+    actor hands one delivery to all its subscribers in a row: the frame is
+    built for the first and reused for the others."""
+    global _last_frame
+    if _last_frame[0] is item:
+        return _last_frame[1]
+    payload = _payload(item)
+    n = len(payload)
+    if n < 126:
+        header = struct.pack("!BB", 0x81, n)
+    elif n < 65536:
+        header = struct.pack("!BBH", 0x81, 126, n)
+    else:
+        header = struct.pack("!BBQ", 0x81, 127, n)
+    frame = header + payload
+    _last_frame = (item, frame)
+    return frame
 
 
 def _is_json(data: bytes) -> bool:
@@ -169,7 +191,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     reject_unknown_params(request, ())
     rt = request.app[RUNTIME]
     who = await authenticate(request)  # 401 for bad credentials; none: an auth op must come first
-    ws = web.WebSocketResponse(heartbeat=rt.settings.pubsub.ws_heartbeat, max_msg_size=65_536)
+    # Uncompressed: a message is encoded once and the same frame goes to every client.
+    ws = web.WebSocketResponse(
+        heartbeat=rt.settings.pubsub.ws_heartbeat, max_msg_size=65_536, compress=False
+    )
     if not ws.can_prepare(request).ok:
         raise ProblemError(400, "Bad request", "GET /ws expects a WebSocket upgrade")
     await ws.prepare(request)
@@ -206,7 +231,10 @@ async def _first_auth(request: web.Request, ws: web.WebSocketResponse) -> Princi
 
 
 class _Session:
-    """One WebSocket client: a reader of ops and a writer of deliveries."""
+    """One WebSocket client. Ops are read in the request's task; deliveries
+    are written by the pub/sub actor, straight to the socket, as they arrive
+    (no task, no copy per client): a client whose socket buffer passes
+    ``pubsub.client_buffer_bytes`` is closed with 1013."""
 
     def __init__(
         self, rt: Runtime, request: web.Request, ws: web.WebSocketResponse, who: Principal
@@ -217,20 +245,62 @@ class _Session:
         self.who = who
         self.rules = Rules(rt)
         self.pubsub = rt.actor("pubsub")
-        self.sub = Subscriber(
-            f"ws:{who.name}", queue_size=rt.settings.pubsub.client_queue, overflow="close"
-        )
+        self.limit = rt.settings.pubsub.client_buffer_bytes
+        self.closing: asyncio.Task[None] | None = None
+        self.sub = Subscriber(f"ws:{who.name}", sink=self._deliver, on_close=self._closed)
+        # Frames delivered in one turn of the event loop go out in one write.
+        self.out: list[bytes] = []
+        self.out_bytes = 0
+
+    def _deliver(self, item: Delivery) -> bool:
+        if item.kind == "message" and not self.rules.may_see(self.who, item):
+            return True
+        transport = self.request.transport
+        if transport is None or transport.is_closing():
+            return True  # going away: the request's task cleans up
+        frame = _frame(item)
+        if transport.get_write_buffer_size() + self.out_bytes + len(frame) > self.limit:
+            return False
+        if not self.out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self.out.append(frame)
+        self.out_bytes += len(frame)
+        return True
+
+    def _flush(self) -> None:
+        out, self.out, self.out_bytes = self.out, [], 0
+        transport = self.request.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def _closed(self, reason: str) -> None:
+        """The pub/sub actor let the subscriber go (too slow, or stopping)."""
+        if self.closing is None and not self.ws.closed:
+            self.closing = asyncio.get_running_loop().create_task(self._close(reason))
+
+    async def _close(self, reason: str) -> None:
+        code = WS_TRY_LATER if reason.startswith("too slow") else WS_GOING_AWAY
+        # A client too slow to read may not read the close frame either: bound the wait.
+        try:
+            async with asyncio.timeout(2):
+                await self.ws.close(code=code, message=reason.encode()[:120])
+        except (TimeoutError, ConnectionError):
+            log.info("ws_aborted", reason=reason)
+        finally:
+            transport = self.request.transport
+            if transport is not None and not transport.is_closing():
+                transport.abort()
 
     async def run(self) -> None:
-        writer = asyncio.get_running_loop().create_task(self._write(), name="ws.writer")
         try:
             await self._read()
         finally:
+            self.sub.on_close = None  # leaving anyway
             self.sub.close("the client went away")
             with contextlib.suppress(Exception):
                 await self.pubsub.ask(Detach(self.sub), timeout=5)
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            if self.closing is not None:
+                await asyncio.gather(self.closing, return_exceptions=True)
 
     async def _send(self, doc: dict[str, Any]) -> None:
         await self.ws.send_str(_encoder.encode(doc).decode())
@@ -283,27 +353,6 @@ class _Session:
         else:
             await self.pubsub.ask(Unsubscribe(self.sub, channels, patterns), timeout=10)
             await self._send({"type": "unsubscribed", "channels": channels, "patterns": patterns})
-
-    async def _write(self) -> None:
-        while True:
-            item = await self.sub.next()
-            if item is None:
-                break
-            if item.kind == "message" and not self.rules.may_see(self.who, item):
-                continue
-            await self.ws.send_str(_frame(item))
-        reason = self.sub.closed or "closed"
-        code = WS_TRY_LATER if reason.startswith("too slow") else WS_GOING_AWAY
-        # A client too slow to read may not read the close frame either: bound the wait.
-        try:
-            async with asyncio.timeout(2):
-                await self.ws.close(code=code, message=reason.encode()[:120])
-        except TimeoutError:
-            log.info("ws_aborted", reason=reason)
-        finally:
-            transport = self.request.transport
-            if transport is not None and not self.ws.closed:
-                transport.abort()
 
 
 ROUTES: list[RouteDoc] = [
