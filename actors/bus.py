@@ -354,8 +354,10 @@ class Bus(RedisClientActor):
         dead: list[tuple[str, bytes, str, int]] = []
         good: list[tuple[str, Envelope]] = []
         for n, item in enumerate(batch):
-            if item.kind == "gap":
-                self.log.warning("bus_published_gap", detail=item.data.decode(errors="replace"))
+            if item.kind != "message":  # down, then gap: envelopes PUBLISHed meanwhile are lost
+                self.log.warning(
+                    f"bus_published_{item.kind}", detail=item.data.decode(errors="replace")
+                )
                 continue
             self.bus_stats.published_in += 1
             parsed = parse(item.data, self.settings.max_envelope_bytes)

@@ -56,9 +56,11 @@ _ids = itertools.count(1)
 
 
 class Delivery(msgspec.Struct, frozen=True):
-    """What a subscriber receives: a message, or a gap notice."""
+    """What a subscriber receives: a message; "down" when the connection to
+    Redis is lost; "gap" once it is back (what was published meanwhile was
+    missed)."""
 
-    kind: Literal["message", "gap"]
+    kind: Literal["message", "gap", "down"]
     channel: str = ""
     pattern: str | None = None
     data: bytes = b""
@@ -259,6 +261,9 @@ class PubSub(RedisClientActor):
             except (OSError, RedisError, TimeoutError, RuntimeError) as exc:
                 self.ps_stats.last_error = f"{type(exc).__name__}: {exc}"
                 self.log.warning("pubsub_disconnected", error=self.ps_stats.last_error)
+                down = Delivery("down", data=self.ps_stats.last_error.encode())
+                for sub in self._subscribers():
+                    sub.offer(down)
             await self._drop_connection()
             if self.halting():
                 return

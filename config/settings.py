@@ -124,6 +124,12 @@ class AuthSettings(_Section, frozen=True):
     token_max_ttl: NonNegativeInt = 0
     # Live (not revoked, not expired) tokens one user may hold.
     max_tokens_per_user: PositiveInt = 100
+    # Who a token or login session is, kept in memory this many seconds (and
+    # for at most cache_size of them). Revocations drop entries at once on every
+    # daemon; the TTL bounds how long a cached caller is trusted while
+    # PostgreSQL is down.
+    cache_ttl: PositiveFloat = 30.0
+    cache_size: PositiveInt = 10_000
 
 
 class PubSubSettings(_Section, frozen=True):

@@ -18,7 +18,7 @@ import structlog
 
 from config import ConfigError, LoadedConfig, redacted, to_toml
 from jarvisd import __version__
-from jarvisd.cli_common import load, with_database
+from jarvisd.cli_common import load, redis_url, with_database
 from jarvisd.logs import configure
 
 EXIT_CONFIG = 2
@@ -141,22 +141,15 @@ def cmd_redis_cli(args: argparse.Namespace) -> int:  # noqa: RET503 - execv does
     socket, or the configured URL."""
     import os
 
-    from actors.embedded import EmbeddedValkey, RunAs
     from actors.embedded.binaries import find_valkey_cli
 
-    s = load(args).settings
+    loaded = load(args)
     binary = find_valkey_cli()
     if binary is None:
         print("jarvisd redis-cli: no valkey-cli or redis-cli found", file=sys.stderr)
         return 1
-    if s.embedded_redis:
-        server = EmbeddedValkey(
-            Path(s.daemon.state_dir), run_as=RunAs.resolve(s.embedded.postgres_user)
-        )
-        where = ["-s", str(server.socket_path)]
-    else:
-        assert s.redis.url is not None
-        where = ["-u", s.redis.url]
+    url = redis_url(loaded)
+    where = ["-s", url.removeprefix("unix://")] if url.startswith("unix://") else ["-u", url]
     argv = [str(binary), *where, *args.args]
     os.execv(argv[0], argv)  # noqa: S606 - the CLI's own binary, an argument list
 

@@ -60,3 +60,39 @@ async def with_database(loaded: LoadedConfig, work: Any) -> Any:
             return await work(conn)
         finally:
             await conn.close()
+
+
+def redis_url(loaded: LoadedConfig) -> str:
+    """The configured Redis: the embedded server's socket, or redis.url."""
+    from actors.embedded import EmbeddedValkey, RunAs
+
+    s = loaded.settings
+    if s.embedded_redis:
+        server = EmbeddedValkey(
+            Path(s.daemon.state_dir), run_as=RunAs.resolve(s.embedded.postgres_user)
+        )
+        return server.url
+    assert s.redis.url is not None
+    return s.redis.url
+
+
+async def tell_daemons(loaded: LoadedConfig, what: Any) -> None:
+    """Tell every daemon on the configured Redis that a caller changed (the
+    CLI changed a user or a token), so that none trusts a cached identity.
+    No Redis answering means no daemon runs: nothing to tell."""
+    import sys
+
+    import redis.asyncio as aioredis
+    from redis.exceptions import RedisError
+
+    from jarvisd.principals import encode_invalidation, internal_channel
+
+    s = loaded.settings
+    client = aioredis.Redis.from_url(redis_url(loaded), socket_connect_timeout=2, socket_timeout=2)
+    try:
+        await client.publish(internal_channel(s.redis.prefix), encode_invalidation(what))
+    except (OSError, RedisError) as exc:
+        if not s.embedded_redis:
+            print(f"jarvisd: could not tell running daemons ({exc})", file=sys.stderr)
+    finally:
+        await client.aclose()

@@ -24,8 +24,9 @@ from actors.data.model import TokenCreate, User, UserCreate, UserUpdate
 from actors.data.repo import USERS, Conflict, NotFound
 from actors.persistence import Persistence
 from config import LoadedConfig
-from jarvisd.cli_common import database_dsn, load
+from jarvisd.cli_common import database_dsn, load, tell_daemons
 from jarvisd.logs import configure
+from jarvisd.principals import Invalidation
 
 __all__ = ["add_parsers"]
 
@@ -128,6 +129,7 @@ def cmd_user_passwd(args: argparse.Namespace) -> int:
     async def work(actor: Persistence) -> int:
         user = await _user(actor, args.name)
         await actor.ask(m.UpdateUser(user_id=user.id, change=change), timeout=30)
+        await tell_daemons(load(args), Invalidation(kind="user", user_id=user.id))
         print(f"password of {user.username} changed")
         return 0
 
@@ -140,6 +142,7 @@ def cmd_user_disable(args: argparse.Namespace) -> int:
         await actor.ask(
             m.UpdateUser(user_id=user.id, change=UserUpdate(disabled=not args.enable)), timeout=30
         )
+        await tell_daemons(load(args), Invalidation(kind="user", user_id=user.id))
         print(f"{user.username} {'enabled' if args.enable else 'disabled'}")
         return 0
 
@@ -170,6 +173,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 def cmd_token_revoke(args: argparse.Namespace) -> int:
     async def work(actor: Persistence) -> int:
         token = await actor.ask(m.RevokeToken(token_id=args.id), timeout=30)
+        await tell_daemons(load(args), Invalidation(kind="user", user_id=token.user_id))
         print(f"revoked token {token.id} ({token.prefix}...) of user {token.user_id}")
         return 0
 

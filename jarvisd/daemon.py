@@ -37,6 +37,7 @@ from jarvisd import __version__
 from jarvisd.http.health import readiness
 from jarvisd.http.server import HttpServer
 from jarvisd.logs import set_level
+from jarvisd.principals import PrincipalCache
 from jarvisd.reload import ReloadPlan, plan_reload
 from jarvisd.runtime import Check, Runtime
 from jarvisd.systemd import Notifier, Watchdog, watchdog_interval
@@ -121,15 +122,11 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
     return actors, checks
 
 
-def daemon_name(settings: Settings) -> str:
-    return settings.daemon.name or socket.gethostname()
-
-
 def consumer_name(settings: Settings) -> str:
     """This daemon's bus consumer: its name and its state directory, so that
     it is the same after a restart and differs between daemons on one host."""
     place = hashlib.sha256(os.path.abspath(settings.daemon.state_dir).encode()).hexdigest()
-    return f"{daemon_name(settings)}-{place[:8]}"
+    return f"{settings.daemon.name or socket.gethostname()}-{place[:8]}"
 
 
 class Daemon:
@@ -148,7 +145,15 @@ class Daemon:
         self.settings = loaded.settings
         actors, checks = build_actors(self.settings)
         self.supervisor = Supervisor(actors, self.settings.supervisor)
-        self.runtime = Runtime(self.settings, self.supervisor, checks, __version__)
+        self.runtime = Runtime(
+            self.settings,
+            self.supervisor,
+            checks,
+            __version__,
+            principals=PrincipalCache(
+                size=self.settings.auth.cache_size, ttl=self.settings.auth.cache_ttl
+            ),
+        )
         self.http = HttpServer(self.runtime, sockets=sockets)
         self.notifier = notifier or Notifier()
         self.stop_requested = asyncio.Event()
@@ -243,6 +248,8 @@ class Daemon:
         self.runtime.settings = settings
         set_level(settings.daemon.log_level)
         self.supervisor.settings = settings.supervisor
+        self.runtime.principals.ttl = settings.auth.cache_ttl
+        self.runtime.principals.size = settings.auth.cache_size
         for actor in self.supervisor.actors:
             actor.health_interval = settings.daemon.health_interval
             if isinstance(actor, Persistence):

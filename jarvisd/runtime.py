@@ -6,12 +6,14 @@ non-blocking ``health()`` and ``snapshot()``, never their connections.
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Literal
 
 from actors import Actor, Supervisor
 from config import Settings
+from jarvisd.principals import PrincipalCache
 
 ComponentType = Literal["datastore", "component", "system"]
 
@@ -36,6 +38,12 @@ class Runtime:
     started_at: float = field(default_factory=time.time)
     started_monotonic: float = field(default_factory=time.monotonic)
     draining: bool = False
+    principals: PrincipalCache = field(default_factory=lambda: PrincipalCache(size=10_000, ttl=30))
+
+    @property
+    def name(self) -> str:
+        """This daemon's name among several (daemon.name, else the host name)."""
+        return self.settings.daemon.name or socket.gethostname()
 
     def actor(self, name: str) -> Actor:
         return self.supervisor.get(name)

@@ -266,6 +266,7 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     via: Literal["token", "session", "peer", "system"]
     token_id: int | None = None
+    expires_at: float | None = None  # the token's expiry (epoch seconds), if any
 
     @property
     def is_admin(self) -> bool:

@@ -17,18 +17,27 @@ from __future__ import annotations
 import os
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import msgspec
+import structlog
 from aiohttp import web
 
 from actors.data.credentials import TOKEN_PREFIX
 from actors.data.messages import AuthenticateToken, AuthenticateUser
 from actors.data.model import Principal
+from actors.pubsub import Publish
 from actors.sessions import SessionGet, SessionNotFound
 from jarvisd.http.errors import ProblemError
 from jarvisd.http.keys import RUNTIME
+from jarvisd.principals import Invalidation, bearer_key, encode_invalidation, internal_channel
+from jarvisd.runtime import Runtime
 
-__all__ = ["Unauthorized", "authenticate", "bearer", "forbidden", "peer_uid", "require"]
+__all__ = ["Unauthorized", "authenticate", "bearer", "forbidden", "forget", "peer_uid", "require"]
+
+log = structlog.get_logger("jarvisd", actor="http")
 
 _PEERCRED = struct.Struct("3i")
 MAX_TOKEN_LENGTH = 512
@@ -85,30 +94,75 @@ def bearer(request: web.Request) -> str | None:
 async def authenticate(request: web.Request) -> Principal | None:
     """The caller, or None when no credentials were presented; raises 401 for bad ones."""
     rt = request.app[RUNTIME]
-    timeout = rt.settings.http.request_timeout
     token = bearer(request)
     if token is not None:
-        if token.startswith(TOKEN_PREFIX):
-            principal = await rt.actor("persistence").ask(
-                AuthenticateToken(token=token), timeout=timeout
-            )
-            if principal is None:
-                raise Unauthorized("invalid, revoked or expired token")
-            return principal  # type: ignore[no-any-return]
-        try:
-            session = await rt.actor("logins").ask(SessionGet(token), timeout=timeout)
-        except SessionNotFound:
-            raise Unauthorized("invalid or expired session") from None
-        principal = await rt.actor("persistence").ask(
-            AuthenticateUser(user_id=session.user_id), timeout=timeout
-        )
-        if principal is None:
-            raise Unauthorized("the session's user is disabled or no longer exists")
-        return principal  # type: ignore[no-any-return]
+        key = bearer_key(token)
+        cache = rt.principals
+        entry = cache.get(key)
+        if entry is not None:
+            if entry.principal.via == "session":
+                await _slide(rt, token, key, entry)
+            return entry.principal
+        generation = cache.generation  # a revocation from here on must win
+        principal = await _lookup(rt, token)
+        cache.put(key, principal, generation, expires_at=principal.expires_at)
+        return principal
     uid = peer_uid(request)
     if uid is not None and uid in (0, os.geteuid()):
         return Principal(user_id=None, role="admin", name=f"uid:{uid}", via="peer")
     return None
+
+
+async def _lookup(rt: Runtime, token: str) -> Principal:
+    timeout = rt.settings.http.request_timeout
+    if token.startswith(TOKEN_PREFIX):
+        principal = await rt.actor("persistence").ask(
+            AuthenticateToken(token=token), timeout=timeout
+        )
+        if principal is None:
+            raise Unauthorized("invalid, revoked or expired token")
+        return principal  # type: ignore[no-any-return]
+    try:
+        session = await rt.actor("logins").ask(SessionGet(token), timeout=timeout)
+    except SessionNotFound:
+        raise Unauthorized("invalid or expired session") from None
+    principal = await rt.actor("persistence").ask(
+        AuthenticateUser(user_id=session.user_id), timeout=timeout
+    )
+    if principal is None:
+        raise Unauthorized("the session's user is disabled or no longer exists")
+    # Kept no longer than the session's absolute deadline.
+    found: Principal = msgspec.structs.replace(principal, expires_at=session.expires_at_ms / 1000)
+    return found
+
+
+async def _slide(rt: Runtime, token: str, key: str, entry: Any) -> None:
+    """A login session's idle TTL slides in Redis on use: a cached session is
+    touched again once in a while (a tenth of the idle TTL, at most a minute),
+    which also notices one that ended."""
+    every = min(60.0, rt.settings.sessions.idle_ttl / 10)
+    if time.monotonic() - entry.touched < every:
+        return
+    entry.touched = time.monotonic()
+    try:
+        await rt.actor("logins").ask(SessionGet(token), timeout=rt.settings.http.request_timeout)
+    except SessionNotFound:
+        rt.principals.invalidate(Invalidation(kind="bearer", key=key))
+        raise Unauthorized("invalid or expired session") from None
+
+
+async def forget(request: web.Request, what: Invalidation) -> None:
+    """Drop cached callers here, before the change is answered, and on every
+    daemon sharing the Redis (``{prefix}internal:principals``)."""
+    rt = request.app[RUNTIME]
+    rt.principals.invalidate(what)
+    channel = internal_channel(rt.settings.redis.prefix)
+    try:
+        await rt.actor("pubsub").ask(
+            Publish(channel, encode_invalidation(what)), timeout=rt.settings.http.request_timeout
+        )
+    except Exception as exc:  # the others' caches are off while pub/sub is down, or expire
+        log.warning("principal_invalidation_not_published", error=repr(exc))
 
 
 Handler = Callable[[web.Request, Principal], Awaitable[web.StreamResponse]]

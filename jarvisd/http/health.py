@@ -133,6 +133,7 @@ def stats_document(rt: Runtime) -> dict[str, Any]:
     actors = rt.supervisor.snapshot()
     return {
         "service": "jarvisd",
+        "daemon": rt.name,
         "version": rt.version,
         "pid": os.getpid(),
         "startedAt": _iso(rt.started_at),
@@ -160,6 +161,7 @@ async def stats(request: web.Request) -> web.Response:
 
     doc = stats_document(rt)
     doc["cache"] = await cache_stats(rt)
+    doc["principals"] = rt.principals.stats()
     return web.Response(body=msgspec.json.encode(doc), content_type="application/json")
 
 
@@ -168,7 +170,21 @@ async def metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     out = MetricsWriter()
     process_metrics(out)
-    out.metric("jarvisd_up", "gauge", "1 while the daemon runs.", 1, {"version": rt.version})
+    out.metric(
+        "jarvisd_up",
+        "gauge",
+        "1 while the daemon runs.",
+        1,
+        {"version": rt.version, "daemon": rt.name},
+    )
+    for key, value in rt.principals.stats().items():
+        gauge = key in ("enabled", "entries")
+        out.metric(
+            f"jarvisd_principal_cache_{key}" + ("" if gauge else "_total"),
+            "gauge" if gauge else "counter",
+            f"Principal cache: {key}.",
+            value,
+        )
     out.metric(
         "jarvisd_uptime_seconds", "gauge", "Seconds since the daemon started.", round(rt.uptime, 3)
     )

@@ -19,9 +19,10 @@ from actors.data.credentials import TOKEN_PREFIX
 from actors.data.model import NO_NUL, User
 from actors.logins import LoginFailed, LoginThrottle
 from actors.sessions import SessionCreate, SessionDelete, SessionGet, SessionNotFound, SessionRotate
-from jarvisd.http.auth import Unauthorized, bearer
+from jarvisd.http.auth import Unauthorized, bearer, forget
 from jarvisd.http.common import RouteDoc, ask, body, reply
 from jarvisd.http.errors import ProblemError, reject_unknown_params
+from jarvisd.principals import Invalidation, bearer_key
 
 __all__ = ["ROUTES"]
 
@@ -73,6 +74,7 @@ async def login(request: web.Request) -> web.Response:
                 session = await ask(request, "logins", SessionRotate(presented))
             else:
                 await ask(request, "logins", SessionDelete(presented))
+            await forget(request, Invalidation(kind="bearer", key=bearer_key(presented)))
         except SessionNotFound:
             session = None
     if session is None:
@@ -106,6 +108,7 @@ async def logout(request: web.Request) -> web.Response:
         )
     if not await ask(request, "logins", SessionDelete(token)):
         raise Unauthorized("invalid or expired session")
+    await forget(request, Invalidation(kind="bearer", key=bearer_key(token)))
     return web.Response(status=204)
 
 

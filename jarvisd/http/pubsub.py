@@ -253,8 +253,10 @@ class _Session:
         self.out_bytes = 0
 
     def _deliver(self, item: Delivery) -> bool:
-        if item.kind == "message" and not self.rules.may_see(self.who, item):
-            return True
+        if item.kind == "down" or (
+            item.kind == "message" and not self.rules.may_see(self.who, item)
+        ):
+            return True  # a gap notice follows a "down" once Redis is back
         transport = self.request.transport
         if transport is None or transport.is_closing():
             return True  # going away: the request's task cleans up

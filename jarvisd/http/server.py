@@ -4,6 +4,7 @@ the signals), a TCP site and an optional Unix-socket site (DESIGN §8)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import time
@@ -22,6 +23,7 @@ from actors.cache import CacheError
 from actors.data.repo import Conflict, Forbidden, Invalid, NotFound
 from actors.kernel import Actor, Health
 from actors.persistence import Unavailable
+from actors.pubsub import Detach, Subscribe, Subscriber
 from actors.redis_link import RedisUnavailable
 from actors.sessions import SessionConflict, SessionNotFound
 from jarvisd.http import api, health, openapi
@@ -30,6 +32,7 @@ from jarvisd.http.common import ClientGone
 from jarvisd.http.errors import ProblemError, problem
 from jarvisd.http.keys import HTTP_METRICS, RUNTIME
 from jarvisd.http.metrics import HttpMetrics
+from jarvisd.principals import internal_channel
 from jarvisd.runtime import Runtime
 
 __all__ = ["HttpServer", "build_app"]
@@ -225,6 +228,29 @@ class HttpServer(Actor):
     async def check(self) -> Health | None:
         return Health(status="pass", detail=", ".join(self.addresses))
 
+    async def run(self) -> None:
+        """Keep the principal cache subscribed to its invalidations; while it
+        is not, the cache is not used."""
+        cache = self.runtime.principals
+        channel = internal_channel(self.runtime.settings.redis.prefix)
+        pubsub = self.runtime.actor("pubsub")
+        while not self.halting():
+            lost = asyncio.Event()
+            sub = Subscriber("principals", sink=cache.on_delivery, on_close=_setter(lost))
+            try:
+                await pubsub.ask(Subscribe(sub, channels=(channel,)), timeout=10)
+            except Exception as exc:  # pub/sub not connected (yet): the cache stays off
+                log.debug("principal_cache_waiting", error=repr(exc))
+                with contextlib.suppress(Exception):
+                    await pubsub.ask(Detach(sub), timeout=2)
+                await asyncio.sleep(0.5)
+                continue
+            cache.enable()
+            try:
+                await lost.wait()
+            finally:
+                cache.disable()
+
     async def wait_idle(self, timeout: float) -> int:
         """Wait until no request is in flight, up to ``timeout``; return how many remain."""
         assert self.app is not None
@@ -286,6 +312,13 @@ class _Runner(web.AppRunner):
         server = await super()._make_server()
         server.__class__ = _Server  # same state, our handler factory
         return server
+
+
+def _setter(event: asyncio.Event) -> Callable[[str], None]:
+    def on_close(_reason: str) -> None:
+        event.set()
+
+    return on_close
 
 
 def _socket_in_use(path: str) -> bool:

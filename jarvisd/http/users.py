@@ -31,10 +31,11 @@ from actors.data.model import (
 )
 from actors.data.repo import USERS
 from actors.sessions import Session, SessionList, SessionRevokeAll
-from jarvisd.http.auth import forbidden, require
+from jarvisd.http.auth import forbidden, forget, require
 from jarvisd.http.common import RouteDoc, ask, body, list_query, listed, path_id, reply
 from jarvisd.http.errors import reject_unknown_params
 from jarvisd.http.keys import RUNTIME
+from jarvisd.principals import Invalidation
 
 __all__ = ["ROUTES"]
 
@@ -91,6 +92,8 @@ async def update_user(request: web.Request, who: Principal) -> web.Response:
     if change.disabled is True or change.password is not msgspec.UNSET:
         # Old login sessions must not outlive the change.
         await ask(request, "logins", SessionRevokeAll(user_id))
+    if any(v is not msgspec.UNSET for v in (change.role, change.disabled, change.password)):
+        await forget(request, Invalidation(kind="user", user_id=user_id))
     return reply(user)
 
 
@@ -99,6 +102,7 @@ async def delete_user(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ())
     user_id = path_id(request)
     await ask(request, "persistence", m.DeleteUser(user_id=user_id))
+    await forget(request, Invalidation(kind="user", user_id=user_id))
     for store in SESSION_STORES:
         await ask(request, store, SessionRevokeAll(user_id))
     return web.Response(status=204)
@@ -133,9 +137,9 @@ async def revoke_token(request: web.Request, who: Principal) -> web.Response:
     user_id = path_id(request)
     self_or_admin(who, user_id)
     token_id = path_id(request, "tokenId")
-    return reply(
-        await ask(request, "persistence", m.RevokeToken(token_id=token_id, user_id=user_id))
-    )
+    revoked = await ask(request, "persistence", m.RevokeToken(token_id=token_id, user_id=user_id))
+    await forget(request, Invalidation(kind="user", user_id=user_id))
+    return reply(revoked)
 
 
 @require()
@@ -158,6 +162,7 @@ async def revoke_user_sessions(request: web.Request, who: Principal) -> web.Resp
     removed = 0
     for store in SESSION_STORES:
         removed += await ask(request, store, SessionRevokeAll(user_id))
+    await forget(request, Invalidation(kind="user", user_id=user_id))
     return reply(Revoked(removed))
 
 

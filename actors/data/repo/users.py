@@ -199,6 +199,7 @@ async def authenticate_token(conn: asyncpg.Connection, token: str) -> Principal 
     last_used_at at most once a minute, so reads stay reads."""
     row = await conn.fetchrow(
         "SELECT t.id AS token_id, u.id, u.username, u.role, "
+        "extract(epoch FROM t.expires_at)::float8 AS expires_epoch, "
         "t.last_used_at IS NULL OR t.last_used_at < now() - interval '1 minute' AS stale "
         "FROM api_tokens t JOIN users u ON u.id = t.user_id "
         "WHERE t.token_hash = $1 AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > now()) "
@@ -217,6 +218,7 @@ async def authenticate_token(conn: asyncpg.Connection, token: str) -> Principal 
         name=row["username"],
         via="token",
         token_id=row["token_id"],
+        expires_at=row["expires_epoch"],
     )
 
 
