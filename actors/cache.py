@@ -254,7 +254,8 @@ def _check_namespace(ns: str) -> None:
 def _check_key(key: str, what: str = "key") -> None:
     if not key:
         raise CacheError(f"{what} must not be empty")
-    if len(key.encode()) > MAX_KEY_BYTES:
+    # At most 4 bytes a character: short keys need no encoding to be counted.
+    if len(key) > MAX_KEY_BYTES // 4 and len(key.encode()) > MAX_KEY_BYTES:
         raise CacheError(f"{what} is longer than {MAX_KEY_BYTES} bytes")
 
 
@@ -270,7 +271,7 @@ class Cache(RedisClientActor):
         url: str,
         *,
         name: str = "cache",
-        concurrency: int = 4,
+        concurrency: int = 2,
         mailbox_size: int = 10_000,
         health_interval: float = 2.0,
     ) -> None:
@@ -352,9 +353,18 @@ class Cache(RedisClientActor):
         plans: list[tuple[int, int, Callable[[list[Any]], Any]]] = []
         client = self._client()
         pipe = client.pipeline(transaction=False)
-        n_cmds = 0
+        # Plain reads of the batch go as one MGET: one command, one reply.
+        reads = [i for i, m in enumerate(msgs) if type(m) is CacheGet] if len(msgs) > 1 else []
+        if len(reads) > 1:
+            plans.append((-1, 0, self._queue_reads(pipe, msgs, reads, results)))
+        else:
+            reads = []
+        batched = set(reads)
+        n_cmds = len(pipe.command_stack)
         slow: list[int] = []
         for i, msg in enumerate(msgs):
+            if i in batched:
+                continue
             try:
                 before = n_cmds
                 decode = await self._queue(pipe, msg)
@@ -385,13 +395,19 @@ class Cache(RedisClientActor):
         try:
             replies = await pipe.execute(raise_on_error=False)
         except (OSError, RedisError) as exc:
-            for i, _start, _decode in plans:
-                results[i] = self._unavailable(msgs[i], exc)
+            for i, _start, decode in plans:
+                if i < 0:
+                    decode([exc])
+                else:
+                    results[i] = self._unavailable(msgs[i], exc)
             return
         elapsed = time.perf_counter() - started
         bounds = [start for _i, start, _d in plans] + [len(replies)]
         for (i, start, decode), end in zip(plans, bounds[1:], strict=True):
             own = replies[start:end]
+            if i < 0:  # the batch's MGET: its decode sets each read's result
+                decode(own)
+                continue
             stats = self._stats(msgs[i].namespace)
             stats.observe(elapsed)
             error = next((r for r in own if isinstance(r, Exception)), None)
@@ -399,6 +415,42 @@ class Cache(RedisClientActor):
                 results[i] = self._unavailable(msgs[i], error)
                 continue
             results[i] = decode(own)
+
+    def _queue_reads(
+        self, pipe: Any, msgs: list[Any], reads: list[int], results: list[Any]
+    ) -> Callable[[list[Any]], Any]:
+        """One MGET for the batch's reads; bad ones answer their error at once."""
+        valid: list[int] = []
+        for i in reads:
+            try:
+                _check_namespace(msgs[i].namespace)
+                _check_key(msgs[i].key)
+                valid.append(i)
+            except CacheError as exc:
+                results[i] = exc
+        if not valid:
+            pipe.echo(b"")  # keeps the plan's reply slot
+        else:
+            pipe.mget([self.key(msgs[i].namespace, msgs[i].key) for i in valid])
+        started = time.perf_counter()
+
+        def got(r: list[Any]) -> None:
+            elapsed = time.perf_counter() - started
+            error = r[0] if isinstance(r[0], Exception) else None
+            for n, i in enumerate(valid):
+                msg = msgs[i]
+                stats = self._stats(msg.namespace)
+                stats.observe(elapsed)
+                if error is not None:
+                    results[i] = self._unavailable(msg, error)
+                elif r[0][n] is None:
+                    stats.misses += 1
+                    results[i] = (False, None)
+                else:
+                    stats.hits += 1
+                    results[i] = (True, self._decode(r[0][n], msg.raw))
+
+        return got
 
     def _unavailable(self, msg: Any, exc: BaseException) -> Any:
         """A read that could not be served is a miss; a write is an error."""

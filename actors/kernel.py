@@ -142,6 +142,11 @@ class ActorStats:
 CrashCallback = Callable[["Actor", BaseException], None]
 
 
+def _expire(reply: asyncio.Future[Any], actor: str, timeout: float) -> None:
+    if not reply.done():
+        reply.set_exception(AskTimeout(actor, timeout))
+
+
 class Actor:
     """Base class: subclass, add ``@handles(Msg)`` methods, optionally override
     ``on_start``/``on_stop``/``run``/``check``."""
@@ -274,18 +279,37 @@ class Actor:
         ``timeout`` bounds the whole wait (queueing included) and raises
         AskTimeout. With ``wait_for_room=False`` a full mailbox raises MailboxFull."""
         self._admit(msg)
-        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        reply: asyncio.Future[Any] = loop.create_future()
         letter = _Letter(msg, reply)
+        try:
+            self._mailbox.put_nowait(letter)
+        except asyncio.QueueFull:
+            if not wait_for_room:
+                raise MailboxFull(self.name, self.mailbox_size) from None
+            return await self._ask_when_room(letter, reply, timeout)
+        # The common case, kept cheap: a timer on the reply, not a timeout scope.
+        timer = (
+            None
+            if timeout is None
+            else loop.call_later(timeout, _expire, reply, self.name, timeout)
+        )
+        try:
+            return await reply
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if not reply.done():
+                reply.cancel()  # the asker has gone: the worker skips the letter
+
+    async def _ask_when_room(
+        self, letter: _Letter, reply: asyncio.Future[Any], timeout: float | None
+    ) -> Any:
+        """A full mailbox: wait for room, then for the reply, all within ``timeout``."""
         deadline = asyncio.timeout(timeout)
         try:
             async with deadline:
-                if wait_for_room:
-                    await self._mailbox.put(letter)
-                else:
-                    try:
-                        self._mailbox.put_nowait(letter)
-                    except asyncio.QueueFull:
-                        raise MailboxFull(self.name, self.mailbox_size) from None
+                await self._mailbox.put(letter)
                 return await reply
         except TimeoutError:
             if not deadline.expired():
@@ -293,7 +317,7 @@ class Actor:
             raise AskTimeout(self.name, timeout or 0.0) from None
         finally:
             if not reply.done():
-                reply.cancel()  # the asker has gone: the worker skips the letter
+                reply.cancel()
 
     # -- lifecycle (driven by the supervisor; usable alone in tests) -------------
     def set_crash_callback(self, callback: CrashCallback | None) -> None:

@@ -72,6 +72,16 @@ class _Guarded:
             raise Unavailable(f"database unavailable: {type(exc).__name__}: {exc}") from exc
 
 
+async def _reset(conn: asyncpg.Connection) -> None:
+    """What a connection needs before it goes back to the pool. asyncpg's
+    default (UNLISTEN, RESET ALL, advisory unlock, CLOSE ALL) costs a round
+    trip on every release; jarvisd sets no session state (its session-level
+    advisory locks are released where they are taken), so only a transaction
+    left open needs undoing."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 class GuardedPool:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
@@ -162,6 +172,7 @@ class Persistence(DataHandlers, WorkflowHandlers, Actor):
             # stale sockets are not handed out to queries.
             max_inactive_connection_lifetime=60.0,
             init=repo.init_connection,
+            reset=_reset,
         )
         try:
             if s.migrate_on_start:

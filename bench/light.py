@@ -16,7 +16,7 @@ import re
 import time
 from urllib.parse import urlsplit
 
-__all__ = ["read_raw_redis", "read_websockets"]
+__all__ = ["keepalive_load", "read_raw_redis", "read_websockets"]
 
 _T = re.compile(rb'"t":\s*([0-9.eE+-]+)')
 
@@ -190,3 +190,82 @@ async def read_raw_redis(url: str, channel: str, clients: int, count: int) -> li
     print("ready", flush=True)
     await asyncio.wait_for(asyncio.gather(*(c.done for c in counters)), 120)
     return [x for c in counters for x in c.lat]
+
+
+class _HttpClient(asyncio.Protocol):
+    """One keep-alive connection sending a GET every ``interval`` seconds (a
+    user), timing each answer from send to its last byte."""
+
+    def __init__(self, request: bytes, interval: float, until: float, out: list[float]) -> None:
+        self.request = request
+        self.interval = interval
+        self.until = until
+        self.out = out
+        self.errors = 0
+        self.buf = bytearray()
+        self.sent = 0.0
+        self.transport: asyncio.Transport | None = None
+        self.done = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        # Users do not arrive in step: the first request at a random offset.
+        asyncio.get_running_loop().call_later(self.interval * (os.urandom(1)[0] / 255), self._send)
+
+    def _send(self) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if time.perf_counter() >= self.until:
+            if not self.done.done():
+                self.done.set_result(None)
+            return
+        self.sent = time.perf_counter()
+        self.transport.write(self.request)
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = bytes(self.buf[:end])
+        m = re.search(rb"content-length:\s*(\d+)", head, re.I)
+        size = int(m.group(1)) if m else 0
+        if len(self.buf) < end + 4 + size:
+            return
+        del self.buf[: end + 4 + size]
+        if not head.startswith(b"HTTP/1.1 200"):
+            self.errors += 1
+        self.out.append((time.perf_counter() - self.sent) * 1000)
+        delay = max(0.0, self.sent + self.interval - time.perf_counter())
+        asyncio.get_running_loop().call_later(delay, self._send)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.errors += 1
+            self.done.set_result(None)
+
+
+async def keepalive_load(
+    base: str, path: str, token: str, connections: int, per_second: float, seconds: float
+) -> tuple[list[float], int]:
+    """``connections`` keep-alive users, each asking ``path`` ``per_second``
+    times a second for ``seconds``: the latencies (ms) and the errors."""
+    url = urlsplit(base)
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: {url.hostname}\r\nAuthorization: Bearer {token}\r\n\r\n"
+    ).encode()
+    loop = asyncio.get_running_loop()
+    lat: list[float] = []
+    clients = []
+    until = time.perf_counter() + seconds
+    for _ in range(connections):
+        _t, client = await loop.create_connection(
+            lambda: _HttpClient(request, 1 / per_second, until, lat), url.hostname, url.port
+        )
+        clients.append(client)
+    await asyncio.wait_for(asyncio.gather(*(c.done for c in clients)), seconds + 60)
+    for c in clients:
+        if c.transport is not None:
+            c.transport.close()
+    return lat, sum(c.errors for c in clients)

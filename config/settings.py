@@ -58,6 +58,9 @@ class HttpSettings(_Section, frozen=True):
     request_timeout: PositiveFloat = 10.0
     # Health, stats and metrics without credentials (/health/live always is).
     public_health: bool = True
+    # GET /commands and /approvals answers are kept this long for a caller
+    # repeating a query, dropped by any change (0: not kept).
+    list_cache_ttl: NonNegativeFloat = 1.0
     # A connection that has not sent a complete request head within this many
     # seconds (an idle keep-alive connection, or a slow or stalled client) is closed.
     idle_timeout: PositiveFloat = 30.0

@@ -11,6 +11,7 @@ so that health keeps answering "draining" while the actors drain.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import signal
@@ -36,6 +37,7 @@ from config import ConfigError, LoadedConfig, Settings, load_settings
 from jarvisd import __version__
 from jarvisd.http.health import readiness
 from jarvisd.http.server import HttpServer
+from jarvisd.lists import ListCache
 from jarvisd.logs import set_level
 from jarvisd.principals import PrincipalCache
 from jarvisd.reload import ReloadPlan, plan_reload
@@ -153,6 +155,7 @@ class Daemon:
             principals=PrincipalCache(
                 size=self.settings.auth.cache_size, ttl=self.settings.auth.cache_ttl
             ),
+            lists=ListCache(ttl=self.settings.http.list_cache_ttl),
         )
         self.http = HttpServer(self.runtime, sockets=sockets)
         self.notifier = notifier or Notifier()
@@ -250,6 +253,7 @@ class Daemon:
         self.supervisor.settings = settings.supervisor
         self.runtime.principals.ttl = settings.auth.cache_ttl
         self.runtime.principals.size = settings.auth.cache_size
+        self.runtime.lists.ttl = settings.http.list_cache_ttl
         for actor in self.supervisor.actors:
             actor.health_interval = settings.daemon.health_interval
             if isinstance(actor, Persistence):
@@ -392,6 +396,11 @@ class Daemon:
                 self.notifier.status(f"failed: {exc}")
                 return EXIT_FAILURE
             self.ready.set()
+            # What start-up made lives as long as the process: keep it out of
+            # the collector's way, so that full collections stay short under load.
+            gc.freeze()
+            # Requests make many short-lived objects: collect young ones less often.
+            gc.set_threshold(10_000, 20, 20)
             # READY=1 means "config loaded, listeners up" - not "database reachable":
             # a database outage at boot must show as degraded, not as a restart loop.
             self.notifier.ready(self._status_line())

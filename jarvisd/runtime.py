@@ -9,10 +9,11 @@ from __future__ import annotations
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from actors import Actor, Supervisor
 from config import Settings
+from jarvisd.lists import ListCache
 from jarvisd.principals import PrincipalCache
 
 ComponentType = Literal["datastore", "component", "system"]
@@ -39,6 +40,9 @@ class Runtime:
     started_monotonic: float = field(default_factory=time.monotonic)
     draining: bool = False
     principals: PrincipalCache = field(default_factory=lambda: PrincipalCache(size=10_000, ttl=30))
+    lists: ListCache = field(default_factory=ListCache)
+    # (monotonic time, draining, status, body, document) of the last readiness answer.
+    ready_memo: tuple[float, bool, int, bytes, dict[str, Any]] | None = None
 
     @property
     def name(self) -> str:

@@ -163,7 +163,8 @@ async def test_a_restarted_redis_gives_each_subscriber_a_gap_then_new_messages(
             await actor.ask(Subscribe(sub, channels=("gap:news",)), timeout=5)
         await own_valkey.restart()
         for sub in subs:
-            (gap,) = await take(sub, 1, timeout=15)
+            down, gap = await take(sub, 2, timeout=15)  # the outage, then its end
+            assert down.kind == "down"
             assert gap.kind == "gap"
             assert b"re-established" in gap.data
         client = aioredis.Redis.from_url(own_valkey.url)
@@ -243,8 +244,8 @@ async def test_a_half_open_connection_is_noticed_by_ping_and_replaced(
         sub = Subscriber("s", queue_size=100)
         await actor.ask(Subscribe(sub, channels=(f"{redis_prefix}ho",)), timeout=5)
         proxy.freeze_all()
-        (gap,) = await take(sub, 1, timeout=15)  # PING unanswered → new connection → gap
-        assert gap.kind == "gap"
+        down, gap = await take(sub, 2, timeout=15)  # PING unanswered → new connection → gap
+        assert (down.kind, gap.kind) == ("down", "gap")
         assert "PING" in actor.ps_stats.last_error
         await raw.publish(f"{redis_prefix}ho", b"still here")
         (msg,) = await take(sub, 1)

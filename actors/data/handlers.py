@@ -62,7 +62,7 @@ class DataHandlers:
     @handles(m.ListUsers)
     async def _list_users(self, msg: m.ListUsers) -> Any:
         async with self._pool().acquire() as conn:
-            return await repo.list_users(conn, msg.query, msg.count)
+            return await repo.list_users(conn, msg.query, msg.count, as_json=msg.as_json)
 
     @handles(m.UpdateUser)
     async def _update_user(self, msg: m.UpdateUser) -> Any:

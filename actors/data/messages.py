@@ -42,6 +42,7 @@ class GetUserByName(_Msg, frozen=True):
 class ListUsers(_Msg, frozen=True):
     query: Any  # ListQuery
     count: Count = None
+    as_json: bool = False  # items as JSON written by PostgreSQL (repo.JsonPage)
 
 
 class UpdateUser(_Msg, frozen=True):
@@ -114,6 +115,7 @@ class GetCommand(_Msg, frozen=True):
 class ListCommands(_Msg, frozen=True):
     query: Any
     count: Count = None
+    as_json: bool = False
 
 
 class UpdateCommandStatus(_Msg, frozen=True):
@@ -152,6 +154,7 @@ class GetApproval(_Msg, frozen=True):
 class ListApprovals(_Msg, frozen=True):
     query: Any
     count: Count = None
+    as_json: bool = False
 
 
 class DecideApproval(_Msg, frozen=True):

@@ -65,7 +65,7 @@ class WorkflowHandlers:
     @handles(m.ListCommands)
     async def _list_commands(self, msg: m.ListCommands) -> Any:
         async with self._pool().acquire() as conn:
-            return await repo.list_commands(conn, msg.query, msg.count)
+            return await repo.list_commands(conn, msg.query, msg.count, as_json=msg.as_json)
 
     @handles(m.UpdateCommandStatus)
     async def _update_command_status(self, msg: m.UpdateCommandStatus) -> Command:
@@ -175,7 +175,7 @@ class WorkflowHandlers:
     @handles(m.ListApprovals)
     async def _list_approvals(self, msg: m.ListApprovals) -> Any:
         async with self._pool().acquire() as conn:
-            return await repo.list_approvals(conn, msg.query, msg.count)
+            return await repo.list_approvals(conn, msg.query, msg.count, as_json=msg.as_json)
 
     @handles(m.DecideApproval)
     async def _decide_approval(self, msg: m.DecideApproval) -> Approval:

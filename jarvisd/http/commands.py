@@ -48,6 +48,7 @@ from jarvisd.http.common import (
     reply,
 )
 from jarvisd.http.errors import ProblemError, reject_unknown_params
+from jarvisd.http.keys import RUNTIME
 
 __all__ = ["ROUTES"]
 
@@ -61,11 +62,37 @@ def _owns(who: Principal, *ids: int | None) -> bool:
 
 
 # -- commands ---------------------------------------------------------------------------------------
+async def _cached_list(
+    request: web.Request, who: Principal, spec: Any, make: Callable[..., Any], forced_column: str
+) -> web.Response:
+    """A list answer, from the list cache when the same caller scope asked the
+    same query since the last change."""
+    forced = None if _sees_all(who) else {forced_column: who.user_id}
+    lq, count = list_query(request, spec, forced)
+    lists = request.app[RUNTIME].lists
+    scope = None if forced is None else who.user_id
+    key = (request.path, scope, request.query_string, count or "")
+    hit = lists.get(key)
+    if hit is not None:
+        body, headers = hit
+        return web.Response(body=body, content_type="application/json", headers=headers)
+    generation = lists.generation
+    page = await ask(request, "persistence", make(query=lq, count=count, as_json=True))
+    response = listed(page, count)
+    assert isinstance(response.body, bytes)
+    headers = {"Preference-Applied": f"count={count}"} if count else None
+    lists.put(key, response.body, headers, generation)
+    return response
+
+
+def _changed(request: web.Request) -> None:
+    """A command or an approval changed here: no list answer from before it."""
+    request.app[RUNTIME].lists.changed()
+
+
 @require()
 async def list_commands(request: web.Request, who: Principal) -> web.Response:
-    forced = None if _sees_all(who) else {"user_id": who.user_id}
-    lq, count = list_query(request, COMMANDS, forced)
-    return listed(await ask(request, "persistence", m.ListCommands(query=lq, count=count)), count)
+    return await _cached_list(request, who, COMMANDS, m.ListCommands, "user_id")
 
 
 async def _visible_command(request: web.Request, who: Principal, command_id: int) -> Command:
@@ -106,6 +133,7 @@ async def create_command(request: web.Request, who: Principal) -> web.Response:
         "persistence",
         m.CreateCommand(new=new, user_id=user_id, created_by=who.user_id),
     )
+    _changed(request)
     return reply(command, 201 if created else 200, {"Location": f"/commands/{command.id}"})
 
 
@@ -116,15 +144,15 @@ async def update_command(request: web.Request, who: Principal) -> web.Response:
     msg = m.UpdateCommandStatus(
         command_id=path_id(request), change=change, actor_id=who.user_id, actor_name=who.name
     )
-    return reply(await ask(request, "persistence", msg))
+    updated = await ask(request, "persistence", msg)
+    _changed(request)
+    return reply(updated)
 
 
 # -- approvals ----------------------------------------------------------------------------------------
 @require()
 async def list_approvals(request: web.Request, who: Principal) -> web.Response:
-    forced = None if _sees_all(who) else {"requester_id": who.user_id}
-    lq, count = list_query(request, APPROVALS, forced)
-    return listed(await ask(request, "persistence", m.ListApprovals(query=lq, count=count)), count)
+    return await _cached_list(request, who, APPROVALS, m.ListApprovals, "requester_id")
 
 
 async def _visible_approval(request: web.Request, who: Principal, approval_id: int) -> Approval:
@@ -148,6 +176,7 @@ async def create_approval(request: web.Request, who: Principal) -> web.Response:
     approval = await ask(
         request, "persistence", m.CreateApproval(new=new, requester_id=who.user_id)
     )
+    _changed(request)
     return reply(approval, 201, {"Location": f"/approvals/{approval.id}"})
 
 
@@ -169,7 +198,10 @@ def _decide(
             who=who,
             reason=reason,
         )
-        return reply(await ask(request, "persistence", msg))
+        try:
+            return reply(await ask(request, "persistence", msg))
+        finally:
+            _changed(request)  # an expiry found on the way is a change too
 
     decide.__name__ = f"{decision}_approval"
     return decide

@@ -51,6 +51,8 @@ class ProblemError(Exception):
 
 
 def reject_unknown_params(request: web.Request, allowed: Iterable[str]) -> None:
+    if not request.query_string:
+        return
     unknown = sorted(set(request.query) - set(allowed))
     if unknown:
         allowed_list = ", ".join(sorted(allowed)) or "none"

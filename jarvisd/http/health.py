@@ -124,9 +124,29 @@ async def live(request: web.Request) -> web.Response:
     return web.Response(body=msgspec.json.encode(doc), content_type=HEALTH_JSON)
 
 
+# The readiness document is built from cached checks anyway: building and
+# encoding it once per READY_MEMO seconds (or when the daemon starts to drain)
+# serves a busy poller without work per request.
+READY_MEMO = 0.1
+
+
+def _memo_ready(rt: Runtime) -> tuple[int, bytes, dict[str, Any]]:
+    now = time.monotonic()
+    memo = rt.ready_memo
+    if memo is None or now - memo[0] > READY_MEMO or memo[1] != rt.draining:
+        doc = readiness(rt)
+        code = 503 if doc["status"] == "fail" else 200
+        memo = rt.ready_memo = (now, rt.draining, code, msgspec.json.encode(doc), doc)
+    return memo[2], memo[3], memo[4]
+
+
 async def ready(request: web.Request) -> web.Response:
     reject_unknown_params(request, {"verbose"})
-    return _health_response(readiness(request.app[RUNTIME]), request)
+    rt = request.app[RUNTIME]
+    if "verbose" in request.query:
+        return _health_response(readiness(rt), request)
+    code, body, _doc = _memo_ready(rt)
+    return web.Response(status=code, body=body, content_type=HEALTH_JSON)
 
 
 def stats_document(rt: Runtime) -> dict[str, Any]:
@@ -162,6 +182,7 @@ async def stats(request: web.Request) -> web.Response:
     doc = stats_document(rt)
     doc["cache"] = await cache_stats(rt)
     doc["principals"] = rt.principals.stats()
+    doc["lists"] = rt.lists.stats()
     return web.Response(body=msgspec.json.encode(doc), content_type="application/json")
 
 

@@ -32,7 +32,8 @@ from jarvisd.http.common import ClientGone
 from jarvisd.http.errors import ProblemError, problem
 from jarvisd.http.keys import HTTP_METRICS, RUNTIME
 from jarvisd.http.metrics import HttpMetrics
-from jarvisd.principals import internal_channel
+from jarvisd.lists import ListCache
+from jarvisd.principals import PrincipalCache, internal_channel
 from jarvisd.runtime import Runtime
 
 __all__ = ["HttpServer", "build_app"]
@@ -229,18 +230,25 @@ class HttpServer(Actor):
         return Health(status="pass", detail=", ".join(self.addresses))
 
     async def run(self) -> None:
-        """Keep the principal cache subscribed to its invalidations; while it
-        is not, the cache is not used."""
-        cache = self.runtime.principals
-        channel = internal_channel(self.runtime.settings.redis.prefix)
+        """Keep the in-memory caches subscribed to what invalidates them: the
+        principal cache to ``{prefix}internal:principals``, the list cache to
+        ``{prefix}events``. While a subscription is down its cache is not used."""
+        rt = self.runtime
+        prefix = rt.settings.redis.prefix
+        await asyncio.gather(
+            self._watch(internal_channel(prefix), rt.principals),
+            self._watch(f"{prefix}events", rt.lists),
+        )
+
+    async def _watch(self, channel: str, cache: PrincipalCache | ListCache) -> None:
         pubsub = self.runtime.actor("pubsub")
         while not self.halting():
             lost = asyncio.Event()
-            sub = Subscriber("principals", sink=cache.on_delivery, on_close=_setter(lost))
+            sub = Subscriber(f"cache:{channel}", sink=cache.on_delivery, on_close=_setter(lost))
             try:
                 await pubsub.ask(Subscribe(sub, channels=(channel,)), timeout=10)
             except Exception as exc:  # pub/sub not connected (yet): the cache stays off
-                log.debug("principal_cache_waiting", error=repr(exc))
+                log.debug("cache_subscription_waiting", channel=channel, error=repr(exc))
                 with contextlib.suppress(Exception):
                     await pubsub.ask(Detach(sub), timeout=2)
                 await asyncio.sleep(0.5)

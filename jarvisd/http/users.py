@@ -54,7 +54,9 @@ def self_or_admin(who: Principal, user_id: int) -> None:
 @require("admin")
 async def list_users(request: web.Request, who: Principal) -> web.Response:
     lq, count = list_query(request, USERS)
-    return listed(await ask(request, "persistence", m.ListUsers(query=lq, count=count)), count)
+    return listed(
+        await ask(request, "persistence", m.ListUsers(query=lq, count=count, as_json=True)), count
+    )
 
 
 @require()
@@ -102,6 +104,7 @@ async def delete_user(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ())
     user_id = path_id(request)
     await ask(request, "persistence", m.DeleteUser(user_id=user_id))
+    request.app[RUNTIME].lists.changed()  # their commands' userId is now null
     await forget(request, Invalidation(kind="user", user_id=user_id))
     for store in SESSION_STORES:
         await ask(request, store, SessionRevokeAll(user_id))

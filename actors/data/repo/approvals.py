@@ -26,7 +26,16 @@ from actors.data.model import (
     parameters_digest,
     risk_category,
 )
-from actors.data.repo.common import Conflict, Expired, Forbidden, Invalid, NotFound, page
+from actors.data.repo.common import (
+    Conflict,
+    Expired,
+    Forbidden,
+    Invalid,
+    JsonPage,
+    NotFound,
+    json_page,
+    page,
+)
 
 APPROVAL_COLUMNS = (
     "id, command_id, requester_id, action, description, parameters_digest, risk_score, risk_category, "
@@ -290,6 +299,8 @@ APPROVALS = ListSpec(
 
 
 async def list_approvals(
-    conn: asyncpg.Connection, lq: ListQuery, count: str | None
-) -> Page[Approval]:
+    conn: asyncpg.Connection, lq: ListQuery, count: str | None, *, as_json: bool = False
+) -> Page[Approval] | JsonPage:
+    if as_json:
+        return await json_page(conn, APPROVALS, lq, Approval, count)
     return await page(conn, APPROVALS, lq, _approval, count)

@@ -24,7 +24,7 @@ from actors.data.model import (
     risk_category,
 )
 from actors.data.repo.approvals import cancel_pending_for_command, insert_approval
-from actors.data.repo.common import Conflict, Invalid, NotFound, page
+from actors.data.repo.common import Conflict, Invalid, JsonPage, NotFound, json_page, page
 
 COMMAND_COLUMNS = (
     "id, request_id, user_id, source, type, action, parameters, description, status, risk_score, "
@@ -242,6 +242,8 @@ COMMANDS = ListSpec(
 
 
 async def list_commands(
-    conn: asyncpg.Connection, lq: ListQuery, count: str | None
-) -> Page[Command]:
+    conn: asyncpg.Connection, lq: ListQuery, count: str | None, *, as_json: bool = False
+) -> Page[Command] | JsonPage:
+    if as_json:
+        return await json_page(conn, COMMANDS, lq, Command, count)
     return await page(conn, COMMANDS, lq, _command, count)

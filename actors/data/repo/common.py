@@ -3,8 +3,11 @@ the connection set-up, and one page of a list query."""
 
 from __future__ import annotations
 
+import functools
 import json
+import types
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -13,7 +16,17 @@ import msgspec
 from actors.data.listing import ListQuery, ListSpec, count_sql, encode_cursor, select_sql
 from actors.data.model import Page
 
-__all__ = ["Conflict", "Expired", "Forbidden", "Invalid", "NotFound", "init_connection", "page"]
+__all__ = [
+    "Conflict",
+    "Expired",
+    "Forbidden",
+    "Invalid",
+    "JsonPage",
+    "NotFound",
+    "init_connection",
+    "json_page",
+    "page",
+]
 
 
 class NotFound(LookupError):
@@ -72,3 +85,63 @@ async def page(
         value = await conn.fetchval(csql, *cargs)
         total = int(value) if count == "exact" else int(json.loads(value)[0]["Plan"]["Plan Rows"])
     return Page(items=[make(r) for r in rows], next_cursor=next_cursor, count=total)
+
+
+class JsonPage(msgspec.Struct, frozen=True, rename="camel"):
+    """A page whose items PostgreSQL wrote as JSON: sent as they are."""
+
+    items: msgspec.Raw
+    next_cursor: str | None
+    count: int | None = None
+
+
+def _is_datetime(tp: Any) -> bool:
+    return tp is datetime or (isinstance(tp, types.UnionType) and datetime in tp.__args__)
+
+
+@functools.cache
+def _json_object(struct_type: type) -> str:
+    """SQL building the wire form of ``struct_type`` (camelCase keys, RFC 3339
+    UTC times) from columns named as its fields."""
+    parts = []
+    for f in msgspec.structs.fields(struct_type):
+        expr = f.name
+        if _is_datetime(f.type):
+            expr = f"""to_char({f.name} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+        parts.append(f"'{f.encode_name}', {expr}")
+    return "json_build_object(" + ", ".join(parts) + ")"
+
+
+async def json_page(
+    conn: asyncpg.Connection,
+    spec: ListSpec,
+    lq: ListQuery,
+    struct_type: type,
+    count: str | None,
+) -> JsonPage:
+    """The same page as ``page``, its items built as JSON by PostgreSQL in one
+    round trip: a list of fifty rows costs no Python object per row."""
+    sql, args = select_sql(spec, lq)
+    column = spec.orders[lq.order.lstrip("-")][0]
+    direction = "DESC" if lq.order.startswith("-") else "ASC"
+    limit = int(lq.limit)
+    row = await conn.fetchrow(
+        f"WITH page AS ({sql}), "
+        f"ranked AS (SELECT page.*, row_number() OVER (ORDER BY {column} {direction}, id {direction}) AS n "
+        f"FROM page) "
+        f"SELECT coalesce((SELECT json_agg(obj ORDER BY n) FROM "
+        f"(SELECT {_json_object(struct_type)} AS obj, n FROM ranked WHERE n <= {limit}) x), '[]'::json)::text "
+        f"AS items, (SELECT count(*) FROM ranked) AS fetched, "
+        f"(SELECT {column} FROM ranked WHERE n = {limit}) AS last_value, "
+        f"(SELECT id FROM ranked WHERE n = {limit}) AS last_id",
+        *args,
+    )
+    next_cursor = None
+    if row["fetched"] > limit:
+        next_cursor = encode_cursor(lq.order, row["last_value"], row["last_id"])
+    total = None
+    if count in ("exact", "estimated"):
+        csql, cargs = count_sql(spec, lq, estimated=count == "estimated")
+        value = await conn.fetchval(csql, *cargs)
+        total = int(value) if count == "exact" else int(json.loads(value)[0]["Plan"]["Plan Rows"])
+    return JsonPage(items=msgspec.Raw(row["items"].encode()), next_cursor=next_cursor, count=total)

@@ -20,7 +20,7 @@ from actors.data.model import (
     UserCreate,
     UserUpdate,
 )
-from actors.data.repo.common import Conflict, NotFound, page
+from actors.data.repo.common import Conflict, JsonPage, NotFound, json_page, page
 
 USER_COLUMNS = (
     "id, username, email, role, preferences, disabled, created_at, updated_at, last_login_at"
@@ -249,5 +249,9 @@ USERS = ListSpec(
 )
 
 
-async def list_users(conn: asyncpg.Connection, lq: ListQuery, count: str | None) -> Page[User]:
+async def list_users(
+    conn: asyncpg.Connection, lq: ListQuery, count: str | None, *, as_json: bool = False
+) -> Page[User] | JsonPage:
+    if as_json:
+        return await json_page(conn, USERS, lq, User, count)
     return await page(conn, USERS, lq, _user, count)
