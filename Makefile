@@ -22,20 +22,24 @@ test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check config actors jarvisd tests bench
-	$(BIN)/ruff format --check config actors jarvisd tests bench
+	$(BIN)/ruff check config actors jarvisd tests bench examples
+	$(BIN)/ruff format --check config actors jarvisd tests bench examples
 
 types: $(STAMP)
 	$(BIN)/mypy
+	$(BIN)/mypy examples
 
 fmt: $(STAMP)
-	$(BIN)/ruff format config actors jarvisd tests bench
-	$(BIN)/ruff check --fix config actors jarvisd tests bench
+	$(BIN)/ruff format config actors jarvisd tests bench examples
+	$(BIN)/ruff check --fix config actors jarvisd tests bench examples
 
 ## bench: benchmarks that print figures (embedded servers unless JARVISD_TEST_* are set)
 bench: $(STAMP)
 	$(BIN)/python -m bench.cache
 	$(BIN)/python -m bench.commands
+	$(BIN)/python -m bench.bus
+	$(BIN)/python -m bench.http
+	$(BIN)/python -m bench.approvals
 
 ## check: lint, types and tests — keep it green
 check: lint types test

@@ -76,10 +76,11 @@ def _field_types(cls: type[msgspec.Struct]) -> dict[str, Any]:
 SECTION_TYPES: dict[str, Any] = _field_types(Settings)
 
 
-def _describe(exc: msgspec.ValidationError) -> str:
-    # msgspec appends "- at `$...`" for nested paths; the key path we print already says where.
-    text = str(exc)
-    return text.split(" - at `$")[0]
+def _describe(exc: msgspec.ValidationError) -> tuple[str, str]:
+    """(what is wrong, where inside the value): msgspec appends "- at `$...`"
+    for nested paths (``$[0].score``), which goes onto the key path."""
+    text, _, where = str(exc).partition(" - at `$")
+    return text, where.rstrip("`")
 
 
 def _check_value(
@@ -91,7 +92,8 @@ def _check_value(
     try:
         return msgspec.convert(value, ftype, strict=not from_env)
     except msgspec.ValidationError as exc:
-        issues.append(ConfigIssue(source, f"{section}.{key}", _describe(exc)))
+        problem, inside = _describe(exc)
+        issues.append(ConfigIssue(source, f"{section}.{key}{inside}", problem))
         return msgspec.UNSET
 
 

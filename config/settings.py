@@ -220,6 +220,13 @@ class ApprovalSettings(_Section, frozen=True):
     max_expiry: PositiveInt = 86400
     default_score: Score = 30
     rules: list[RiskRule] = msgspec.field(default_factory=lambda: list(DEFAULT_RULES))
+    # approval.warning goes out this long before a request expires (or in the
+    # last quarter of a shorter lifetime).
+    warn_before: PositiveFloat = 60.0
+    # How often the sweeper (one daemon at a time) warns and expires.
+    sweep_interval: PositiveFloat = 5.0
+    # GET /approvals/{id}?wait=N callers waiting at once, per daemon; past it, 503.
+    max_waiters: PositiveInt = 10_000
 
     def score(self, action: str) -> int:
         """The policy's score for ``action``: the first matching rule's, else the default."""

@@ -154,6 +154,13 @@ def cmd_redis_cli(args: argparse.Namespace) -> int:  # noqa: RET503 - execv does
     os.execv(argv[0], argv)  # noqa: S606 - the CLI's own binary, an argument list
 
 
+def cmd_redis_url(args: argparse.Namespace) -> int:
+    """The URL agents use to reach the daemon's Redis: the embedded server's
+    Unix socket, or redis.url as configured (with its password, if any)."""
+    print(redis_url(load(args)))
+    return 0
+
+
 def cmd_version(_args: argparse.Namespace) -> int:
     print(f"jarvisd {__version__}")
     return 0
@@ -196,10 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rc.add_argument("args", nargs=argparse.REMAINDER, help="the command, e.g. XLEN jarvis:inbox")
     rc.set_defaults(func=cmd_redis_cli)
-    from jarvisd import cli_data, cli_pubsub
+    with_config(
+        sub.add_parser("redis-url", help="print the URL of the daemon's Redis (for agents)")
+    ).set_defaults(func=cmd_redis_url)
+    from jarvisd import cli_approvals, cli_data, cli_pubsub
 
     cli_data.add_parsers(sub, with_config)
     cli_pubsub.add_parsers(sub, with_config)
+    cli_approvals.add_parsers(sub, with_config)
     return parser
 
 

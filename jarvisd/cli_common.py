@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import asyncpg
 
 from config import LoadedConfig, load_settings
 
-__all__ = ["database_dsn", "load", "with_database"]
+__all__ = [
+    "client_session",
+    "daemon_endpoint",
+    "database_dsn",
+    "load",
+    "redis_url",
+    "tell_daemons",
+    "token_from",
+    "with_database",
+]
 
 
 def load(args: argparse.Namespace) -> LoadedConfig:
@@ -96,3 +107,28 @@ async def tell_daemons(loaded: LoadedConfig, what: Any) -> None:
             print(f"jarvisd: could not tell running daemons ({exc})", file=sys.stderr)
     finally:
         await client.aclose()
+
+
+def daemon_endpoint(
+    loaded: LoadedConfig, token: str | None
+) -> tuple[str | None, str, dict[str, str]]:
+    """(Unix socket or None, base URL, headers) of the running daemon: its
+    Unix socket (the local admin, by peer credentials) unless a token is
+    given, else its TCP port with the token."""
+    http = loaded.settings.http
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if http.unix_socket and Path(http.unix_socket).exists() and not token:
+        return http.unix_socket, "http://localhost", headers
+    host = "127.0.0.1" if http.host in ("0.0.0.0", "", "::") else http.host  # noqa: S104
+    host = f"[{host}]" if ":" in host else host
+    return None, f"http://{host}:{http.port}", headers
+
+
+def client_session(socket_path: str | None, **kwargs: Any) -> aiohttp.ClientSession:
+    connector = aiohttp.UnixConnector(path=socket_path) if socket_path else None
+    return aiohttp.ClientSession(connector=connector, **kwargs)
+
+
+def token_from(args: argparse.Namespace) -> str | None:
+    """``--token``, else ``$JARVISD_TOKEN``, else None (the Unix socket)."""
+    return getattr(args, "token", None) or os.environ.get("JARVISD_TOKEN") or None

@@ -12,38 +12,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from config import LoadedConfig
-from jarvisd.cli_common import load
+from jarvisd.cli_common import client_session, daemon_endpoint, load, token_from
 
 __all__ = ["add_parsers"]
-
-
-def _endpoint(loaded: LoadedConfig, token: str | None) -> tuple[str | None, str, dict[str, str]]:
-    """(Unix socket or None, base URL, headers) of the running daemon."""
-    http = loaded.settings.http
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    if http.unix_socket and Path(http.unix_socket).exists() and not token:
-        return http.unix_socket, "http://localhost", headers
-    host = "127.0.0.1" if http.host in ("0.0.0.0", "", "::") else http.host  # noqa: S104
-    host = f"[{host}]" if ":" in host else host
-    return None, f"http://{host}:{http.port}", headers
-
-
-def _session(socket_path: str | None, **kwargs: Any) -> aiohttp.ClientSession:
-    connector = aiohttp.UnixConnector(path=socket_path) if socket_path else None
-    return aiohttp.ClientSession(connector=connector, **kwargs)
-
-
-def _token(args: argparse.Namespace) -> str | None:
-    return args.token or os.environ.get("JARVISD_TOKEN") or None
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
@@ -52,11 +29,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         print(f"jarvisd publish: the message is not JSON: {exc}", file=sys.stderr)
         return 2
-    socket_path, base, headers = _endpoint(load(args), _token(args))
+    socket_path, base, headers = daemon_endpoint(load(args), token_from(args))
 
     async def run() -> int:
         async with (
-            _session(socket_path, timeout=aiohttp.ClientTimeout(total=15)) as s,
+            client_session(socket_path, timeout=aiohttp.ClientTimeout(total=15)) as s,
             s.post(
                 f"{base}/publish",
                 json={"channel": args.channel, "message": message},
@@ -80,11 +57,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
-    socket_path, base, headers = _endpoint(load(args), _token(args))
+    socket_path, base, headers = daemon_endpoint(load(args), token_from(args))
 
     async def run() -> int:
         async with (
-            _session(socket_path) as s,
+            client_session(socket_path) as s,
             s.ws_connect(f"{base}/ws", headers=headers, heartbeat=30) as ws,
         ):
             await ws.send_json(

@@ -1,7 +1,7 @@
 """The composition root: build the actors from the settings, run, stop.
 
 Start order (DESIGN §3): embedded servers → persistence → redis, cache,
-sessions, logins → pubsub → bus → http.
+sessions, logins → pubsub → approvals → bus → http.
 Stop: the daemon first stops taking work (readiness turns 503, API requests
 get 503 "draining"), waits for in-flight requests, then stops the actors in
 reverse start order under one deadline, and closes the HTTP listeners last,
@@ -24,6 +24,7 @@ from typing import Any
 import structlog
 
 from actors import Actor, Escalation, FatalActorError, Supervisor
+from actors.approvals import Approvals
 from actors.bus import Bus
 from actors.cache import Cache
 from actors.data.messages import EnsureAdmin
@@ -102,6 +103,15 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
     )
     pubsub = PubSub(settings.redis, settings.pubsub, redis_url, health_interval=interval)
     persistence.events = pubsub  # committed changes are announced on Redis
+    approvals = Approvals(
+        settings.approvals,
+        settings.postgres,
+        pg_dsn,
+        persistence=persistence,
+        pubsub=pubsub,
+        channel=f"{settings.redis.prefix}approvals",
+        health_interval=interval,
+    )
     bus = Bus(
         settings.redis,
         settings.bus,
@@ -113,12 +123,13 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
         pubsub=pubsub,
         health_interval=interval,
     )
-    actors += [persistence, redis, cache, sessions, logins, pubsub, bus]
+    actors += [persistence, redis, cache, sessions, logins, pubsub, approvals, bus]
     checks = [
         Check("postgres", persistence, "datastore"),
         Check("redis", redis, "datastore"),
         Check("pubsub", pubsub, "component"),
         Check("bus", bus, "component", critical=False),
+        Check("approvals", approvals, "component", critical=False),
         *checks,
     ]
     return actors, checks
@@ -262,6 +273,8 @@ class Daemon:
                 actor.cache_settings = settings.cache
             elif isinstance(actor, PubSub):
                 actor.settings = settings.pubsub
+            elif isinstance(actor, Approvals):
+                actor.settings = settings.approvals
             elif isinstance(actor, Bus):
                 # stream and group are bound at start (reload.RESTART_KEYS)
                 actor.settings = settings.bus

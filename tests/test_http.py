@@ -91,6 +91,7 @@ async def test_ready_passes_with_postgres_and_redis_checks(running: Running) -> 
         "sessions",
         "logins",
         "pubsub",
+        "approvals",
         "bus",
     }
     assert (await running.json("/health"))[1]["checks"].keys() == doc["checks"].keys()

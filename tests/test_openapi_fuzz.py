@@ -54,6 +54,7 @@ async def _fuzz_admin(dsn: str) -> None:
         await conn.close()
 
 
+@pytest.mark.timeout(300)
 async def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(
     instance: Path, pg_dsn: str, redis_prefix: str, servers: Servers
 ) -> None:

@@ -26,22 +26,18 @@ def instance() -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
-def example() -> str:
+def example(name: str = "agent-protocol-example") -> str:
     text = (REPO / "README.md").read_text()
-    found = re.search(
-        r"<!-- agent-protocol-example -->\n```sh\n(.*?)```\n<!-- /agent-protocol-example -->",
-        text,
-        re.S,
-    )
-    assert found is not None, "the README lost its agent-protocol example"
-    return found.group(1)
+    found = re.search(rf"<!-- {name} -->\n```sh\n(.*?)```\n<!-- /{name} -->", text, re.S)
+    assert found is not None, f"the README lost its {name}"
+    return found.group(1).replace(".venv/bin/jarvisd", f"{sys.executable} -m jarvisd")
 
 
 async def test_the_readme_agent_protocol_example_works_as_written(instance: Path) -> None:
     d = DaemonProcess(instance)
     try:
         d.wait_ready(60)
-        script = example().replace(".venv/bin/jarvisd", f"{sys.executable} -m jarvisd")
+        script = example()
         run = subprocess.run(
             ["bash", "-euo", "pipefail", "-c", script],
             cwd=instance,
@@ -66,5 +62,40 @@ async def test_the_readme_agent_protocol_example_works_as_written(instance: Path
             "awaiting_approval",
             "HIGH",
         )
+    finally:
+        d.stop()
+
+
+async def test_the_readme_approval_example_runs_the_whole_loop(instance: Path) -> None:
+    d = DaemonProcess(instance)
+    try:
+        d.wait_ready(60)
+        script = example("approval-example").replace(
+            ".venv/bin/python examples/", f"{sys.executable} {REPO}/examples/"
+        )
+        run = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", script],
+            cwd=instance,
+            env={**d.env, "JARVISD_URL": f"http://127.0.0.1:{d.port}"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        out = run.stdout
+        assert "delete_file" in out  # the pending request, listed
+        assert "[redis] approval.decided approved" in out  # seen on Redis
+        assert "[long-poll] approval 1 approved" in out  # and through the long-poll
+        assert "succeeded in" in out
+        connector = aiohttp.UnixConnector(path=str(instance / "var" / "jarvisd.sock"))
+        async with (
+            aiohttp.ClientSession(connector=connector) as s,
+            s.get("http://localhost/commands?action=delete_file") as resp,
+        ):
+            (command,) = (await resp.json())["items"]
+        assert command["status"] == "succeeded"
+        assert command["durationMs"] >= 1
+        assert command["result"]["deleted"].endswith("old-notes.txt")
     finally:
         d.stop()

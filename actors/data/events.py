@@ -10,7 +10,9 @@ from actors.envelope import Event, EventKind, event
 __all__ = [
     "approval_decided",
     "approval_requested",
+    "approval_warning",
     "command_created",
+    "command_decided",
     "command_updated",
 ]
 
@@ -65,6 +67,39 @@ def approval_requested(a: Approval, request_id: str | None, user_id: int | None)
     )
 
 
+def approval_warning(a: Approval, request_id: str | None) -> Published:
+    """A pending request is about to expire."""
+    return event(
+        "approvals",
+        "approval.warning",
+        a.requester_id,
+        approvalId=a.id,
+        commandId=a.command_id,
+        requestId=request_id,
+        action=a.action,
+        riskCategory=a.risk_category,
+        expiresAt=a.expires_at.isoformat(),
+    )
+
+
+def command_decided(c: Command) -> Published:
+    """What an approval decision did to its command: command.approved, or
+    command.rejected (rejected or expired; ``status`` says which)."""
+    name = "command.approved" if c.status == "approved" else "command.rejected"
+    if c.status not in ("approved", "rejected", "expired"):
+        name = "command.updated"
+    return event(
+        "commands",
+        name,
+        c.user_id,
+        commandId=c.id,
+        requestId=c.request_id,
+        status=c.status,
+        previous="awaiting_approval",
+        approvalId=c.approval_id,
+    )
+
+
 def approval_decided(a: Approval, request_id: str | None, user_id: int | None) -> Published:
     """approval.decided; for a request that ran out of time, approval.expired."""
     return event(
@@ -76,5 +111,6 @@ def approval_decided(a: Approval, request_id: str | None, user_id: int | None) -
         requestId=request_id,
         decision=a.status,
         decidedBy=a.decided_by,
+        decider=a.decider,
         reason=a.reason,
     )

@@ -181,14 +181,13 @@ class WorkflowHandlers:
     async def _decide_approval(self, msg: m.DecideApproval) -> Approval:
         async with self._pool().acquire() as conn:
             try:
-                approval, changed = await repo.decide_approval(
+                approval = await repo.decide_approval(
                     conn, msg.approval_id, msg.decision, msg.who, msg.reason
                 )
             except Expired as exc:
                 await self._announce_decision(conn, exc.current)
                 raise
-            if changed:
-                await self._announce_decision(conn, approval)
+            await self._announce_decision(conn, approval)
         return approval
 
     async def _announce_decision(self, conn: asyncpg.Connection, approval: Approval) -> None:
@@ -201,5 +200,5 @@ class WorkflowHandlers:
         request_id = command.request_id if command is not None else None
         out = [events.approval_decided(approval, request_id, approval.requester_id)]
         if command is not None and command.status == approval.status:
-            out.append(events.command_updated(command, "awaiting_approval"))
+            out.append(events.command_decided(command))
         self.announce(out)

@@ -18,12 +18,16 @@ reject do.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from actors.approvals import Watch, WatchersFull
 from actors.data import messages as m
+from actors.data.listing import parse_integer
 from actors.data.model import (
     Approval,
     ApprovalCreate,
@@ -36,6 +40,7 @@ from actors.data.model import (
     Rejection,
 )
 from actors.data.repo import APPROVALS, COMMANDS
+from actors.kernel import ActorError
 from jarvisd.http.auth import forbidden, require
 from jarvisd.http.common import (
     RouteDoc,
@@ -45,6 +50,7 @@ from jarvisd.http.common import (
     listed,
     optional_body,
     path_id,
+    query_param,
     reply,
 )
 from jarvisd.http.errors import ProblemError, reject_unknown_params
@@ -162,10 +168,51 @@ async def _visible_approval(request: web.Request, who: Principal, approval_id: i
     return approval
 
 
+MAX_WAIT = 55
+WAIT = (
+    "wait",
+    {"type": "integer", "minimum": 0, "maximum": MAX_WAIT},
+    "seconds to wait while the request is pending (a long-poll; at most 55)",
+)
+
+
 @require()
 async def get_approval(request: web.Request, who: Principal) -> web.Response:
-    reject_unknown_params(request, ())
-    return reply(await _visible_approval(request, who, path_id(request)))
+    """The request; with ``?wait=N``, answered as soon as it leaves pending,
+    or after N seconds with it still pending. Safe to repeat."""
+    reject_unknown_params(request, ("wait",))
+    approval_id = path_id(request)
+    raw = query_param(request, "wait")
+    wait = 0 if raw is None else parse_integer(raw)
+    if wait is None or not 0 <= wait <= MAX_WAIT:
+        raise ProblemError(400, "Bad request", f"wait is a number of seconds from 0 to {MAX_WAIT}")
+    approval = await _visible_approval(request, who, approval_id)
+    if approval.status != "pending" or wait == 0:
+        return reply(approval)
+    deadline = asyncio.get_running_loop().time() + wait
+    approvals = request.app[RUNTIME].actor("approvals")
+    while True:
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            return reply(approval)
+        try:
+            woken = await approvals.ask(Watch(approval_id), timeout=5)
+        except (ActorError, WatchersFull):
+            if approval.status == "pending" and not request.app[RUNTIME].draining:
+                raise
+            return reply(approval)
+        try:
+            # Read after watching: a decision between the two is not missed.
+            approval = await _visible_approval(request, who, approval_id)
+            if approval.status != "pending":
+                return reply(approval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(woken), remaining)
+        finally:
+            woken.cancel()
+        approval = await _visible_approval(request, who, approval_id)
+        if approval.status != "pending" or request.app[RUNTIME].draining:
+            return reply(approval)
 
 
 @require()
@@ -251,7 +298,14 @@ ROUTES: list[RouteDoc] = [
         Approval,
         201,
     ),
-    RouteDoc("GET", "/approvals/{id}", get_approval, "Read an approval request", response=Approval),
+    RouteDoc(
+        "GET",
+        "/approvals/{id}",
+        get_approval,
+        "Read an approval request (?wait=N: once it is decided, or after N seconds)",
+        response=Approval,
+        query=(WAIT,),
+    ),
     RouteDoc(
         "PUT",
         "/approvals/{id}/approve",

@@ -125,11 +125,13 @@ def _depth_exceeds(raw: bytes, limit: int) -> bool:
 
 
 async def body(request: web.Request, typ: type[T]) -> T:
-    """The JSON body decoded as ``typ``: 415 unless it is sent as UTF-8
+    """The JSON body decoded as ``typ``: 400 without one, 415 unless it is sent as UTF-8
     application/json, 413 over http.max_body_bytes, 408 when it does not
     arrive within http.request_timeout, 400 for anything that is not valid
     UTF-8 JSON of that shape or nests deeper than MAX_JSON_DEPTH."""
     settings = request.app[RUNTIME].settings.http
+    if not request.can_read_body:
+        raise ProblemError(400, "Bad request", "a JSON body is required")
     _check_content_type(request)
     try:
         async with asyncio.timeout(settings.request_timeout):

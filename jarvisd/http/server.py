@@ -19,6 +19,7 @@ from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from actors import ActorDead, ActorStopped, AskTimeout, FatalActorError, MailboxFull
+from actors.approvals import WatchersFull
 from actors.cache import CacheError
 from actors.data.repo import Conflict, Forbidden, Invalid, NotFound
 from actors.kernel import Actor, Health
@@ -127,6 +128,7 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         AskTimeout,
         Unavailable,
         RedisUnavailable,  # the cache's and the sessions' too
+        WatchersFull,
     ) as exc:
         return problem(503, "Service unavailable", str(exc), headers={"Retry-After": "1"})
     except Exception:

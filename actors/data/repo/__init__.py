@@ -8,8 +8,10 @@ from actors.data.repo.approvals import (
     APPROVALS,
     create_approval,
     decide_approval,
+    expire_due,
     get_approval,
     list_approvals,
+    warn_due,
 )
 from actors.data.repo.commands import (
     COMMANDS,
@@ -64,6 +66,7 @@ __all__ = [
     "create_user",
     "decide_approval",
     "delete_user",
+    "expire_due",
     "get_approval",
     "get_command",
     "get_user",
@@ -81,4 +84,5 @@ __all__ = [
     "revoke_token",
     "update_command_status",
     "update_user",
+    "warn_due",
 ]

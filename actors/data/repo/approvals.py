@@ -46,6 +46,7 @@ APPROVAL_COLUMNS = (
 def _approval(row: asyncpg.Record) -> Approval:
     data = dict(row)
     data.pop("lapsed", None)  # a helper column of decide_approval
+    data.pop("request_id", None)  # and of warn_due
     return Approval(**data)
 
 
@@ -140,11 +141,13 @@ def _check_decider(current: asyncpg.Record, decision: str, who: Principal) -> No
 
 async def decide_approval(
     conn: asyncpg.Connection, approval_id: int, decision: str, who: Principal, reason: str | None
-) -> tuple[Approval, bool]:
+) -> Approval:
     """approved | rejected | cancelled, checked against the row as it is when
-    the decision lands; returns the request and whether this call changed it
-    (False: the same decision again, a no-op). A request found past its
-    deadline is expired (and that is committed) instead of decided: Conflict."""
+    the decision lands; returns the decided request. A request
+    no longer pending is a Conflict, whoever decided it and however (even
+    the same decision again, so that of two deciders racing exactly one
+    succeeds); one found past its deadline is expired (and that is
+    committed) instead of decided: Expired."""
     if decision == "rejected" and not reason:
         raise Invalid("a rejection needs a reason")
     lapsed = False
@@ -167,8 +170,6 @@ async def decide_approval(
         if current["status"] == "pending" and current["lapsed"]:
             await set_status(conn, current, "expired", None, "expired before a decision", "jarvisd")
             lapsed = True
-        elif current["status"] == decision:
-            return _approval(current), False  # the same decision again: no-op
         elif current["status"] != "pending":
             raise Conflict(
                 f"approval request {approval_id} is already {current['status']}", _approval(current)
@@ -180,7 +181,7 @@ async def decide_approval(
     decided = await get_approval(conn, approval_id)
     if lapsed:
         raise Expired(f"approval request {approval_id} expired", decided)
-    return decided, True
+    return decided
 
 
 async def _check_bound_command(conn: asyncpg.Connection, current: asyncpg.Record) -> None:
@@ -304,3 +305,50 @@ async def list_approvals(
     if as_json:
         return await json_page(conn, APPROVALS, lq, Approval, count)
     return await page(conn, APPROVALS, lq, _approval, count)
+
+
+async def warn_due(
+    conn: asyncpg.Connection, warn_before: float, limit: int
+) -> list[tuple[Approval, str | None]]:
+    """Pending requests entering their last stretch (``warn_before`` seconds,
+    or the last quarter of a shorter lifetime), marked as warned so that each
+    is returned once; with their command's request id."""
+    rows = await conn.fetch(
+        f"UPDATE approval_requests SET warned_at = now() WHERE id IN ("
+        f"SELECT id FROM approval_requests WHERE status = 'pending' AND warned_at IS NULL "
+        f"AND expires_at > now() AND expires_at - LEAST(make_interval(secs => $1), "
+        f"(expires_at - created_at) / 4) <= now() ORDER BY expires_at LIMIT $2 "
+        f"FOR UPDATE SKIP LOCKED) RETURNING {APPROVAL_COLUMNS}, "
+        f"(SELECT request_id FROM commands c WHERE c.id = command_id) AS request_id",
+        warn_before,
+        limit,
+    )
+    return [(_approval(r), r["request_id"]) for r in rows]
+
+
+async def expire_due(conn: asyncpg.Connection, limit: int) -> list[Approval]:
+    """Pending requests past their deadline, expired (their commands too),
+    each in a transaction of its own, locks taken command first as a decision
+    takes them. A request decided meanwhile is left as it is."""
+    due = await conn.fetch(
+        "SELECT id, command_id FROM approval_requests WHERE status = 'pending' "
+        "AND expires_at <= now() ORDER BY expires_at LIMIT $1",
+        limit,
+    )
+    expired: list[Approval] = []
+    for row in due:
+        async with conn.transaction():
+            if row["command_id"] is not None:
+                await conn.execute(
+                    "SELECT 1 FROM commands WHERE id = $1 FOR UPDATE", row["command_id"]
+                )
+            current = await conn.fetchrow(
+                f"SELECT {APPROVAL_COLUMNS} FROM approval_requests WHERE id = $1 "
+                f"AND status = 'pending' AND expires_at <= now() FOR UPDATE",
+                row["id"],
+            )
+            if current is None:
+                continue
+            await set_status(conn, current, "expired", None, "expired before a decision", "jarvisd")
+        expired.append(await get_approval(conn, row["id"]))
+    return expired

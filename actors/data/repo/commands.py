@@ -221,6 +221,7 @@ COMMANDS = ListSpec(
     columns=COMMAND_COLUMNS,
     filters={
         "userId": Filter("user_id", "eq", int, bounds=ID_BOUNDS),
+        "requestId": Filter("request_id", "eq"),
         "status": Filter("status", "in", choices=_COMMAND_STATUSES),
         "type": Filter(
             "type", "in", choices=frozenset({"voice", "text", "api", "scheduled", "agent"})

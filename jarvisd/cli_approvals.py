@@ -1,0 +1,164 @@
+"""``jarvisd approvals list|show|approve|reject``: the approval workflow for a
+person at the host, through the running daemon's API (the same rules as the
+routes: no self-approval, CRITICAL needs an admin, a decided request is 409).
+
+On the daemon's Unix socket the caller is the local admin (recorded as the
+decider ``local``); with ``--token`` or ``$JARVISD_TOKEN`` the caller is that
+token's user, which is what the audit trail will name. Exit 0 on success,
+1 when the daemon refuses (the reason on stderr) or cannot be reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+from jarvisd.cli_common import client_session, daemon_endpoint, load, token_from
+
+__all__ = ["add_parsers"]
+
+_COLUMNS = ("id", "status", "riskScore", "riskCategory", "action", "requesterId", "expiresAt")
+
+
+class Refused(Exception):
+    """The daemon answered with an error status."""
+
+
+async def _call(
+    args: argparse.Namespace, method: str, path: str, body: Any = None, timeout: float = 15
+) -> Any:
+    socket_path, base, headers = daemon_endpoint(load(args), token_from(args))
+    async with (
+        client_session(socket_path, timeout=aiohttp.ClientTimeout(total=timeout)) as s,
+        s.request(method, base + path, json=body, headers=headers) as resp,
+    ):
+        doc = await resp.json(content_type=None) if await resp.read() else None
+        if resp.status >= 400:
+            detail = doc.get("detail", doc.get("title")) if isinstance(doc, dict) else doc
+            raise Refused(f"{resp.status}: {detail}")
+        return doc
+
+
+def _run(name: str, work: Callable[[], Any]) -> int:
+    try:
+        return int(asyncio.run(work()))
+    except Refused as exc:
+        print(f"jarvisd approvals {name}: {exc}", file=sys.stderr)
+        return 1
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        print(
+            f"jarvisd approvals {name}: daemon unreachable ({type(exc).__name__}: {exc})",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _table(items: list[dict[str, Any]]) -> str:
+    rows = [list(_COLUMNS)] + [
+        ["-" if item.get(c) is None else str(item[c]) for c in _COLUMNS] for item in items
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    query = {"limit": str(args.limit), "order": "createdAt"}
+    if args.status:
+        query["status"] = args.status
+
+    async def work() -> int:
+        page = await _call(args, "GET", "/approvals?" + urllib.parse.urlencode(query))
+        items = page["items"]
+        if args.json:
+            print(json.dumps(items, indent=2))
+        elif args.quiet:
+            for item in items:
+                print(item["id"])
+        else:
+            print(_table(items))
+        return 0
+
+    return _run("list", work)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    wait = f"?wait={args.wait}" if args.wait else ""
+
+    async def work() -> int:
+        print(
+            json.dumps(
+                await _call(args, "GET", f"/approvals/{args.id}{wait}", timeout=args.wait + 15),
+                indent=2,
+            )
+        )
+        return 0
+
+    return _run("show", work)
+
+
+def _decide(verb: str) -> Callable[[argparse.Namespace], int]:
+    def cmd(args: argparse.Namespace) -> int:
+        body = {"reason": args.reason} if args.reason is not None else None
+
+        async def work() -> int:
+            decided = await _call(args, "PUT", f"/approvals/{args.id}/{verb}", body)
+            who = decided.get("decider") or decided.get("decidedBy") or "?"
+            print(f"approval {decided['id']} {decided['status']} by {who}")
+            return 0
+
+        return _run(verb, work)
+
+    return cmd
+
+
+def add_parsers(
+    sub: Any, with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
+) -> None:
+    approvals = sub.add_parser(
+        "approvals", help="list and decide approval requests (through the daemon)"
+    ).add_subparsers(dest="approvals_command", required=True, metavar="ACTION")
+
+    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        with_config(p)
+        p.add_argument(
+            "--token", help="API token (default $JARVISD_TOKEN; none: the Unix socket as admin)"
+        )
+        return p
+
+    ls = common(approvals.add_parser("list", help="list requests, oldest first"))
+    ls.add_argument(
+        "--status",
+        default="pending",
+        help="comma list: pending, approved, rejected, expired, cancelled; '' for all "
+        "(default pending)",
+    )
+    ls.add_argument("--limit", type=int, default=50, help="at most this many (1-200, default 50)")
+    fmt = ls.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true", help="print the requests as JSON")
+    fmt.add_argument("-q", "--quiet", action="store_true", help="print the ids alone")
+    ls.set_defaults(func=cmd_list)
+    show = common(approvals.add_parser("show", help="print one request as JSON"))
+    show.add_argument("id", type=int)
+    show.add_argument(
+        "--wait",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="wait up to this long (0-55) for a pending request to be decided",
+    )
+    show.set_defaults(func=cmd_show)
+    approve = common(approvals.add_parser("approve", help="approve a pending request"))
+    approve.add_argument("id", type=int)
+    approve.add_argument("--reason", help="an optional note kept with the decision")
+    approve.set_defaults(func=_decide("approve"))
+    reject = common(approvals.add_parser("reject", help="reject a pending request"))
+    reject.add_argument("id", type=int)
+    reject.add_argument("--reason", required=True, help="why (required)")
+    reject.set_defaults(func=_decide("reject"))
