@@ -298,10 +298,13 @@ class Bus(RedisClientActor):
                 delay = min(delay * 2, 5.0)
 
     async def _settle(self, acked: list[str], dead: list[tuple[str, bytes, str, int]]) -> None:
-        """Dead-letter and acknowledge in one transaction."""
+        """Dead-letter and acknowledge."""
         if not acked:
             return
-        async with self._client().pipeline(transaction=True) as pipe:
+        # One transaction on one server; on a cluster the two streams sit in
+        # different slots: dead letters first, then the acknowledgement (a
+        # crash between them at worst dead-letters an entry twice).
+        async with self._client().pipeline(transaction=not self.cluster) as pipe:
             for entry_id, raw, reason, count in dead:
                 pipe.xadd(
                     self.dead_stream,

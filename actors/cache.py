@@ -15,6 +15,8 @@ reconnects by itself on the next command.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import re
 import time
 from bisect import bisect_left
@@ -185,34 +187,47 @@ class NamespaceStats:
 
 
 # -- Lua ----------------------------------------------------------------------------
+# Each tag set lives at least as long as its longest-lived key (never shortened
+# to the last key's TTL); a key without a TTL makes its tag sets persistent.
+ADD_TAG = """
+local function add_tag(tag, member, key_ttl)
+  local existed = redis.call('EXISTS', tag)
+  redis.call('SADD', tag, member)
+  local cur = redis.call('PTTL', tag)
+  if key_ttl < 0 then
+    if existed == 1 and cur >= 0 then redis.call('PERSIST', tag) end
+  elseif existed == 0 or (cur >= 0 and cur < key_ttl) then
+    redis.call('PEXPIRE', tag, key_ttl)
+  end
+end
+"""
+
 # KEYS[1] = key, KEYS[2..] = tag sets. ARGV: value, ttl_ms (0 = none), mode, keepttl,
 # default ttl_ms (for a key KEEPTTL finds without one).
-# Value, mode, TTL and tag membership in one atomic step; each tag set lives at
-# least as long as the key (never shortened to the last key's TTL).
-TAGGED_SET = """
+# Value, mode, TTL and tag membership in one atomic step. Replies the key's TTL
+# in ms (-1: none), or nil when NX/XX refused the write.
+TAGGED_SET = (
+    ADD_TAG
+    + """
 local args = {KEYS[1], ARGV[1]}
 local ttl = tonumber(ARGV[2])
 if ARGV[4] == '1' then table.insert(args, 'KEEPTTL') elseif ttl > 0 then
   table.insert(args, 'PX'); table.insert(args, ttl) end
 if ARGV[3] ~= '' then table.insert(args, ARGV[3]) end
-if not redis.call('SET', unpack(args)) then return 0 end
+if not redis.call('SET', unpack(args)) then return nil end
 local key_ttl = redis.call('PTTL', KEYS[1])
 if key_ttl == -1 and ARGV[4] == '1' then
   -- KEEPTTL on a key that had none (a new key): it gets the default TTL.
   redis.call('PEXPIRE', KEYS[1], ARGV[5]); key_ttl = tonumber(ARGV[5])
 end
-for i = 2, #KEYS do
-  local existed = redis.call('EXISTS', KEYS[i])
-  redis.call('SADD', KEYS[i], KEYS[1])
-  local cur = redis.call('PTTL', KEYS[i])
-  if key_ttl < 0 then
-    if existed == 1 and cur >= 0 then redis.call('PERSIST', KEYS[i]) end
-  elseif existed == 0 or (cur >= 0 and cur < key_ttl) then
-    redis.call('PEXPIRE', KEYS[i], key_ttl)
-  end
-end
-return 1
+for i = 2, #KEYS do add_tag(KEYS[i], KEYS[1], key_ttl) end
+return key_ttl
 """
+)
+
+# On a cluster, a key and its tag sets sit in different slots: after the key's
+# own TAGGED_SET, each tag set gets it here. KEYS[1] = tag set. ARGV: key, its TTL.
+TAG_ADD = ADD_TAG + "add_tag(KEYS[1], ARGV[1], tonumber(ARGV[2]))\nreturn 1\n"
 
 # KEYS[1] = tag set. ARGV[1] = the namespace's key prefix: members outside it are
 # never deleted. Replies how many member keys were still present and removed.
@@ -286,6 +301,7 @@ class Cache(RedisClientActor):
         self.cache_settings = cache_settings
         self.stats_by_ns: dict[str, NamespaceStats] = {}
         self._tagged_set: Any = None
+        self._tag_add: Any = None
         self._invalidate_tag: Any = None
         self._encoder = msgspec.json.Encoder()
         self._decoder = msgspec.json.Decoder()
@@ -316,6 +332,7 @@ class Cache(RedisClientActor):
         await super().on_start()
         client = self._client()
         self._tagged_set = client.register_script(TAGGED_SET)
+        self._tag_add = client.register_script(TAG_ADD)
         self._invalidate_tag = client.register_script(INVALIDATE_TAG)
 
     # -- encoding ----------------------------------------------------------------------
@@ -354,13 +371,15 @@ class Cache(RedisClientActor):
         client = self._client()
         pipe = client.pipeline(transaction=False)
         # Plain reads of the batch go as one MGET: one command, one reply.
-        reads = [i for i, m in enumerate(msgs) if type(m) is CacheGet] if len(msgs) > 1 else []
+        # (On a cluster the keys sit in many slots: each read is a GET of its own.)
+        many = len(msgs) > 1 and not self.cluster
+        reads = [i for i, m in enumerate(msgs) if type(m) is CacheGet] if many else []
         if len(reads) > 1:
             plans.append((-1, 0, self._queue_reads(pipe, msgs, reads, results)))
         else:
             reads = []
         batched = set(reads)
-        n_cmds = len(pipe.command_stack)
+        n_cmds = len(pipe)
         slow: list[int] = []
         for i, msg in enumerate(msgs):
             if i in batched:
@@ -371,7 +390,7 @@ class Cache(RedisClientActor):
                 if decode is None:
                     slow.append(i)
                     continue
-                n_cmds = len(pipe.command_stack)
+                n_cmds = len(pipe)
                 plans.append((i, before, decode))
             except CacheError as exc:
                 results[i] = exc
@@ -493,18 +512,18 @@ class Cache(RedisClientActor):
         if isinstance(msg, CacheDelete):
             for k in msg.keys:
                 _check_key(k)
-            pipe.unlink(*[self.key(ns, k) for k in msg.keys])
+            self._queue_per_slot(pipe, "UNLINK", [self.key(ns, k) for k in msg.keys])
 
             def deleted(r: list[Any]) -> int:
-                stats.deletes += int(r[0])
-                return int(r[0])
+                stats.deletes += sum(int(n) for n in r)
+                return sum(int(n) for n in r)
 
             return deleted
         if isinstance(msg, CacheExists):
             for k in msg.keys:
                 _check_key(k)
-            pipe.exists(*[self.key(ns, k) for k in msg.keys])
-            return lambda r: int(r[0])
+            self._queue_per_slot(pipe, "EXISTS", [self.key(ns, k) for k in msg.keys])
+            return lambda r: sum(int(n) for n in r)
         if isinstance(msg, CacheTtl):
             _check_key(msg.key)
             pipe.pttl(self.key(ns, msg.key))
@@ -512,11 +531,15 @@ class Cache(RedisClientActor):
         if isinstance(msg, CacheMGet):
             for k in msg.keys:
                 _check_key(k)
-            pipe.mget([self.key(ns, k) for k in msg.keys])
+            if self.cluster:
+                for k in msg.keys:
+                    pipe.get(self.key(ns, k))
+            else:
+                pipe.mget([self.key(ns, k) for k in msg.keys])
 
             def mgot(r: list[Any]) -> list[tuple[bool, Any]]:
                 out = []
-                for data in r[0]:
+                for data in r if self.cluster else r[0]:
                     if data is None:
                         stats.misses += 1
                         out.append((False, None))
@@ -542,9 +565,18 @@ class Cache(RedisClientActor):
             return msetted
         return None
 
+    def _queue_per_slot(self, pipe: Any, command: str, keys: list[str]) -> None:
+        """A multi-key command: one command on one server, one per key on a
+        cluster (the pipeline sends each to its slot's node)."""
+        if self.cluster:
+            for key in keys:
+                pipe.execute_command(command, key)
+        else:
+            pipe.execute_command(command, *keys)
+
     async def _queue_set(
         self, pipe: Any, msg: CacheSet, stats: NamespaceStats
-    ) -> Callable[[list[Any]], Any]:
+    ) -> Callable[[list[Any]], Any] | None:
         _check_key(msg.key)
         if len(msg.tags) > MAX_TAGS:
             raise CacheError(f"at most {MAX_TAGS} tags per key")
@@ -553,6 +585,8 @@ class Cache(RedisClientActor):
         ttl = self._ttl_ms(msg)
         data = self._encode(msg.value)
         key = self.key(msg.namespace, msg.key)
+        if self.cluster and (msg.tags or msg.keepttl):
+            return None  # the key and its tag sets are in different slots: _cluster_set
         if msg.tags or msg.keepttl:
             await self._tagged_set(
                 keys=[key, *(self.tag_key(msg.namespace, t) for t in msg.tags)],
@@ -575,17 +609,57 @@ class Cache(RedisClientActor):
                 keepttl=msg.keepttl,
             )
 
-        def stored(r: list[Any]) -> bool:
-            ok = bool(r[-1])
-            if ok:
-                stats.sets += 1
-            elif msg.mode == "NX":
-                stats.nx_refused += 1
-            else:
-                stats.xx_refused += 1
-            return ok
+        return lambda r: self._count_set(msg, stats, r[-1] is not None)
 
-        return stored
+    @staticmethod
+    def _count_set(msg: CacheSet, stats: NamespaceStats, ok: bool) -> bool:
+        if ok:
+            stats.sets += 1
+        elif msg.mode == "NX":
+            stats.nx_refused += 1
+        else:
+            stats.xx_refused += 1
+        return ok
+
+    async def _cluster_set(self, msg: CacheSet) -> bool:
+        """A tagged (or KEEPTTL) set on a cluster: the key first (atomic with its
+        mode and TTL), then each tag set in its own slot. In this order an
+        invalidation running meanwhile cannot lose the key: either it finds the
+        key in the tag set, or the key joins the set after it and the next
+        invalidation finds it. Should Redis fail between the two steps, the
+        key is removed again and the write answers 503."""
+        ns = msg.namespace
+        stats = self._stats(ns)
+        key = self.key(ns, msg.key)
+        started = time.perf_counter()
+        try:
+            key_ttl = await self._tagged_set(
+                keys=[key],
+                args=[
+                    self._encode(msg.value),
+                    self._ttl_ms(msg),
+                    msg.mode,
+                    "1" if msg.keepttl else "0",
+                    clamp_ttl_ms(self.cache_settings, None),
+                ],
+            )
+            if key_ttl is not None and msg.tags:
+                try:
+                    await asyncio.gather(
+                        *(
+                            self._tag_add(keys=[self.tag_key(ns, t)], args=[key, key_ttl])
+                            for t in msg.tags
+                        )
+                    )
+                except (OSError, RedisError):
+                    with contextlib.suppress(OSError, RedisError):
+                        await self._client().unlink(key)
+                    raise
+        except (OSError, RedisError) as exc:
+            stats.errors += 1
+            raise self._down(exc) from exc
+        stats.observe(time.perf_counter() - started)
+        return self._count_set(msg, stats, key_ttl is not None)
 
     # -- operations that loop ------------------------------------------------------------
     async def _slow(self, msg: Any) -> Any:
@@ -593,6 +667,8 @@ class Cache(RedisClientActor):
             return self.stats_document(msg.namespace)
         ns = msg.namespace
         _check_namespace(ns)
+        if isinstance(msg, CacheSet):
+            return await self._cluster_set(msg)
         if isinstance(msg, CacheInvalidateTags):
             return await self._invalidate_tags(ns, msg.tags)
         if isinstance(msg, CacheInvalidatePattern):
@@ -618,7 +694,10 @@ class Cache(RedisClientActor):
         removed = 0
         started = time.perf_counter()
         try:
-            for tag in tags:  # atomic per tag
+            for tag in tags:  # atomic per tag (on a cluster: per batch of members)
+                if self.cluster:
+                    removed += await self._pop_tag(self.tag_key(ns, tag), self.key(ns, ""))
+                    continue
                 removed += int(
                     await self._invalidate_tag(
                         keys=[self.tag_key(ns, tag)], args=[self.key(ns, "")]
@@ -632,6 +711,30 @@ class Cache(RedisClientActor):
         stats.observe(time.perf_counter() - started)
         return removed
 
+    async def _pop_tag(self, tag_key: str, prefix: str) -> int:
+        """A tag's members live in many slots: take them out of the set in
+        batches (SPOP: a key tagged meanwhile is either taken or stays for the
+        next invalidation) and remove each batch, node by node."""
+        client = self._client()
+        own = prefix.encode()
+        removed = 0
+        while True:
+            members: Any = await client.spop(tag_key, SCAN_BATCH)
+            if not members:
+                return removed
+            keys = [m for m in members if isinstance(m, bytes) and m.startswith(own)]
+            if keys:
+                removed += await self._unlink_keys(keys)
+
+    async def _unlink_keys(self, keys: list[Any]) -> int:
+        client = self._client()
+        if not self.cluster:
+            return int(await client.unlink(*keys))
+        async with client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.execute_command("UNLINK", key)
+            return sum(int(n) for n in await pipe.execute())
+
     async def _unlink_matching(
         self,
         ns: str,
@@ -640,7 +743,7 @@ class Cache(RedisClientActor):
         prefix_literal: str | None = None,
         count_as_invalidated: bool = True,
     ) -> int:
-        """SCAN + UNLINK in batches until the cursor returns to 0. Never KEYS."""
+        """SCAN (every primary of a cluster) + UNLINK in batches. Never KEYS."""
         if prefix_literal is not None:
             # The caller's glob goes after the namespace's literal (escaped) prefix.
             pattern = glob_escape(prefix_literal) + pattern[len(prefix_literal) :]
@@ -648,13 +751,14 @@ class Cache(RedisClientActor):
         removed = 0
         started = time.perf_counter()
         try:
-            cursor = 0
-            while True:
-                cursor, keys = await client.scan(cursor=cursor, match=pattern, count=SCAN_BATCH)
-                if keys:
-                    removed += int(await client.unlink(*keys))
-                if cursor == 0:
-                    break
+            batch: list[Any] = []
+            async for key in client.scan_iter(match=pattern, count=SCAN_BATCH):
+                batch.append(key)
+                if len(batch) >= SCAN_BATCH:
+                    removed += await self._unlink_keys(batch)
+                    batch = []
+            if batch:
+                removed += await self._unlink_keys(batch)
         except (OSError, RedisError) as exc:
             self._stats(ns).errors += 1
             raise self._down(exc) from exc

@@ -8,6 +8,7 @@ address in fixed windows (``[auth]``), shared by every daemon on the Redis.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Any
 
@@ -35,22 +36,18 @@ class LoginFailed(msgspec.Struct, frozen=True):
     address: str
 
 
-# KEYS: user counter, address counter. ARGV: user limit, address limit.
-# Replies the longest wait in ms (0: allowed).
+# One counter per script (the user's and the address's live in different
+# cluster slots); both run at once.
+# KEYS: counter. ARGV: limit. Replies the wait in ms (0: allowed).
 THROTTLE = """
-local wait = 0
-for i = 1, 2 do
-  local n = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if n >= tonumber(ARGV[i]) then wait = math.max(wait, redis.call('PTTL', KEYS[i])) end
-end
-return wait
+local n = tonumber(redis.call('GET', KEYS[1]) or '0')
+if n >= tonumber(ARGV[1]) then return math.max(redis.call('PTTL', KEYS[1]), 0) end
+return 0
 """
 
-# KEYS: user counter, address counter. ARGV: window ms. A fixed window per key.
+# KEYS: counter. ARGV: window ms. A fixed window per key.
 FAILED = """
-for i = 1, 2 do
-  if redis.call('INCR', KEYS[i]) == 1 then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
-end
+if redis.call('INCR', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return 1
 """
 
@@ -85,17 +82,17 @@ class Logins(Sessions):
 
     @handles(LoginThrottle)
     async def _throttle(self, msg: LoginThrottle) -> float:
-        wait = await self._call(
-            "throttle",
-            self._counters(msg.username, msg.address),
-            [self.auth.login_failures_per_user, self.auth.login_failures_per_address],
+        user, address = self._counters(msg.username, msg.address)
+        waits = await asyncio.gather(
+            self._call("throttle", [user], [self.auth.login_failures_per_user]),
+            self._call("throttle", [address], [self.auth.login_failures_per_address]),
         )
-        return max(int(wait), 0) / 1000
+        return max(max(int(w) for w in waits), 0) / 1000
 
     @handles(LoginFailed)
     async def _failed(self, msg: LoginFailed) -> None:
-        await self._call(
-            "failed",
-            self._counters(msg.username, msg.address),
-            [self.auth.login_window * 1000],
+        window = [self.auth.login_window * 1000]
+        user, address = self._counters(msg.username, msg.address)
+        await asyncio.gather(
+            self._call("failed", [user], window), self._call("failed", [address], window)
         )

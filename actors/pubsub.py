@@ -16,6 +16,9 @@ subscriber (DESIGN §3, §5, §8).
   ``Subscribe`` returns is delivered.
 - Publishing uses the actor's ordinary client; events (``PublishEvents``) go
   to ``{prefix}events`` and to their kind's channel in one round trip.
+- On a Redis Cluster a message published on any node reaches every node, so
+  the listener connects to one node, the next one in turn after each break
+  (a failed-over primary is simply skipped).
 """
 
 from __future__ import annotations
@@ -31,13 +34,14 @@ from typing import Any, ClassVar, Literal
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from actors.envelope import Event, EventKind
 from actors.kernel import Health, handles
-from actors.redis_link import RedisClientActor, RedisUnavailable
+from actors.redis_link import RedisClientActor, RedisUnavailable, node_url
 from config import PubSubSettings, RedisSettings
 
 __all__ = [
@@ -185,6 +189,7 @@ class PubSubStats:
     gaps: int = 0
     connections: int = 0
     last_error: str = ""
+    node: str = ""  # on a cluster: the node the listener is on
 
 
 class PubSub(RedisClientActor):
@@ -218,6 +223,7 @@ class PubSub(RedisClientActor):
         self._pong: asyncio.Event = asyncio.Event()
         self._encoder = msgspec.json.Encoder()
         self._publish_many: Any = None
+        self._node_turn = -1
 
     async def on_start(self) -> None:
         await super().on_start()
@@ -276,7 +282,7 @@ class PubSub(RedisClientActor):
         # No retries inside redis-py: a broken connection must surface here,
         # where the gap is noticed and told, never be repaired silently.
         self._listener = aioredis.Redis.from_url(
-            self.url,
+            await self._listener_url(),
             socket_connect_timeout=s.connect_timeout,
             socket_timeout=s.connect_timeout,
             retry=Retry(NoBackoff(), 0),
@@ -294,6 +300,17 @@ class PubSub(RedisClientActor):
         self.log.info(
             "pubsub_connected", channels=len(self._channels), patterns=len(self._patterns)
         )
+
+    async def _listener_url(self) -> str:
+        client = self._client()
+        if not isinstance(client, RedisCluster):
+            return self.url
+        await client.initialize()
+        nodes = sorted(client.get_nodes(), key=lambda n: n.name)
+        self._node_turn += 1
+        node = nodes[self._node_turn % len(nodes)]
+        self.ps_stats.node = node.name
+        return node_url(self.url, node.host, int(node.port))
 
     async def _drop_connection(self) -> None:
         ps, self._ps = self._ps, None
@@ -526,6 +543,8 @@ class PubSub(RedisClientActor):
             "reconnects": st.reconnects,
             "gaps": st.gaps,
         }
+        if st.node:
+            data["pubsub"]["node"] = st.node
         return data
 
 

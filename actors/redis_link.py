@@ -10,22 +10,33 @@ from __future__ import annotations
 
 import time
 from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from actors.kernel import Actor, Health, handles
 from config import RedisSettings
 
 __all__ = [
+    "RedisClient",
     "RedisClientActor",
     "RedisInfo",
     "RedisLink",
     "RedisPing",
     "RedisUnavailable",
+    "cluster_seeds",
     "connect_redis",
+    "is_cluster",
+    "node_url",
 ]
+
+# One server or a cluster: the actors use what both answer alike.
+RedisClient = aioredis.Redis | RedisCluster
 
 
 class RedisUnavailable(Exception):
@@ -40,13 +51,68 @@ class RedisInfo(msgspec.Struct, frozen=True):
     """Replies with a few INFO fields (version, memory, clients, keys)."""
 
 
-def connect_redis(url: str, settings: RedisSettings, *, name: str = "jarvisd") -> aioredis.Redis:
-    return aioredis.Redis.from_url(
-        url,
-        socket_connect_timeout=settings.connect_timeout,
-        socket_timeout=settings.connect_timeout,
-        health_check_interval=30,
+def is_cluster(url: str, settings: RedisSettings | None = None) -> bool:
+    """A Redis Cluster: ``redis.cluster = true`` or a ``redis+cluster://`` URL."""
+    return bool(settings and settings.cluster) or urlsplit(url).scheme.endswith("+cluster")
+
+
+def cluster_seeds(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """``redis+cluster://[user:pass@]h1:p1,h2:p2/`` → (a plain URL of the
+    first node with the credentials and options, every seed as (host, port))."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.removesuffix("+cluster")
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    seeds: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, _, port = item.strip().rpartition(":")
+        if not host:
+            host, port = port, "6379"
+        seeds.append((host.strip("[]"), int(port or 6379)))
+    if not seeds or not seeds[0][0]:
+        raise ValueError(f"no cluster node in {url!r}")
+    first = f"{userinfo}@{hosts.split(',')[0]}" if userinfo else hosts.split(",")[0]
+    return urlunsplit((scheme, first, parts.path, parts.query, "")), seeds
+
+
+def node_url(url: str, host: str, port: int) -> str:
+    """The URL of one cluster node, with ``url``'s scheme, credentials and options."""
+    plain, _seeds = cluster_seeds(url) if is_cluster(url) else (url, [])
+    parts = urlsplit(plain)
+    userinfo = parts.netloc.rpartition("@")[0]
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    netloc = f"{userinfo}@{where}" if userinfo else where
+    return urlunsplit((parts.scheme, netloc, "", parts.query, ""))
+
+
+def connect_redis(
+    url: str,
+    settings: RedisSettings | None = None,
+    *,
+    name: str = "jarvisd",
+    timeout: float | None = None,
+) -> RedisClient:
+    """A client for ``url``: one server, or a Redis Cluster (``is_cluster``)
+    through redis-py's cluster client, which follows MOVED/ASK and finds the
+    new primary after a failover by itself."""
+    wait = timeout if timeout is not None else (settings.connect_timeout if settings else 5.0)
+    if not is_cluster(url, settings):
+        return aioredis.Redis.from_url(
+            url,
+            socket_connect_timeout=wait,
+            socket_timeout=wait,
+            health_check_interval=30,
+            client_name=name,
+        )
+    plain, seeds = cluster_seeds(url) if urlsplit(url).scheme.endswith("+cluster") else (url, [])
+    nodes = [ClusterNode(host, port) for host, port in seeds]
+    return RedisCluster.from_url(
+        plain,
+        startup_nodes=nodes or None,
+        socket_connect_timeout=wait,
+        socket_timeout=wait,
         client_name=name,
+        # A failover takes a few node timeouts: keep trying for that long.
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 8),
     )
 
 
@@ -73,7 +139,11 @@ class RedisClientActor(Actor):
         self.redis_settings = redis_settings
         self.url = url
         self.redis_client_name = client_name or self.client_name
-        self.client: aioredis.Redis | None = None
+        self.client: RedisClient | None = None
+
+    @property
+    def cluster(self) -> bool:
+        return is_cluster(self.url, self.redis_settings)
 
     async def on_start(self) -> None:
         self.client = connect_redis(self.url, self.redis_settings, name=self.redis_client_name)
@@ -83,7 +153,7 @@ class RedisClientActor(Actor):
         if client is not None:
             await client.aclose()
 
-    def _client(self) -> aioredis.Redis:
+    def _client(self) -> RedisClient:
         if self.client is None:
             raise self.unavailable(f"{self.name}: redis client not started")
         return self.client
@@ -128,12 +198,23 @@ class RedisLink(RedisClientActor):
 
     @handles(RedisInfo)
     async def _info(self, _msg: RedisInfo) -> dict[str, Any]:
+        client = self._client()
+        extra: dict[str, Any] = {}
         try:
-            info = await self._client().info()
-            keys = await self._client().dbsize()
+            info = await client.info()
+            if isinstance(client, RedisCluster):
+                primaries = client.get_primaries()
+                sizes: Any = await client.dbsize(target_nodes=RedisCluster.PRIMARIES)
+                keys = sum(sizes.values()) if isinstance(sizes, dict) else int(sizes)
+                extra["cluster"] = {
+                    "primaries": sorted(n.name for n in primaries),
+                    "nodes": len(client.get_nodes()),
+                }
+            else:
+                keys = await client.dbsize()
         except (OSError, RedisError) as exc:
             raise self._down(exc) from exc
-        return {
+        return extra | {
             "version": info.get("valkey_version") or info.get("redis_version"),
             "mode": info.get("redis_mode"),
             "uptimeSeconds": info.get("uptime_in_seconds"),

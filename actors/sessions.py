@@ -10,13 +10,14 @@ Two instances of one class, each owning a key space of its own:
 
 In each:
 
-- The id is ``secrets.token_urlsafe(32)`` and is a bearer secret: Redis only
-  ever sees its SHA-256 (``{prefix}{space}:{sha256}``), and listings show that
-  hash ("ref"), never the id.
+- The id is the user's slot tag (4 hex digits, the same for all of a user's
+  sessions) and ``secrets.token_urlsafe(32)``; it is a bearer secret: Redis
+  only ever sees its SHA-256 (``{prefix}{space}:{tag}{sha256}``, the tag in
+  braces), and listings show that hash ("ref"), never the id.
 - TTL = min(idle, absolute - age), slid on every touch; the absolute deadline
   is also checked on read, so a session never outlives it.
-- Each user has an index (``{prefix}{space}-user:{uid}``, a sorted set scored
-  by deadline) to list and revoke all of their sessions; past
+- Each user has an index (``{prefix}{space}-user:{tag}{uid}``, a sorted set
+  scored by deadline) to list and revoke all of their sessions; past
   ``sessions.max_per_user`` the sessions closest to their deadline go first.
 - Lifetimes a client asks for are capped at ``sessions.max_ttl``.
 - Updates carry a version and run in Lua: an update racing a delete finds no
@@ -24,6 +25,9 @@ In each:
 - Rotation (at login) moves the session to a new id with RENAME, keeping its
   TTL and data, and the old id stops working at once.
 Times come from the Redis server's clock, so several daemons agree.
+
+On a Redis Cluster the braced tag is the key's hash tag: a user's sessions
+and index share one slot, so every script above stays atomic there too.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import time
 from typing import Any, ClassVar, Literal
 
 import msgspec
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from actors.kernel import handles
@@ -55,7 +61,9 @@ __all__ = [
     "SessionsUnavailable",
 ]
 
-_ID_RE = re.compile(r"^[A-Za-z0-9_-]{16,128}$")
+# The scripts whose writes a cluster replicates before the answer (_call_replicated).
+_WRITES = frozenset({"create", "update", "rotate", "delete", "revoke_all"})
+_ID_RE = re.compile(r"^[0-9a-f]{4}[A-Za-z0-9_-]{16,124}$")
 
 
 class SessionNotFound(LookupError):
@@ -209,8 +217,24 @@ return removed
 """
 
 
+# KEYS: session. ARGV: index key prefix (the user id follows), ref. Removes the
+# session and its index entry; replies 1 if it existed.
+DELETE = """
+local uid = redis.call('HGET', KEYS[1], 'uid')
+if not uid then return 0 end
+redis.call('UNLINK', KEYS[1])
+redis.call('ZREM', ARGV[1] .. uid, ARGV[2])
+return 1
+"""
+
+
 def ref_of(session_id: str) -> str:
     return hashlib.sha256(session_id.encode()).hexdigest()
+
+
+def user_tag(user_id: int) -> str:
+    """The hash tag every key of one user's sessions carries (4 hex digits)."""
+    return hashlib.sha256(str(user_id).encode()).hexdigest()[:4]
 
 
 class Sessions(RedisClientActor):
@@ -240,12 +264,25 @@ class Sessions(RedisClientActor):
         self.space = "login" if kind == "login" else "session"
         self.settings = settings
         self._scripts: dict[str, Any] = {}
+        self._lonely: dict[str, float] = {}  # node name → until when it is not waited on
+        self.unreplicated = 0
 
-    def key(self, ref: str) -> str:
-        return f"{self.redis_settings.prefix}{self.space}:{ref}"
+    @property
+    def _wait_ms(self) -> int:
+        return int(self.redis_settings.replica_wait * 1000) if self.cluster else 0
+
+    def key_prefix(self, tag: str) -> str:
+        return f"{self.redis_settings.prefix}{self.space}:{{{tag}}}"
+
+    def key(self, tag: str, ref: str) -> str:
+        return self.key_prefix(tag) + ref
+
+    def key_for(self, user_id: int, ref: str) -> str:
+        """The key of the session ``ref`` of ``user_id``."""
+        return self.key(user_tag(user_id), ref)
 
     def index(self, user_id: int) -> str:
-        return f"{self.redis_settings.prefix}{self.space}-user:{user_id}"
+        return f"{self.redis_settings.prefix}{self.space}-user:{{{user_tag(user_id)}}}{user_id}"
 
     async def on_start(self) -> None:
         await super().on_start()
@@ -256,20 +293,52 @@ class Sessions(RedisClientActor):
             ("update", UPDATE),
             ("rotate", ROTATE),
             ("revoke_all", REVOKE_ALL),
+            ("delete", DELETE),
         ):
             self._scripts[name] = client.register_script(source)
 
     async def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
         try:
+            if script in _WRITES and self._wait_ms:
+                return await self._call_replicated(script, keys, args)
             return await self._scripts[script](keys=keys, args=args)
         except (OSError, RedisError) as exc:
             raise self._down(exc) from exc
 
+    async def _call_replicated(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        """On a cluster: the script, then WAIT on the same node and connection
+        (one pipeline to that node), so the answer comes once a replica has
+        the write. A primary found without a replica is not waited on again
+        for a while (it has nobody to wait for); such writes are counted."""
+        client = self._client()
+        assert isinstance(client, RedisCluster)
+        await client.initialize()  # (at once when it knows the slots already)
+        node = client.get_node_from_key(keys[0])
+        now = time.monotonic()
+        lonely = node is None or self._lonely.get(node.name, 0.0) > now
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.execute_command("EVAL", self._scripts[script].script, len(keys), *keys, *args)
+            if not lonely:
+                pipe.execute_command("WAIT", 1, self._wait_ms, target_nodes=node)
+            replies = await pipe.execute()
+        if lonely or int(replies[1]) < 1:
+            self.unreplicated += 1
+            if node is not None and not lonely:
+                self._lonely[node.name] = now + 5.0
+        return replies[0]
+
+    def snapshot(self) -> dict[str, Any]:
+        data = super().snapshot()
+        if self.cluster:
+            data["replication"] = {"unreplicatedWrites": self.unreplicated}
+        return data
+
     @staticmethod
-    def _ref(session_id: str) -> str:
+    def _ref(session_id: str) -> tuple[str, str]:
+        """(tag, ref) of an id."""
         if not _ID_RE.match(session_id):
             raise SessionNotFound("no such session")  # same answer as a wrong id: nothing to probe
-        return ref_of(session_id)
+        return session_id[:4], ref_of(session_id)
 
     # -- handlers -----------------------------------------------------------------
     @handles(SessionCreate)
@@ -281,12 +350,13 @@ class Sessions(RedisClientActor):
             raise ValueError("session TTLs must be positive")
         absolute = min(absolute, s.max_ttl)
         idle = min(idle, absolute)
-        session_id = secrets.token_urlsafe(32)
+        tag = user_tag(msg.user_id)
+        session_id = tag + secrets.token_urlsafe(32)
         ref = ref_of(session_id)
         data = msgspec.json.encode(msg.data)
         now, deadline = await self._call(
             "create",
-            [self.key(ref), self.index(msg.user_id)],
+            [self.key(tag, ref), self.index(msg.user_id)],
             [
                 msg.user_id,
                 data,
@@ -294,7 +364,7 @@ class Sessions(RedisClientActor):
                 absolute * 1000,
                 ref,
                 s.max_per_user,
-                f"{self.redis_settings.prefix}{self.space}:",
+                self.key_prefix(tag),
             ],
         )
         return Session(
@@ -311,8 +381,8 @@ class Sessions(RedisClientActor):
 
     @handles(SessionGet)
     async def _get(self, msg: SessionGet) -> Session:
-        ref = self._ref(msg.id)
-        fields = await self._call("get", [self.key(ref)], ["1" if msg.touch else "0"])
+        tag, ref = self._ref(msg.id)
+        fields = await self._call("get", [self.key(tag, ref)], ["1" if msg.touch else "0"])
         if fields is None:
             raise SessionNotFound("no such session")
         uid, data, ver, created, seen, deadline, _idle = fields
@@ -329,10 +399,10 @@ class Sessions(RedisClientActor):
 
     @handles(SessionUpdate)
     async def _update(self, msg: SessionUpdate) -> int:
-        ref = self._ref(msg.id)
+        tag, ref = self._ref(msg.id)
         expected = "" if msg.version is None else str(msg.version)
         reply = await self._call(
-            "update", [self.key(ref)], [msgspec.json.encode(msg.data), expected]
+            "update", [self.key(tag, ref)], [msgspec.json.encode(msg.data), expected]
         )
         if int(reply[0]) == -1:
             raise SessionNotFound("no such session")
@@ -342,34 +412,26 @@ class Sessions(RedisClientActor):
 
     @handles(SessionDelete)
     async def _delete(self, msg: SessionDelete) -> bool:
-        ref = self._ref(msg.id)
-        client = self._client()
-        try:
-            uid = await client.hget(self.key(ref), "uid")
-            async with client.pipeline(transaction=True) as pipe:
-                pipe.unlink(self.key(ref))
-                if uid is not None:
-                    pipe.zrem(self.index(int(uid)), ref)
-                removed, *_ = await pipe.execute()
-        except (OSError, RedisError) as exc:
-            raise self._down(exc) from exc
+        tag, ref = self._ref(msg.id)
+        index_prefix = f"{self.redis_settings.prefix}{self.space}-user:{{{tag}}}"
+        removed = await self._call("delete", [self.key(tag, ref)], [index_prefix, ref])
         return bool(removed)
 
     @handles(SessionRotate)
     async def _rotate(self, msg: SessionRotate) -> Session:
-        old_ref = self._ref(msg.id)
+        tag, old_ref = self._ref(msg.id)
         client = self._client()
         try:
-            uid = await client.hget(self.key(old_ref), "uid")
+            uid = await client.hget(self.key(tag, old_ref), "uid")
         except (OSError, RedisError) as exc:
             raise self._down(exc) from exc
         if uid is None:
             raise SessionNotFound("no such session")
-        new_id = secrets.token_urlsafe(32)
+        new_id = tag + secrets.token_urlsafe(32)
         new_ref = ref_of(new_id)
         moved = await self._call(
             "rotate",
-            [self.key(old_ref), self.key(new_ref), self.index(int(uid))],
+            [self.key(tag, old_ref), self.key(tag, new_ref), self.index(int(uid))],
             [old_ref, new_ref],
         )
         if not moved:
@@ -389,7 +451,15 @@ class Sessions(RedisClientActor):
             refs = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
             async with client.pipeline(transaction=False) as pipe:
                 for ref in refs:
-                    pipe.hmget(self.key(ref), "uid", "data", "ver", "created", "seen", "abs")
+                    pipe.hmget(
+                        self.key_for(msg.user_id, ref),
+                        "uid",
+                        "data",
+                        "ver",
+                        "created",
+                        "seen",
+                        "abs",
+                    )
                 rows = await pipe.execute()
             out: list[Session] = []
             gone: list[str] = []
@@ -418,6 +488,6 @@ class Sessions(RedisClientActor):
     @handles(SessionRevokeAll)
     async def _revoke_all(self, msg: SessionRevokeAll) -> int:
         removed = await self._call(
-            "revoke_all", [self.index(msg.user_id)], [f"{self.redis_settings.prefix}{self.space}:"]
+            "revoke_all", [self.index(msg.user_id)], [self.key_prefix(user_tag(msg.user_id))]
         )
         return int(removed)

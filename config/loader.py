@@ -234,20 +234,40 @@ def _cross_checks(settings: Settings, source: str, issues: list[ConfigIssue]) ->
             )
     if pg.dsn and urlsplit(pg.dsn).scheme not in ("postgres", "postgresql"):
         issues.append(ConfigIssue(source, "postgres.dsn", "expected a postgresql:// URL"))
-    if settings.redis.url and urlsplit(settings.redis.url).scheme not in (
-        "redis",
-        "rediss",
-        "unix",
-    ):
-        issues.append(
-            ConfigIssue(source, "redis.url", "expected a redis://, rediss:// or unix:// URL")
-        )
+    _check_redis(settings, source, issues)
     if settings.sessions.idle_ttl > settings.sessions.absolute_ttl:
         issues.append(ConfigIssue(source, "sessions.idle_ttl", "must be <= sessions.absolute_ttl"))
     if settings.supervisor.backoff_initial > settings.supervisor.backoff_max:
         issues.append(
             ConfigIssue(source, "supervisor.backoff_initial", "must be <= supervisor.backoff_max")
         )
+
+
+def _check_redis(settings: Settings, source: str, issues: list[ConfigIssue]) -> None:
+    r = settings.redis
+    scheme = urlsplit(r.url).scheme if r.url else ""
+    if r.url and scheme not in ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster"):
+        issues.append(
+            ConfigIssue(
+                source,
+                "redis.url",
+                "expected a redis://, rediss://, unix://, redis+cluster:// or rediss+cluster:// URL",
+            )
+        )
+    cluster = r.cluster or scheme.endswith("+cluster")
+    if cluster and scheme == "unix":
+        issues.append(
+            ConfigIssue(source, "redis.url", "a Redis Cluster is reached over TCP, not unix://")
+        )
+    if cluster and settings.embedded_redis:
+        issues.append(
+            ConfigIssue(
+                source, "redis.cluster", "needs redis.url: the embedded Valkey is no cluster"
+            )
+        )
+    if "{" in r.prefix or "}" in r.prefix:
+        # A hash tag in the prefix would put every key in one cluster slot.
+        issues.append(ConfigIssue(source, "redis.prefix", "must not contain { or }"))
 
 
 def load_settings(

@@ -81,6 +81,13 @@ class RedisSettings(_Section, frozen=True):
     url_file: str | None = None
     prefix: Annotated[str, msgspec.Meta(min_length=1, max_length=64)] = "jarvis:"
     connect_timeout: PositiveFloat = 5.0
+    # A Redis Cluster (or Valkey cluster): url names one seed node. A
+    # redis+cluster:// URL may name several (host:port,host:port) and implies it.
+    cluster: bool = False
+    # On a cluster, a session write (create, update, rotate, delete, revoke)
+    # is answered once a replica has it (WAIT), or after this many seconds:
+    # what was acknowledged survives a failover. 0: do not wait.
+    replica_wait: NonNegativeFloat = 0.5
 
 
 class EmbeddedSettings(_Section, frozen=True):

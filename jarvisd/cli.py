@@ -142,6 +142,7 @@ def cmd_redis_cli(args: argparse.Namespace) -> int:  # noqa: RET503 - execv does
     import os
 
     from actors.embedded.binaries import find_valkey_cli
+    from actors.redis_link import cluster_seeds, is_cluster
 
     loaded = load(args)
     binary = find_valkey_cli()
@@ -149,7 +150,12 @@ def cmd_redis_cli(args: argparse.Namespace) -> int:  # noqa: RET503 - execv does
         print("jarvisd redis-cli: no valkey-cli or redis-cli found", file=sys.stderr)
         return 1
     url = redis_url(loaded)
-    where = ["-s", url.removeprefix("unix://")] if url.startswith("unix://") else ["-u", url]
+    if is_cluster(url, loaded.settings.redis):  # -c: follow the cluster's redirections
+        where = ["-c", "-u", cluster_seeds(url)[0] if "+cluster" in url else url]
+    elif url.startswith("unix://"):
+        where = ["-s", url.removeprefix("unix://")]
+    else:
+        where = ["-u", url]
     argv = [str(binary), *where, *args.args]
     os.execv(argv[0], argv)  # noqa: S606 - the CLI's own binary, an argument list
 

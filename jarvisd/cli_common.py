@@ -93,13 +93,13 @@ async def tell_daemons(loaded: LoadedConfig, what: Any) -> None:
     No Redis answering means no daemon runs: nothing to tell."""
     import sys
 
-    import redis.asyncio as aioredis
     from redis.exceptions import RedisError
 
+    from actors.redis_link import connect_redis
     from jarvisd.principals import encode_invalidation, internal_channel
 
     s = loaded.settings
-    client = aioredis.Redis.from_url(redis_url(loaded), socket_connect_timeout=2, socket_timeout=2)
+    client = connect_redis(redis_url(loaded), s.redis, name="jarvisd-cli", timeout=2)
     try:
         await client.publish(internal_channel(s.redis.prefix), encode_invalidation(what))
     except (OSError, RedisError) as exc:

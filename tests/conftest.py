@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -9,9 +10,10 @@ from typing import Any
 
 import msgspec
 import pytest
-import redis.asyncio as aioredis
 
+from actors.redis_link import RedisClient, connect_redis
 from config import LoadedConfig, Settings
+from tests.cluster import LocalCluster
 from tests.servers import DatabaseFactory, Servers, make_state_dir, unlink_prefix
 
 
@@ -47,18 +49,40 @@ async def empty_pg_dsn(db_factory: DatabaseFactory) -> AsyncIterator[str]:
     await db_factory.drop(dsn)
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[str]:
+    """The URL of a Redis Cluster: ``JARVISD_TEST_REDIS_CLUSTER_URL``, else a
+    local one of 3 primaries and 3 replicas, started once for the session."""
+    external = os.environ.get("JARVISD_TEST_REDIS_CLUSTER_URL")
+    if external:
+        yield external
+        return
+    cluster = LocalCluster.start()
+    try:
+        yield cluster.url
+    finally:
+        cluster.stop()
+
+
 @pytest.fixture
-async def redis_prefix(servers: Servers) -> AsyncIterator[str]:
+def redis_url(servers: Servers) -> str:
+    """The Redis the test's actors use; modules that run on a cluster as well
+    override it with a parametrised one (``on_single_and_cluster``)."""
+    return servers.redis_url
+
+
+@pytest.fixture
+async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
     """A key prefix of this test's own; everything under it is removed afterwards."""
     prefix = f"jt:{uuid.uuid4().hex[:10]}:"
     yield prefix
-    await unlink_prefix(servers.redis_url, prefix)
+    await unlink_prefix(redis_url, prefix)
 
 
 @pytest.fixture
-async def raw(servers: Servers) -> AsyncIterator[aioredis.Redis]:
-    """A plain client on the test Redis, to look behind the actors' backs."""
-    client = aioredis.Redis.from_url(servers.redis_url)
+async def raw(redis_url: str) -> AsyncIterator[RedisClient]:
+    """A plain client on the test Redis (or cluster), to look behind the actors' backs."""
+    client = connect_redis(redis_url, name="jarvisd-test")
     yield client
     await client.aclose()
 
@@ -80,7 +104,7 @@ def free_port() -> int:
 
 @pytest.fixture
 def make_config(
-    servers: Servers, pg_dsn: str, redis_prefix: str, tmp_path: Path
+    redis_url: str, pg_dsn: str, redis_prefix: str, tmp_path: Path
 ) -> Callable[..., LoadedConfig]:
     """Settings for an in-process daemon on this test's database and prefix."""
 
@@ -95,7 +119,7 @@ def make_config(
             "supervisor": {"backoff_initial": 0.05, "backoff_max": 0.5},
             "http": {"port": 0, "unix_socket": str(tmp_path / "jarvisd.sock")},
             "postgres": {"dsn": pg_dsn, "pool_min": 1, "pool_max": 4},
-            "redis": {"url": servers.redis_url, "prefix": redis_prefix},
+            "redis": {"url": redis_url, "prefix": redis_prefix},
             # Tests choose scores themselves; the rules (delete*, transfer*, …) stay.
             "approvals": {"default_score": 0},
         }

@@ -22,15 +22,29 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
-import redis.asyncio as aioredis
+import pytest
+from redis.asyncio.cluster import RedisCluster
 
 from actors import migrate as migrations
 from actors.embedded import EmbeddedPostgres, EmbeddedValkey, RunAs
+from actors.redis_link import RedisClient, connect_redis
 
 T = TypeVar("T")
 
 # Durability buys nothing in throw-away test clusters; this keeps the suite fast.
 FAST_PG = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+
+
+# Parameters of a module's own ``redis_url`` fixture: its tests run on one
+# server and again on a Redis Cluster (marked ``cluster``).
+SINGLE_AND_CLUSTER = ("single", pytest.param("cluster", marks=pytest.mark.cluster))
+
+
+def redis_url_for(request: pytest.FixtureRequest) -> str:
+    if request.param == "cluster":
+        return str(request.getfixturevalue("redis_cluster"))
+    servers: Servers = request.getfixturevalue("servers")
+    return servers.redis_url
 
 
 class LoopThread:
@@ -173,7 +187,26 @@ class DatabaseFactory:
                 await conn.close()
 
 
-async def until_gone(client: aioredis.Redis, *keys: str, timeout: float = 10.0) -> None:
+async def listen(client: RedisClient, *channels: str) -> Any:
+    """A pub/sub listener subscribed to ``channels`` (on a cluster: on one
+    node, which hears what is published on any)."""
+    if isinstance(client, RedisCluster):
+        await client.initialize()  # its pub/sub needs the slot map first
+    listener = client.pubsub()
+    await listener.subscribe(*channels)
+    return listener
+
+
+async def subscribers(client: RedisClient, channel: str) -> int:
+    """How many connections are subscribed to ``channel`` (every node of a cluster)."""
+    if isinstance(client, RedisCluster):
+        counts: Any = await client.pubsub_numsub(channel, target_nodes=RedisCluster.ALL_NODES)
+    else:
+        counts = await client.pubsub_numsub(channel)
+    return sum(int(n) for _c, n in counts)
+
+
+async def until_gone(client: RedisClient, *keys: str, timeout: float = 10.0) -> None:
     """Return once every key has expired (Redis reports expired keys as absent)."""
     async with asyncio.timeout(timeout):
         while await client.exists(*keys):
@@ -181,22 +214,20 @@ async def until_gone(client: aioredis.Redis, *keys: str, timeout: float = 10.0) 
 
 
 async def unlink_prefix(url: str, prefix: str) -> int:
-    """Delete every key under ``prefix`` (SCAN + UNLINK, never KEYS)."""
-    client = aioredis.Redis.from_url(url)
+    """Delete every key under ``prefix`` (SCAN + UNLINK, never KEYS; every
+    primary of a cluster)."""
+    client = connect_redis(url, name="jarvisd-test")
     removed = 0
     try:
-        async for batch in _scan_batches(client, f"{prefix}*"):
-            removed += await client.unlink(*batch)
+        batch: list[Any] = []
+        async for key in client.scan_iter(match=f"{prefix}*", count=1000):
+            batch.append(key)
+        for start in range(0, len(batch), 1000):
+            # One key a command: a cluster's keys are in many slots.
+            async with client.pipeline(transaction=False) as pipe:
+                for key in batch[start : start + 1000]:
+                    pipe.execute_command("UNLINK", key)
+                removed += sum(await pipe.execute())
     finally:
         await client.aclose()
     return removed
-
-
-async def _scan_batches(client: aioredis.Redis, pattern: str) -> Any:
-    cursor = 0
-    while True:
-        cursor, keys = await client.scan(cursor=cursor, match=pattern, count=1000)
-        if keys:
-            yield keys
-        if cursor == 0:
-            return

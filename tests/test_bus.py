@@ -15,10 +15,16 @@ import pytest
 import redis.asyncio as aioredis
 
 from config import LoadedConfig
-from tests.servers import Servers
+from tests.servers import SINGLE_AND_CLUSTER, Servers, listen, redis_url_for, subscribers
 from tests.test_http import Running, start_daemon
 
 BUS = {"claim_interval": 0.2, "claim_idle": 0.3, "block_ms": 100, "trim_interval": 0.5}
+
+
+@pytest.fixture(params=SINGLE_AND_CLUSTER)
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on one server and again on a Redis Cluster."""
+    return redis_url_for(request)
 
 
 @pytest.fixture
@@ -271,16 +277,14 @@ async def test_published_envelopes_are_handled_the_same_way_at_most_once(
 
 
 async def _subscribed(raw: aioredis.Redis, channel: str) -> bool:
-    counts = await raw.pubsub_numsub(channel)
-    return bool(counts) and int(counts[0][1]) > 0
+    return await subscribers(raw, channel) > 0
 
 
 async def test_every_state_change_is_announced_with_ids_an_agent_can_match(
     daemon: Running, raw: aioredis.Redis, redis_prefix: str
 ) -> None:
-    listener = raw.pubsub()
-    await listener.subscribe(
-        f"{redis_prefix}events", f"{redis_prefix}commands", f"{redis_prefix}approvals"
+    listener = await listen(
+        raw, f"{redis_prefix}events", f"{redis_prefix}commands", f"{redis_prefix}approvals"
     )
     seen: dict[str, list[dict[str, Any]]] = {}
 

@@ -31,14 +31,18 @@ from actors.cache import (
 )
 from actors.embedded import EmbeddedValkey, RunAs
 from config import CacheSettings, RedisSettings
-from tests.servers import Servers, until_gone
+from tests.servers import SINGLE_AND_CLUSTER, redis_url_for, until_gone
+
+
+@pytest.fixture(params=SINGLE_AND_CLUSTER)
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on one server and again on a Redis Cluster."""
+    return redis_url_for(request)
 
 
 @pytest.fixture
-async def cache(servers: Servers, redis_prefix: str) -> AsyncIterator[Cache]:
-    actor = Cache(
-        RedisSettings(prefix=redis_prefix), CacheSettings(default_ttl=60), servers.redis_url
-    )
+async def cache(redis_url: str, redis_prefix: str) -> AsyncIterator[Cache]:
+    actor = Cache(RedisSettings(prefix=redis_prefix), CacheSettings(default_ttl=60), redis_url)
     await actor.start()
     yield actor
     await actor.stop()
@@ -300,13 +304,11 @@ async def test_concurrent_asks_are_batched_into_pipelines(cache: Cache) -> None:
     assert doc["hits"] == 500
 
 
-async def test_a_full_mailbox_rejects_instead_of_growing(
-    servers: Servers, redis_prefix: str
-) -> None:
+async def test_a_full_mailbox_rejects_instead_of_growing(redis_url: str, redis_prefix: str) -> None:
     small = Cache(
         RedisSettings(prefix=redis_prefix),
         CacheSettings(),
-        servers.redis_url,
+        redis_url,
         mailbox_size=4,
         concurrency=1,
     )

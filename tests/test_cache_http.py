@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
+from tests.servers import SINGLE_AND_CLUSTER, redis_url_for
 from tests.test_api import Api, api  # noqa: F401 - the fixture
+
+
+@pytest.fixture(params=SINGLE_AND_CLUSTER)
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on one server and again on a Redis Cluster."""
+    return redis_url_for(request)
+
 
 pytestmark = pytest.mark.usefixtures("api")
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
+from redis.crc import key_slot
 
 from actors.sessions import (
     SessionConflict,
@@ -23,15 +24,21 @@ from actors.sessions import (
     SessionUpdate,
 )
 from config import RedisSettings, SessionSettings
-from tests.servers import Servers, until_gone
+from tests.servers import SINGLE_AND_CLUSTER, redis_url_for, until_gone
+
+
+@pytest.fixture(params=SINGLE_AND_CLUSTER)
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on one server and again on a Redis Cluster."""
+    return redis_url_for(request)
 
 
 @pytest.fixture
-async def sessions(servers: Servers, redis_prefix: str) -> AsyncIterator[Sessions]:
+async def sessions(redis_url: str, redis_prefix: str) -> AsyncIterator[Sessions]:
     actor = Sessions(
         RedisSettings(prefix=redis_prefix),
         SessionSettings(idle_ttl=600, absolute_ttl=3600),
-        servers.redis_url,
+        redis_url,
     )
     await actor.start()
     yield actor
@@ -51,18 +58,30 @@ async def test_a_session_is_stored_under_the_hash_of_its_id(
     assert s.ref == hashlib.sha256(s.id.encode()).hexdigest()
     keys = [k.decode() async for k in raw.scan_iter(match=f"{redis_prefix}*")]
     assert all(s.id not in k for k in keys)  # the bearer secret never reaches Redis
-    assert f"{redis_prefix}session:{s.ref}" in keys
+    assert sessions.key_for(s.user_id, s.ref) in keys
     got = await ask(sessions, SessionGet(s.id))
     assert (got.user_id, got.data, got.version, got.id) == (7, {"theme": "dark"}, 1, None)
+
+
+async def test_a_users_sessions_and_their_index_share_one_cluster_slot(
+    sessions: Sessions,
+) -> None:
+    """So that every session script (create with eviction, rotate, revoke
+    all) stays in one slot of a Redis Cluster."""
+    made = [await ask(sessions, SessionCreate(5, {})) for _ in range(3)]
+    keys = [sessions.key_for(5, s.ref) for s in made] + [sessions.index(5)]
+    assert len({key_slot(k.encode()) for k in keys}) == 1
+    assert sessions.unreplicated == 0  # on a cluster: each write reached a replica first
+    assert all(s.id is not None and s.id[:4] == made[0].id[:4] for s in made)  # type: ignore[index]
 
 
 async def test_ttl_is_the_smaller_of_idle_and_what_is_left_of_the_absolute_lifetime(
     sessions: Sessions, raw: aioredis.Redis, redis_prefix: str
 ) -> None:
     s = await ask(sessions, SessionCreate(1, {}, idle_ttl=600, absolute_ttl=3600))
-    assert 599_000 < await raw.pttl(f"{redis_prefix}session:{s.ref}") <= 600_000
+    assert 599_000 < await raw.pttl(sessions.key_for(s.user_id, s.ref)) <= 600_000
     t = await ask(sessions, SessionCreate(1, {}, idle_ttl=600, absolute_ttl=100))
-    assert 99_000 < await raw.pttl(f"{redis_prefix}session:{t.ref}") <= 100_000
+    assert 99_000 < await raw.pttl(sessions.key_for(t.user_id, t.ref)) <= 100_000
 
 
 async def test_idle_expiry_and_touch_slides_it(sessions: Sessions) -> None:
@@ -90,8 +109,8 @@ async def test_delete_really_deletes(
 ) -> None:
     s = await ask(sessions, SessionCreate(3, {"a": 1}))
     assert await ask(sessions, SessionDelete(s.id))
-    assert await raw.exists(f"{redis_prefix}session:{s.ref}") == 0
-    assert await raw.zscore(f"{redis_prefix}session-user:3", s.ref) is None
+    assert await raw.exists(sessions.key_for(s.user_id, s.ref)) == 0
+    assert await raw.zscore(sessions.index(3), s.ref) is None
     with pytest.raises(SessionNotFound):
         await ask(sessions, SessionGet(s.id))
     assert not await ask(sessions, SessionDelete(s.id))
@@ -117,7 +136,7 @@ async def test_a_write_racing_a_delete_never_resurrects_the_session(
             ask(sessions, SessionDelete(s.id)), *updates, return_exceptions=True
         )
         assert all(isinstance(r, int | SessionNotFound) for r in results)
-        assert await raw.exists(f"{redis_prefix}session:{s.ref}") == 0
+        assert await raw.exists(sessions.key_for(s.user_id, s.ref)) == 0
         with pytest.raises(SessionNotFound):
             await ask(sessions, SessionGet(s.id))
 
@@ -134,7 +153,7 @@ async def test_list_and_revoke_all_of_a_users_sessions(
     for s in mine:
         with pytest.raises(SessionNotFound):
             await ask(sessions, SessionGet(s.id))
-    assert await raw.exists(f"{redis_prefix}session-user:11") == 0
+    assert await raw.exists(sessions.index(11)) == 0
     assert (await ask(sessions, SessionGet(other.id))).user_id == 12
 
 
@@ -143,7 +162,7 @@ async def test_the_list_drops_sessions_that_expired_by_idleness(
 ) -> None:
     idle = await ask(sessions, SessionCreate(21, {}, idle_ttl=1, absolute_ttl=60))
     keep = await ask(sessions, SessionCreate(21, {}))
-    await until_gone(raw, f"{redis_prefix}session:{idle.ref}")
+    await until_gone(raw, sessions.key_for(idle.user_id, idle.ref))
     assert [x.ref for x in await ask(sessions, SessionList(21))] == [keep.ref]
 
 
@@ -160,7 +179,7 @@ async def test_rotation_moves_the_session_to_a_new_id_and_kills_the_old(
     with pytest.raises(SessionNotFound):
         await ask(sessions, SessionGet(s.id))
     # Rotation is activity: the idle TTL slides, bounded by the idle setting.
-    assert 599_000 < await raw.pttl(f"{redis_prefix}session:{rotated.ref}") <= 600_000
+    assert 599_000 < await raw.pttl(sessions.key_for(rotated.user_id, rotated.ref)) <= 600_000
     assert [x.ref for x in await ask(sessions, SessionList(31))] == [rotated.ref]
     with pytest.raises(SessionNotFound):
         await ask(sessions, SessionRotate(s.id))
@@ -173,12 +192,12 @@ async def test_malformed_ids_look_exactly_like_unknown_ones(sessions: Sessions) 
 
 
 async def test_a_user_holds_at_most_max_per_user_sessions_and_the_new_one_always_stays(
-    servers: Servers, raw: aioredis.Redis, redis_prefix: str
+    redis_url: str, raw: aioredis.Redis, redis_prefix: str
 ) -> None:
     actor = Sessions(
         RedisSettings(prefix=redis_prefix),
         SessionSettings(idle_ttl=600, absolute_ttl=3600, max_per_user=5),
-        servers.redis_url,
+        redis_url,
     )
     await actor.start()
     try:
@@ -191,23 +210,23 @@ async def test_a_user_holds_at_most_max_per_user_sessions_and_the_new_one_always
         assert newest.ref in listed
         gone = [s for s in long_lived if s.ref not in listed]
         assert len(gone) == 1
-        assert await raw.exists(f"{redis_prefix}session:{gone[0].ref}") == 0
+        assert await raw.exists(actor.key_for(gone[0].user_id, gone[0].ref)) == 0
     finally:
         await actor.stop()
 
 
 async def test_a_client_asking_for_a_longer_lifetime_gets_max_ttl(
-    servers: Servers, raw: aioredis.Redis, redis_prefix: str
+    redis_url: str, raw: aioredis.Redis, redis_prefix: str
 ) -> None:
     actor = Sessions(
         RedisSettings(prefix=redis_prefix),
         SessionSettings(idle_ttl=600, absolute_ttl=3600, max_ttl=120),
-        servers.redis_url,
+        redis_url,
     )
     await actor.start()
     try:
         s = await ask(actor, SessionCreate(42, {}, idle_ttl=10**9, absolute_ttl=10**9))
         assert s.expires_at_ms - s.created_ms == 120_000
-        assert 0 < await raw.pttl(f"{redis_prefix}session:{s.ref}") <= 120_000
+        assert 0 < await raw.pttl(actor.key_for(s.user_id, s.ref)) <= 120_000
     finally:
         await actor.stop()

@@ -13,9 +13,17 @@ import pytest
 
 from actors.pubsub import Publish
 from config import LoadedConfig
+from tests.servers import SINGLE_AND_CLUSTER, redis_url_for
 from tests.test_api import Api
 from tests.test_http import start_daemon
 from tests.test_pubsub import OwnValkey, own_valkey  # noqa: F401 - the fixture
+
+
+@pytest.fixture(params=SINGLE_AND_CLUSTER)
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on one server and again on a Redis Cluster."""
+    return redis_url_for(request)
+
 
 FAST_PUBSUB = {"ping_interval": 0.3, "ping_timeout": 1.0, "reconnect_max": 0.5}
 
