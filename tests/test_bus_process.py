@@ -22,24 +22,30 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from tests.servers import Servers, make_state_dir
+from tests.servers import SINGLE_AND_CLUSTER, make_state_dir, redis_url_for
 from tests.test_daemon_process import DaemonProcess, get
 
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(params=SINGLE_AND_CLUSTER)
+def redis_url(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on one server and again on a Redis Cluster."""
+    return redis_url_for(request)
+
+
 @pytest.fixture
 def folders() -> Iterator[list[Path]]:
-    made = [make_state_dir("jarvisd-bus-") for _ in range(2)]
+    made = [make_state_dir("jarvisd-bus-") for _ in range(3)]
     yield made
     for folder in made:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def shared_env(pg_dsn: str, servers: Servers, prefix: str) -> dict[str, str]:
+def shared_env(pg_dsn: str, redis_url: str, prefix: str) -> dict[str, str]:
     return {
         "JARVISD_POSTGRES__DSN": pg_dsn,
-        "JARVISD_REDIS__URL": servers.redis_url,
+        "JARVISD_REDIS__URL": redis_url,
         "JARVISD_REDIS__PREFIX": prefix,
         "JARVISD_BUS__STREAM": f"{prefix}inbox",
         "JARVISD_BUS__CLAIM_IDLE": "1",
@@ -49,9 +55,9 @@ def shared_env(pg_dsn: str, servers: Servers, prefix: str) -> dict[str, str]:
     }
 
 
-def consumer_of(folder: Path) -> str:
+def consumer_of(folder: Path, name: str = "") -> str:
     place = hashlib.sha256(os.path.abspath(folder / "var").encode()).hexdigest()
-    return f"{socket.gethostname()}-{place[:8]}"
+    return f"{name or socket.gethostname()}-{place[:8]}"
 
 
 def envelope(request_id: str) -> bytes:
@@ -99,9 +105,9 @@ async def check_exactly_once(
 
 
 async def test_kill_9_in_the_middle_of_an_ingest_then_a_restart_loses_and_doubles_nothing(
-    folders: list[Path], pg_dsn: str, servers: Servers, redis_prefix: str, raw: aioredis.Redis
+    folders: list[Path], pg_dsn: str, redis_url: str, redis_prefix: str, raw: aioredis.Redis
 ) -> None:
-    env = shared_env(pg_dsn, servers, redis_prefix)
+    env = shared_env(pg_dsn, redis_url, redis_prefix)
     stream = env["JARVISD_BUS__STREAM"]
     ids = [f"k9-{i}" for i in range(20_000)]
     db = await asyncpg.connect(pg_dsn)
@@ -137,26 +143,29 @@ async def test_kill_9_in_the_middle_of_an_ingest_then_a_restart_loses_and_double
         await db.close()
 
 
-async def test_two_daemons_share_one_stream_and_the_survivor_takes_over_the_killed_ones_entries(
-    folders: list[Path], pg_dsn: str, servers: Servers, redis_prefix: str, raw: aioredis.Redis
+async def test_three_daemons_share_one_stream_and_the_others_take_over_the_killed_ones_entries(
+    folders: list[Path], pg_dsn: str, redis_url: str, redis_prefix: str, raw: aioredis.Redis
 ) -> None:
-    env = shared_env(pg_dsn, servers, redis_prefix)
+    env = shared_env(pg_dsn, redis_url, redis_prefix)
     stream = env["JARVISD_BUS__STREAM"]
     group = "jarvisd"
-    ids = [f"two-{i}" for i in range(12_000)]
+    ids = [f"three-{i}" for i in range(12_000)]
     db = await asyncpg.connect(pg_dsn)
-    a, b = DaemonProcess(folders[0], env=env), DaemonProcess(folders[1], env=env)
+    a, b, c = (
+        DaemonProcess(folder, env={**env, "JARVISD_DAEMON__NAME": name})
+        for folder, name in zip(folders, "abc", strict=True)
+    )
     try:
-        a.wait_ready(30)
-        b.wait_ready(30)
+        for d in (a, b, c):
+            d.wait_ready(30)
         producing = asyncio.create_task(produce(raw, stream, ids))
         async with asyncio.timeout(60):
             while await db.fetchval("SELECT count(*) FROM commands") < 4000:
                 await asyncio.sleep(0.02)
-        # Freeze A with whatever it holds, then kill it: B must claim what it held.
+        # Freeze A with whatever it holds, then kill it: B and C must claim what it held.
         a.proc.send_signal(signal.SIGSTOP)
         held = await raw.xpending_range(
-            stream, group, "-", "+", 10_000, consumername=consumer_of(folders[0])
+            stream, group, "-", "+", 10_000, consumername=consumer_of(folders[0], "a")
         )
         a.proc.send_signal(signal.SIGKILL)
         a.proc.wait(10)
@@ -164,12 +173,15 @@ async def test_two_daemons_share_one_stream_and_the_survivor_takes_over_the_kill
         await settled(raw, stream, db, len(ids), timeout=120)
         await check_exactly_once(db, raw, stream, len(ids))
         consumers = {c["name"].decode(): c for c in await raw.xinfo_consumers(stream, group)}
-        assert consumers[consumer_of(folders[0])]["pending"] == 0  # all it held was taken over
-        stats = json.loads(get(b.port, "/stats")[1])["actors"]["bus"]["bus"]
-        assert stats["claimed"] >= len(held)
-        print(f"A held {len(held)} entries when killed; B claimed {stats['claimed']}")
+        assert consumers[consumer_of(folders[0], "a")]["pending"] == 0  # all it held was taken over
+        stats = [json.loads(get(d.port, "/stats")[1]) for d in (b, c)]
+        assert [doc["daemon"] for doc in stats] == ["b", "c"]
+        claimed = [doc["actors"]["bus"]["bus"]["claimed"] for doc in stats]
+        assert sum(claimed) >= len(held)
+        acked = [doc["actors"]["bus"]["bus"]["acked"] for doc in stats]
+        print(f"A held {len(held)} entries when killed; B, C claimed {claimed}, acked {acked}")
     finally:
-        for d in (a, b):
+        for d in (a, b, c):
             if d.proc.poll() is None:
                 d.proc.send_signal(signal.SIGTERM)
                 d.proc.wait(30)
@@ -194,9 +206,9 @@ def cli(
 
 
 async def test_a_user_disabled_with_the_cli_is_refused_by_another_daemon_within_a_second(
-    folders: list[Path], pg_dsn: str, servers: Servers, redis_prefix: str
+    folders: list[Path], pg_dsn: str, redis_url: str, redis_prefix: str
 ) -> None:
-    env = shared_env(pg_dsn, servers, redis_prefix)
+    env = shared_env(pg_dsn, redis_url, redis_prefix)
     a, b = DaemonProcess(folders[0], env=env), DaemonProcess(folders[1], env=env)
     try:
         a.wait_ready(30)

@@ -1,0 +1,187 @@
+"""Failures of a Redis Cluster under running daemons: a primary killed
+(kill -9) under load, and the pub/sub listener's node going away. Each test
+has a cluster of its own, since it breaks it."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from redis.asyncio.cluster import RedisCluster
+
+from actors.pubsub import PubSub, Subscribe, Subscriber
+from actors.redis_link import connect_redis
+from config import LoadedConfig, PubSubSettings, RedisSettings
+from tests.cluster import LocalCluster
+from tests.test_api import Api
+from tests.test_http import start_daemon
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[LocalCluster]:
+    cluster = LocalCluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+async def two_daemons(
+    own_cluster: LocalCluster, make_config: Callable[..., LoadedConfig], tmp_path: Path
+) -> AsyncIterator[list[Api]]:
+    """Two daemons on one PostgreSQL database and one Redis Cluster."""
+    apis: list[Api] = []
+    runners = []
+    try:
+        for name in ("a", "b"):
+            loaded = make_config(
+                daemon={"name": name, "state_dir": str(tmp_path / name)},
+                http={"unix_socket": str(tmp_path / f"{name}.sock")},
+                redis={"url": own_cluster.url},
+                sessions={"max_per_user": 100_000},  # the load makes thousands; all must stay
+            )
+            runner = start_daemon(loaded)
+            running = await runner.__anext__()
+            runners.append(runner)
+            await running.wait_ready()
+            path = loaded.settings.http.unix_socket
+            assert path is not None
+            apis.append(Api(running, path))
+        yield apis
+    finally:
+        for api in apis:
+            await api.unix.close()
+        for runner in reversed(runners):
+            with pytest.raises(StopAsyncIteration):
+                await runner.__anext__()
+
+
+class Load:
+    """Cache writes and reads and session creations from several workers on
+    each daemon, each outcome recorded with its time."""
+
+    def __init__(self, apis: list[Api], tokens: list[str], user_id: int) -> None:
+        self.apis = apis
+        self.tokens = tokens
+        self.user_id = user_id
+        self.outcomes: list[tuple[float, str, int]] = []  # (time, what, status)
+        self.sessions: list[tuple[int, str, dict[str, Any]]] = []  # (daemon, id, data)
+        self.stop = asyncio.Event()
+
+    async def worker(self, n: int, daemon: int) -> None:
+        api, token = self.apis[daemon], self.tokens[daemon]
+        i = 0
+        while not self.stop.is_set():
+            i += 1
+            key = f"w{n}-{i}"
+            for what, method, path, body in (
+                ("set", "POST", "/cache/set", {"key": key, "value": i, "ttl": 60}),
+                ("get", "GET", f"/cache/get/{key}", None),
+                ("session", "POST", "/sessions", {"userId": self.user_id, "data": [n, i]}),
+            ):
+                try:
+                    status, _h, doc = await api.call(method, path, token=token, json=body)
+                except aiohttp.ClientError:
+                    status, doc = 0, None
+                self.outcomes.append((time.monotonic(), what, status))
+                if what == "session" and status == 201:
+                    self.sessions.append((daemon, doc["id"], body["data"]))  # type: ignore[index]
+            await asyncio.sleep(0.005)
+
+    def failures(self, since: float = 0.0) -> list[tuple[float, str, int]]:
+        ok = {"set": 200, "get": 200, "session": 201}  # (a get after a failed set: 404)
+        return [o for o in self.outcomes if o[0] >= since and o[2] != ok.get(o[1], -1)]
+
+
+async def test_a_primary_killed_under_load_fails_requests_only_for_the_failover_then_all_recover(
+    own_cluster: LocalCluster, two_daemons: list[Api]
+) -> None:
+    tokens = [(await api.user(f"load-{n}", "agent"))[1] for n, api in enumerate(two_daemons)]
+    owner, _token = await two_daemons[0].user("owner")
+    load = Load(two_daemons, tokens, owner)
+    workers = [asyncio.create_task(load.worker(n, n % 2)) for n in range(8)]
+    try:
+        await asyncio.sleep(1.5)
+        assert load.outcomes
+        assert not load.failures(), load.failures()[:5]
+        victim = own_cluster.primaries()[0]
+        killed_at = time.monotonic()
+        own_cluster.kill(victim)
+        await asyncio.to_thread(own_cluster.wait_failover, victim)
+        promoted_at = time.monotonic()
+        await asyncio.sleep(3.0)  # the daemons were not restarted: they must be back by now
+    finally:
+        load.stop.set()
+        await asyncio.gather(*workers)
+    failures = load.failures(killed_at)
+    statuses = {status for _t, _what, status in failures}
+    # Writes answer 503 while their slots have no primary, reads are misses
+    # (404; or the set before them failed); never a 500.
+    assert statuses <= {503, 404}, statuses
+    last_failure = max((t for t, _w, _s in failures), default=killed_at)
+    failover = promoted_at - killed_at
+    window = last_failure - killed_at
+    assert window <= failover + 2.0, (window, failover)
+    assert not load.failures(promoted_at + 2.0)
+    print(
+        f"failover {failover:.2f} s; requests failed for {window:.2f} s "
+        f"({len(failures)} of {len(load.outcomes)}); {len(load.sessions)} sessions acknowledged"
+    )
+    # Every session that was acknowledged is still there, on either daemon.
+    lost = []
+    for n, (daemon, session_id, data) in enumerate(load.sessions):
+        api = two_daemons[n % 2]
+        status, _h, doc = await api.call("GET", f"/sessions/{session_id}", token=tokens[daemon])
+        if status != 200 or doc["data"] != data:
+            lost.append((status, doc, data))
+    assert not lost, (len(lost), lost[:3])
+    for api in two_daemons:
+        await api.r.wait_ready(10)
+
+
+async def test_the_pubsub_listener_moves_to_another_node_when_its_node_dies(
+    own_cluster: LocalCluster,
+) -> None:
+    settings = PubSubSettings(ping_interval=0.2, ping_timeout=0.5, reconnect_max=0.5)
+    actor = PubSub(RedisSettings(prefix="mv:", connect_timeout=1), settings, own_cluster.url)
+    await actor.start()
+    publisher = connect_redis(own_cluster.url)
+    assert isinstance(publisher, RedisCluster)
+    try:
+        async with asyncio.timeout(10):
+            while not actor.snapshot()["pubsub"]["connected"]:
+                await asyncio.sleep(0.02)
+        sub = Subscriber("s", queue_size=100)
+        await actor.ask(Subscribe(sub, channels=("mv:ch",)), timeout=5)
+        # Published through any node, heard on the listener's.
+        for n in range(20):
+            await publisher.publish("mv:ch", f"m{n}")
+        got = [await asyncio.wait_for(sub.next(), 5) for _ in range(20)]
+        assert [d.data for d in got if d is not None] == [f"m{n}".encode() for n in range(20)]
+        node = actor.snapshot()["pubsub"]["node"]
+        own_cluster.kill(int(node.rsplit(":", 1)[1]))
+        down = await asyncio.wait_for(sub.next(), 10)
+        gap = await asyncio.wait_for(sub.next(), 20)
+        assert (down and down.kind, gap and gap.kind) == ("down", "gap")
+        assert actor.snapshot()["pubsub"]["node"] != node
+        async with asyncio.timeout(30):  # the publisher too finds its way after the failover
+            while True:
+                try:
+                    await publisher.publish("mv:ch", "after")
+                    break
+                except Exception:
+                    await asyncio.sleep(0.2)
+        item = await asyncio.wait_for(sub.next(), 10)
+        assert item is not None
+        assert item.data == b"after"
+    finally:
+        await publisher.aclose()
+        await actor.stop()
