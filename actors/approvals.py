@@ -175,6 +175,9 @@ class Approvals(Actor):
         while not self.halting():
             try:
                 await self._sweep()
+            except asyncpg.UndefinedTableError:
+                # A new database whose migrations the persistence actor is applying now.
+                self.log.debug("sweep_waiting_for_migrations")
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 self.sweep_stats.last_error = f"{type(exc).__name__}: {exc}"
                 self.sweep_stats.leader = False

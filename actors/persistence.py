@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import msgspec
@@ -68,6 +69,10 @@ class _Guarded:
     async def __aexit__(self, et: Any, exc: Any, tb: Any) -> None:
         with contextlib.suppress(*_OUTAGES):  # the connection is gone; the pool drops it
             await self._cm.__aexit__(et, exc, tb)
+        if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
+            # The server became a standby (a failover): let every connection go,
+            # so the next ones find the new primary (target_session_attrs).
+            await self._pool.expire_connections()
         if isinstance(exc, _OUTAGES) and not isinstance(exc, PermissionError):
             raise Unavailable(f"database unavailable: {type(exc).__name__}: {exc}") from exc
 
@@ -129,6 +134,7 @@ class Persistence(DataHandlers, WorkflowHandlers, Actor):
         # Where committed changes are announced (the pubsub actor); None: nowhere.
         self.events = events
         self.events_dropped = 0
+        self.server = ""  # host:port of the server the last check reached
         self.last_error = ""
         self.migrated: list[str] = []
         self._ready = asyncio.Event()
@@ -210,10 +216,22 @@ class Persistence(DataHandlers, WorkflowHandlers, Actor):
             raise Unavailable(f"database not connected: {self.last_error or 'connecting'}")
         try:
             async with self.pool.acquire(timeout=self.settings.connect_timeout) as conn:
-                await conn.fetchval("SELECT 1")
+                addr, port, standby = await conn.fetchrow(
+                    "SELECT inet_server_addr()::text, inet_server_port(), pg_is_in_recovery()"
+                )
         except (asyncpg.PostgresError, *_OUTAGES) as exc:
             raise Unavailable(f"database unreachable: {type(exc).__name__}: {exc}") from exc
+        # Which server answers: with several hosts in the DSN, the one in use now.
+        self.server = "local socket" if addr is None else f"{addr.split('/')[0]}:{port}"
+        if standby and self._wants_primary:
+            await self.pool.expire_connections()
+            raise Unavailable(f"{self.server} is a standby now; looking for the primary")
         return (time.perf_counter() - started) * 1000
+
+    @property
+    def _wants_primary(self) -> bool:
+        attrs = parse_qs(urlsplit(self.dsn).query).get("target_session_attrs", [""])[0]
+        return attrs in ("read-write", "primary")
 
     @handles(Migrate)
     async def _migrate(self, _msg: Migrate) -> list[str]:
@@ -232,7 +250,7 @@ class Persistence(DataHandlers, WorkflowHandlers, Actor):
             ms = await self._ping(PgPing())
         except Unavailable as exc:
             return Health(status="fail", detail=str(exc))
-        return Health(status="pass", detail="ok", observed_ms=round(ms, 3))
+        return Health(status="pass", detail=f"ok: {self.server}", observed_ms=round(ms, 3))
 
     async def on_stop(self) -> None:
         pool, self.pool = self.pool, None
@@ -248,6 +266,7 @@ class Persistence(DataHandlers, WorkflowHandlers, Actor):
         data = super().snapshot()
         pool = self.pool
         data["eventsDropped"] = self.events_dropped
+        data["server"] = self.server or None
         data["pool"] = (
             None
             if pool is None
