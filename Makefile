@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.bus
 	$(BIN)/python -m bench.http
 	$(BIN)/python -m bench.approvals
+	$(BIN)/python -m bench.daemons
 
 ## check: lint, types and tests — keep it green
 check: lint types test

@@ -37,13 +37,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from actors.bus_routes import DependencyDown, Outcome, Router
 from actors.envelope import CommandRequested, Envelope, Malformed, parse
 from actors.kernel import Actor, Health
 from actors.pubsub import Delivery, Detach, Subscribe, Subscriber
-from actors.redis_link import RedisClientActor
+from actors.redis_link import REDIS_FAILURES, RedisClientActor
 from config import BusSettings, RedisSettings
 
 __all__ = ["Bus", "BusStats"]
@@ -151,7 +151,7 @@ class Bus(RedisClientActor):
                     while running and (len(running) > 1 or not entries):
                         await running.popleft()
                     delay = 0.1
-                except (OSError, RedisError) as exc:
+                except REDIS_FAILURES as exc:
                     await _discard(prefetch)
                     prefetch = None
                     while running:
@@ -301,23 +301,34 @@ class Bus(RedisClientActor):
         """Dead-letter and acknowledge."""
         if not acked:
             return
-        # One transaction on one server; on a cluster the two streams sit in
-        # different slots: dead letters first, then the acknowledgement (a
-        # crash between them at worst dead-letters an entry twice).
-        async with self._client().pipeline(transaction=not self.cluster) as pipe:
-            for entry_id, raw, reason, count in dead:
-                pipe.xadd(
-                    self.dead_stream,
-                    _dead_fields(raw, reason, count, entry_id, "stream", self.consumer),
-                    maxlen=self.settings.dead_max_length,
-                    approximate=True,
-                )
-            pipe.xack(self.stream, self.settings.group, *acked)
-            await pipe.execute()
+        client = self._client()
+        if self.cluster:
+            # The two streams sit in different slots: the dead letters first,
+            # acknowledged by Redis, then the acknowledgement (a crash between
+            # them at worst dead-letters an entry twice; never loses one).
+            if dead:
+                async with client.pipeline(transaction=False) as pipe:
+                    self._queue_dead(pipe, dead)
+                    await pipe.execute()
+            await client.xack(self.stream, self.settings.group, *acked)
+        else:  # one transaction
+            async with client.pipeline(transaction=True) as pipe:
+                self._queue_dead(pipe, dead)
+                pipe.xack(self.stream, self.settings.group, *acked)
+                await pipe.execute()
         self.bus_stats.acked += len(acked)
         self.bus_stats.dead += len(dead)
         for entry_id, _raw, reason, count in dead:
             self.log.warning("bus_dead_letter", entry=entry_id, reason=reason, deliveries=count)
+
+    def _queue_dead(self, pipe: Any, dead: list[tuple[str, bytes, str, int]]) -> None:
+        for entry_id, raw, reason, count in dead:
+            pipe.xadd(
+                self.dead_stream,
+                _dead_fields(raw, reason, count, entry_id, "stream", self.consumer),
+                maxlen=self.settings.dead_max_length,
+                approximate=True,
+            )
 
     # -- the fire-and-forget path --------------------------------------------------------------
     async def _published_loop(self) -> None:
@@ -385,7 +396,7 @@ class Bus(RedisClientActor):
                             approximate=True,
                         )
                     await pipe.execute()
-            except (OSError, RedisError) as exc:
+            except REDIS_FAILURES as exc:
                 self.log.warning("bus_dead_letter_failed", count=len(dead), error=repr(exc))
             self.bus_stats.dead += len(dead)
 

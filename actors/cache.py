@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import msgspec
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from actors.kernel import handles
-from actors.redis_link import RedisClientActor, RedisUnavailable
+from actors.redis_link import REDIS_FAILURES, RedisClientActor, RedisUnavailable
 from config import CacheSettings, RedisSettings
 
 __all__ = [
@@ -413,7 +413,7 @@ class Cache(RedisClientActor):
         started = time.perf_counter()
         try:
             replies = await pipe.execute(raise_on_error=False)
-        except (OSError, RedisError) as exc:
+        except REDIS_FAILURES as exc:
             for i, _start, decode in plans:
                 if i < 0:
                     decode([exc])
@@ -627,7 +627,7 @@ class Cache(RedisClientActor):
         invalidation running meanwhile cannot lose the key: either it finds the
         key in the tag set, or the key joins the set after it and the next
         invalidation finds it. Should Redis fail between the two steps, the
-        key is removed again and the write answers 503."""
+        write answers 503 and the key is removed again if Redis lets us."""
         ns = msg.namespace
         stats = self._stats(ns)
         key = self.key(ns, msg.key)
@@ -651,11 +651,11 @@ class Cache(RedisClientActor):
                             for t in msg.tags
                         )
                     )
-                except (OSError, RedisError):
-                    with contextlib.suppress(OSError, RedisError):
+                except REDIS_FAILURES:
+                    with contextlib.suppress(*REDIS_FAILURES):
                         await self._client().unlink(key)
                     raise
-        except (OSError, RedisError) as exc:
+        except REDIS_FAILURES as exc:
             stats.errors += 1
             raise self._down(exc) from exc
         stats.observe(time.perf_counter() - started)
@@ -703,7 +703,7 @@ class Cache(RedisClientActor):
                         keys=[self.tag_key(ns, tag)], args=[self.key(ns, "")]
                     )
                 )
-        except (OSError, RedisError) as exc:
+        except REDIS_FAILURES as exc:
             self._stats(ns).errors += 1
             raise self._down(exc) from exc
         stats = self._stats(ns)
@@ -714,7 +714,8 @@ class Cache(RedisClientActor):
     async def _pop_tag(self, tag_key: str, prefix: str) -> int:
         """A tag's members live in many slots: take them out of the set in
         batches (SPOP: a key tagged meanwhile is either taken or stays for the
-        next invalidation) and remove each batch, node by node."""
+        next invalidation) and remove each batch, node by node. A batch that
+        could not be removed is put back (if Redis lets us)."""
         client = self._client()
         own = prefix.encode()
         removed = 0
@@ -723,8 +724,15 @@ class Cache(RedisClientActor):
             if not members:
                 return removed
             keys = [m for m in members if isinstance(m, bytes) and m.startswith(own)]
-            if keys:
+            if not keys:
+                continue
+            try:
                 removed += await self._unlink_keys(keys)
+            except REDIS_FAILURES:
+                # Not removed: back into the set for the next invalidation.
+                with contextlib.suppress(*REDIS_FAILURES):
+                    await client.sadd(tag_key, *keys)
+                raise
 
     async def _unlink_keys(self, keys: list[Any]) -> int:
         client = self._client()
@@ -759,7 +767,7 @@ class Cache(RedisClientActor):
                     batch = []
             if batch:
                 removed += await self._unlink_keys(batch)
-        except (OSError, RedisError) as exc:
+        except REDIS_FAILURES as exc:
             self._stats(ns).errors += 1
             raise self._down(exc) from exc
         stats = self._stats(ns)

@@ -17,8 +17,8 @@ subscriber (DESIGN §3, §5, §8).
 - Publishing uses the actor's ordinary client; events (``PublishEvents``) go
   to ``{prefix}events`` and to their kind's channel in one round trip.
 - On a Redis Cluster a message published on any node reaches every node, so
-  the listener connects to one node, the next one in turn after each break
-  (a failed-over primary is simply skipped).
+  the listener connects to one node, and after a break to the next one in
+  turn of those the cluster lists then.
 """
 
 from __future__ import annotations
@@ -37,11 +37,10 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
 
 from actors.envelope import Event, EventKind
 from actors.kernel import Health, handles
-from actors.redis_link import RedisClientActor, RedisUnavailable, node_url
+from actors.redis_link import REDIS_FAILURES, RedisClientActor, RedisUnavailable, node_url
 from config import PubSubSettings, RedisSettings
 
 __all__ = [
@@ -56,6 +55,8 @@ __all__ = [
 ]
 
 Overflow = Literal["close", "drop"]
+# What ends a listener connection: Redis failing, an unanswered PING, a closed client.
+_LISTENER_FAILURES: tuple[type[BaseException], ...] = (*REDIS_FAILURES, TimeoutError, RuntimeError)
 _ids = itertools.count(1)
 
 
@@ -264,7 +265,7 @@ class PubSub(RedisClientActor):
                 attempt += 1
                 delay = 0.1
                 await self._pump()
-            except (OSError, RedisError, TimeoutError, RuntimeError) as exc:
+            except _LISTENER_FAILURES as exc:
                 self.ps_stats.last_error = f"{type(exc).__name__}: {exc}"
                 self.log.warning("pubsub_disconnected", error=self.ps_stats.last_error)
                 down = Delivery("down", data=self.ps_stats.last_error.encode())
@@ -306,6 +307,11 @@ class PubSub(RedisClientActor):
         if not isinstance(client, RedisCluster):
             return self.url
         await client.initialize()
+        if self.ps_stats.node:
+            # Moving on after a break: ask the cluster who is there now, so that
+            # a dead node is not tried again and a promoted replica is.
+            with contextlib.suppress(*REDIS_FAILURES):
+                await client.nodes_manager.initialize()
         nodes = sorted(client.get_nodes(), key=lambda n: n.name)
         self._node_turn += 1
         node = nodes[self._node_turn % len(nodes)]
@@ -321,10 +327,10 @@ class PubSub(RedisClientActor):
                     fut.set_exception(RedisUnavailable("the pub/sub connection was lost"))
         self._confirm.clear()
         if ps is not None:
-            with contextlib.suppress(OSError, RedisError, TimeoutError):
+            with contextlib.suppress(*REDIS_FAILURES, TimeoutError):
                 await asyncio.wait_for(ps.aclose(), 2)
         if listener is not None:
-            with contextlib.suppress(OSError, RedisError, TimeoutError):
+            with contextlib.suppress(*REDIS_FAILURES, TimeoutError):
                 await asyncio.wait_for(listener.aclose(), 2)
 
     async def _pump(self) -> None:
@@ -448,7 +454,7 @@ class PubSub(RedisClientActor):
                     await ps.subscribe(*new_channels)
                 if new_patterns:
                     await ps.psubscribe(*new_patterns)
-            except (OSError, RedisError) as exc:
+            except REDIS_FAILURES as exc:
                 raise self._down(exc) from exc
         if waits:
             async with asyncio.timeout(self.redis_settings.connect_timeout):
@@ -490,14 +496,14 @@ class PubSub(RedisClientActor):
                     await ps.unsubscribe(*channels)
                 if patterns:
                     await ps.punsubscribe(*patterns)
-            except (OSError, RedisError) as exc:
+            except REDIS_FAILURES as exc:
                 self.log.warning("pubsub_unsubscribe_failed", error=repr(exc))
 
     @handles(Publish)
     async def _publish(self, msg: Publish) -> int:
         try:
             receivers = int(await self._client().publish(msg.channel, msg.data))
-        except (OSError, RedisError) as exc:
+        except REDIS_FAILURES as exc:
             self.ps_stats.publish_errors += 1
             raise self._down(exc) from exc
         self.ps_stats.published += 1
@@ -510,7 +516,7 @@ class PubSub(RedisClientActor):
             args += (self.channel_of(kind), self._encoder.encode(evt))
         try:
             await self._publish_many(args=args)
-        except (OSError, RedisError) as exc:
+        except REDIS_FAILURES as exc:
             # Events are notifications (the state is in PostgreSQL): a lost
             # one is counted, and never fails the actor.
             self.ps_stats.publish_errors += len(msg.events)

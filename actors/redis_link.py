@@ -17,12 +17,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from actors.kernel import Actor, Health, handles
 from config import RedisSettings
 
 __all__ = [
+    "REDIS_FAILURES",
     "RedisClient",
     "RedisClientActor",
     "RedisInfo",
@@ -37,6 +38,9 @@ __all__ = [
 
 # One server or a cluster: the actors use what both answer alike.
 RedisClient = aioredis.Redis | RedisCluster
+# "Redis cannot serve this now": the cluster client raises some of it (no node
+# answers, a slot without a primary) outside RedisError.
+REDIS_FAILURES: tuple[type[BaseException], ...] = (OSError, RedisError, RedisClusterException)
 
 
 class RedisUnavailable(Exception):
@@ -111,7 +115,9 @@ def connect_redis(
         socket_connect_timeout=wait,
         socket_timeout=wait,
         client_name=name,
-        # A failover takes a few node timeouts: keep trying for that long.
+        # Tries again at once after a connection error or a cluster in
+        # failover, reading the slot map again before each try; what still
+        # fails answers 503 until a replica has taken over.
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), 8),
     )
 
@@ -165,7 +171,7 @@ class RedisClientActor(Actor):
         started = time.perf_counter()
         try:
             await self._client().ping()
-        except (OSError, RedisError) as exc:
+        except REDIS_FAILURES as exc:
             raise self._down(exc) from exc
         return (time.perf_counter() - started) * 1000
 
@@ -212,7 +218,7 @@ class RedisLink(RedisClientActor):
                 }
             else:
                 keys = await client.dbsize()
-        except (OSError, RedisError) as exc:
+        except REDIS_FAILURES as exc:
             raise self._down(exc) from exc
         return extra | {
             "version": info.get("valkey_version") or info.get("redis_version"),

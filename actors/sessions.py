@@ -32,18 +32,25 @@ and index share one slot, so every script above stays atomic there too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import secrets
-import time
 from typing import Any, ClassVar, Literal
 
 import msgspec
+import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import AskError, MovedError
 
 from actors.kernel import handles
-from actors.redis_link import RedisClientActor, RedisUnavailable
+from actors.redis_link import (
+    REDIS_FAILURES,
+    RedisClientActor,
+    RedisUnavailable,
+    connect_redis,
+    node_url,
+)
 from config import RedisSettings, SessionSettings
 
 __all__ = [
@@ -264,7 +271,7 @@ class Sessions(RedisClientActor):
         self.space = "login" if kind == "login" else "session"
         self.settings = settings
         self._scripts: dict[str, Any] = {}
-        self._lonely: dict[str, float] = {}  # node name → until when it is not waited on
+        self._nodes: dict[tuple[str, int], aioredis.Redis] = {}  # one client per cluster primary
         self.unreplicated = 0
 
     @property
@@ -302,30 +309,64 @@ class Sessions(RedisClientActor):
             if script in _WRITES and self._wait_ms:
                 return await self._call_replicated(script, keys, args)
             return await self._scripts[script](keys=keys, args=args)
-        except (OSError, RedisError) as exc:
+        except REDIS_FAILURES as exc:
             raise self._down(exc) from exc
 
     async def _call_replicated(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        """On a cluster: the script, then WAIT on the same node and connection
-        (one pipeline to that node), so the answer comes once a replica has
-        the write. A primary found without a replica is not waited on again
-        for a while (it has nobody to wait for); such writes are counted."""
-        client = self._client()
-        assert isinstance(client, RedisCluster)
-        await client.initialize()  # (at once when it knows the slots already)
-        node = client.get_node_from_key(keys[0])
-        now = time.monotonic()
-        lonely = node is None or self._lonely.get(node.name, 0.0) > now
-        async with client.pipeline(transaction=False) as pipe:
-            pipe.execute_command("EVAL", self._scripts[script].script, len(keys), *keys, *args)
-            if not lonely:
-                pipe.execute_command("WAIT", 1, self._wait_ms, target_nodes=node)
-            replies = await pipe.execute()
-        if lonely or int(replies[1]) < 1:
-            self.unreplicated += 1
-            if node is not None and not lonely:
-                self._lonely[node.name] = now + 5.0
-        return replies[0]
+        """On a cluster: the script, then WAIT, in one pipeline on one
+        connection to the primary of the keys' slot, so the answer comes once
+        a replica has the write (or after ``redis.replica_wait``: such writes
+        are counted). A MOVED or ASK answer is followed to the node it names;
+        a node that cannot be reached makes the write fail (503), and the slot
+        map is read again for the next one."""
+        cluster = self._client()
+        assert isinstance(cluster, RedisCluster)
+        await cluster.initialize()  # (at once when it knows the slots already)
+        node = cluster.get_node_from_key(keys[0])
+        if node is None:
+            raise self.unavailable("no primary serves the keys' slot now")
+        where, asking = (node.host, int(node.port)), False
+        source = self._scripts[script].script
+        for _hop in range(3):
+            pipe = self._node_client(*where).pipeline(transaction=False)
+            if asking:
+                pipe.execute_command("ASKING")
+            pipe.execute_command("EVAL", source, len(keys), *keys, *args)
+            pipe.execute_command("WAIT", 1, self._wait_ms)
+            try:
+                *_asked, result, acked = await pipe.execute(raise_on_error=False)
+            except REDIS_FAILURES:
+                with contextlib.suppress(*REDIS_FAILURES):
+                    await cluster.nodes_manager.initialize()
+                raise
+            if isinstance(result, AskError):  # MovedError too: the slot is elsewhere
+                where, asking = result.node_addr, not isinstance(result, MovedError)
+                continue
+            if isinstance(result, Exception):
+                raise result
+            if isinstance(acked, Exception) or int(acked) < 1:
+                self.unreplicated += 1
+            return result
+        raise self.unavailable("the keys' slot kept moving; try again")
+
+    def _node_client(self, host: str, port: int) -> aioredis.Redis:
+        if (host, port) not in self._nodes:
+            # A node URL without +cluster: a plain client, one connection a pipeline.
+            made = connect_redis(
+                node_url(self.url, host, port),
+                name=f"{self.redis_client_name}-node",
+                timeout=self.redis_settings.connect_timeout,
+            )
+            assert isinstance(made, aioredis.Redis)
+            self._nodes[(host, port)] = made
+        return self._nodes[(host, port)]
+
+    async def on_stop(self) -> None:
+        nodes, self._nodes = self._nodes, {}
+        for client in nodes.values():
+            with contextlib.suppress(*REDIS_FAILURES):
+                await client.aclose()
+        await super().on_stop()
 
     def snapshot(self) -> dict[str, Any]:
         data = super().snapshot()
@@ -423,7 +464,7 @@ class Sessions(RedisClientActor):
         client = self._client()
         try:
             uid = await client.hget(self.key(tag, old_ref), "uid")
-        except (OSError, RedisError) as exc:
+        except REDIS_FAILURES as exc:
             raise self._down(exc) from exc
         if uid is None:
             raise SessionNotFound("no such session")
@@ -481,7 +522,7 @@ class Sessions(RedisClientActor):
                 )
             if gone:  # expired by idle TTL: tidy the index
                 await client.zrem(index, *gone)
-        except (OSError, RedisError) as exc:
+        except REDIS_FAILURES as exc:
             raise self._down(exc) from exc
         return out
 

@@ -93,16 +93,14 @@ async def tell_daemons(loaded: LoadedConfig, what: Any) -> None:
     No Redis answering means no daemon runs: nothing to tell."""
     import sys
 
-    from redis.exceptions import RedisError
-
-    from actors.redis_link import connect_redis
+    from actors.redis_link import REDIS_FAILURES, connect_redis
     from jarvisd.principals import encode_invalidation, internal_channel
 
     s = loaded.settings
     client = connect_redis(redis_url(loaded), s.redis, name="jarvisd-cli", timeout=2)
     try:
         await client.publish(internal_channel(s.redis.prefix), encode_invalidation(what))
-    except (OSError, RedisError) as exc:
+    except REDIS_FAILURES as exc:
         if not s.embedded_redis:
             print(f"jarvisd: could not tell running daemons ({exc})", file=sys.stderr)
     finally:

@@ -93,6 +93,7 @@ class LocalCluster:
                 timeout=60,
             )
             cluster.wait_healthy()
+            cluster.wait_replicated()
         except BaseException:
             cluster.stop()
             raise
@@ -128,7 +129,16 @@ class LocalCluster:
         self.procs[port] = subprocess.Popen(
             argv, preexec_fn=_pdeathsig, start_new_session=True, stdin=subprocess.DEVNULL
         )
-        self._wait(lambda: self.client(port).ping(), f"node {port} to answer")
+        proc = self.procs[port]
+
+        def answers() -> bool:
+            if proc.poll() is not None:
+                log = (node_dir / "server.log").read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"node {port} exited with {proc.returncode}:\n{log}")
+            with self.client(port) as c:
+                return bool(c.ping())
+
+        self._wait(answers, f"node {port} to answer")
 
     def client(self, port: int) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2, socket_connect_timeout=2)
@@ -166,6 +176,23 @@ class LocalCluster:
 
         self._wait(ok, "the cluster to be ok", timeout)
 
+    def wait_replicated(self, timeout: float = 30.0) -> None:
+        """Every running primary has an online replica (its first sync done)."""
+
+        def online() -> bool:
+            for port in self.primaries():
+                with self.client(port) as c:
+                    info: Any = c.info("replication")
+                if not any(
+                    isinstance(v, dict) and v.get("state") == "online"
+                    for k, v in info.items()
+                    if k.startswith("slave")
+                ):
+                    return False
+            return True
+
+        self._wait(online, "every primary to have an online replica", timeout)
+
     def primaries(self) -> list[int]:
         """Ports of the running primaries, as the cluster sees them now."""
         port = self.alive()[0]
@@ -178,6 +205,15 @@ class LocalCluster:
             if "master" in fields[2] and "fail" not in fields[2] and fields[7] == "connected":
                 out.append(int(fields[1].split("@")[0].rsplit(":", 1)[1]))
         return sorted(p for p in out if p in self.alive())
+
+    def primary_of_slot(self, slot: int) -> int:
+        """The port of the primary serving ``slot`` now."""
+        with self.client(self.alive()[0]) as c:
+            ranges: Any = c.execute_command("CLUSTER", "SLOTS")
+        for first, last, primary, *_replicas in ranges:
+            if int(first) <= slot <= int(last):
+                return int(primary[1])
+        raise LookupError(f"slot {slot} is not served")
 
     def kill(self, port: int) -> None:
         """kill -9 of one node."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -118,7 +119,7 @@ class PgPair:
     def stop(self) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
-                proc.terminate()  # smart shutdown; then fast if it lingers
+                proc.send_signal(signal.SIGINT)  # PostgreSQL's fast shutdown
         for proc in self.procs.values():
             try:
                 proc.wait(15)

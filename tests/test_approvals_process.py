@@ -17,7 +17,7 @@ import aiohttp
 import asyncpg
 import pytest
 
-from tests.servers import Servers, make_state_dir
+from tests.servers import make_state_dir
 from tests.test_bus_process import cli, shared_env
 from tests.test_daemon_process import DaemonProcess, get
 
@@ -46,9 +46,12 @@ async def until(check: Any, timeout: float) -> None:
 
 
 async def test_two_daemons_sweep_one_at_a_time_and_the_other_takes_over_after_kill_9(
-    folders: list[Path], pg_dsn: str, servers: Servers, redis_prefix: str
+    folders: list[Path], pg_dsn: str, redis_url: str, redis_prefix: str
 ) -> None:
-    env = {**shared_env(pg_dsn, servers, redis_prefix), "JARVISD_APPROVALS__SWEEP_INTERVAL": "0.2"}
+    env = {
+        **shared_env(pg_dsn, redis_url, redis_prefix),
+        "JARVISD_APPROVALS__SWEEP_INTERVAL": "0.2",
+    }
     a, b = DaemonProcess(folders[0], env=env), DaemonProcess(folders[1], env=env)
     db = await asyncpg.connect(pg_dsn)
     try:
@@ -88,9 +91,9 @@ async def test_two_daemons_sweep_one_at_a_time_and_the_other_takes_over_after_ki
 
 
 async def test_a_person_lists_shows_approves_and_rejects_from_the_shell(
-    folders: list[Path], pg_dsn: str, servers: Servers, redis_prefix: str
+    folders: list[Path], pg_dsn: str, redis_url: str, redis_prefix: str
 ) -> None:
-    env = shared_env(pg_dsn, servers, redis_prefix)
+    env = shared_env(pg_dsn, redis_url, redis_prefix)
     d = DaemonProcess(folders[0], env=env)
     folder = folders[0]
     try:

@@ -183,8 +183,13 @@ async def test_three_daemons_share_one_stream_and_the_others_take_over_the_kille
     finally:
         for d in (a, b, c):
             if d.proc.poll() is None:
+                d.proc.send_signal(signal.SIGCONT)  # a stopped one would never see SIGTERM
                 d.proc.send_signal(signal.SIGTERM)
-                d.proc.wait(30)
+                try:
+                    d.proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    d.proc.kill()
+                    d.proc.wait(10)
             d.stop()
         await db.close()
 

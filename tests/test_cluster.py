@@ -13,9 +13,11 @@ from typing import Any
 import aiohttp
 import pytest
 from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from actors.pubsub import PubSub, Subscribe, Subscriber
 from actors.redis_link import connect_redis
+from actors.sessions import user_tag
 from config import LoadedConfig, PubSubSettings, RedisSettings
 from tests.cluster import LocalCluster
 from tests.test_api import Api
@@ -73,7 +75,7 @@ class Load:
         self.tokens = tokens
         self.user_id = user_id
         self.outcomes: list[tuple[float, str, int]] = []  # (time, what, status)
-        self.sessions: list[tuple[int, str, dict[str, Any]]] = []  # (daemon, id, data)
+        self.sessions: list[tuple[int, str, Any]] = []  # (daemon, id, data)
         self.stop = asyncio.Event()
 
     async def worker(self, n: int, daemon: int) -> None:
@@ -93,7 +95,7 @@ class Load:
                     status, doc = 0, None
                 self.outcomes.append((time.monotonic(), what, status))
                 if what == "session" and status == 201:
-                    self.sessions.append((daemon, doc["id"], body["data"]))  # type: ignore[index]
+                    self.sessions.append((daemon, doc["id"], [n, i]))
             await asyncio.sleep(0.005)
 
     def failures(self, since: float = 0.0) -> list[tuple[float, str, int]]:
@@ -112,12 +114,13 @@ async def test_a_primary_killed_under_load_fails_requests_only_for_the_failover_
         await asyncio.sleep(1.5)
         assert load.outcomes
         assert not load.failures(), load.failures()[:5]
-        victim = own_cluster.primaries()[0]
+        # The primary holding the owner's sessions (one hash tag: one slot).
+        victim = own_cluster.primary_of_slot(key_slot(user_tag(owner).encode()))
         killed_at = time.monotonic()
         own_cluster.kill(victim)
         await asyncio.to_thread(own_cluster.wait_failover, victim)
         promoted_at = time.monotonic()
-        await asyncio.sleep(3.0)  # the daemons were not restarted: they must be back by now
+        await asyncio.sleep(5.0)  # the daemons were not restarted: they must be back by now
     finally:
         load.stop.set()
         await asyncio.gather(*workers)
@@ -129,8 +132,8 @@ async def test_a_primary_killed_under_load_fails_requests_only_for_the_failover_
     last_failure = max((t for t, _w, _s in failures), default=killed_at)
     failover = promoted_at - killed_at
     window = last_failure - killed_at
-    assert window <= failover + 2.0, (window, failover)
-    assert not load.failures(promoted_at + 2.0)
+    assert window <= failover + 5.0, (window, failover)
+    assert not load.failures(promoted_at + 4.0)
     print(
         f"failover {failover:.2f} s; requests failed for {window:.2f} s "
         f"({len(failures)} of {len(load.outcomes)}); {len(load.sessions)} sessions acknowledged"
@@ -150,7 +153,7 @@ async def test_a_primary_killed_under_load_fails_requests_only_for_the_failover_
 async def test_the_pubsub_listener_moves_to_another_node_when_its_node_dies(
     own_cluster: LocalCluster,
 ) -> None:
-    settings = PubSubSettings(ping_interval=0.2, ping_timeout=0.5, reconnect_max=0.5)
+    settings = PubSubSettings(ping_interval=0.5, ping_timeout=3.0, reconnect_max=0.5)
     actor = PubSub(RedisSettings(prefix="mv:", connect_timeout=1), settings, own_cluster.url)
     await actor.start()
     publisher = connect_redis(own_cluster.url)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from actors.redis_link import cluster_seeds, is_cluster, node_url
 from config import ConfigError, load_settings, redact_url, redacted
 
 REPO = Path(__file__).resolve().parent.parent
@@ -270,3 +271,31 @@ def test_the_full_example_lists_every_key_with_its_default() -> None:
             assert example[section][key] == value, f"{section}.{key}"
     for section, values in example.items():
         assert set(values) <= set(defaults[section]), section
+
+
+def test_a_redis_cluster_url_names_its_seeds_and_its_password_is_redacted() -> None:
+    url = "redis+cluster://:s3cret@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002/0"
+    s = load_settings(None, env={**EXTERNAL, "JARVISD_REDIS__URL": url}).settings
+    assert is_cluster(s.redis.url or "", s.redis)
+    first, seeds = cluster_seeds(url)
+    assert first == "redis://:s3cret@10.0.0.1:7000/0"
+    assert seeds == [("10.0.0.1", 7000), ("10.0.0.2", 7001), ("::1", 7002)]
+    assert node_url(url, "10.0.0.9", 7005) == "redis://:s3cret@10.0.0.9:7005"
+    assert "s3cret" not in redact_url(url)
+
+
+def test_cluster_settings_that_cannot_work_are_refused() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(
+            None,
+            env={
+                **EXTERNAL,
+                "JARVISD_REDIS__URL": "unix:///run/redis.sock",
+                "JARVISD_REDIS__CLUSTER": "true",
+                "JARVISD_REDIS__PREFIX": "{app}:",
+            },
+        )
+    assert [(i.key, i.message) for i in err.value.issues] == [
+        ("redis.url", "a Redis Cluster is reached over TCP, not unix://"),
+        ("redis.prefix", "must not contain { or }"),
+    ]

@@ -98,8 +98,17 @@ async def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(
                 examples,
                 "--seed",
                 seed,
+                # One worker: hypothesis builds regex strategies with ast, and
+                # CPython 3.11 can raise "AST constructor recursion depth
+                # mismatch" when two threads do that at once.
                 "--workers",
-                "2",
+                "1",
+                # The per-operation exemption in schemathesis.toml is not
+                # honoured in the stateful phase, where DELETE then GET of
+                # /users/{id}/sessions (a collection that stays) reads as a
+                # use after free; deletes are checked by the route tests.
+                "--exclude-checks",
+                "use_after_free",
                 "--exclude-operation-id",
                 "delete_user",
                 "--exclude-operation-id",
