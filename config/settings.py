@@ -64,6 +64,12 @@ class HttpSettings(_Section, frozen=True):
     # A connection that has not sent a complete request head within this many
     # seconds (an idle keep-alive connection, or a slow or stalled client) is closed.
     idle_timeout: PositiveFloat = 30.0
+    # Requests being answered at once (WebSockets and long-polls aside, which
+    # have caps of their own); past it a request is answered 503 with
+    # Retry-After at once instead of queueing: overload costs bounded memory.
+    max_in_flight: PositiveInt = 1024
+    # WebSocket clients at once; past it an upgrade is answered 503.
+    max_websockets: PositiveInt = 5000
 
 
 class PostgresSettings(_Section, frozen=True):

@@ -88,6 +88,9 @@ class HttpMetrics:
         self.requests: dict[tuple[str, str, str], int] = {}
         self.latency: dict[str, _Histogram] = {}
         self.in_flight = 0
+        self.admitted = 0  # in flight and counted against http.max_in_flight
+        self.refused = 0  # answered 503 for being over it
+        self.websockets = 0
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         # Clients choose methods: any outside the known set counts as "other",
@@ -113,6 +116,18 @@ class HttpMetrics:
             "gauge",
             "HTTP requests being handled now.",
             self.in_flight,
+        )
+        out.metric(
+            "jarvisd_http_overload_refused_total",
+            "counter",
+            "Requests answered 503 because http.max_in_flight were in progress.",
+            self.refused,
+        )
+        out.metric(
+            "jarvisd_websocket_clients",
+            "gauge",
+            "WebSocket clients connected now.",
+            self.websockets,
         )
         name = "jarvisd_http_request_duration_seconds"
         out.family(name, "histogram", "HTTP request latency in seconds, by route.")

@@ -34,7 +34,7 @@ from actors.pubsub import Delivery, Detach, Publish, Subscribe, Subscriber, Unsu
 from jarvisd.http.auth import Unauthorized, authenticate, forbidden, require
 from jarvisd.http.common import RouteDoc, ask, body, reply
 from jarvisd.http.errors import ProblemError, reject_unknown_params
-from jarvisd.http.keys import RUNTIME
+from jarvisd.http.keys import HTTP_METRICS, RUNTIME
 from jarvisd.runtime import Runtime
 
 __all__ = ["ROUTES", "websocket"]
@@ -197,14 +197,27 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     )
     if not ws.can_prepare(request).ok:
         raise ProblemError(400, "Bad request", "GET /ws expects a WebSocket upgrade")
-    await ws.prepare(request)
-    if who is None:
-        who = await _first_auth(request, ws)
+    metrics = request.app[HTTP_METRICS]
+    limit = rt.settings.http.max_websockets
+    if metrics.websockets >= limit:
+        raise ProblemError(
+            503,
+            "Overloaded",
+            f"{limit} WebSocket clients are connected (http.max_websockets)",
+            headers={"Retry-After": "5"},
+        )
+    metrics.websockets += 1
+    try:
+        await ws.prepare(request)
         if who is None:
-            return ws
-    session = _Session(rt, request, ws, who)
-    await session.run()
-    return ws
+            who = await _first_auth(request, ws)
+            if who is None:
+                return ws
+        session = _Session(rt, request, ws, who)
+        await session.run()
+        return ws
+    finally:
+        metrics.websockets -= 1
 
 
 async def _first_auth(request: web.Request, ws: web.WebSocketResponse) -> Principal | None:

@@ -63,6 +63,11 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
     started = time.perf_counter()
     status = 500
     metrics.in_flight += 1
+    # Short requests count against http.max_in_flight; health is always
+    # answered, and WebSockets and long-polls are capped on their own.
+    admitted = request.path not in ALWAYS_SERVED and not _long_lived(request)
+    if admitted:
+        metrics.admitted += 1
     try:
         limit = rt.settings.http.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
@@ -78,13 +83,30 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
             response = problem(
                 503, "Draining", "jarvisd is shutting down", headers={"Retry-After": "5"}
             )
+        elif admitted and metrics.admitted > rt.settings.http.max_in_flight:
+            metrics.refused += 1
+            response = problem(
+                503,
+                "Overloaded",
+                f"over {rt.settings.http.max_in_flight} requests in progress "
+                "(http.max_in_flight); try again shortly",
+                headers={"Retry-After": "1"},
+            )
         else:
             response = await _guarded(request, handler)
         status = response.status
         return response
     finally:
         metrics.in_flight -= 1
+        if admitted:
+            metrics.admitted -= 1
         metrics.observe(request.method, _route_name(request), status, time.perf_counter() - started)
+
+
+def _long_lived(request: web.Request) -> bool:
+    return request.path == "/ws" or (
+        request.path.startswith("/approvals/") and "wait" in request.query
+    )
 
 
 async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
