@@ -368,6 +368,10 @@ class Actor:
         structlog.contextvars.bind_contextvars(actor=self.name)
         # The flag matters as much as cancellation: on Python 3.11 a library's
         # internal asyncio.wait_for can swallow a cancel (CPython gh-86296).
+        # A failing check is tried again soon, then less and less often up to
+        # health_interval: readiness turns at once when a dependency comes
+        # (at start-up, after an outage), without probing a dead one hard.
+        retry = 0.05
         while not self._halting:
             started = time.perf_counter()
             try:
@@ -384,7 +388,12 @@ class Actor:
                 self._last_check = msgspec.structs.replace(
                     result, observed_ms=observed, checked_at=time.time()
                 )
-            await asyncio.sleep(self.health_interval)
+            if result is not None and result.status == "fail":
+                await asyncio.sleep(min(retry, self.health_interval))
+                retry *= 2
+            else:
+                retry = 0.05
+                await asyncio.sleep(self.health_interval)
 
     async def refresh_health(self) -> Health:
         """Run the check now (used right after start and by tests); returns health().

@@ -32,6 +32,7 @@ class BenchDaemon:
     stream: str
     dsn: str
     folder: str
+    pid: int = 0
 
 
 @asynccontextmanager
@@ -82,6 +83,7 @@ async def bench_daemon(
             stream=f"{prefix}inbox",
             dsn=dsn,
             folder=folder,
+            pid=proc.pid,
         )
     finally:
         proc.send_signal(signal.SIGTERM)

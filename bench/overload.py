@@ -1,0 +1,325 @@
+"""Start-up, memory and overload figures of a real `jarvisd run`.
+
+    python -m bench.overload [--seconds 30] [--json FILE]
+
+1. Start to ready: on the bench's external servers; embedded, first start
+   (initdb) and again on the data it made.
+2. Idle RSS after ready, against a bare aiohttp server's in the same run.
+3. 1,000 WebSocket subscribers and 1,000 sessions held at once: RSS.
+4. HTTP overload: the sustainable rate of GET /cache/get/{key} (50 callers
+   asking as fast as they are answered), then 2,000 keep-alive clients
+   offering 10x that rate for --seconds: answers by status, the daemon's
+   peak RSS, and whether it answers normally afterwards.
+5. Publish overload: XADD as fast as one producer can for --seconds against
+   the inbox's sustainable ingest: peak RSS, backlog, and after the drain,
+   every envelope committed exactly once.
+
+Servers: JARVISD_TEST_POSTGRES_DSN / JARVISD_TEST_REDIS_URL, else embedded ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+
+from actors.redis_link import connect_redis
+from bench.bus import envelope
+from bench.daemon import BenchDaemon, bench_daemon
+from bench.light import keepalive_load
+from bench.report import Report
+from tests.cluster import free_cluster_ports
+
+ROOT = Path(__file__).resolve().parent.parent
+# The floor of the idle RSS: a process that imports aiohttp and answers, nothing else.
+BARE = """
+from aiohttp import web
+async def handler(_request):
+    return web.Response(body=b'{{"status":"pass"}}', content_type="application/json")
+app = web.Application()
+app.router.add_get("/", handler)
+web.run_app(app, host="127.0.0.1", port={port}, print=None, access_log=None)
+"""
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def until_ready(port: int, proc: subprocess.Popen[bytes], timeout: float = 120) -> float:
+    started = time.perf_counter()
+    async with aiohttp.ClientSession() as session:
+        while time.perf_counter() - started < timeout:
+            if proc.poll() is not None:
+                raise RuntimeError("the daemon exited before it was ready")
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/health/ready") as resp:
+                    if resp.status == 200:
+                        return time.perf_counter() - started
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.01)
+    raise TimeoutError("the daemon did not become ready")
+
+
+def spawn(env: dict[str, str], cwd: str) -> subprocess.Popen[bytes]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("JARVISD_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "jarvisd", "run"],
+        env=base | env,
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+async def startup(pg: str, redis_url: str, report: Report) -> None:
+    (port,) = free_cluster_ports(1)
+    folder = tempfile.mkdtemp(prefix="jarvisd-bench-start-")
+    try:
+        env = {
+            "JARVISD_POSTGRES__DSN": pg,
+            "JARVISD_REDIS__URL": redis_url,
+            "JARVISD_REDIS__PREFIX": "bench-start:",
+            "JARVISD_HTTP__PORT": str(port),
+            "JARVISD_DAEMON__STATE_DIR": folder,
+        }
+        proc = spawn(env, folder)
+        try:
+            report.add("start to ready, external servers", await until_ready(port, proc), "s")
+        finally:
+            stop(proc)
+        config = str(ROOT / "jarvisd.toml")
+        for what in ("embedded, first start (initdb)", "embedded, data present"):
+            proc = subprocess.Popen(  # noqa: ASYNC220 - a few, at bench start
+                [sys.executable, "-m", "jarvisd", "run", "--config", config],
+                env={k: v for k, v in os.environ.items() if not k.startswith("JARVISD_")}
+                | {"JARVISD_HTTP__PORT": str(port), "JARVISD_DAEMON__STATE_DIR": folder},
+                cwd=folder,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                report.add(f"start to ready, {what}", await until_ready(port, proc), "s")
+            finally:
+                stop(proc)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+async def idle_rss(d: BenchDaemon, report: Report) -> int:
+    await asyncio.sleep(2)
+    pid = d.pid
+    (bare_port,) = free_cluster_ports(1)
+    bare = subprocess.Popen(  # noqa: ASYNC220 - once
+        [sys.executable, "-c", BARE.format(port=bare_port)]
+    )
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(200):
+                try:
+                    async with session.get(f"http://127.0.0.1:{bare_port}/") as resp:
+                        await resp.read()
+                    break
+                except aiohttp.ClientError:
+                    await asyncio.sleep(0.05)
+        report.add("idle RSS", rss_mb(pid), "MB", floor=rss_mb(bare.pid), floor_name="bare aiohttp")
+    finally:
+        stop(bare)
+    return pid
+
+
+async def many_clients(d: BenchDaemon, pid: int, report: Report, n: int = 1000) -> None:
+    auth = {"Authorization": f"Bearer {d.token}"}
+    connector = aiohttp.TCPConnector(limit=0)  # one connection a WebSocket, no pool cap
+    async with aiohttp.ClientSession(headers=auth, connector=connector) as session:
+        async with session.post(d.base + "/users", json={"username": "many"}) as resp:
+            user = await resp.json()
+        made = 0
+        for _ in range(n):
+            body = {"userId": user["id"], "data": {"cart": list(range(10))}}
+            async with session.post(d.base + "/sessions", json=body) as resp:
+                made += resp.status == 201
+        sockets = []
+        for _ in range(n):
+            ws = await session.ws_connect(d.base.replace("http", "ws") + "/ws")
+            await ws.send_json({"op": "subscribe", "channels": ["bench-news"]})
+            await ws.receive(timeout=10)
+            sockets.append(ws)
+        async with session.post(
+            d.base + "/publish", json={"channel": "bench-news", "message": {"n": 1}}
+        ) as resp:
+            receivers = (await resp.json()).get("receivers")
+        got = sum([(await ws.receive(timeout=10)).type == aiohttp.WSMsgType.TEXT for ws in sockets])
+        report.add(
+            f"RSS with {len(sockets)} WebSocket subscribers and {made} sessions",
+            rss_mb(pid),
+            "MB",
+            note=f"a message published reached {got} ({receivers} by Redis' count)",
+        )
+        for ws in sockets:
+            await ws.close()
+
+
+async def sustainable_http(d: BenchDaemon, seconds: float = 5) -> float:
+    auth = {"Authorization": f"Bearer {d.token}"}
+    done = 0
+    async with aiohttp.ClientSession(headers=auth) as session:
+        async with session.post(
+            d.base + "/cache/set", json={"key": "hot", "value": 1, "ttl": 3600}
+        ):
+            pass
+        until = time.perf_counter() + seconds
+
+        async def caller() -> None:
+            nonlocal done
+            while time.perf_counter() < until:
+                async with session.get(d.base + "/cache/get/hot") as resp:
+                    await resp.read()
+                    done += resp.status == 200
+
+        await asyncio.gather(*(caller() for _ in range(50)))
+    return done / seconds
+
+
+async def sample_rss(pid: int, stop_at: Callable[[], bool]) -> float:
+    peak = 0.0
+    while not stop_at():
+        peak = max(peak, rss_mb(pid))
+        await asyncio.sleep(0.25)
+    return peak
+
+
+async def http_overload(d: BenchDaemon, pid: int, seconds: float, report: Report) -> None:
+    rate = await sustainable_http(d)
+    report.add("GET /cache/get sustainable rate (50 callers)", rate, "req/s")
+    clients = 2000
+    per_client = 10 * rate / clients
+    finished = False
+    sampler = asyncio.create_task(sample_rss(pid, lambda: finished))
+    lat, not_ok = await keepalive_load(
+        d.base, "/cache/get/hot", d.token, clients, per_client, seconds
+    )
+    finished = True
+    peak = await sampler
+    answered = len(lat)
+    report.add(
+        f"HTTP at 10x ({10 * rate:,.0f} req/s offered by {clients} clients) for {seconds:g} s",
+        answered / seconds,
+        "answers/s",
+        note=f"{answered - not_ok:,} ok, {not_ok:,} refused (503) or failed; peak RSS {peak:.0f} MB",
+    )
+    report.add("peak RSS under HTTP overload", peak, "MB")
+    after = await sustainable_http(d, 2)
+    report.add("GET /cache/get rate right after", after, "req/s", floor=rate, floor_name="before")
+
+
+async def publish_overload(d: BenchDaemon, pid: int, seconds: float, report: Report) -> None:
+    raw = connect_redis(os.environ["BENCH_REDIS_URL"], name="jarvisd-bench")
+    db = await asyncpg.connect(d.dsn)
+    try:
+        base = await db.fetchval("SELECT count(*) FROM commands")
+        finished = False
+        sampler = asyncio.create_task(sample_rss(pid, lambda: finished))
+        produced = 0
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            async with raw.pipeline(transaction=False) as pipe:
+                for i in range(produced, produced + 1000):
+                    pipe.xadd(d.stream, {"envelope": envelope(f"flood-{i}")})
+                await pipe.execute()
+            produced += 1000
+        offered = produced / (time.perf_counter() - started)
+        committed_then = await db.fetchval("SELECT count(*) FROM commands") - base
+        drain_started = time.perf_counter()
+        while await db.fetchval("SELECT count(*) FROM commands") - base < produced:
+            await asyncio.sleep(0.1)
+        drained = time.perf_counter() - drain_started
+        finished = True
+        peak = await sampler
+        distinct = await db.fetchval(
+            "SELECT count(DISTINCT request_id) FROM commands WHERE request_id LIKE 'flood-%'"
+        )
+        rate = produced / (time.perf_counter() - started)
+        report.add(
+            f"publish flood for {seconds:g} s: offered",
+            offered,
+            "env/s",
+            floor=rate,
+            floor_name="ingested (whole run)",
+            note=(
+                f"{produced:,} sent, {committed_then:,} committed when it stopped, "
+                f"drained {drained:.1f} s later; {distinct:,} distinct commands"
+            ),
+        )
+        report.add("peak RSS under the publish flood", peak, "MB")
+        if distinct != produced:
+            raise RuntimeError(f"{distinct} commands for {produced} envelopes")
+    finally:
+        await db.close()
+        await raw.aclose()
+
+
+async def run(pg: str, redis_url: str, args: argparse.Namespace, report: Report) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 16384)), hard))
+    os.environ["BENCH_REDIS_URL"] = redis_url
+    await startup(pg, redis_url, report)
+    settings = {"SESSIONS__MAX_PER_USER": "5000", "BUS__BATCH_SIZE": "1000"}
+    async with bench_daemon(pg, redis_url, **settings) as d:
+        pid = await idle_rss(d, report)
+        steps: list[Callable[[], Awaitable[None]]] = [
+            lambda: many_clients(d, pid, report),
+            lambda: http_overload(d, pid, args.seconds, report),
+            lambda: publish_overload(d, pid, args.seconds, report),
+        ]
+        for step in steps:
+            await step()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--json", help="also write every figure to this file")
+    args = parser.parse_args()
+    from tests.servers import Servers
+
+    servers = Servers.start()
+    report = Report("overload")
+    try:
+        print(f"(PostgreSQL at {servers.postgres_dsn}, Redis at {servers.redis_url})")
+        asyncio.run(run(servers.postgres_dsn, servers.redis_url, args, report))
+    finally:
+        servers.stop()
+        if args.json:
+            report.write(args.json)
+
+
+if __name__ == "__main__":
+    main()

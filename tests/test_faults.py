@@ -1,0 +1,149 @@
+"""Faults under a running daemon: Redis gone for a while, and a database
+that refuses writes. The daemon stays up, says what is wrong (ready 503,
+problem documents with Retry-After, never a 500), loses nothing it
+acknowledged, and recovers by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+
+import asyncpg
+
+from actors.redis_link import connect_redis
+from config import LoadedConfig
+from jarvisd.http.keys import HTTP_METRICS
+from tests.test_api import Api
+from tests.test_bus import BUS, eventually, requested
+from tests.test_http import Running, start_daemon
+from tests.test_pubsub import OwnValkey, own_valkey  # noqa: F401 - the fixture
+from tests.test_ws import FAST_PUBSUB
+
+
+def server_errors(running: Running) -> int:
+    app = running.daemon.http.app
+    assert app is not None
+    return sum(n for (_m, _r, status), n in app[HTTP_METRICS].requests.items() if status == "500")
+
+
+async def ingest(url: str, stream: str, db: asyncpg.Connection, ids: list[str]) -> None:
+    """XADD the envelopes, then wait until each is a command."""
+    raw = connect_redis(url, name="jarvisd-test")
+    try:
+        for rid in ids:
+            await raw.xadd(stream, {"envelope": requested(rid)})
+    finally:
+        await raw.aclose()
+
+    async def all_there() -> bool:
+        n = await db.fetchval("SELECT count(*) FROM commands WHERE request_id = ANY($1)", ids)
+        return bool(n == len(ids))
+
+    await eventually(all_there, timeout=30)
+
+
+async def test_redis_gone_for_a_while_gives_503s_and_misses_then_everything_recovers(
+    make_config: Callable[..., LoadedConfig],
+    own_valkey: OwnValkey,  # noqa: F811
+    pg_dsn: str,
+) -> None:
+    loaded = make_config(redis={"url": own_valkey.url, "connect_timeout": 1}, pubsub=FAST_PUBSUB,
+                         bus=BUS)  # fmt: skip
+    db = await asyncpg.connect(pg_dsn)
+    async for running in start_daemon(loaded):
+        await running.wait_ready()
+        assert loaded.settings.http.unix_socket is not None
+        api = Api(running, loaded.settings.http.unix_socket)
+        try:
+            uid, agent = await api.user("fault-agent", "agent")
+            stream = running.daemon.settings.inbox
+            await ingest(own_valkey.url, stream, db, [f"before-{i}" for i in range(50)])
+            status, _h, _b = await api.call(
+                "POST", "/cache/set", token=agent, json={"key": "k", "value": 1}
+            )
+            assert status == 200
+
+            await own_valkey.server.stop()
+            async with asyncio.timeout(10):
+                while (await running.get("/health/ready"))[0] != 503:
+                    await asyncio.sleep(0.05)
+            status, _h, _b = await api.call("GET", "/cache/get/k", token=agent)
+            assert status == 404  # a read that cannot be served is a miss
+            for method, path, body in (
+                ("POST", "/cache/set", {"key": "k2", "value": 2}),
+                ("POST", "/sessions", {"userId": uid, "data": {}}),
+            ):
+                status, headers, problem = await api.call(method, path, token=agent, json=body)
+                assert status == 503, problem
+                assert headers["Retry-After"] == "1"
+                assert headers["Content-Type"].startswith("application/problem+json")
+            status, _h, page = await api.call("GET", "/commands?limit=5", token=agent)
+            assert status == 200  # what needs only PostgreSQL goes on
+            assert len(page["items"]) == 5
+
+            own_valkey.server = own_valkey._new()  # back, empty (no append-only file)
+            await own_valkey.server.start()
+            await running.wait_ready(30)
+            await ingest(own_valkey.url, stream, db, [f"after-{i}" for i in range(50)])
+            status, _h, _b = await api.call(
+                "POST", "/cache/set", token=agent, json={"key": "k", "value": 3}
+            )
+            assert status == 200
+            status, _h, session = await api.call(
+                "POST", "/sessions", token=agent, json={"userId": uid, "data": {"ok": True}}
+            )
+            assert status == 201, session
+            assert await db.fetchval("SELECT count(*) FROM commands") == 100
+            assert server_errors(running) == 0
+        finally:
+            await api.unix.close()
+    await db.close()
+
+
+async def test_a_database_that_refuses_writes_gives_503_and_the_pool_recovers_after(
+    make_config: Callable[..., LoadedConfig], pg_dsn: str
+) -> None:
+    loaded = make_config()
+    name = pg_dsn.split("?")[0].rsplit("/", 1)[1]
+    admin = await asyncpg.connect(pg_dsn)
+    async for running in start_daemon(loaded):
+        await running.wait_ready()
+        assert loaded.settings.http.unix_socket is not None
+        api = Api(running, loaded.settings.http.unix_socket)
+        try:
+            await api.user("before-read-only")
+            # As a failed-over or full server would: every new transaction read-only.
+            await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                name,
+            )
+            refused = []
+            for n in range(5):  # the first may meet a terminated connection: 503 too
+                status, headers, problem = await api.call(
+                    "POST", "/users", local=True, json={"username": f"ro-{n}"}
+                )
+                refused.append(status)
+                assert headers["Content-Type"].startswith("application/problem+json")
+                assert status == 503, json.dumps(problem)
+            await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                name,
+            )
+            async with asyncio.timeout(20):
+                while True:
+                    status, _h, _b = await api.call(
+                        "POST", "/users", local=True, json={"username": "after-read-only"}
+                    )
+                    if status == 201:
+                        break
+                    assert status == 503
+                    await asyncio.sleep(0.1)
+            assert server_errors(running) == 0
+        finally:
+            await api.unix.close()
+    await admin.close()
