@@ -33,14 +33,17 @@ fmt: $(STAMP)
 	$(BIN)/ruff format config actors jarvisd tests bench examples
 	$(BIN)/ruff check --fix config actors jarvisd tests bench examples
 
-## bench: benchmarks that print figures (embedded servers unless JARVISD_TEST_* are set)
+## bench: benchmarks that print figures (embedded servers unless JARVISD_TEST_* are set);
+## with BENCH_JSON=FILE each also writes its figures, floors and ratios to FILE
+JSON_ARG = $(if $(BENCH_JSON),--json $(BENCH_JSON))
 bench: $(STAMP)
-	$(BIN)/python -m bench.cache
-	$(BIN)/python -m bench.commands
-	$(BIN)/python -m bench.bus
-	$(BIN)/python -m bench.http
-	$(BIN)/python -m bench.approvals
-	$(BIN)/python -m bench.daemons
+	$(BIN)/python -m bench.cache $(JSON_ARG)
+	$(BIN)/python -m bench.commands $(JSON_ARG)
+	$(BIN)/python -m bench.bus $(JSON_ARG)
+	$(BIN)/python -m bench.http $(JSON_ARG)
+	$(BIN)/python -m bench.approvals $(JSON_ARG)
+	$(BIN)/python -m bench.daemons $(JSON_ARG)
+	$(BIN)/python -m bench.overload $(JSON_ARG)
 
 ## check: lint, types and tests — keep it green
 check: lint types test

@@ -1,7 +1,7 @@
 """Agent bus and pub/sub benchmark, floors measured in the same run.
 
     python -m bench.bus [--envelopes 50000] [--rate 2000] [--seconds 10]
-                        [--clients 100] [--ws-rate 1000]
+                        [--clients 100] [--ws-rate 1000] [--json FILE]
 
 1. Sustained ingest: XADD of command.requested envelopes (pipelined, faster
    than the daemon reads) to rows committed in PostgreSQL by a separate
@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 from actors import migrate as migrations
 from bench.daemon import BenchDaemon, bench_daemon
 from bench.light import read_raw_redis, read_websockets
+from bench.report import Report
 from tests.servers import dsn_with_database
 
 
@@ -213,7 +214,7 @@ async def publish_steady(redis_url: str, channel: str, rate: int, total: int) ->
     await raw.aclose()
 
 
-async def run(pg: str, redis_url: str, args: argparse.Namespace) -> None:
+async def run(pg: str, redis_url: str, args: argparse.Namespace, report: Report) -> None:
     floor = await raw_floor(pg, args.envelopes)
     async with bench_daemon(pg, redis_url) as d:
         rate, produced = await ingest(d, redis_url, args.envelopes)
@@ -223,20 +224,36 @@ async def run(pg: str, redis_url: str, args: argparse.Namespace) -> None:
         )
     raw = await fanout("raw", redis_url, "", redis_url, args.clients, args.ws_rate, args.seconds)
     print(f"Ingest of {args.envelopes:,} command.requested envelopes (1 in 50 needing approval):")
-    print(f"  raw asyncpg executemany, 1,000-row transactions  {floor:10,.0f} rows/s")
-    print(f"  XADD (the producer, pipelined)                   {produced:10,.0f} envelopes/s")
-    print(f"  stream → committed rows (jarvisd)                {rate:10,.0f} envelopes/s")
-    print(f"  jarvisd / raw floor                              {rate / floor:10.2f}")
+    report.add("ingest, raw asyncpg executemany (1,000-row transactions)", floor, "rows/s")
+    report.add("ingest, XADD (the producer, pipelined)", produced, "envelopes/s")
+    report.add(
+        "ingest, stream → committed rows (jarvisd)",
+        rate,
+        "rows/s",
+        floor=floor,
+        floor_name="raw asyncpg executemany",
+    )
     print(f"XADD → command.created (after commit) at {args.rate}/s for {args.seconds:g} s:")
-    print(
-        f"  p50 {statistics.median(lat):.2f} ms, p99 {pct(lat, 0.99):.2f} ms, max {max(lat):.2f} ms"
-    )
+    report.add("XADD→command.created p50", statistics.median(lat), "ms")
+    report.add("XADD→command.created p99", pct(lat, 0.99), "ms")
+    report.add("XADD→command.created max", max(lat), "ms")
     print(f"PUBLISH → {args.clients} subscribers at {args.ws_rate} msg/s for {args.seconds:g} s:")
-    print(
-        f"  raw Redis subscribers   p50 {statistics.median(raw):.2f} ms, p99 {pct(raw, 0.99):.2f} ms"
+    raw_p50, raw_p99 = statistics.median(raw), pct(raw, 0.99)
+    report.add("PUBLISH→raw Redis subscribers p50", raw_p50, "ms")
+    report.add("PUBLISH→raw Redis subscribers p99", raw_p99, "ms")
+    report.add(
+        "PUBLISH→jarvisd WebSocket p50",
+        statistics.median(ws),
+        "ms",
+        floor=raw_p50,
+        floor_name="raw Redis subscribers p50",
     )
-    print(
-        f"  jarvisd WebSocket       p50 {statistics.median(ws):.2f} ms, p99 {pct(ws, 0.99):.2f} ms"
+    report.add(
+        "PUBLISH→jarvisd WebSocket p99",
+        pct(ws, 0.99),
+        "ms",
+        floor=raw_p99,
+        floor_name="raw Redis subscribers p99",
     )
 
 
@@ -249,6 +266,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--ws-rate", type=int, default=1000)
+    parser.add_argument("--json", help="also write every figure to this file")
     # A reader process of the fan-out measurement (internal).
     parser.add_argument("--reader", choices=["ws", "raw"], help=argparse.SUPPRESS)
     parser.add_argument("--target", help=argparse.SUPPRESS)
@@ -272,11 +290,14 @@ def main() -> None:
     from tests.servers import Servers
 
     servers = Servers.start()
+    report = Report("bus")
     try:
         print(f"(PostgreSQL at {servers.postgres_dsn}, Redis at {servers.redis_url})")
-        asyncio.run(run(servers.postgres_dsn, servers.redis_url, args))
+        asyncio.run(run(servers.postgres_dsn, servers.redis_url, args, report))
     finally:
         servers.stop()
+        if args.json:
+            report.write(args.json)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Cache benchmark: the cache actor's ask path against raw redis.asyncio, in the same run.
 
-    python -m bench.cache [--callers 50] [--seconds 5]
+    python -m bench.cache [--callers 50] [--seconds 3] [--json FILE]
 
 Servers: JARVISD_TEST_REDIS_URL, else an embedded Valkey (as the tests do).
 Prints ops/s for a raw client pool, one hand-pipelined connection, and the
@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 
 from actors.cache import Cache, CacheGet, CacheInvalidateTags, CacheSet
+from bench.report import Report
 from config import CacheSettings, RedisSettings
 
 
@@ -42,7 +43,7 @@ async def closed_loop(
     return sum(counts) / (time.perf_counter() - started)
 
 
-async def run(url: str, callers: int, seconds: float) -> None:
+async def run(url: str, callers: int, seconds: float, report: Report) -> None:
     prefix = f"bench:{uuid.uuid4().hex[:8]}:"
     value = b'{"user":7,"name":"bench","roles":["user"]}'
 
@@ -88,10 +89,15 @@ async def run(url: str, callers: int, seconds: float) -> None:
         floor_rates.append(await pipelined_floor())
     raw_rate, actor_rate = statistics.median(raw_rates), statistics.median(actor_rates)
     print(f"get/set, {callers} concurrent callers, {rounds} x {seconds:g}s each (median):")
-    print(f"  raw redis.asyncio pool        {raw_rate:10,.0f} ops/s")
-    print(f"  one pipelined connection      {statistics.median(floor_rates):10,.0f} ops/s")
-    print(f"  cache actor ask               {actor_rate:10,.0f} ops/s")
-    print(f"  actor / raw pool              {actor_rate / raw_rate:10.2f}")
+    report.add("get/set, raw redis.asyncio pool", raw_rate, "ops/s")
+    report.add("get/set, one pipelined connection", statistics.median(floor_rates), "ops/s")
+    report.add(
+        "get/set, cache actor ask",
+        actor_rate,
+        "ops/s",
+        floor=raw_rate,
+        floor_name="raw redis.asyncio pool",
+    )
 
     n = 10_000
     await asyncio.gather(
@@ -103,7 +109,7 @@ async def run(url: str, callers: int, seconds: float) -> None:
     started = time.perf_counter()
     removed = await cache.ask(CacheInvalidateTags("bench", ("big",)), timeout=30)
     elapsed = (time.perf_counter() - started) * 1000
-    print(f"invalidate a tag of {n:,} keys   {elapsed:10.1f} ms ({removed:,} removed)")
+    report.add(f"invalidate a tag of {n:,} keys", elapsed, "ms", note=f"{removed:,} removed")
 
     await cache.stop()
     cursor = 0
@@ -117,7 +123,9 @@ async def run(url: str, callers: int, seconds: float) -> None:
     await one.aclose()
 
 
-async def http_rates(url: str, pg_admin_dsn: str, callers: int, seconds: float) -> None:
+async def http_rates(
+    url: str, pg_admin_dsn: str, callers: int, seconds: float, report: Report
+) -> None:
     """GET /cache/get/{key} on a real `jarvisd run` (another process), against
     GET /health/live (the same HTTP stack, no actor, no Redis) as the floor."""
     import shutil
@@ -191,9 +199,14 @@ async def http_rates(url: str, pg_admin_dsn: str, callers: int, seconds: float) 
                 cache_rates.append(await closed_loop(callers, seconds, cached))
         floor, rate = statistics.median(live_rates), statistics.median(cache_rates)
         print(f"HTTP on a separate `jarvisd run`, {callers} concurrent clients (median of 3):")
-        print(f"  GET /health/live (HTTP floor)        {floor:10,.0f} req/s")
-        print(f"  GET /cache/get/{{key}} (API token)     {rate:10,.0f} req/s")
-        print(f"  cache get / floor                    {rate / floor:10.2f}")
+        report.add("HTTP GET /health/live", floor, "req/s")
+        report.add(
+            "HTTP GET /cache/get/{key} (API token)",
+            rate,
+            "req/s",
+            floor=floor,
+            floor_name="GET /health/live",
+        )
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -208,16 +221,22 @@ def main() -> None:
     )
     parser.add_argument("--callers", type=int, default=50)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
     from tests.servers import Servers
 
     servers = Servers.start()
+    report = Report("cache")
     try:
         print(f"(PostgreSQL at {servers.postgres_dsn}, Redis at {servers.redis_url})")
-        asyncio.run(run(servers.redis_url, args.callers, args.seconds))
-        asyncio.run(http_rates(servers.redis_url, servers.postgres_dsn, args.callers, args.seconds))
+        asyncio.run(run(servers.redis_url, args.callers, args.seconds, report))
+        asyncio.run(
+            http_rates(servers.redis_url, servers.postgres_dsn, args.callers, args.seconds, report)
+        )
     finally:
         servers.stop()
+        if args.json:
+            report.write(args.json)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ processes sharing one PostgreSQL database and one inbox, against one daemon,
 in the same run; on one Redis and on a local Redis Cluster (3 primaries,
 3 replicas). Each run checks that every envelope became exactly one command.
 
-    python -m bench.daemons [--envelopes 30000] [--daemons 3] [--no-cluster]
+    python -m bench.daemons [--envelopes 30000] [--daemons 3] [--no-cluster] [--json FILE]
 
 Servers: JARVISD_TEST_POSTGRES_DSN / JARVISD_TEST_REDIS_URL, else embedded
 ones; the cluster is started here.
@@ -27,6 +27,7 @@ import asyncpg
 
 from actors.redis_link import connect_redis
 from bench.bus import envelope
+from bench.report import Report
 from tests.cluster import LocalCluster, free_cluster_ports
 from tests.servers import dsn_with_database
 
@@ -117,14 +118,20 @@ async def ingest(pg_admin: str, redis_url: str, daemons: int, n: int) -> float:
         await admin.close()
 
 
-async def run(pg: str, targets: list[tuple[str, str]], args: argparse.Namespace) -> None:
+async def run(
+    pg: str, targets: list[tuple[str, str]], args: argparse.Namespace, report: Report
+) -> None:
     print(f"ingest of {args.envelopes:,} envelopes into one inbox, each committed once:")
     for label, url in targets:
         one = await ingest(pg, url, 1, args.envelopes)
+        report.add(f"{label}, 1 daemon ingest", one, "env/s")
         many = await ingest(pg, url, args.daemons, args.envelopes)
-        print(
-            f"  {label:<14} 1 daemon {one:8,.0f} env/s   {args.daemons} daemons "
-            f"{many:8,.0f} env/s   ratio {many / one:.2f}"
+        report.add(
+            f"{label}, {args.daemons} daemons ingest",
+            many,
+            "env/s",
+            floor=one,
+            floor_name="1 daemon",
         )
 
 
@@ -135,21 +142,25 @@ def main() -> None:
     parser.add_argument("--envelopes", type=int, default=30_000)
     parser.add_argument("--daemons", type=int, default=3)
     parser.add_argument("--no-cluster", action="store_true")
+    parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
     from tests.servers import Servers
 
     servers = Servers.start()
     cluster = None if args.no_cluster else LocalCluster.start()
+    report = Report("daemons")
     try:
         targets = [("Redis", servers.redis_url)]
         if cluster is not None:
             targets.append(("Redis Cluster", cluster.url))
         print(f"(PostgreSQL at {servers.postgres_dsn}; {os.cpu_count()} CPUs)")
-        asyncio.run(run(servers.postgres_dsn, targets, args))
+        asyncio.run(run(servers.postgres_dsn, targets, args, report))
     finally:
         if cluster is not None:
             cluster.stop()
         servers.stop()
+        if args.json:
+            report.write(args.json)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """HTTP benchmark: jarvisd's routes against a bare aiohttp JSON handler, in
 the same run, measured with wrk (another process).
 
-    python -m bench.http [--seconds 8] [--connections 50] [--many 1000]
+    python -m bench.http [--seconds 8] [--connections 50] [--many 1000] [--json FILE]
 
 Prints req/s, p50 and p99 per route and its ratio to the bare handler, then
 1,000 concurrent keep-alive connections on GET /cache/get/{key}. Needs wrk
@@ -25,6 +25,7 @@ import aiohttp
 
 from bench.daemon import bench_daemon
 from bench.light import keepalive_load
+from bench.report import Report
 
 BARE_PORT = 18500 + os.getpid() % 400
 
@@ -105,7 +106,7 @@ def bare_server(port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
-async def run(pg: str, redis_url: str, args: argparse.Namespace) -> None:
+async def run(pg: str, redis_url: str, args: argparse.Namespace, report: Report) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, args.many * 4)), hard))
     bare = subprocess.Popen(  # noqa: ASYNC220 - once, at bench start
@@ -153,29 +154,40 @@ async def run(pg: str, redis_url: str, args: argparse.Namespace) -> None:
     finally:
         bare.terminate()
         bare.wait(10)
-    floor = results[0][1].rate
     print(f"wrk -t1 -c{args.connections}, {args.seconds:g} s each, same run:")
-    for name, r in results:
-        print(
-            f"  {name:<36} {r.rate:9,.0f} req/s  p50 {r.p50_ms:6.2f} ms  p99 {r.p99_ms:6.2f} ms"
-            f"  {r.rate / floor:5.2f} of bare"
-            + (f"  ({r.errors} errors, {r.non_2xx} non-2xx)" if r.errors or r.non_2xx else "")
-        )
+    floor_name, floor = results[0]  # the bare handler
+    for name, res in results:
+        note = f"{res.errors} errors, {res.non_2xx} non-2xx" if res.errors or res.non_2xx else None
+        for what, unit, value, floor_value in (
+            ("rate", "req/s", res.rate, floor.rate),
+            ("p50", "ms", res.p50_ms, floor.p50_ms),
+            ("p99", "ms", res.p99_ms, floor.p99_ms),
+        ):
+            report.add(
+                f"{name} {what}",
+                value,
+                unit,
+                floor=None if res is floor else floor_value,
+                floor_name=None if res is floor else floor_name,
+                note=note if what == "rate" else None,
+            )
     lat, errors = users
     lat.sort()
     print(
         f"{args.many} concurrent keep-alive connections on GET /cache/get/{{key}}, "
         f"each asking {args.user_rate:g} times a second ({args.many * args.user_rate:,.0f} req/s):"
     )
-    print(
-        f"  {len(lat):,} answers, p50 {lat[len(lat) // 2]:.2f} ms, "
-        f"p99 {lat[int(len(lat) * 0.99)]:.2f} ms, max {lat[-1]:.2f} ms, {errors} errors"
-    )
+    label = f"{args.many} keep-alive users, GET /cache/get/{{key}}"
+    report.add(f"{label} answers", len(lat), "answers", note=f"{errors} errors")
+    report.add(f"{label} p50", lat[len(lat) // 2], "ms")
+    report.add(f"{label} p99", lat[int(len(lat) * 0.99)], "ms")
+    report.add(f"{label} max", lat[-1], "ms")
     print(f"{args.many} connections asking as fast as they can (wrk -c{args.many}):")
-    print(
-        f"  {many.rate:,.0f} req/s, p50 {many.p50_ms:.2f} ms, p99 {many.p99_ms:.2f} ms, "
-        f"{many.errors} socket errors, {many.non_2xx} non-2xx"
-    )
+    label = f"wrk -c{args.many} GET /cache/get/{{key}}"
+    note = f"{many.errors} socket errors, {many.non_2xx} non-2xx"
+    report.add(f"{label} rate", many.rate, "req/s", note=note)
+    report.add(f"{label} p50", many.p50_ms, "ms")
+    report.add(f"{label} p99", many.p99_ms, "ms")
 
 
 def main() -> None:
@@ -186,6 +198,7 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--many", type=int, default=1000)
     parser.add_argument("--user-rate", type=float, default=5.0)
+    parser.add_argument("--json", help="also write every figure to this file")
     parser.add_argument("--bare", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--users-client", help=argparse.SUPPRESS)
     parser.add_argument("--token", help=argparse.SUPPRESS)
@@ -212,11 +225,14 @@ def main() -> None:
     from tests.servers import Servers
 
     servers = Servers.start()
+    report = Report("http")
     try:
         print(f"(PostgreSQL at {servers.postgres_dsn}, Redis at {servers.redis_url})")
-        asyncio.run(run(servers.postgres_dsn, servers.redis_url, args))
+        asyncio.run(run(servers.postgres_dsn, servers.redis_url, args, report))
     finally:
         servers.stop()
+        if args.json:
+            report.write(args.json)
 
 
 if __name__ == "__main__":
