@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -222,7 +223,14 @@ class Persistence(DataHandlers, WorkflowHandlers, Actor):
         except (asyncpg.PostgresError, *_OUTAGES) as exc:
             raise Unavailable(f"database unreachable: {type(exc).__name__}: {exc}") from exc
         # Which server answers: with several hosts in the DSN, the one in use now.
-        self.server = "local socket" if addr is None else f"{addr.split('/')[0]}:{port}"
+        host = None if addr is None else addr.split("/")[0]
+        self.server = (
+            "local socket"
+            if host is None
+            else f"[{host}]:{port}"
+            if ":" in host
+            else f"{host}:{port}"
+        )
         if standby and self._wants_primary:
             await self.pool.expire_connections()
             raise Unavailable(f"{self.server} is a standby now; looking for the primary")
@@ -230,7 +238,8 @@ class Persistence(DataHandlers, WorkflowHandlers, Actor):
 
     @property
     def _wants_primary(self) -> bool:
-        attrs = parse_qs(urlsplit(self.dsn).query).get("target_session_attrs", [""])[0]
+        default = os.environ.get("PGTARGETSESSIONATTRS", "")
+        attrs = parse_qs(urlsplit(self.dsn).query).get("target_session_attrs", [default])[0]
         return attrs in ("read-write", "primary")
 
     @handles(Migrate)

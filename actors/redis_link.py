@@ -68,9 +68,13 @@ def cluster_seeds(url: str) -> tuple[str, list[tuple[str, int]]]:
     userinfo, _, hosts = parts.netloc.rpartition("@")
     seeds: list[tuple[str, int]] = []
     for item in hosts.split(","):
-        host, _, port = item.strip().rpartition(":")
-        if not host:
-            host, port = port, "6379"
+        item = item.strip()
+        if item.startswith("[") and item.endswith("]"):  # [IPv6] without a port
+            host, port = item, ""
+        else:
+            host, _, port = item.rpartition(":")
+            if not host:
+                host, port = port, ""
         seeds.append((host.strip("[]"), int(port or 6379)))
     if not seeds or not seeds[0][0]:
         raise ValueError(f"no cluster node in {url!r}")

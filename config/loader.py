@@ -265,6 +265,14 @@ def _check_redis(settings: Settings, source: str, issues: list[ConfigIssue]) -> 
                 source, "redis.cluster", "needs redis.url: the embedded Valkey is no cluster"
             )
         )
+    if cluster and r.replica_wait >= r.connect_timeout:
+        issues.append(
+            ConfigIssue(
+                source,
+                "redis.replica_wait",
+                f"must be < redis.connect_timeout ({r.connect_timeout:g}), the socket timeout",
+            )
+        )
     if "{" in r.prefix or "}" in r.prefix:
         # A hash tag in the prefix would put every key in one cluster slot.
         issues.append(ConfigIssue(source, "redis.prefix", "must not contain { or }"))

@@ -274,12 +274,12 @@ def test_the_full_example_lists_every_key_with_its_default() -> None:
 
 
 def test_a_redis_cluster_url_names_its_seeds_and_its_password_is_redacted() -> None:
-    url = "redis+cluster://:s3cret@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002/0"
+    url = "redis+cluster://:s3cret@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002,[::2]/0"
     s = load_settings(None, env={**EXTERNAL, "JARVISD_REDIS__URL": url}).settings
     assert is_cluster(s.redis.url or "", s.redis)
     first, seeds = cluster_seeds(url)
     assert first == "redis://:s3cret@10.0.0.1:7000/0"
-    assert seeds == [("10.0.0.1", 7000), ("10.0.0.2", 7001), ("::1", 7002)]
+    assert seeds == [("10.0.0.1", 7000), ("10.0.0.2", 7001), ("::1", 7002), ("::2", 6379)]
     assert node_url(url, "10.0.0.9", 7005) == "redis://:s3cret@10.0.0.9:7005"
     assert "s3cret" not in redact_url(url)
 
