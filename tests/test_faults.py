@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
 
 import asyncpg
+import pytest
 
 from actors.redis_link import connect_redis
 from config import LoadedConfig
@@ -147,3 +149,43 @@ async def test_a_database_that_refuses_writes_gives_503_and_the_pool_recovers_af
         finally:
             await api.unix.close()
     await admin.close()
+
+
+async def test_the_daemons_wall_clock_jumping_a_day_changes_no_expiry(
+    make_config: Callable[..., LoadedConfig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lifetimes are kept by the servers' clocks (Redis TIME for sessions,
+    PostgreSQL now() for tokens and approvals) and timeouts by the monotonic
+    clock: the daemon's own wall clock going wrong expires nothing early and
+    keeps nothing late."""
+    loaded = make_config()
+    async for running in start_daemon(loaded):
+        await running.wait_ready()
+        assert loaded.settings.http.unix_socket is not None
+        api = Api(running, loaded.settings.http.unix_socket)
+        try:
+            uid, agent = await api.user("clock-agent", "agent")
+            _u, requester = await api.user("clock-user")
+            status, _h, session = await api.call(
+                "POST", "/sessions", token=agent, json={"userId": uid, "idleTtl": 60}
+            )
+            assert status == 201
+            status, _h, approval = await api.call(
+                "POST", "/approvals", token=requester, json={"action": "x", "riskScore": 75}
+            )
+            assert status == 201
+            real = time.time
+            for jump in (2 * 86400, -2 * 86400):
+                monkeypatch.setattr(time, "time", lambda jump=jump, real=real: real() + jump)
+                status, _h, doc = await api.call("GET", f"/sessions/{session['id']}", token=agent)
+                assert status == 200, (jump, doc)
+                status, _h, doc = await api.call(
+                    "GET", f"/approvals/{approval['id']}", token=requester
+                )
+                assert (status, doc["status"]) == (200, "pending"), jump
+                status, _h, _doc = await api.call("GET", "/commands?limit=1", token=agent)
+                assert status == 200, jump
+                monkeypatch.undo()
+            assert server_errors(running) == 0
+        finally:
+            await api.unix.close()
