@@ -25,7 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import msgspec
-from redis.exceptions import ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 
 from actors.kernel import handles
 from actors.redis_link import REDIS_FAILURES, RedisClientActor, RedisUnavailable
@@ -58,6 +64,11 @@ Mode = Literal["", "NX", "XX"]
 # The statistics entry shared by namespaces past cache.max_namespaces; not a
 # valid namespace name, so no client can write under it.
 OTHER_NAMESPACES = "(other)"
+
+
+# Refusals that say "not now" (a cluster failing over or resharding, a
+# replica answering): the write could not happen, so 503, not the caller's error.
+_NOT_NOW = (AskError, ClusterDownError, ReadOnlyError, TryAgainError)
 
 
 class CacheError(ValueError):
@@ -483,7 +494,7 @@ class Cache(RedisClientActor):
             return [(False, None)] * len(msg.keys)
         if isinstance(msg, CacheExists):
             return 0
-        if isinstance(exc, ResponseError):
+        if isinstance(exc, ResponseError) and not isinstance(exc, _NOT_NOW):
             return CacheError(f"redis refused the command: {exc}")
         return self._down(exc)
 

@@ -16,6 +16,7 @@ import pytest
 from actors.redis_link import connect_redis
 from config import LoadedConfig
 from jarvisd.http.keys import HTTP_METRICS
+from tests.servers import Servers
 from tests.test_api import Api
 from tests.test_bus import BUS, eventually, requested
 from tests.test_http import Running, start_daemon
@@ -189,3 +190,59 @@ async def test_the_daemons_wall_clock_jumping_a_day_changes_no_expiry(
             assert server_errors(running) == 0
         finally:
             await api.unix.close()
+
+
+@pytest.mark.slow
+async def test_postgres_away_for_10_s_during_an_ingest_loses_and_doubles_nothing(
+    make_config: Callable[..., LoadedConfig], redis_url: str, pg_dsn: str, servers: Servers
+) -> None:
+    """The daemon stays up, readiness says 503, the inbox waits with its
+    batch in hand; once PostgreSQL is back every envelope is one command."""
+    name = pg_dsn.split("?")[0].rsplit("/", 1)[1]
+    loaded = make_config(bus=BUS, daemon={"health_interval": 0.2})
+    admin = await asyncpg.connect(servers.postgres_dsn)
+    db = await asyncpg.connect(pg_dsn)
+    ids = [f"away-{i}" for i in range(6000)]
+    async for running in start_daemon(loaded):
+        await running.wait_ready()
+        stream = running.daemon.settings.inbox
+        raw = connect_redis(redis_url, name="jarvisd-test")
+        try:
+            async with raw.pipeline(transaction=False) as pipe:
+                for rid in ids:
+                    pipe.xadd(stream, {"envelope": requested(rid)})
+                await pipe.execute()
+            async with asyncio.timeout(30):
+                while await db.fetchval("SELECT count(*) FROM commands") < 500:
+                    await asyncio.sleep(0.01)
+            await db.close()
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = $1 AND pid <> pg_backend_pid()",
+                name,
+            )
+            away_until = time.monotonic() + 10
+            saw_503 = False
+            while time.monotonic() < away_until:
+                saw_503 = saw_503 or (await running.get("/health/ready"))[0] == 503
+                assert (await running.get("/health/live"))[0] == 200
+                await asyncio.sleep(0.2)
+            assert saw_503
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            db = await asyncpg.connect(pg_dsn)
+            async with asyncio.timeout(60):
+                while True:
+                    groups = await raw.xinfo_groups(stream)
+                    if groups[0]["pending"] == 0 and (groups[0].get("lag") or 0) == 0:
+                        break
+                    await asyncio.sleep(0.1)
+            assert await db.fetchval("SELECT count(*) FROM commands") == len(ids)
+            assert await db.fetchval("SELECT count(DISTINCT request_id) FROM commands") == len(ids)
+            assert await raw.xlen(f"{stream}:dead") == 0
+            await running.wait_ready(10)
+            assert server_errors(running) == 0
+        finally:
+            await raw.aclose()
+    await db.close()
+    await admin.close()

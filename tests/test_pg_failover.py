@@ -54,12 +54,11 @@ async def test_after_a_failover_the_daemon_reconnects_to_the_new_primary_by_itse
             )
             assert status == 503, problem  # no primary: a clear 503, never a 500
             await pg_pair.promote()
+            promoted = (200, f"ok: 127.0.0.1:{pg_pair.ports[1]}")  # readiness names the new host
             async with asyncio.timeout(30):
-                while (await postgres_check(api))[0] != 200:
-                    await asyncio.sleep(0.1)
+                while await postgres_check(api) != promoted:
+                    await asyncio.sleep(0.05)
             recovered = time.monotonic() - killed_at
-            status, detail = await postgres_check(api)
-            assert detail == f"ok: 127.0.0.1:{pg_pair.ports[1]}"  # readiness names the new host
             await api.user("after")  # writes go to the new primary
             status, _h, users = await api.call("GET", "/users?limit=100", local=True)
             assert status == 200
