@@ -170,6 +170,43 @@ def test_stopping_embedded_postgres_by_hand_turns_ready_503_then_back_to_200(
         d.stop()
 
 
+def test_kill_9_of_the_embedded_valkey_is_a_503_then_a_restarted_server_without_a_restart_of_ours(
+    instance: Path,
+) -> None:
+    d = DaemonProcess(instance)
+    try:
+        d.wait_ready(30)
+        token = (instance / "var" / "admin-token").read_text().strip()
+
+        def cache_set(value: int) -> int:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{d.port}/cache/set",
+                data=json.dumps({"key": "k", "value": value}).encode(),
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=5) as resp:  # noqa: S310 - http, ours
+                    return int(resp.status)
+            except urllib.error.HTTPError as err:
+                return int(err.code)
+
+        assert cache_set(1) == 200
+        vk_pid = d.child_pids()[1]
+        daemon_pid = d.proc.pid
+        os.kill(vk_pid, signal.SIGKILL)
+        assert wait(lambda: get(d.port, "/health/ready")[0] == 503, 10, 0.01)
+        assert wait(lambda: cache_set(2) == 200, 30, 0.1), d.output()
+        d.wait_ready(30)
+        assert d.proc.pid == daemon_pid
+        assert d.proc.poll() is None
+        assert wait(lambda: d.stats()["actors"]["embedded-valkey"]["restarts"] == 1, 5)
+        assert d.child_pids()[1] != vk_pid
+        d.proc.send_signal(signal.SIGTERM)
+        assert d.proc.wait(10) == 0
+    finally:
+        d.stop()
+
+
 def test_sigint_drains_and_exits_0_like_sigterm(instance: Path) -> None:
     d = DaemonProcess(instance)
     try:
