@@ -206,12 +206,36 @@ async def sustainable_http(d: BenchDaemon, seconds: float = 5) -> float:
     return done / seconds
 
 
-async def sample_rss(pid: int, stop_at: Callable[[], bool]) -> float:
-    peak = 0.0
-    while not stop_at():
-        peak = max(peak, rss_mb(pid))
-        await asyncio.sleep(0.25)
-    return peak
+class Sampler:
+    """The daemon's peak RSS, and each mailbox's deepest fill, while a load runs."""
+
+    def __init__(self, pid: int, base: str) -> None:
+        self.pid, self.base = pid, base
+        self.peak = 0.0
+        self.deepest: dict[str, tuple[int, int]] = {}  # actor → (depth, bound)
+        self.done = False
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession() as session:
+            while not self.done:
+                self.peak = max(self.peak, rss_mb(self.pid))
+                try:
+                    async with session.get(self.base + "/stats") as resp:
+                        actors = (await resp.json())["actors"]
+                except (aiohttp.ClientError, ValueError, KeyError):
+                    actors = {}
+                for name, doc in actors.items():
+                    depth, bound = doc["mailbox"]["depth"], doc["mailbox"]["size"]
+                    if depth >= self.deepest.get(name, (-1, 0))[0]:
+                        self.deepest[name] = (depth, bound)
+                await asyncio.sleep(0.25)
+
+    def report(self, what: str, report: Report) -> None:
+        report.add(f"peak RSS under {what}", self.peak, "MB")
+        name, (depth, bound) = max(self.deepest.items(), key=lambda kv: kv[1][0] / kv[1][1])
+        report.add(
+            f"deepest mailbox under {what}", depth, "messages", note=f"{name}, bound {bound}"
+        )
 
 
 async def http_overload(d: BenchDaemon, pid: int, seconds: float, report: Report) -> None:
@@ -219,13 +243,14 @@ async def http_overload(d: BenchDaemon, pid: int, seconds: float, report: Report
     report.add("GET /cache/get sustainable rate (50 callers)", rate, "req/s")
     clients = 2000
     per_client = 10 * rate / clients
-    finished = False
-    sampler = asyncio.create_task(sample_rss(pid, lambda: finished))
+    sampler = Sampler(pid, d.base)
+    sampling = asyncio.create_task(sampler.run())
     lat, not_ok = await keepalive_load(
         d.base, "/cache/get/hot", d.token, clients, per_client, seconds
     )
-    finished = True
-    peak = await sampler
+    sampler.done = True
+    await sampling
+    peak = sampler.peak
     answered = len(lat)
     report.add(
         f"HTTP at 10x ({10 * rate:,.0f} req/s offered by {clients} clients) for {seconds:g} s",
@@ -233,7 +258,7 @@ async def http_overload(d: BenchDaemon, pid: int, seconds: float, report: Report
         "answers/s",
         note=f"{answered - not_ok:,} ok, {not_ok:,} refused (503) or failed; peak RSS {peak:.0f} MB",
     )
-    report.add("peak RSS under HTTP overload", peak, "MB")
+    sampler.report("HTTP overload", report)
     after = await sustainable_http(d, 2)
     report.add("GET /cache/get rate right after", after, "req/s", floor=rate, floor_name="before")
 
@@ -243,8 +268,8 @@ async def publish_overload(d: BenchDaemon, pid: int, seconds: float, report: Rep
     db = await asyncpg.connect(d.dsn)
     try:
         base = await db.fetchval("SELECT count(*) FROM commands")
-        finished = False
-        sampler = asyncio.create_task(sample_rss(pid, lambda: finished))
+        sampler = Sampler(pid, d.base)
+        sampling = asyncio.create_task(sampler.run())
         produced = 0
         started = time.perf_counter()
         while time.perf_counter() - started < seconds:
@@ -259,8 +284,8 @@ async def publish_overload(d: BenchDaemon, pid: int, seconds: float, report: Rep
         while await db.fetchval("SELECT count(*) FROM commands") - base < produced:
             await asyncio.sleep(0.1)
         drained = time.perf_counter() - drain_started
-        finished = True
-        peak = await sampler
+        sampler.done = True
+        await sampling
         distinct = await db.fetchval(
             "SELECT count(DISTINCT request_id) FROM commands WHERE request_id LIKE 'flood-%'"
         )
@@ -276,7 +301,7 @@ async def publish_overload(d: BenchDaemon, pid: int, seconds: float, report: Rep
                 f"drained {drained:.1f} s later; {distinct:,} distinct commands"
             ),
         )
-        report.add("peak RSS under the publish flood", peak, "MB")
+        sampler.report("the publish flood", report)
         if distinct != produced:
             raise RuntimeError(f"{distinct} commands for {produced} envelopes")
     finally:

@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections import OrderedDict
@@ -81,6 +82,12 @@ class PrincipalCache:
         self.hits = 0
         self.misses = 0
         self.invalidations = 0
+        # Lookups in progress by key: callers with the same credentials wait
+        # for the one lookup instead of each asking the database (a herd of
+        # them would arrive together whenever a busy entry expires).
+        # (Only while nothing was invalidated since it began: see auth.)
+        self.lookups: dict[str, tuple[int, asyncio.Future[Principal]]] = {}
+        self.coalesced = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -172,6 +179,7 @@ class PrincipalCache:
             "hits": self.hits,
             "misses": self.misses,
             "invalidations": self.invalidations,
+            "coalesced": self.coalesced,
         }
 
 

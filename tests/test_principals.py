@@ -234,3 +234,24 @@ async def test_the_cache_is_off_while_pubsub_is_down_and_requests_still_work(
             assert len(cache) == 0
         finally:
             await api.unix.close()
+
+
+async def test_a_herd_of_requests_with_one_new_token_makes_one_database_lookup(
+    pair: tuple[Api, Api],
+) -> None:
+    """When a busy caller's entry is new or has just expired, the requests
+    arriving together share one lookup instead of filling the persistence
+    mailbox (seen as a 756-deep mailbox under HTTP overload)."""
+    api, _other = pair
+    _uid, token = await api.user("herd", "agent")
+    cache = api.r.daemon.runtime.principals
+    misses, coalesced = cache.misses, cache.coalesced
+    statuses = await asyncio.gather(
+        *(status_of(api, token, "/commands?limit=1") for _ in range(200))
+    )
+    assert statuses == [200] * 200
+    waited = cache.coalesced - coalesced
+    assert waited >= 50  # those that came while it was being looked up (the rest: cache hits)
+    assert cache.misses - misses - waited == 1  # one lookup in all
+    bad = await asyncio.gather(*(status_of(api, "jv_" + "x" * 40, "/commands") for _ in range(50)))
+    assert bad == [401] * 50  # a refusal is shared too, never turned into a pass

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import struct
@@ -103,14 +104,46 @@ async def authenticate(request: web.Request) -> Principal | None:
             if entry.principal.via == "session":
                 await _slide(rt, token, key, entry)
             return entry.principal
-        generation = cache.generation  # a revocation from here on must win
-        principal = await _lookup(rt, token)
-        cache.put(key, principal, generation, expires_at=principal.expires_at)
-        return principal
+        return await _lookup_once(rt, token, key)
     uid = peer_uid(request)
     if uid is not None and uid in (0, os.geteuid()):
         return Principal(user_id=None, role="admin", name=f"uid:{uid}", via="peer")
     return None
+
+
+async def _lookup_once(rt: Runtime, token: str, key: str) -> Principal:
+    """One lookup per key at a time: the others asking meanwhile share its
+    answer (or its 401). A cancelled lookup lets each of them try its own."""
+    cache = rt.principals
+    began, pending = cache.lookups.get(key, (None, None))
+    if pending is not None and began == cache.generation:
+        # (A lookup that began before an invalidation may have read what it
+        # invalidated: a caller arriving after it asks for itself.)
+        cache.coalesced += 1
+        try:
+            return await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            if not pending.cancelled():
+                raise  # this request was cancelled, not the lookup
+            return await _lookup_once(rt, token, key)
+    future: asyncio.Future[Principal] = asyncio.get_running_loop().create_future()
+    generation = cache.generation  # a revocation from here on must win
+    cache.lookups[key] = (generation, future)
+    try:
+        principal = await _lookup(rt, token)
+        cache.put(key, principal, generation, expires_at=principal.expires_at)
+        future.set_result(principal)
+        return principal
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    except BaseException as exc:
+        future.set_exception(exc)
+        future.exception()  # retrieved: nobody may be waiting
+        raise
+    finally:
+        if cache.lookups.get(key, (None, None))[1] is future:
+            del cache.lookups[key]
 
 
 async def _lookup(rt: Runtime, token: str) -> Principal:
