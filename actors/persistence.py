@@ -57,23 +57,27 @@ class _Guarded:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
         self._cm: Any = None
+        self._conn: Any = None
 
     async def __aenter__(self) -> asyncpg.Connection:
         self._cm = self._pool.acquire()
         try:
-            return await self._cm.__aenter__()
+            self._conn = await self._cm.__aenter__()
+            return self._conn
         except asyncpg.PostgresError as exc:
             raise Unavailable(f"database refused a connection: {exc}") from exc
         except _OUTAGES as exc:
             raise Unavailable(f"database unreachable: {type(exc).__name__}: {exc}") from exc
 
     async def __aexit__(self, et: Any, exc: Any, tb: Any) -> None:
+        if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
+            # The server refuses writes (a standby after a failover): this
+            # connection goes, so that a new one finds the primary
+            # (target_session_attrs). The others go as they meet it, or all at
+            # once when the health check finds a standby.
+            self._conn.terminate()
         with contextlib.suppress(*_OUTAGES):  # the connection is gone; the pool drops it
             await self._cm.__aexit__(et, exc, tb)
-        if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
-            # The server became a standby (a failover): let every connection go,
-            # so the next ones find the new primary (target_session_attrs).
-            await self._pool.expire_connections()
         if isinstance(exc, _OUTAGES) and not isinstance(exc, PermissionError):
             raise Unavailable(f"database unavailable: {type(exc).__name__}: {exc}") from exc
 

@@ -150,10 +150,7 @@ class RedisClientActor(Actor):
         self.url = url
         self.redis_client_name = client_name or self.client_name
         self.client: RedisClient | None = None
-
-    @property
-    def cluster(self) -> bool:
-        return is_cluster(self.url, self.redis_settings)
+        self.cluster = is_cluster(url, redis_settings)
 
     async def on_start(self) -> None:
         self.client = connect_redis(self.url, self.redis_settings, name=self.redis_client_name)
