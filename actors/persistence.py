@@ -54,8 +54,9 @@ class _Guarded:
     while getting a connection (the server refuses them), and outage errors
     while using one."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, wants_primary: bool = False) -> None:
         self._pool = pool
+        self._wants_primary = wants_primary
         self._cm: Any = None
         self._conn: Any = None
 
@@ -70,11 +71,12 @@ class _Guarded:
             raise Unavailable(f"database unreachable: {type(exc).__name__}: {exc}") from exc
 
     async def __aexit__(self, et: Any, exc: Any, tb: Any) -> None:
-        if isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
+        if self._wants_primary and isinstance(exc, asyncpg.exceptions.ReadOnlySQLTransactionError):
             # The server refuses writes (a standby after a failover): this
             # connection goes, so that a new one finds the primary
             # (target_session_attrs). The others go as they meet it, or all at
-            # once when the health check finds a standby.
+            # once when the health check finds a standby. (A server read-only
+            # on purpose, with no primary asked for, keeps its connections.)
             self._conn.terminate()
         with contextlib.suppress(*_OUTAGES):  # the connection is gone; the pool drops it
             await self._cm.__aexit__(et, exc, tb)
@@ -93,11 +95,12 @@ async def _reset(conn: asyncpg.Connection) -> None:
 
 
 class GuardedPool:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, wants_primary: bool = False) -> None:
         self.pool = pool
+        self.wants_primary = wants_primary
 
     def acquire(self) -> _Guarded:
-        return _Guarded(self.pool)
+        return _Guarded(self.pool, wants_primary=self.wants_primary)
 
 
 class PgPing(msgspec.Struct, frozen=True):
@@ -212,7 +215,7 @@ class Persistence(DataHandlers, WorkflowHandlers, Actor):
     def _pool(self) -> GuardedPool:
         if self.pool is None:
             raise Unavailable(f"database not connected: {self.last_error or 'connecting'}")
-        return GuardedPool(self.pool)
+        return GuardedPool(self.pool, wants_primary=self._wants_primary)
 
     @handles(PgPing)
     async def _ping(self, _msg: PgPing) -> float:

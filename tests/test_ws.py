@@ -219,8 +219,16 @@ async def test_a_client_without_headers_authenticates_with_its_first_frame(api: 
         await nosy.send_json({"op": "subscribe", "channels": ["x"]})
         await nosy.receive()
         assert nosy.close_code == 1008
+    # Not an upgrade: 400 before any credential is looked up; an upgrade with
+    # bad credentials: 401.
     status, _h, _b = await api.call("GET", "/ws", headers={"Authorization": "Bearer jv_nope"})
-    assert status == 401
+    assert status == 400
+    async with aiohttp.ClientSession() as s:
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await s.ws_connect(
+                api.base.replace("http", "ws") + "/ws", headers={"Authorization": "Bearer jv_nope"}
+            )
+    assert refused.value.status == 401
 
 
 @pytest.mark.parametrize("overrides", [{"pubsub": {**FAST_PUBSUB, "client_buffer_bytes": 200_000}}])

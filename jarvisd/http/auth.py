@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
 import socket
 import struct
@@ -113,19 +114,24 @@ async def authenticate(request: web.Request) -> Principal | None:
 
 async def _lookup_once(rt: Runtime, token: str, key: str) -> Principal:
     """One lookup per key at a time: the others asking meanwhile share its
-    answer (or its 401). A cancelled lookup lets each of them try its own."""
+    answer (or its 401). Never while the cache is off (its invalidations
+    cannot arrive) nor across an invalidation; a cancelled lookup lets each
+    of them try its own."""
     cache = rt.principals
-    began, pending = cache.lookups.get(key, (None, None))
-    if pending is not None and began == cache.generation:
-        # (A lookup that began before an invalidation may have read what it
-        # invalidated: a caller arriving after it asks for itself.)
+    while True:
+        began, pending = cache.lookups.get(key, (None, None))
+        if pending is None or began != cache.generation or not cache.enabled:
+            break
         cache.coalesced += 1
         try:
             return await asyncio.shield(pending)
         except asyncio.CancelledError:
-            if not pending.cancelled():
-                raise  # this request was cancelled, not the lookup
-            return await _lookup_once(rt, token, key)
+            task = asyncio.current_task()
+            if not pending.cancelled() or (task is not None and task.cancelling()):
+                raise  # this request was cancelled, not (only) the lookup
+        except Exception as exc:
+            # Each caller its own exception object: tracebacks are per task.
+            raise copy.copy(exc) from None
     future: asyncio.Future[Principal] = asyncio.get_running_loop().create_future()
     generation = cache.generation  # a revocation from here on must win
     cache.lookups[key] = (generation, future)

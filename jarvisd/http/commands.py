@@ -54,7 +54,7 @@ from jarvisd.http.common import (
     reply,
 )
 from jarvisd.http.errors import ProblemError, reject_unknown_params
-from jarvisd.http.keys import RUNTIME
+from jarvisd.http.keys import RUNTIME, release_admission
 
 __all__ = ["ROUTES"]
 
@@ -190,6 +190,7 @@ async def get_approval(request: web.Request, who: Principal) -> web.Response:
     if approval.status != "pending" or wait == 0:
         return reply(approval)
     deadline = asyncio.get_running_loop().time() + wait
+    release_admission(request)  # waiting: capped by approvals.max_waiters instead
     approvals = request.app[RUNTIME].actor("approvals")
     while True:
         remaining = deadline - asyncio.get_running_loop().time()

@@ -9,3 +9,13 @@ from jarvisd.runtime import Runtime
 
 RUNTIME = web.AppKey("runtime", Runtime)
 HTTP_METRICS = web.AppKey("http_metrics", HttpMetrics)
+# Set on a request counted against http.max_in_flight, until it gives its place back.
+ADMITTED = web.RequestKey("admitted", bool)
+
+
+def release_admission(request: web.Request) -> None:
+    """A request about to wait long (a long-poll) stops counting against
+    http.max_in_flight; long waits have caps of their own."""
+    if request.get(ADMITTED):
+        request[ADMITTED] = False
+        request.app[HTTP_METRICS].admitted -= 1

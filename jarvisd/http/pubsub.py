@@ -190,7 +190,6 @@ def _is_json(data: bytes) -> bool:
 async def websocket(request: web.Request) -> web.StreamResponse:
     reject_unknown_params(request, ())
     rt = request.app[RUNTIME]
-    who = await authenticate(request)  # 401 for bad credentials; none: an auth op must come first
     # Uncompressed: a message is encoded once and the same frame goes to every client.
     ws = web.WebSocketResponse(
         heartbeat=rt.settings.pubsub.ws_heartbeat, max_msg_size=65_536, compress=False
@@ -208,6 +207,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         )
     metrics.websockets += 1
     try:
+        who = await authenticate(request)  # 401 for bad credentials; none: an auth op first
         await ws.prepare(request)
         if who is None:
             who = await _first_auth(request, ws)

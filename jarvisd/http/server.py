@@ -31,7 +31,7 @@ from jarvisd.http import api, health, openapi
 from jarvisd.http.auth import Unauthorized, authenticate
 from jarvisd.http.common import ClientGone
 from jarvisd.http.errors import ProblemError, problem
-from jarvisd.http.keys import HTTP_METRICS, RUNTIME
+from jarvisd.http.keys import ADMITTED, HTTP_METRICS, RUNTIME
 from jarvisd.http.metrics import HttpMetrics
 from jarvisd.lists import ListCache
 from jarvisd.principals import PrincipalCache, internal_channel
@@ -63,11 +63,13 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
     started = time.perf_counter()
     status = 500
     metrics.in_flight += 1
-    # Short requests count against http.max_in_flight; health is always
-    # answered, and WebSockets and long-polls are capped on their own.
-    admitted = request.path not in ALWAYS_SERVED and not _long_lived(request)
+    # Requests count against http.max_in_flight, health aside (always
+    # answered) and WebSockets (capped on their own); a long-poll gives its
+    # place back once it starts waiting (release_admission).
+    admitted = request.path not in ALWAYS_SERVED and request.path != "/ws"
     if admitted:
         metrics.admitted += 1
+        request[ADMITTED] = True
     try:
         limit = rt.settings.http.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
@@ -76,12 +78,6 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
                 "Payload too large",
                 f"request body of {request.content_length} bytes is over "
                 f"the limit of {limit} bytes (http.max_body_bytes)",
-            )
-        elif not rt.settings.http.public_health and request.path in GUARDED_HEALTH:
-            response = await _guarded(request, _authenticated(handler))
-        elif rt.draining and request.path not in ALWAYS_SERVED:
-            response = problem(
-                503, "Draining", "jarvisd is shutting down", headers={"Retry-After": "5"}
             )
         elif admitted and metrics.admitted > rt.settings.http.max_in_flight:
             metrics.refused += 1
@@ -92,21 +88,21 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
                 "(http.max_in_flight); try again shortly",
                 headers={"Retry-After": "1"},
             )
+        elif not rt.settings.http.public_health and request.path in GUARDED_HEALTH:
+            response = await _guarded(request, _authenticated(handler))
+        elif rt.draining and request.path not in ALWAYS_SERVED:
+            response = problem(
+                503, "Draining", "jarvisd is shutting down", headers={"Retry-After": "5"}
+            )
         else:
             response = await _guarded(request, handler)
         status = response.status
         return response
     finally:
         metrics.in_flight -= 1
-        if admitted:
+        if request.get(ADMITTED):
             metrics.admitted -= 1
         metrics.observe(request.method, _route_name(request), status, time.perf_counter() - started)
-
-
-def _long_lived(request: web.Request) -> bool:
-    return request.path == "/ws" or (
-        request.path.startswith("/approvals/") and "wait" in request.query
-    )
 
 
 async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
