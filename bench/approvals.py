@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from bench.bus import pct
-from bench.daemon import bench_daemon
+from bench.daemon import bench_daemon, run_bench
 from bench.report import Report
 
 
@@ -179,17 +179,11 @@ def main() -> None:
         answered = asyncio.run(hold_waiters(args.hold, args.token, ids))
         print(json.dumps(answered))
         return
-    from tests.servers import Servers
-
-    servers = Servers.start()
-    report = Report("approvals")
-    try:
-        print(f"(PostgreSQL at {servers.postgres_dsn}, Redis at {servers.redis_url})")
-        asyncio.run(run(servers.postgres_dsn, servers.redis_url, args, report))
-    finally:
-        servers.stop()
-        if args.json:
-            report.write(args.json)
+    run_bench(
+        "approvals",
+        args.json,
+        lambda servers, report: run(servers.postgres_dsn, servers.redis_url, args, report),
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from actors import migrate as migrations
-from bench.daemon import BenchDaemon, bench_daemon
+from bench.daemon import BenchDaemon, bench_daemon, run_bench
 from bench.light import read_raw_redis, read_websockets
 from bench.report import Report
 from tests.servers import dsn_with_database
@@ -287,17 +287,11 @@ def main() -> None:
         )
         print(json.dumps(lat))
         return
-    from tests.servers import Servers
-
-    servers = Servers.start()
-    report = Report("bus")
-    try:
-        print(f"(PostgreSQL at {servers.postgres_dsn}, Redis at {servers.redis_url})")
-        asyncio.run(run(servers.postgres_dsn, servers.redis_url, args, report))
-    finally:
-        servers.stop()
-        if args.json:
-            report.write(args.json)
+    run_bench(
+        "bus",
+        args.json,
+        lambda servers, report: run(servers.postgres_dsn, servers.redis_url, args, report),
+    )
 
 
 if __name__ == "__main__":

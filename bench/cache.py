@@ -20,8 +20,10 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 
 from actors.cache import Cache, CacheGet, CacheInvalidateTags, CacheSet
+from bench.daemon import run_bench
 from bench.report import Report
 from config import CacheSettings, RedisSettings
+from tests.servers import Servers
 
 
 async def closed_loop(
@@ -223,20 +225,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
-    from tests.servers import Servers
 
-    servers = Servers.start()
-    report = Report("cache")
-    try:
-        print(f"(PostgreSQL at {servers.postgres_dsn}, Redis at {servers.redis_url})")
-        asyncio.run(run(servers.redis_url, args.callers, args.seconds, report))
-        asyncio.run(
-            http_rates(servers.redis_url, servers.postgres_dsn, args.callers, args.seconds, report)
+    async def both(servers: Servers, report: Report) -> None:
+        await run(servers.redis_url, args.callers, args.seconds, report)
+        await http_rates(
+            servers.redis_url, servers.postgres_dsn, args.callers, args.seconds, report
         )
-    finally:
-        servers.stop()
-        if args.json:
-            report.write(args.json)
+
+    run_bench("cache", args.json, both)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ dropped at the end. Figures, all from the same run:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import statistics
 import time
@@ -32,9 +31,10 @@ from actors.data.listing import MAX_OFFSET_PARAM, ListError, encode_cursor, pars
 from actors.data.model import CommandCreate
 from actors.data.repo import COMMANDS, init_connection
 from actors.persistence import Persistence
+from bench.daemon import run_bench
 from bench.report import Report
 from config import ApprovalSettings, PostgresSettings
-from tests.servers import Servers, dsn_with_database
+from tests.servers import dsn_with_database
 
 
 def pct(samples: list[float], q: float) -> float:
@@ -248,16 +248,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=20_000, help="rows per ingest round")
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
-    servers = Servers.start(redis=False)
-    report = Report("commands")
-    try:
-        origin = "external" if os.environ.get("JARVISD_TEST_POSTGRES_DSN") else "embedded"
-        print(f"({origin} PostgreSQL at {servers.postgres_dsn})")
-        asyncio.run(run(servers.postgres_dsn, args.rows, args.batch, report))
-    finally:
-        servers.stop()
-        if args.json:
-            report.write(args.json)
+    run_bench(
+        "commands",
+        args.json,
+        lambda servers, report: run(servers.postgres_dsn, args.rows, args.batch, report),
+        redis=False,
+    )
 
 
 if __name__ == "__main__":

@@ -12,15 +12,39 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 
-from tests.servers import dsn_with_database
+from bench.report import Report
+from tests.servers import Servers, dsn_with_database
 
-__all__ = ["BenchDaemon", "bench_daemon"]
+__all__ = ["BenchDaemon", "bench_daemon", "run_bench"]
+
+
+def run_bench(
+    name: str,
+    json_path: str | None,
+    run: Callable[[Servers, Report], Coroutine[Any, Any, None]],
+    *,
+    redis: bool = True,
+) -> None:
+    """A benchmark's main: the servers (JARVISD_TEST_* external ones, else
+    embedded ones), ``run`` on them, the servers stopped, and the figures
+    written to ``json_path`` when one is given (even after a failure)."""
+    servers = Servers.start(redis=redis)
+    report = Report(name)
+    try:
+        where = f", Redis at {servers.redis_url}" if redis else ""
+        print(f"(PostgreSQL at {servers.postgres_dsn}{where})")
+        asyncio.run(run(servers, report))
+    finally:
+        servers.stop()
+        if json_path:
+            report.write(json_path)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from bench.daemon import bench_daemon
+from bench.daemon import bench_daemon, run_bench
 from bench.light import keepalive_load
 from bench.report import Report
 
@@ -222,17 +222,11 @@ def main() -> None:
     if shutil.which("wrk") is None:
         print("bench.http: wrk is not installed (apt-get install wrk); skipped")
         return
-    from tests.servers import Servers
-
-    servers = Servers.start()
-    report = Report("http")
-    try:
-        print(f"(PostgreSQL at {servers.postgres_dsn}, Redis at {servers.redis_url})")
-        asyncio.run(run(servers.postgres_dsn, servers.redis_url, args, report))
-    finally:
-        servers.stop()
-        if args.json:
-            report.write(args.json)
+    run_bench(
+        "http",
+        args.json,
+        lambda servers, report: run(servers.postgres_dsn, servers.redis_url, args, report),
+    )
 
 
 if __name__ == "__main__":

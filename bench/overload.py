@@ -37,7 +37,7 @@ import asyncpg
 
 from actors.redis_link import connect_redis
 from bench.bus import envelope
-from bench.daemon import BenchDaemon, bench_daemon
+from bench.daemon import BenchDaemon, bench_daemon, run_bench
 from bench.light import keepalive_load
 from bench.report import Report
 from tests.cluster import free_cluster_ports
@@ -333,17 +333,11 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
-    from tests.servers import Servers
-
-    servers = Servers.start()
-    report = Report("overload")
-    try:
-        print(f"(PostgreSQL at {servers.postgres_dsn}, Redis at {servers.redis_url})")
-        asyncio.run(run(servers.postgres_dsn, servers.redis_url, args, report))
-    finally:
-        servers.stop()
-        if args.json:
-            report.write(args.json)
+    run_bench(
+        "overload",
+        args.json,
+        lambda servers, report: run(servers.postgres_dsn, servers.redis_url, args, report),
+    )
 
 
 if __name__ == "__main__":

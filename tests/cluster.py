@@ -21,6 +21,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,21 @@ def free_cluster_ports(count: int) -> list[int]:
         if port < 55000 and port not in ports and _port_free(port + 10000):
             ports.append(port)
     return ports
+
+
+def stop_all(procs: Iterable[subprocess.Popen[bytes]], sig: int, timeout: float = 15) -> None:
+    """Signal every running server, then wait for each; kill what lingers."""
+    procs = list(procs)
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(sig)
+    for proc in procs:
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(5)
 
 
 @dataclass
@@ -223,22 +239,11 @@ class LocalCluster:
 
     def wait_failover(self, dead: int, timeout: float = 30.0) -> None:
         """Until a replica has replaced the dead primary and the cluster is ok."""
-        self._wait(lambda: dead not in self.primaries() and len(self.primaries()) == 3, "failover")
+        self._wait(
+            lambda: dead not in self.primaries() and len(self.primaries()) == 3, "failover", timeout
+        )
         self.wait_healthy(timeout)
 
-    def restart(self, port: int) -> None:
-        """Start a killed node again (it rejoins, as a replica of its successor)."""
-        self.start_node(port)
-
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(5)
+        stop_all(self.procs.values(), signal.SIGTERM)
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -7,7 +7,6 @@ parent-death signal. The primary waits for the standby on every commit
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import signal
 import subprocess
@@ -20,7 +19,7 @@ import asyncpg
 from actors.embedded.binaries import find_postgres_bin_dir
 from actors.embedded.child import RunAs, ensure_reachable, make_private_dir, reachable_install
 from actors.embedded.postgres import install_layout
-from tests.cluster import _pdeathsig, free_cluster_ports
+from tests.cluster import _pdeathsig, free_cluster_ports, stop_all
 from tests.servers import make_state_dir
 
 USER = "jarvisd"
@@ -117,14 +116,5 @@ class PgPair:
             await conn.close()
 
     def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)  # PostgreSQL's fast shutdown
-        for proc in self.procs.values():
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(5)
+        stop_all(self.procs.values(), signal.SIGINT)  # PostgreSQL's fast shutdown
         shutil.rmtree(self.root, ignore_errors=True)

@@ -24,6 +24,15 @@ from tests.test_pubsub import OwnValkey, own_valkey  # noqa: F401 - the fixture
 from tests.test_ws import FAST_PUBSUB
 
 
+async def end_connections(admin: asyncpg.Connection, database: str) -> None:
+    """Cut every connection to ``database`` (but the admin's own)."""
+    await admin.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        "WHERE datname = $1 AND pid <> pg_backend_pid()",
+        database,
+    )
+
+
 def server_errors(running: Running) -> int:
     app = running.daemon.http.app
     assert app is not None
@@ -118,11 +127,7 @@ async def test_a_database_that_refuses_writes_gives_503_and_the_pool_recovers_af
             await api.user("before-read-only")
             # As a failed-over or full server would: every new transaction read-only.
             await admin.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = $1 AND pid <> pg_backend_pid()",
-                name,
-            )
+            await end_connections(admin, name)
             refused = []
             for n in range(5):  # the first may meet a terminated connection: 503 too
                 status, headers, problem = await api.call(
@@ -132,11 +137,7 @@ async def test_a_database_that_refuses_writes_gives_503_and_the_pool_recovers_af
                 assert headers["Content-Type"].startswith("application/problem+json")
                 assert status == 503, json.dumps(problem)
             await admin.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = $1 AND pid <> pg_backend_pid()",
-                name,
-            )
+            await end_connections(admin, name)
             async with asyncio.timeout(20):
                 while True:
                     status, _h, _b = await api.call(
@@ -217,11 +218,7 @@ async def test_postgres_away_for_10_s_during_an_ingest_loses_and_doubles_nothing
                     await asyncio.sleep(0.01)
             await db.close()
             await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-            await admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = $1 AND pid <> pg_backend_pid()",
-                name,
-            )
+            await end_connections(admin, name)
             away_until = time.monotonic() + 10
             saw_503 = False
             while time.monotonic() < away_until:

@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from actors.envelope import CommandRequested, Envelope, Malformed, parse
 from actors.redis_link import RedisClient, connect_redis
 from config import LoadedConfig
-from jarvisd.http.keys import HTTP_METRICS
 from tests.servers import LoopThread
 from tests.test_api import Api
+from tests.test_faults import server_errors
 from tests.test_http import Running, start_daemon
 
 FUZZ = settings(
@@ -102,12 +102,6 @@ def running(make_config: Callable[..., LoadedConfig]) -> Iterator[tuple[LoopThre
             loop.run(runner.__anext__())
     finally:
         loop.close()
-
-
-def server_errors(running: Running) -> int:
-    app = running.daemon.http.app
-    assert app is not None
-    return sum(n for (_m, _r, status), n in app[HTTP_METRICS].requests.items() if status == "500")
 
 
 @pytest.mark.timeout(240)
