@@ -1,18 +1,24 @@
 """Overload answers 503 with Retry-After at once instead of queueing: requests
-in progress past http.max_in_flight, WebSocket clients past http.max_websockets."""
+in progress past http.max_in_flight, WebSocket clients past http.max_websockets
+(a tenth of them at most still waiting to authenticate), authenticated health
+requests past their own budget."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 
 import aiohttp
+import asyncpg
 import pytest
+from multidict import CIMultiDictProxy
 
 from config import LoadedConfig
 from jarvisd.http.keys import HTTP_METRICS
+from jarvisd.http.server import GUARDED_IN_FLIGHT
 from tests.test_api import Api
-from tests.test_http import start_daemon
+from tests.test_http import Running, start_daemon
 
 
 async def _stalled_body(port: int, token: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -62,23 +68,124 @@ async def test_requests_past_max_in_flight_get_503_with_retry_after_and_health_s
 async def test_websocket_clients_past_max_websockets_get_503(
     make_config: Callable[..., LoadedConfig],
 ) -> None:
-    async for running in start_daemon(make_config(http={"max_websockets": 2})):
+    loaded = make_config(http={"max_websockets": 2})
+    async for running in start_daemon(loaded):
         await running.wait_ready()
+        assert loaded.settings.http.unix_socket is not None
+        api = Api(running, loaded.settings.http.unix_socket)
+        _uid, token = await api.user("ws-cap", "agent")
+        await api.unix.close()
         url = running.base.replace("http", "ws") + "/ws"
-        first = await running.session.ws_connect(url)
-        second = await running.session.ws_connect(url)
+        first = await running.session.ws_connect(url, headers=_bearer(token))
+        second = await running.session.ws_connect(url, headers=_bearer(token))
         try:
             with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
-                await running.session.ws_connect(url)
+                await running.session.ws_connect(url, headers=_bearer(token))
             assert refused.value.status == 503
             await first.close()
             async with asyncio.timeout(5):  # one left: room for another
                 while True:
                     try:
-                        third = await running.session.ws_connect(url)
+                        third = await running.session.ws_connect(url, headers=_bearer(token))
                         break
                     except aiohttp.WSServerHandshakeError:
                         await asyncio.sleep(0.05)
             await third.close()
         finally:
             await second.close()
+
+
+async def test_authenticated_health_has_a_budget_of_its_own(
+    make_config: Callable[..., LoadedConfig], pg_dsn: str
+) -> None:
+    """With public_health = false, /metrics and the like look tokens up: a
+    flood of them (here held up by a lock on the tokens) is bounded by
+    GUARDED_IN_FLIGHT, outside http.max_in_flight, and the rest answer 503 at once."""
+    loaded = make_config(http={"public_health": False})
+    admin = await asyncpg.connect(pg_dsn)
+    async for running in start_daemon(loaded):
+        assert loaded.settings.http.unix_socket is not None
+        api = Api(running, loaded.settings.http.unix_socket)
+        async with asyncio.timeout(20):  # the local admin may ask
+            while (await api.call("GET", "/health/ready", local=True))[0] != 200:
+                await asyncio.sleep(0.05)
+        _uid, token = await api.user("watcher", "admin")
+        await api.unix.close()
+        assert running.daemon.http.app is not None
+        metrics = running.daemon.http.app[HTTP_METRICS]
+        # Well-formed tokens that match nothing: each one a lookup in the database.
+        bogus = [token[:-6] + f"{n:06d}" for n in range(GUARDED_IN_FLIGHT + 16)]
+        lock = admin.transaction()
+        await lock.start()
+        await admin.execute("LOCK TABLE api_tokens IN ACCESS EXCLUSIVE MODE")
+        try:
+            held = [
+                asyncio.create_task(_get(running, "/metrics", t)) for t in bogus[:GUARDED_IN_FLIGHT]
+            ]
+            async with asyncio.timeout(10):
+                while metrics.guarded < GUARDED_IN_FLIGHT:
+                    await asyncio.sleep(0.01)
+            for t in bogus[GUARDED_IN_FLIGHT:]:
+                status, headers, body = await _get(running, "/stats", t)
+                assert (status, headers["Retry-After"]) == (503, "1"), body
+                assert "authenticated health" in json.loads(body)["detail"]
+            assert metrics.admitted == 0  # http.max_in_flight untouched
+            assert (await running.get("/health/live"))[0] == 200
+        finally:
+            await lock.rollback()
+        statuses = {s for s, _h, _b in await asyncio.gather(*held)}
+        assert statuses <= {401, 503}, statuses  # no 500; 503 if a lookup timed out
+        assert metrics.guarded == 0
+        assert (await _get(running, "/metrics", token))[0] == 200
+    await admin.close()
+
+
+async def test_websockets_waiting_to_authenticate_hold_at_most_a_tenth_of_the_places(
+    make_config: Callable[..., LoadedConfig],
+) -> None:
+    loaded = make_config(http={"max_websockets": 20})
+    async for running in start_daemon(loaded):
+        await running.wait_ready()
+        assert loaded.settings.http.unix_socket is not None
+        api = Api(running, loaded.settings.http.unix_socket)
+        _uid, token = await api.user("ws-ok", "agent")
+        await api.unix.close()
+        url = running.base.replace("http", "ws") + "/ws"
+        silent = [await running.session.ws_connect(url) for _ in range(2)]
+        open_ = list(silent)
+        try:
+            with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+                await running.session.ws_connect(url)
+            assert refused.value.status == 503
+            assert refused.value.headers is not None
+            assert refused.value.headers["Retry-After"] == "5"
+            # Credentials with the upgrade: the other places are theirs.
+            for _ in range(18):
+                open_.append(await running.session.ws_connect(url, headers=_bearer(token)))
+            with pytest.raises(aiohttp.WSServerHandshakeError) as full:
+                await running.session.ws_connect(url, headers=_bearer(token))
+            assert full.value.status == 503
+            # One of the silent ones authenticates: it keeps its place, and
+            # another may wait for its first frame again once one is closed.
+            await silent[0].send_json({"op": "auth", "token": token})
+            assert (await silent[0].receive_json(timeout=5))["type"] == "authenticated"
+            await open_.pop().close()
+            async with asyncio.timeout(5):
+                while True:
+                    try:
+                        open_.append(await running.session.ws_connect(url))
+                        break
+                    except aiohttp.WSServerHandshakeError:
+                        await asyncio.sleep(0.05)
+        finally:
+            for ws in open_:
+                await ws.close()
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def _get(running: Running, path: str, token: str) -> tuple[int, CIMultiDictProxy[str], str]:
+    async with running.session.get(running.base + path, headers=_bearer(token)) as resp:
+        return resp.status, resp.headers, await resp.text()

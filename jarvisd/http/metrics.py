@@ -89,8 +89,10 @@ class HttpMetrics:
         self.latency: dict[str, _Histogram] = {}
         self.in_flight = 0
         self.admitted = 0  # in flight and counted against http.max_in_flight
-        self.refused = 0  # answered 503 for being over it
+        self.refused = 0  # answered 503 for being over it (or another in-flight cap)
+        self.guarded = 0  # health requests authenticating (http.public_health = false)
         self.websockets = 0
+        self.websockets_unauthenticated = 0  # waiting for their first frame
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         # Clients choose methods: any outside the known set counts as "other",
@@ -120,7 +122,7 @@ class HttpMetrics:
         out.metric(
             "jarvisd_http_overload_refused_total",
             "counter",
-            "Requests answered 503 because http.max_in_flight were in progress.",
+            "Requests answered 503 because http.max_in_flight (or the 64 authenticated health requests) were in progress.",
             self.refused,
         )
         out.metric(

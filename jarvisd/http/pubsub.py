@@ -208,11 +208,29 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     metrics.websockets += 1
     try:
         who = await authenticate(request)  # 401 for bad credentials; none: an auth op first
-        await ws.prepare(request)
         if who is None:
-            who = await _first_auth(request, ws)
+            # Those still to send their credentials hold a place without
+            # having shown any: at most a tenth of the places.
+            waiting = max(1, limit // 10)
+            if metrics.websockets_unauthenticated >= waiting:
+                raise ProblemError(
+                    503,
+                    "Overloaded",
+                    f"{waiting} WebSocket clients are waiting to authenticate "
+                    "(a tenth of http.max_websockets); send credentials with the upgrade "
+                    "or try again shortly",
+                    headers={"Retry-After": "5"},
+                )
+            metrics.websockets_unauthenticated += 1
+            try:
+                await ws.prepare(request)
+                who = await _first_auth(request, ws)
+            finally:
+                metrics.websockets_unauthenticated -= 1
             if who is None:
                 return ws
+        else:
+            await ws.prepare(request)
         session = _Session(rt, request, ws, who)
         await session.run()
         return ws

@@ -47,6 +47,10 @@ ALWAYS_SERVED = frozenset({"/health/live", "/health/ready", "/health", "/metrics
 GUARDED_HEALTH = frozenset(
     {"/health/ready", "/health", "/stats", "/metrics", "/redis/health", "/redis/stats"}
 )
+# With public_health = false those ask for a token, which may mean a database
+# lookup: they stay outside http.max_in_flight (monitoring goes on under
+# overload) but have this budget of their own.
+GUARDED_IN_FLIGHT = 64
 MAX_UNIX_PATH = 107
 BODY_CEILING = 64 * 1024 * 1024
 
@@ -80,16 +84,12 @@ async def _observe(request: web.Request, handler: Handler) -> web.StreamResponse
                 f"the limit of {limit} bytes (http.max_body_bytes)",
             )
         elif admitted and metrics.admitted > rt.settings.http.max_in_flight:
-            metrics.refused += 1
-            response = problem(
-                503,
-                "Overloaded",
-                f"over {rt.settings.http.max_in_flight} requests in progress "
-                "(http.max_in_flight); try again shortly",
-                headers={"Retry-After": "1"},
+            response = _overloaded(
+                request,
+                f"over {rt.settings.http.max_in_flight} requests in progress (http.max_in_flight)",
             )
         elif not rt.settings.http.public_health and request.path in GUARDED_HEALTH:
-            response = await _guarded(request, _authenticated(handler))
+            response = await _guarded_health(request, handler)
         elif rt.draining and request.path not in ALWAYS_SERVED:
             response = problem(
                 503, "Draining", "jarvisd is shutting down", headers={"Retry-After": "5"}
@@ -153,6 +153,24 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         # The route's template, never the path: a path may hold a session id.
         log.exception("http_handler_failed", route=_route_name(request), method=request.method)
         return problem(500, "Internal error", "the request failed; the daemon log has the details")
+
+
+def _overloaded(request: web.Request, why: str) -> web.Response:
+    request.app[HTTP_METRICS].refused += 1
+    return problem(503, "Overloaded", f"{why}; try again shortly", headers={"Retry-After": "1"})
+
+
+async def _guarded_health(request: web.Request, handler: Handler) -> web.StreamResponse:
+    metrics = request.app[HTTP_METRICS]
+    if metrics.guarded >= GUARDED_IN_FLIGHT:
+        return _overloaded(
+            request, f"{GUARDED_IN_FLIGHT} authenticated health requests are in progress"
+        )
+    metrics.guarded += 1
+    try:
+        return await _guarded(request, _authenticated(handler))
+    finally:
+        metrics.guarded -= 1
 
 
 def _authenticated(handler: Handler) -> Handler:
