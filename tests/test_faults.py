@@ -1,14 +1,20 @@
-"""Faults under a running daemon: Redis gone for a while, and a database
-that refuses writes. The daemon stays up, says what is wrong (ready 503,
+"""Faults under a running daemon: Redis gone for a while, a database that
+refuses writes, a full disk. The daemon stays up, says what is wrong (ready 503,
 problem documents with Retry-After, never a 500), loses nothing it
 acknowledged, and recovers by itself."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import secrets
+import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -243,3 +249,140 @@ async def test_postgres_away_for_10_s_during_an_ingest_loses_and_doubles_nothing
             await raw.aclose()
     await db.close()
     await admin.close()
+
+
+@contextlib.contextmanager
+def small_filesystem(size: str, owner_of: Path) -> Iterator[Path]:
+    """A tmpfs of ``size`` owned by the owner of ``owner_of``; the test is
+    skipped where this process may not mount one (it needs root)."""
+    owner = owner_of.stat()
+    where = Path(tempfile.mkdtemp(prefix="jarvisd-full-"))
+    where.chmod(0o755)
+    options = f"size={size},uid={owner.st_uid},gid={owner.st_gid},mode=0700"
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "jarvisd-test", str(where)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        where.rmdir()
+        pytest.skip(f"cannot mount a small filesystem: {mounted.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=False)
+        where.rmdir()
+
+
+def grow(where: Path, size: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,size={size}", str(where)], check=True)
+
+
+async def move_table(db: asyncpg.Connection, table: str, space: str) -> None:
+    """The table and its indexes into tablespace ``space``."""
+    await db.execute(f"ALTER TABLE {table} SET TABLESPACE {space}")
+    for index in await db.fetch(
+        "SELECT indexrelid::regclass::text AS name FROM pg_index WHERE indrelid = $1::regclass",
+        table,
+    ):
+        await db.execute(f"ALTER INDEX {index['name']} SET TABLESPACE {space}")
+
+
+async def fill(db: asyncpg.Connection) -> None:
+    """Rows of 1 kB into ``filler`` until the disk has no room for another page."""
+    for rows in (100, 1):
+        with pytest.raises(asyncpg.exceptions.DiskFullError):  # noqa: PT012 - until it raises
+            for _ in range(100_000):
+                await db.execute(
+                    "INSERT INTO filler SELECT repeat(md5(random()::text), 32) "
+                    "FROM generate_series(1, $1)",
+                    rows,
+                )
+
+
+async def test_a_full_disk_gives_503_and_loses_nothing_once_there_is_room(
+    make_config: Callable[..., LoadedConfig], redis_url: str, pg_dsn: str, servers: Servers
+) -> None:
+    """The commands table on a filesystem that fills up (a real ENOSPC from
+    PostgreSQL, SQLSTATE 53100): a command over HTTP is a 503 problem
+    document, envelopes on the inbox wait (none dead-lettered); once the
+    filesystem has room, every envelope is one command and HTTP writes work."""
+    admin = await asyncpg.connect(servers.postgres_dsn)
+    try:
+        if not await admin.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+            pytest.skip("a tablespace needs a superuser")
+        data_dir = Path(await admin.fetchval("SHOW data_directory"))
+        if not os.access(data_dir, os.F_OK):
+            pytest.skip("the server's data directory is not on this machine")
+        space = f"jarvisd_full_{secrets.token_hex(4)}"
+        with small_filesystem("1m", data_dir) as where:
+            await admin.execute(f"CREATE TABLESPACE {space} LOCATION '{where}'")
+            try:
+                await _full_disk(make_config, redis_url, pg_dsn, space, where)
+            finally:
+                db = await asyncpg.connect(pg_dsn)
+                await db.execute("DROP TABLE IF EXISTS filler")
+                await move_table(db, "commands", "pg_default")
+                await db.close()
+                await admin.execute(f"DROP TABLESPACE {space}")
+    finally:
+        await admin.close()
+
+
+async def _full_disk(
+    make_config: Callable[..., LoadedConfig], redis_url: str, pg_dsn: str, space: str, where: Path
+) -> None:
+    loaded = make_config(bus=BUS)
+    db = await asyncpg.connect(pg_dsn)
+    ids = [f"full-{i}" for i in range(300)]
+    async for running in start_daemon(loaded):
+        await running.wait_ready()
+        assert loaded.settings.http.unix_socket is not None
+        api = Api(running, loaded.settings.http.unix_socket)
+        raw = connect_redis(redis_url, name="jarvisd-test")
+        try:
+            _uid, agent = await api.user("full-agent", "agent")
+            await move_table(db, "commands", space)
+            await db.execute(f"CREATE TABLE filler (b text) TABLESPACE {space}")
+            await fill(db)
+
+            for n in range(3):
+                status, headers, problem = await api.call(
+                    "POST", "/commands", token=agent, json={"action": "x", "requestId": f"h{n}"}
+                )
+                assert status == 503, problem
+                assert headers["Content-Type"].startswith("application/problem+json")
+                assert headers["Retry-After"] == "1"
+                assert "DiskFullError" in problem["detail"], problem
+            stream = running.daemon.settings.inbox
+            async with raw.pipeline(transaction=False) as pipe:
+                for rid in ids:
+                    pipe.xadd(stream, {"envelope": requested(rid)})
+                await pipe.execute()
+
+            async with asyncio.timeout(20):  # read by the bus, none committed
+                while (await raw.xinfo_groups(stream))[0]["pending"] == 0:
+                    await asyncio.sleep(0.05)
+            await asyncio.sleep(1)  # a few more tries
+            assert await db.fetchval("SELECT count(*) FROM commands") == 0
+            assert (await running.get("/health/live"))[0] == 200
+
+            grow(where, "64m")  # room again
+            async with asyncio.timeout(30):
+                while True:
+                    groups = await raw.xinfo_groups(stream)
+                    if groups[0]["pending"] == 0 and (groups[0].get("lag") or 0) == 0:
+                        break
+                    await asyncio.sleep(0.1)
+            assert await db.fetchval("SELECT count(*) FROM commands") == len(ids)
+            assert await db.fetchval("SELECT count(DISTINCT request_id) FROM commands") == len(ids)
+            assert await raw.xlen(f"{stream}:dead") == 0
+            status, _h, created = await api.call(
+                "POST", "/commands", token=agent, json={"action": "x", "requestId": "h0"}
+            )
+            assert status == 201, created
+            assert server_errors(running) == 0
+        finally:
+            await raw.aclose()
+            await api.unix.close()
+    await db.close()

@@ -8,6 +8,7 @@ import asyncio
 import io
 import json
 import re
+import socket
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -19,6 +20,7 @@ import redis.asyncio as aioredis
 import structlog
 
 from config import LoadedConfig
+from jarvisd.http.keys import HTTP_METRICS
 from jarvisd.logs import configure
 from tests.test_api import Api
 from tests.test_http import start_daemon
@@ -552,6 +554,63 @@ async def test_an_incomplete_request_is_closed_after_the_idle_timeout(api: Api) 
         api, b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
     assert answer.startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.parametrize("config_overrides", [{"http": {"request_timeout": 0.5}}])
+async def test_a_body_that_never_arrives_is_a_408_and_frees_its_place(api: Api) -> None:
+    _uid, token = await api.user("slow-body", "agent")
+    head = (
+        f"POST /cache/set HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\nConnection: close\r\n\r\n"
+    )
+    started = time.monotonic()
+    reader, writer = await asyncio.open_connection("127.0.0.1", api.r.daemon.http.bound_port)
+    try:
+        writer.write(head.encode() + b'{"key": ')
+        async with asyncio.timeout(5):
+            answer = await reader.readuntil(b"}")  # the problem document, whole
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"did not arrive within 0.5 s" in answer
+    assert time.monotonic() - started < 4
+    app = api.r.daemon.http.app
+    assert app is not None
+    assert app[HTTP_METRICS].admitted == 0
+
+
+@pytest.mark.parametrize("config_overrides", [{"http": {"idle_timeout": 1}}])
+async def test_a_peer_that_reads_nothing_is_closed_after_the_idle_timeout(api: Api) -> None:
+    """Pipelined requests whose answers are never read: the socket's buffers
+    fill, the connection is closed once they have stayed full for
+    http.idle_timeout, and what was queued for it goes."""
+    app = api.r.daemon.http.app
+    runner = api.r.daemon.http.runner
+    assert app is not None
+    assert runner is not None
+    assert runner.server is not None
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", api.r.daemon.http.bound_port or 0))
+        await loop.sock_sendall(sock, b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * 500)
+        started = time.monotonic()
+        async with asyncio.timeout(10):
+            while app[HTTP_METRICS].stalled_closed == 0:
+                await asyncio.sleep(0.05)
+        assert 1 <= time.monotonic() - started < 5
+        assert not [
+            h
+            for h in runner.server.connections
+            if h.transport is not None and h.transport.get_write_buffer_size() > 0
+        ]
+        status, _ctype, text = await api.r.get("/metrics")
+        assert status == 200
+        assert "jarvisd_http_stalled_closed_total 1" in text
+    finally:
+        sock.close()
 
 
 @pytest.mark.parametrize(

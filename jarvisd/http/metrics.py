@@ -93,6 +93,7 @@ class HttpMetrics:
         self.guarded = 0  # health requests authenticating (http.public_health = false)
         self.websockets = 0
         self.websockets_unauthenticated = 0  # waiting for their first frame
+        self.stalled_closed = 0  # connections closed for reading nothing (http.idle_timeout)
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         # Clients choose methods: any outside the known set counts as "other",
@@ -124,6 +125,12 @@ class HttpMetrics:
             "counter",
             "Requests answered 503 because http.max_in_flight (or the 64 authenticated health requests) were in progress.",
             self.refused,
+        )
+        out.metric(
+            "jarvisd_http_stalled_closed_total",
+            "counter",
+            "Connections closed because their peer read nothing for http.idle_timeout.",
+            self.stalled_closed,
         )
         out.metric(
             "jarvisd_websocket_clients",

@@ -276,7 +276,37 @@ class HttpServer(Actor):
         await asyncio.gather(
             self._watch(internal_channel(prefix), rt.principals),
             self._watch(f"{prefix}events", rt.lists),
+            self._close_stalled(),
         )
+
+    async def _close_stalled(self) -> None:
+        """A peer that reads nothing keeps its connection, and the bytes
+        queued for it, for ever: a connection whose answer has been waiting
+        to be sent for http.idle_timeout seconds (the socket's buffers full
+        all that time) is closed."""
+        stalled_since: dict[RequestHandler, float] = {}
+        while not self.halting():
+            limit = self.runtime.settings.http.idle_timeout
+            await asyncio.sleep(min(1.0, limit / 4))
+            server = self.runner.server if self.runner is not None else None
+            if server is None or self.app is None:
+                continue
+            now = time.monotonic()
+            still: dict[RequestHandler, float] = {}
+            for handler in server.connections:
+                transport = handler.transport
+                if transport is None or transport.is_closing():
+                    continue
+                if transport.get_write_buffer_size() == 0:
+                    continue
+                since = stalled_since.get(handler, now)
+                if now - since < limit:
+                    still[handler] = since
+                    continue
+                transport.abort()
+                self.app[HTTP_METRICS].stalled_closed += 1
+                log.info("http_stalled_reader_closed", seconds=round(now - since, 1))
+            stalled_since = still
 
     async def _watch(self, channel: str, cache: PrincipalCache | ListCache) -> None:
         pubsub = self.runtime.actor("pubsub")
