@@ -49,6 +49,10 @@ from config import BusSettings, RedisSettings
 __all__ = ["Bus", "BusStats"]
 
 Entry = tuple[str, dict[bytes, bytes]]
+# Entries one XTRIM may drop, and one trim round at most (a round holds up
+# the reading loop; 1,000,000 per bus.trim_interval is far above any ingest).
+TRIM_STEP = 50_000
+TRIM_ROUND = 1_000_000
 
 
 @dataclass
@@ -415,17 +419,28 @@ class Bus(RedisClientActor):
         summary = await client.xpending(self.stream, self.settings.group)
         if summary and summary.get("pending") and summary.get("min"):
             floor = min(floor, _text(summary["min"]), key=_stream_id)
-        trimmed = int(await client.xtrim(self.stream, minid=floor, approximate=True))
+        trimmed = await self._xtrim(client, minid=floor)
         length = int(await client.xlen(self.stream))
         if length > self.settings.max_length:
             self.bus_stats.over_max_length += 1
             self.log.warning(
                 "bus_stream_over_max_length", length=length, max_length=self.settings.max_length
             )
-            trimmed += int(
-                await client.xtrim(self.stream, maxlen=self.settings.max_length, approximate=True)
-            )
+            trimmed += await self._xtrim(client, maxlen=self.settings.max_length)
         self.bus_stats.trimmed += trimmed
+
+    async def _xtrim(self, client: Any, **how: Any) -> int:
+        """XTRIM ~ in steps until nothing more goes. One XTRIM ~ drops at most
+        its LIMIT (Redis' default: 10,000), less than one trim interval's
+        ingest under load: trimming once per interval, the stream would keep
+        what was long finished (hundreds of MB after a flood)."""
+        total = 0
+        while total < TRIM_ROUND:
+            n = int(await client.xtrim(self.stream, approximate=True, limit=TRIM_STEP, **how))
+            if n == 0:
+                break
+            total += n
+        return total
 
     async def check(self) -> Health | None:
         health = await super().check()

@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 
 from bench.report import Report
-from tests.servers import Servers, dsn_with_database
+from tests.servers import Servers, dsn_with_database, unlink_prefix
 
 __all__ = ["BenchDaemon", "bench_daemon", "run_bench"]
 
@@ -115,3 +115,4 @@ async def bench_daemon(
         shutil.rmtree(folder, ignore_errors=True)
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+        await unlink_prefix(redis_url, prefix)

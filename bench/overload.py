@@ -44,6 +44,7 @@ from bench.flood import flood
 from bench.light import keepalive_load
 from bench.report import Report
 from tests.cluster import free_cluster_ports
+from tests.servers import dsn_with_database, unlink_prefix
 
 ROOT = Path(__file__).resolve().parent.parent
 # The floor of the idle RSS: a process that imports aiohttp and answers, nothing else.
@@ -111,9 +112,12 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 async def startup(pg: str, redis_url: str, report: Report) -> None:
     (port,) = free_cluster_ports(1)
     folder = tempfile.mkdtemp(prefix="jarvisd-bench-start-")
+    name = f"jarvisd_bench_start_{os.getpid()}"
+    admin = await asyncpg.connect(pg)
+    await admin.execute(f'CREATE DATABASE "{name}"')
     try:
         env = {
-            "JARVISD_POSTGRES__DSN": pg,
+            "JARVISD_POSTGRES__DSN": dsn_with_database(pg, name),
             "JARVISD_REDIS__URL": redis_url,
             "JARVISD_REDIS__PREFIX": "bench-start:",
             "JARVISD_HTTP__PORT": str(port),
@@ -140,6 +144,9 @@ async def startup(pg: str, redis_url: str, report: Report) -> None:
                 stop(proc)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+        await unlink_prefix(redis_url, "bench-start:")
 
 
 async def idle_rss(d: BenchDaemon, report: Report) -> int:
@@ -349,7 +356,12 @@ async def run(pg: str, redis_url: str, args: argparse.Namespace, report: Report)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 16384)), hard))
     os.environ["BENCH_REDIS_URL"] = redis_url
     await startup(pg, redis_url, report)
-    settings = {"SESSIONS__MAX_PER_USER": "5000", "BUS__BATCH_SIZE": "1000"}
+    # The flood leaves a backlog of millions in the inbox: bus.max_length must hold it.
+    settings = {
+        "SESSIONS__MAX_PER_USER": "5000",
+        "BUS__BATCH_SIZE": "1000",
+        "BUS__MAX_LENGTH": "20000000",
+    }
     async with bench_daemon(pg, redis_url, **settings) as d:
         pid = await idle_rss(d, report)
         steps: list[Callable[[], Awaitable[None]]] = [

@@ -116,6 +116,25 @@ async def test_ten_thousand_envelopes_with_repeated_ids_give_exactly_the_distinc
     await eventually(lambda: _shorter_than(raw, stream, 1000), timeout=10)
 
 
+async def test_one_trim_round_drops_everything_finished_however_much(
+    make_config: Callable[..., LoadedConfig], raw: aioredis.Redis
+) -> None:
+    """40,000 entries the group has finished (it starts after them): the first
+    trim round drops them all, not just the 10,000 one XTRIM ~ drops by default."""
+    loaded = make_config(bus={**BUS, "trim_interval": 600})
+    stream = loaded.settings.inbox
+    for start in range(0, 40_000, 10_000):
+        async with raw.pipeline(transaction=False) as pipe:
+            for i in range(start, start + 10_000):
+                pipe.xadd(stream, {"envelope": requested(f"old-{i}")})
+            await pipe.execute()
+    await raw.xgroup_create(stream, loaded.settings.bus.group, id="$")
+    async for running in start_daemon(loaded):
+        await running.wait_ready()
+        await eventually(lambda: _shorter_than(raw, stream, 1000), timeout=10)
+        assert running.daemon.runtime.actor("bus").snapshot()["bus"]["trimmed"] > 39_000
+
+
 async def _shorter_than(raw: aioredis.Redis, stream: str, n: int) -> bool:
     return int(await raw.xlen(stream)) < n
 
