@@ -113,6 +113,8 @@ async def bench_daemon(
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
         shutil.rmtree(folder, ignore_errors=True)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-        await unlink_prefix(redis_url, prefix)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+            await unlink_prefix(redis_url, prefix)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import socket
 import time
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from bench.bus import envelope
 
@@ -21,16 +21,28 @@ _MARK = "@" * 12  # stands for the request id's counter in the template
 
 
 def _connect(url: str) -> socket.socket:
+    """A plain connection as the URL says (unix:// or redis://, user,
+    password, database); TLS is not for a local benchmark."""
     parts = urlsplit(url)
     if parts.scheme == "unix":
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.connect(parts.path)
-    else:
+        database = dict(parse_qsl(parts.query)).get("db", "0")
+    elif parts.scheme == "redis":
         sock = socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 6379))
+        database = parts.path.strip("/") or "0"
+    else:
+        raise ValueError(f"the flood speaks redis:// and unix:// only, not {parts.scheme}://")
+    setup: list[tuple[bytes, ...]] = []
     if parts.password:
-        sock.sendall(_command(b"AUTH", parts.password.encode()))
-        if not sock.recv(64).startswith(b"+OK"):
-            raise RuntimeError("AUTH refused")
+        user = [unquote(parts.username).encode()] if parts.username else []
+        setup.append((b"AUTH", *user, unquote(parts.password).encode()))
+    if database != "0":
+        setup.append((b"SELECT", database.encode()))
+    for args in setup:
+        sock.sendall(_command(*args))
+        if not sock.recv(256).startswith(b"+OK"):
+            raise RuntimeError(f"Redis refused {args[0].decode()}")
     return sock
 
 
@@ -58,18 +70,24 @@ def _produce(url: str, stream: str, tag: str, seconds: float, rate: float) -> tu
                 time.sleep(ahead)
             batch = b"".join([head + b"%012d" % n + tail for n in range(sent, sent + BATCH)])
             sock.sendall(batch)
-            lines = 0
-            while lines < 2 * BATCH:  # each answer: "$<n>\r\n<entry id>\r\n"
-                data = sock.recv(1 << 20)
-                if not data:
-                    raise RuntimeError("Redis closed the connection")
-                if data.startswith(b"-") or b"\r\n-" in data:
-                    raise RuntimeError(f"Redis refused an XADD: {data[:200]!r}")
-                lines += data.count(b"\r\n")
+            _answers(sock, BATCH)
             sent += BATCH
     finally:
         sock.close()
     return sent, time.monotonic() - started
+
+
+def _answers(sock: socket.socket, n: int) -> None:
+    """Read the answers to ``n`` XADDs: each "$<len>\r\n<entry id>\r\n" (an
+    entry id never starts with "-"; an error line does)."""
+    answers = bytearray()
+    while answers.count(b"\r\n") < 2 * n:
+        data = sock.recv(1 << 20)
+        if not data:
+            raise RuntimeError("Redis closed the connection")
+        answers += data
+    if answers.startswith(b"-") or b"\r\n-" in answers:
+        raise RuntimeError(f"Redis refused an XADD: {bytes(answers[:200])!r}")
 
 
 def flood(url: str, stream: str, processes: int, seconds: float, rate: float) -> tuple[int, float]:

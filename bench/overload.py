@@ -144,9 +144,11 @@ async def startup(pg: str, redis_url: str, report: Report) -> None:
                 stop(proc)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
-        await unlink_prefix(redis_url, "bench-start:")
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+            await unlink_prefix(redis_url, "bench-start:")
 
 
 async def idle_rss(d: BenchDaemon, report: Report) -> int:
@@ -326,6 +328,8 @@ async def publish_overload(d: BenchDaemon, pid: int, seconds: float, report: Rep
         committed_then = await db.fetchval("SELECT count(*) FROM commands") - base
         drain_started = time.perf_counter()
         while await db.fetchval("SELECT count(*) FROM commands") - base < produced:
+            if time.perf_counter() - drain_started > 1800:
+                raise RuntimeError("the backlog did not drain within 30 minutes")
             await asyncio.sleep(0.2)
         drained = time.perf_counter() - drain_started
         sampler.done = True

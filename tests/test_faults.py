@@ -270,8 +270,10 @@ def small_filesystem(size: str, owner_of: Path) -> Iterator[Path]:
     try:
         yield where
     finally:
-        subprocess.run(["umount", str(where)], check=False)
-        where.rmdir()
+        if subprocess.run(["umount", str(where)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(where)], check=False)  # busy: detach it
+        with contextlib.suppress(OSError):
+            where.rmdir()
 
 
 def grow(where: Path, size: str) -> None:
@@ -320,13 +322,21 @@ async def test_a_full_disk_gives_503_and_loses_nothing_once_there_is_room(
             try:
                 await _full_disk(make_config, redis_url, pg_dsn, space, where)
             finally:
-                db = await asyncpg.connect(pg_dsn)
-                await db.execute("DROP TABLE IF EXISTS filler")
-                await move_table(db, "commands", "pg_default")
-                await db.close()
-                await admin.execute(f"DROP TABLESPACE {space}")
+                await _put_back(pg_dsn, admin, space)
     finally:
         await admin.close()
+
+
+async def _put_back(pg_dsn: str, admin: asyncpg.Connection, space: str) -> None:
+    """Everything out of the small filesystem (the daemon has stopped), then
+    the tablespace gone: the filesystem can be unmounted."""
+    db = await asyncpg.connect(pg_dsn)
+    try:
+        await db.execute("DROP TABLE IF EXISTS filler")
+        await move_table(db, "commands", "pg_default")
+    finally:
+        await db.close()
+        await admin.execute(f"DROP TABLESPACE {space}")
 
 
 async def _full_disk(
@@ -334,55 +344,69 @@ async def _full_disk(
 ) -> None:
     loaded = make_config(bus=BUS)
     db = await asyncpg.connect(pg_dsn)
+    try:
+        async with contextlib.aclosing(start_daemon(loaded)) as daemons:
+            async for running in daemons:
+                await _fill_then_grow(running, loaded, redis_url, db, space, where)
+    finally:
+        await db.close()
+
+
+async def _fill_then_grow(
+    running: Running,
+    loaded: LoadedConfig,
+    redis_url: str,
+    db: asyncpg.Connection,
+    space: str,
+    where: Path,
+) -> None:
     ids = [f"full-{i}" for i in range(300)]
-    async for running in start_daemon(loaded):
-        await running.wait_ready()
-        assert loaded.settings.http.unix_socket is not None
-        api = Api(running, loaded.settings.http.unix_socket)
-        raw = connect_redis(redis_url, name="jarvisd-test")
-        try:
-            _uid, agent = await api.user("full-agent", "agent")
-            await move_table(db, "commands", space)
-            await db.execute(f"CREATE TABLE filler (b text) TABLESPACE {space}")
-            await fill(db)
+    await running.wait_ready()
+    assert loaded.settings.http.unix_socket is not None
+    api = Api(running, loaded.settings.http.unix_socket)
+    raw = connect_redis(redis_url, name="jarvisd-test")
+    try:
+        _uid, agent = await api.user("full-agent", "agent")
+        await move_table(db, "commands", space)
+        await db.execute(f"CREATE TABLE filler (b text) TABLESPACE {space}")
+        await fill(db)
 
-            for n in range(3):
-                status, headers, problem = await api.call(
-                    "POST", "/commands", token=agent, json={"action": "x", "requestId": f"h{n}"}
-                )
-                assert status == 503, problem
-                assert headers["Content-Type"].startswith("application/problem+json")
-                assert headers["Retry-After"] == "1"
-                assert "DiskFullError" in problem["detail"], problem
-            stream = running.daemon.settings.inbox
-            async with raw.pipeline(transaction=False) as pipe:
-                for rid in ids:
-                    pipe.xadd(stream, {"envelope": requested(rid)})
-                await pipe.execute()
-
-            async with asyncio.timeout(20):  # read by the bus, none committed
-                while (await raw.xinfo_groups(stream))[0]["pending"] == 0:
-                    await asyncio.sleep(0.05)
-            await asyncio.sleep(1)  # a few more tries
-            assert await db.fetchval("SELECT count(*) FROM commands") == 0
-            assert (await running.get("/health/live"))[0] == 200
-
-            grow(where, "64m")  # room again
-            async with asyncio.timeout(30):
-                while True:
-                    groups = await raw.xinfo_groups(stream)
-                    if groups[0]["pending"] == 0 and (groups[0].get("lag") or 0) == 0:
-                        break
-                    await asyncio.sleep(0.1)
-            assert await db.fetchval("SELECT count(*) FROM commands") == len(ids)
-            assert await db.fetchval("SELECT count(DISTINCT request_id) FROM commands") == len(ids)
-            assert await raw.xlen(f"{stream}:dead") == 0
-            status, _h, created = await api.call(
-                "POST", "/commands", token=agent, json={"action": "x", "requestId": "h0"}
+        for n in range(3):
+            status, headers, problem = await api.call(
+                "POST", "/commands", token=agent, json={"action": "x", "requestId": f"h{n}"}
             )
-            assert status == 201, created
-            assert server_errors(running) == 0
-        finally:
-            await raw.aclose()
-            await api.unix.close()
-    await db.close()
+            assert status == 503, problem
+            assert headers["Content-Type"].startswith("application/problem+json")
+            assert headers["Retry-After"] == "1"
+            assert "DiskFullError" in problem["detail"], problem
+        stream = running.daemon.settings.inbox
+        async with raw.pipeline(transaction=False) as pipe:
+            for rid in ids:
+                pipe.xadd(stream, {"envelope": requested(rid)})
+            await pipe.execute()
+
+        async with asyncio.timeout(20):  # read by the bus, none committed
+            while (await raw.xinfo_groups(stream))[0]["pending"] == 0:
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(1)  # a few more tries
+        assert await db.fetchval("SELECT count(*) FROM commands") == 0
+        assert (await running.get("/health/live"))[0] == 200
+
+        grow(where, "64m")  # room again
+        async with asyncio.timeout(30):
+            while True:
+                groups = await raw.xinfo_groups(stream)
+                if groups[0]["pending"] == 0 and (groups[0].get("lag") or 0) == 0:
+                    break
+                await asyncio.sleep(0.1)
+        assert await db.fetchval("SELECT count(*) FROM commands") == len(ids)
+        assert await db.fetchval("SELECT count(DISTINCT request_id) FROM commands") == len(ids)
+        assert await raw.xlen(f"{stream}:dead") == 0
+        status, _h, created = await api.call(
+            "POST", "/commands", token=agent, json={"action": "x", "requestId": "h0"}
+        )
+        assert status == 201, created
+        assert server_errors(running) == 0
+    finally:
+        await raw.aclose()
+        await api.unix.close()

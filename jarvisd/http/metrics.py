@@ -123,13 +123,15 @@ class HttpMetrics:
         out.metric(
             "jarvisd_http_overload_refused_total",
             "counter",
-            "Requests answered 503 because http.max_in_flight (or the 64 authenticated health requests) were in progress.",
+            "Requests and WebSocket upgrades answered 503 for being over a cap: "
+            "http.max_in_flight, http.max_websockets (a tenth of it for clients yet "
+            "to authenticate), 64 authenticated health requests.",
             self.refused,
         )
         out.metric(
             "jarvisd_http_stalled_closed_total",
             "counter",
-            "Connections closed because their peer read nothing for http.idle_timeout.",
+            "Connections aborted because their unsent bytes did not go down for http.idle_timeout.",
             self.stalled_closed,
         )
         out.metric(
@@ -137,6 +139,12 @@ class HttpMetrics:
             "gauge",
             "WebSocket clients connected now.",
             self.websockets,
+        )
+        out.metric(
+            "jarvisd_websocket_clients_unauthenticated",
+            "gauge",
+            "WebSocket clients connected now that have yet to send their credentials.",
+            self.websockets_unauthenticated,
         )
         name = "jarvisd_http_request_duration_seconds"
         out.family(name, "histogram", "HTTP request latency in seconds, by route.")

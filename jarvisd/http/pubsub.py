@@ -199,6 +199,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     metrics = request.app[HTTP_METRICS]
     limit = rt.settings.http.max_websockets
     if metrics.websockets >= limit:
+        metrics.refused += 1
         raise ProblemError(
             503,
             "Overloaded",
@@ -213,6 +214,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             # having shown any: at most a tenth of the places.
             waiting = max(1, limit // 10)
             if metrics.websockets_unauthenticated >= waiting:
+                metrics.refused += 1
                 raise ProblemError(
                     503,
                     "Overloaded",

@@ -9,6 +9,7 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 
 import asyncpg
@@ -48,8 +49,8 @@ GUARDED_HEALTH = frozenset(
     {"/health/ready", "/health", "/stats", "/metrics", "/redis/health", "/redis/stats"}
 )
 # With public_health = false those ask for a token, which may mean a database
-# lookup: they stay outside http.max_in_flight (monitoring goes on under
-# overload) but have this budget of their own.
+# lookup: the ones always served stay outside http.max_in_flight (monitoring
+# goes on under overload) but all have this budget of their own.
 GUARDED_IN_FLIGHT = 64
 MAX_UNIX_PATH = 107
 BODY_CEILING = 64 * 1024 * 1024
@@ -281,32 +282,45 @@ class HttpServer(Actor):
 
     async def _close_stalled(self) -> None:
         """A peer that reads nothing keeps its connection, and the bytes
-        queued for it, for ever: a connection whose answer has been waiting
-        to be sent for http.idle_timeout seconds (the socket's buffers full
-        all that time) is closed."""
-        stalled_since: dict[RequestHandler, float] = {}
+        queued for it, for ever (a connection closed by the daemon waits for
+        its buffer to empty first): a connection whose unsent bytes have not
+        gone down for http.idle_timeout seconds is aborted."""
+        seen: dict[RequestHandler, _Unsent] = {}
         while not self.halting():
             limit = self.runtime.settings.http.idle_timeout
-            await asyncio.sleep(min(1.0, limit / 4))
-            server = self.runner.server if self.runner is not None else None
-            if server is None or self.app is None:
+            await asyncio.sleep(max(0.25, min(1.0, limit / 4)))
+            try:
+                seen = self._sweep(seen, limit)
+            except Exception:  # a sweep that fails must not take the listeners down
+                log.exception("http_stalled_sweep_failed")
+
+    def _sweep(
+        self, seen: dict[RequestHandler, _Unsent], limit: float
+    ) -> dict[RequestHandler, _Unsent]:
+        server = self.runner.server if self.runner is not None else None
+        if server is None or self.app is None:
+            return {}
+        now = time.monotonic()
+        still: dict[RequestHandler, _Unsent] = {}
+        for handler in server.connections:
+            # handler.transport is None once aiohttp has closed the connection;
+            # the transport lives on while it still has bytes to send.
+            transport = getattr(handler, "raw_transport", None)
+            if transport is None:
                 continue
-            now = time.monotonic()
-            still: dict[RequestHandler, float] = {}
-            for handler in server.connections:
-                transport = handler.transport
-                if transport is None or transport.is_closing():
-                    continue
-                if transport.get_write_buffer_size() == 0:
-                    continue
-                since = stalled_since.get(handler, now)
-                if now - since < limit:
-                    still[handler] = since
-                    continue
+            size = transport.get_write_buffer_size()
+            if size == 0:
+                continue
+            before = seen.get(handler)
+            if before is None or size < before.size:  # new, or the peer took some
+                still[handler] = _Unsent(size, now)
+            elif now - before.since < limit:
+                still[handler] = _Unsent(size, before.since)
+            else:
                 transport.abort()
                 self.app[HTTP_METRICS].stalled_closed += 1
-                log.info("http_stalled_reader_closed", seconds=round(now - since, 1))
-            stalled_since = still
+                log.info("http_stalled_reader_closed", unsent=size)
+        return still
 
     async def _watch(self, channel: str, cache: PrincipalCache | ListCache) -> None:
         pubsub = self.runtime.actor("pubsub")
@@ -345,11 +359,28 @@ class HttpServer(Actor):
             os.unlink(unix_socket)
 
 
+@dataclass(slots=True)
+class _Unsent:
+    size: int  # bytes waiting to be sent, when last looked at
+    since: float  # monotonic time since when they have not gone down
+
+
 class _RequestHandler(RequestHandler):
     """Requests aiohttp cannot parse (bad request line, header, framing) get a
     problem document like every other error, and one log line that names the
     error's type only: aiohttp's messages quote the offending bytes, which may
-    be a credential."""
+    be a credential. The transport is kept for the stalled-peer sweep."""
+
+    raw_transport: asyncio.WriteTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if isinstance(transport, asyncio.WriteTransport):
+            self.raw_transport = transport
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.raw_transport = None
+        super().connection_lost(exc)
 
     def handle_error(
         self,
