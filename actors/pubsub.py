@@ -301,6 +301,8 @@ class PubSub(RedisClientActor):
         self.log.info(
             "pubsub_connected", channels=len(self._channels), patterns=len(self._patterns)
         )
+        # Report the new state now rather than at the check's next turn.
+        await self.refresh_health()
 
     async def _listener_url(self) -> str:
         client = self._client()
