@@ -154,6 +154,8 @@ class Actor:
     _handlers: ClassVar[dict[type, str]] = {}
     # Upper bound for on_stop; connections must close even after a long drain.
     stop_hook_timeout: ClassVar[float] = 15.0
+    # Needs no other actor to start: the supervisor may start it beside its neighbours.
+    independent: ClassVar[bool] = False
     # Above 1, each worker takes up to this many queued messages at once and
     # hands them to handle_batch (one network round trip for all of them).
     batch_max: ClassVar[int] = 1

@@ -51,13 +51,27 @@ class Supervisor:
     # -- start -------------------------------------------------------------------
     async def start(self) -> None:
         """Start every actor in order; an actor that fails to start is retried
-        within the restart budget before the next one starts."""
-        for actor in self.actors:
-            if self._stopping:
-                return
-            actor.set_crash_callback(self._on_crash)
-            await self._start_with_retries(actor)
-            self._started.append(actor)
+        within the restart budget before the next one starts. Actors next to
+        each other that need no other actor (``independent``: the embedded
+        servers) start side by side."""
+        pending = list(self.actors)
+        while pending and not self._stopping:
+            group = [pending.pop(0)]
+            while group[0].independent and pending and pending[0].independent:
+                group.append(pending.pop(0))
+            for actor in group:
+                actor.set_crash_callback(self._on_crash)
+            results = await asyncio.gather(
+                *(self._start_with_retries(actor) for actor in group), return_exceptions=True
+            )
+            failed = None
+            for actor, result in zip(group, results, strict=True):
+                if isinstance(result, BaseException):
+                    failed = failed or result
+                else:
+                    self._started.append(actor)  # stopped again by stop()
+            if failed is not None:
+                raise failed
 
     async def _start_with_retries(self, actor: Actor) -> None:
         while True:

@@ -317,6 +317,51 @@ async def test_supervisor_starts_in_order_and_stops_in_reverse() -> None:
     assert events == ["start:a", "start:b", "start:c", "stop:c", "stop:b", "stop:a"]
 
 
+class Server(Probe):
+    """An actor that needs no other: each waits, in its start, for the other to be starting."""
+
+    independent = True
+    met: asyncio.Event | None = None
+    other: Server | None = None
+
+    async def on_start(self) -> None:
+        self.met = self.met or asyncio.Event()
+        await super().on_start()
+        assert self.other is not None
+        self.other.met = self.other.met or asyncio.Event()
+        self.other.met.set()
+        await asyncio.wait_for(self.met.wait(), 2)
+
+
+async def test_independent_neighbours_start_side_by_side_and_all_stop() -> None:
+    events: list[str] = []
+    first, second, after = Server("pg"), Server("valkey"), Probe("persistence")
+    first.other, second.other = second, first
+    for a in (first, second, after):
+        a.events = events
+    sup = Supervisor([first, second, after], FAST)
+    await sup.start()  # one after the other, each would wait for the other in vain
+    assert events == ["start:pg", "start:valkey", "start:persistence"]
+    await sup.stop(timeout=2)
+    assert events[3:] == ["stop:persistence", "stop:valkey", "stop:pg"]
+
+
+async def test_when_one_of_two_side_by_side_cannot_start_both_are_stopped() -> None:
+    events: list[str] = []
+    broken, fine = Probe("pg"), Probe("valkey")
+    broken.independent = fine.independent = True  # type: ignore[misc]
+    broken.fail_start = FatalActorError("binary missing")
+    for a in (broken, fine):
+        a.events = events
+    sup = Supervisor([broken, fine, Probe("persistence")], FAST)
+    with pytest.raises(Escalation, match="binary missing"):
+        await sup.start()
+    await sup.stop(timeout=2)
+    # Both stopped (the broken one may hold half of what it acquired); the
+    # actor after them never started.
+    assert events == ["start:pg", "start:valkey", "stop:valkey", "stop:pg"]
+
+
 async def test_actor_names_must_be_unique() -> None:
     with pytest.raises(ValueError, match="unique"):
         Supervisor([Probe("x"), Probe("x")])

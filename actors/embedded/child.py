@@ -278,6 +278,7 @@ class ChildServer(Actor):
     # Signal that asks the server for a clean, fast shutdown, also sent on parent death.
     stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
     server_name: ClassVar[str] = "server"
+    independent: ClassVar[bool] = True  # the embedded servers start side by side
 
     def __init__(
         self, name: str, state_dir: Path, run_as: RunAs, *, start_timeout: float = 60.0
