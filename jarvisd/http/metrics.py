@@ -93,7 +93,7 @@ class HttpMetrics:
         self.guarded = 0  # health requests authenticating (http.public_health = false)
         self.websockets = 0
         self.websockets_unauthenticated = 0  # waiting for their first frame
-        self.stalled_closed = 0  # connections closed for reading nothing (http.idle_timeout)
+        self.stalled_closed = 0  # aborted: unsent bytes stuck for http.idle_timeout
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         # Clients choose methods: any outside the known set counts as "other",
