@@ -26,6 +26,9 @@ from tests.test_api import Api
 from tests.test_faults import server_errors
 from tests.test_http import Running, start_daemon
 
+# Once per CI run (the embedded pass): the inputs, not the servers, are what vary.
+pytestmark = pytest.mark.slow
+
 FUZZ = settings(
     max_examples=25,
     deadline=None,
