@@ -92,6 +92,11 @@ class PrincipalCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def holds(self, key: str) -> bool:
+        """Whether get() would answer from memory (counts nothing)."""
+        entry = self._entries.get(key) if self.enabled else None
+        return entry is not None and entry.expires > time.monotonic()
+
     def get(self, key: str) -> _Entry | None:
         if not self.enabled:
             return None

@@ -99,8 +99,9 @@ async def test_authenticated_health_has_a_budget_of_its_own(
     make_config: Callable[..., LoadedConfig], pg_dsn: str
 ) -> None:
     """With public_health = false, /metrics and the like look tokens up: a
-    flood of them (here held up by a lock on the tokens) is bounded by
-    GUARDED_IN_FLIGHT, outside http.max_in_flight, and the rest answer 503 at once."""
+    flood of unknown ones (here held up by a lock on the tokens) is bounded by
+    GUARDED_IN_FLIGHT, outside http.max_in_flight, and the rest answer 503 at
+    once; a monitor whose token is known still gets in."""
     # Held lookups must outlast the test's waits: a long request_timeout.
     loaded = make_config(http={"public_health": False, "request_timeout": 60})
     admin = await asyncpg.connect(pg_dsn)
@@ -123,6 +124,10 @@ async def _guarded_budget(
     await api.unix.close()
     assert running.daemon.http.app is not None
     metrics = running.daemon.http.app[HTTP_METRICS]
+    async with asyncio.timeout(20):  # the monitor's token, known (cached) once used
+        while not running.daemon.runtime.principals.enabled:
+            await asyncio.sleep(0.05)
+        assert (await _get(running, "/metrics", token))[0] == 200
     # Well-formed tokens that match nothing: each one a lookup in the database.
     bogus = [token[:-6] + f"{n:06d}" for n in range(GUARDED_IN_FLIGHT + 16)]
     held: list[asyncio.Task[tuple[int, CIMultiDictProxy[str], str]]] = []
@@ -142,6 +147,8 @@ async def _guarded_budget(
             assert "authenticated health" in json.loads(body)["detail"]
         assert metrics.admitted == 0  # http.max_in_flight untouched
         assert (await running.get("/health/live"))[0] == 200
+        # A monitor already known needs no lookup: it gets in whatever the flood.
+        assert (await _get(running, "/health/ready", token))[0] == 200
     finally:
         await lock.rollback()
         answers = await asyncio.gather(*held, return_exceptions=True)

@@ -37,7 +37,16 @@ from jarvisd.http.keys import RUNTIME
 from jarvisd.principals import Invalidation, bearer_key, encode_invalidation, internal_channel
 from jarvisd.runtime import Runtime
 
-__all__ = ["Unauthorized", "authenticate", "bearer", "forbidden", "forget", "peer_uid", "require"]
+__all__ = [
+    "Unauthorized",
+    "authenticate",
+    "bearer",
+    "forbidden",
+    "forget",
+    "known",
+    "peer_uid",
+    "require",
+]
 
 log = structlog.get_logger("jarvisd", actor="http")
 
@@ -91,6 +100,16 @@ def bearer(request: web.Request) -> str | None:
     ):
         raise Unauthorized("use Authorization: Bearer <token>")
     return token
+
+
+def known(request: web.Request) -> bool:
+    """Whether authenticate() can answer without a lookup: no credentials,
+    malformed ones, or a token the principal cache holds."""
+    try:
+        token = bearer(request)
+    except Unauthorized:
+        return True
+    return token is None or request.app[RUNTIME].principals.holds(bearer_key(token))
 
 
 async def authenticate(request: web.Request) -> Principal | None:

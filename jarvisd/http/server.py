@@ -29,7 +29,7 @@ from actors.pubsub import Detach, Subscribe, Subscriber
 from actors.redis_link import RedisUnavailable
 from actors.sessions import SessionConflict, SessionNotFound
 from jarvisd.http import api, health, openapi
-from jarvisd.http.auth import Unauthorized, authenticate
+from jarvisd.http.auth import Unauthorized, authenticate, known
 from jarvisd.http.common import ClientGone
 from jarvisd.http.errors import ProblemError, problem
 from jarvisd.http.keys import ADMITTED, HTTP_METRICS, RUNTIME
@@ -50,7 +50,7 @@ GUARDED_HEALTH = frozenset(
 )
 # With public_health = false those ask for a token, which may mean a database
 # lookup: the ones always served stay outside http.max_in_flight (monitoring
-# goes on under overload) but all have this budget of their own.
+# goes on under overload), and those that need a lookup have this budget.
 GUARDED_IN_FLIGHT = 64
 MAX_UNIX_PATH = 107
 BODY_CEILING = 64 * 1024 * 1024
@@ -162,6 +162,8 @@ def _overloaded(request: web.Request, why: str) -> web.Response:
 
 
 async def _guarded_health(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if known(request):  # no lookup to bound: a monitor already known always gets in
+        return await _guarded(request, _authenticated(handler))
     metrics = request.app[HTTP_METRICS]
     if metrics.guarded >= GUARDED_IN_FLIGHT:
         return _overloaded(
