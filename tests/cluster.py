@@ -177,16 +177,34 @@ class LocalCluster:
         text = text.decode() if isinstance(text, bytes) else str(text)
         return dict(line.split(":", 1) for line in text.split() if ":" in line)
 
+    def _links_up(self, port: int) -> int:
+        """How many other nodes ``port`` has a connected link to."""
+        with self.client(port) as c:
+            text = c.execute_command("CLUSTER", "NODES")
+        text = text.decode() if isinstance(text, bytes) else str(text)
+        up = 0
+        for line in text.splitlines():
+            fields = line.split()
+            flags = fields[2].split(",")
+            if "myself" in flags or not {"fail", "fail?", "handshake", "noaddr"}.isdisjoint(flags):
+                continue
+            up += fields[7] == "connected"
+        return up
+
     def alive(self) -> list[int]:
         return [p for p, proc in self.procs.items() if proc.poll() is None]
 
     def wait_healthy(self, timeout: float = 30.0) -> None:
-        """Every running node sees a whole cluster in state ok."""
+        """Every running node sees a whole cluster in state ok, with its links
+        to every other running node up (a PUBLISH reaches the other nodes over
+        those links: one still being set up would drop it)."""
 
         def ok() -> bool:
             for port in self.alive():
                 info = self._state(port)
                 if info.get("cluster_state") != "ok" or info.get("cluster_slots_ok") != "16384":
+                    return False
+                if self._links_up(port) < len(self.alive()) - 1:
                     return False
             return True
 
