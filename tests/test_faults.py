@@ -19,12 +19,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from actors.redis_link import connect_redis
+from actors.redis_link import RedisClient, connect_redis
 from config import LoadedConfig
 from jarvisd.http.keys import HTTP_METRICS
 from tests.servers import Servers
 from tests.test_api import Api
-from tests.test_bus import BUS, eventually, requested
+from tests.test_bus import BUS, drained, eventually, requested
 from tests.test_http import Running, start_daemon
 from tests.test_pubsub import OwnValkey, own_valkey  # noqa: F401 - the fixture
 from tests.test_ws import FAST_PUBSUB
@@ -37,6 +37,17 @@ async def end_connections(admin: asyncpg.Connection, database: str) -> None:
         "WHERE datname = $1 AND pid <> pg_backend_pid()",
         database,
     )
+
+
+async def committed_once(
+    raw: RedisClient, db: asyncpg.Connection, running: Running, n: int, timeout: float
+) -> None:
+    """Once the inbox group has nothing unread or pending: ``n`` commands,
+    each once, and nothing dead-lettered."""
+    await eventually(lambda: drained(raw, running), timeout=timeout)
+    assert await db.fetchval("SELECT count(*) FROM commands") == n
+    assert await db.fetchval("SELECT count(DISTINCT request_id) FROM commands") == n
+    assert await raw.xlen(f"{running.daemon.settings.inbox}:dead") == 0
 
 
 def server_errors(running: Running) -> int:
@@ -234,15 +245,7 @@ async def test_postgres_away_for_10_s_during_an_ingest_loses_and_doubles_nothing
             assert saw_503
             await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
             db = await asyncpg.connect(pg_dsn)
-            async with asyncio.timeout(60):
-                while True:
-                    groups = await raw.xinfo_groups(stream)
-                    if groups[0]["pending"] == 0 and (groups[0].get("lag") or 0) == 0:
-                        break
-                    await asyncio.sleep(0.1)
-            assert await db.fetchval("SELECT count(*) FROM commands") == len(ids)
-            assert await db.fetchval("SELECT count(DISTINCT request_id) FROM commands") == len(ids)
-            assert await raw.xlen(f"{stream}:dead") == 0
+            await committed_once(raw, db, running, len(ids), timeout=60)
             await running.wait_ready(10)
             assert server_errors(running) == 0
         finally:
@@ -397,15 +400,7 @@ async def _fill_then_grow(
         assert (await running.get("/health/live"))[0] == 200
 
         grow(where, "64m")  # room again
-        async with asyncio.timeout(30):
-            while True:
-                groups = await raw.xinfo_groups(stream)
-                if groups[0]["pending"] == 0 and (groups[0].get("lag") or 0) == 0:
-                    break
-                await asyncio.sleep(0.1)
-        assert await db.fetchval("SELECT count(*) FROM commands") == len(ids)
-        assert await db.fetchval("SELECT count(DISTINCT request_id) FROM commands") == len(ids)
-        assert await raw.xlen(f"{stream}:dead") == 0
+        await committed_once(raw, db, running, len(ids), timeout=30)
         status, _h, created = await api.call(
             "POST", "/commands", token=agent, json={"action": "x", "requestId": "h0"}
         )

@@ -38,10 +38,7 @@ async def test_requests_past_max_in_flight_get_503_with_retry_after_and_health_s
     loaded = make_config(http={"max_in_flight": 2})
     async for running in start_daemon(loaded):
         await running.wait_ready()
-        assert loaded.settings.http.unix_socket is not None
-        api = Api(running, loaded.settings.http.unix_socket)
-        _uid, token = await api.user("busy", "agent")
-        await api.unix.close()
+        token = await _token(running, loaded, "busy", "agent")
         port = running.daemon.http.bound_port
         assert running.daemon.http.app is not None
         metrics = running.daemon.http.app[HTTP_METRICS]
@@ -71,10 +68,7 @@ async def test_websocket_clients_past_max_websockets_get_503(
     loaded = make_config(http={"max_websockets": 2})
     async for running in start_daemon(loaded):
         await running.wait_ready()
-        assert loaded.settings.http.unix_socket is not None
-        api = Api(running, loaded.settings.http.unix_socket)
-        _uid, token = await api.user("ws-cap", "agent")
-        await api.unix.close()
+        token = await _token(running, loaded, "ws-cap", "agent")
         url = running.base.replace("http", "ws") + "/ws"
         first = await running.session.ws_connect(url, headers=_bearer(token))
         second = await running.session.ws_connect(url, headers=_bearer(token))
@@ -117,11 +111,13 @@ async def _guarded_budget(
 ) -> None:
     assert loaded.settings.http.unix_socket is not None
     api = Api(running, loaded.settings.http.unix_socket)
-    async with asyncio.timeout(20):  # the local admin may ask
-        while (await api.call("GET", "/health/ready", local=True))[0] != 200:
-            await asyncio.sleep(0.05)
-    _uid, token = await api.user("watcher", "admin")
-    await api.unix.close()
+    try:
+        async with asyncio.timeout(20):  # the local admin may ask
+            while (await api.call("GET", "/health/ready", local=True))[0] != 200:
+                await asyncio.sleep(0.05)
+    finally:
+        await api.unix.close()
+    token = await _token(running, loaded, "watcher", "admin")
     assert running.daemon.http.app is not None
     metrics = running.daemon.http.app[HTTP_METRICS]
     async with asyncio.timeout(20):  # the monitor's token, known (cached) once used
@@ -163,10 +159,7 @@ async def test_websockets_waiting_to_authenticate_hold_at_most_a_tenth_of_the_pl
     loaded = make_config(http={"max_websockets": 20})
     async for running in start_daemon(loaded):
         await running.wait_ready()
-        assert loaded.settings.http.unix_socket is not None
-        api = Api(running, loaded.settings.http.unix_socket)
-        _uid, token = await api.user("ws-ok", "agent")
-        await api.unix.close()
+        token = await _token(running, loaded, "ws-ok", "agent")
         url = running.base.replace("http", "ws") + "/ws"
         silent = [await running.session.ws_connect(url) for _ in range(2)]
         open_ = list(silent)
@@ -197,6 +190,16 @@ async def test_websockets_waiting_to_authenticate_hold_at_most_a_tenth_of_the_pl
         finally:
             for ws in open_:
                 await ws.close()
+
+
+async def _token(running: Running, loaded: LoadedConfig, name: str, role: str) -> str:
+    """The API token of a new user, made by the local admin."""
+    assert loaded.settings.http.unix_socket is not None
+    api = Api(running, loaded.settings.http.unix_socket)
+    try:
+        return (await api.user(name, role))[1]
+    finally:
+        await api.unix.close()
 
 
 def _bearer(token: str) -> dict[str, str]:

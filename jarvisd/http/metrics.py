@@ -90,7 +90,7 @@ class HttpMetrics:
         self.in_flight = 0
         self.admitted = 0  # in flight and counted against http.max_in_flight
         self.refused = 0  # answered 503 for being over it (or another in-flight cap)
-        self.guarded = 0  # health requests authenticating (http.public_health = false)
+        self.guarded = 0  # health requests in a token lookup (http.public_health = false)
         self.websockets = 0
         self.websockets_unauthenticated = 0  # waiting for their first frame
         self.stalled_closed = 0  # aborted: unsent bytes stuck for http.idle_timeout
@@ -125,7 +125,7 @@ class HttpMetrics:
             "counter",
             "Requests and WebSocket upgrades answered 503 for being over a cap: "
             "http.max_in_flight, http.max_websockets (a tenth of it for clients yet "
-            "to authenticate), 64 authenticated health requests.",
+            "to authenticate), 64 health requests waiting for a token lookup.",
             self.refused,
         )
         out.metric(
