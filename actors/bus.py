@@ -108,17 +108,12 @@ class Bus(RedisClientActor):
 
     # -- the loop ---------------------------------------------------------------------------
     async def run(self) -> None:
-        inbox_task = None
-        if self.pubsub is not None:
-            inbox_task = asyncio.get_running_loop().create_task(
-                self._published_loop(), name=f"{self.name}.published"
-            )
-        try:
-            await self._stream_loop()
-        finally:
-            if inbox_task is not None:
-                inbox_task.cancel()
-                await asyncio.gather(inbox_task, return_exceptions=True)
+        # Both readers belong to the actor: either one failing is the actor's
+        # crash (the supervisor restarts both), never a reader gone silently.
+        async with asyncio.TaskGroup() as readers:
+            readers.create_task(self._stream_loop(), name=f"{self.name}.stream")
+            if self.pubsub is not None:
+                readers.create_task(self._published_loop(), name=f"{self.name}.published")
 
     async def _stream_loop(self) -> None:
         delay = 0.1

@@ -7,11 +7,12 @@ One batch, in stream order:
    per command, different commands side by side;
 3. ``cache.invalidate`` to the cache actor.
 
-Each envelope ends "done" (its effect is committed, or it repeated one),
-"dead" (it can never succeed: a conflicting status, a user that does not
-exist, data PostgreSQL refuses) or "retry" (it may succeed later: the command
-it reports on is not there yet). A dependency that is down raises
-DependencyDown for the whole batch, which the bus retries as it is.
+Each envelope is judged by itself: it ends "done" (its effect is committed,
+or it repeated one), "dead" (it can never succeed: a conflicting status, a
+user that does not exist, data PostgreSQL refuses, any other error it meets)
+or "retry" (it may succeed later: the command it reports on is not there yet).
+Only a dependency that is down raises, DependencyDown for the whole batch,
+which the bus retries as it is; no envelope can make the router raise.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from actors.envelope import (
 from actors.kernel import Actor, ActorError
 from actors.persistence import Unavailable
 
-__all__ = ["DependencyDown", "Outcome", "Router"]
+__all__ = ["DependencyDown", "Outcome", "Router", "describe"]
 
 # What means "try the whole batch again later", not "this envelope is bad".
 _DOWN = (ActorError, Unavailable, CacheUnavailable, OSError, asyncpg.InterfaceError)
@@ -92,7 +93,7 @@ class Router:
         try:
             return await actor.ask(msg, timeout=_ASK_TIMEOUT)
         except _DOWN as exc:
-            raise DependencyDown(f"{actor.name}: {type(exc).__name__}: {exc}") from exc
+            raise DependencyDown(f"{actor.name}: {describe(exc)}") from exc
 
     # -- command.requested ------------------------------------------------------------------
     async def _requested(self, items: list[tuple[str, Any]]) -> dict[str, Outcome]:
@@ -101,21 +102,16 @@ class Router:
             results = await self._ask(self.persistence, m.IngestCommands(rows=rows))
         except DependencyDown:
             raise
-        except Exception:
+        except Exception as exc:
             if len(items) == 1:
-                raise
-            # One row spoils the batch (data PostgreSQL refuses, a user deleted
-            # meanwhile): find it, keep the others.
-            out: dict[str, Outcome] = {}
-            for item in items:
-                try:
-                    out.update(await self._requested([item]))
-                except DependencyDown:
-                    raise
-                except Exception as exc:
-                    out[item[0]] = _failed(exc)
-            return out
-        out = {}
+                return {items[0][0]: _failed(exc)}
+            # One row spoils the batch (a user deleted meanwhile, data the
+            # parser let through): halve until it is alone; the others go in.
+            half = len(items) // 2
+            parts = await self._requested(items[:half])
+            parts.update(await self._requested(items[half:]))
+            return parts
+        out: dict[str, Outcome] = {}
         for (key, env), done in zip(items, results, strict=True):
             if done.outcome == "no_user":
                 out[key] = Outcome("dead", f"no user {env.user_id}")
@@ -182,6 +178,8 @@ class Router:
             raise
         except CacheError as exc:
             return Outcome("dead", f"invalid: {exc}")
+        except Exception as exc:
+            return _failed(exc)
         return DONE
 
 
@@ -199,11 +197,25 @@ def _command(env: CommandRequested) -> CommandCreate:
 
 
 def _failed(exc: Exception) -> Outcome:
-    """A handler's error: final for what can never succeed, else retried."""
+    """One envelope's error is its own outcome: final at once, with the true
+    reason, except for what may succeed on a later delivery (a command not
+    committed yet, a transaction PostgreSQL rolled back to break a deadlock)."""
     if isinstance(exc, NotFound):  # the command may not be committed yet
         return Outcome("retry", f"not found: {exc}")
+    if isinstance(exc, asyncpg.exceptions.TransactionRollbackError):
+        return Outcome("retry", describe(exc))
     if isinstance(exc, Conflict):
         return Outcome("dead", f"conflict: {exc}")
     if isinstance(exc, Invalid | asyncpg.DataError | ValueError):
-        return Outcome("dead", f"invalid: {exc}")
-    return Outcome("retry", f"{type(exc).__name__}: {exc}")
+        return Outcome("dead", f"invalid: {describe(exc)}")
+    return Outcome("dead", f"refused: {describe(exc)}")
+
+
+def describe(exc: BaseException) -> str:
+    """An error in one line, without the values it was about: PostgreSQL's
+    DETAIL (``Failing row contains …``) holds the row's data, which has no
+    place in a log or a dead letter's reason."""
+    if isinstance(exc, asyncpg.PostgresError):
+        message = exc.args[0] if exc.args else ""
+        return f"{type(exc).__name__} ({exc.sqlstate}): {message}"[:500]
+    return f"{type(exc).__name__}: {exc}"[:500]

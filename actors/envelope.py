@@ -29,6 +29,8 @@ from actors.data.model import (
     RequestId,
     RowId,
     Score,
+    Source,
+    nul_path,
 )
 
 __all__ = [
@@ -48,7 +50,6 @@ __all__ = [
     "type_of",
 ]
 
-Text = Annotated[str, msgspec.Meta(max_length=200, pattern=NO_NUL)]
 Namespace = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 CacheKey = Annotated[str, msgspec.Meta(min_length=1, max_length=1024)]
 
@@ -106,7 +107,7 @@ class CacheInvalidateData(_Data, frozen=True):
 class _Envelope(msgspec.Struct, frozen=True, kw_only=True, rename="camel", tag_field="type"):
     v: Literal[1]
     id: RequestId
-    source: Text = ""
+    source: Source = ""
     ts: datetime | None = None
     user_id: RowId | None = None
 
@@ -182,6 +183,16 @@ def parse(raw: bytes | str, max_bytes: int) -> Envelope | Malformed:
         return Malformed(f"invalid: {exc}", kind[:100], ident)
     except msgspec.DecodeError as exc:
         return Malformed(f"malformed: {exc}")
+    if b"\\u0000" in data:
+        # PostgreSQL stores no NUL in text or jsonb: refused here, where the
+        # reason can be told, rather than by the database.
+        where = nul_path(_peek.decode(data))
+        if where is not None:
+            return Malformed(
+                f"invalid: NUL character (\\u0000) at {where[:200]}; PostgreSQL cannot store it",
+                type_of(envelope),
+                envelope.id,
+            )
     if (
         isinstance(envelope, CommandStarted | CommandCompleted | CommandFailed | CommandCancelled)
         and envelope.data.command_id is None

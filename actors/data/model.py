@@ -43,6 +43,8 @@ Email = Annotated[
 ]
 Password = Annotated[str, msgspec.Meta(min_length=8, max_length=1024)]
 Action = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)]
+# Free text naming where a command came from, as its sender labels it (never authority).
+Source = Annotated[str, msgspec.Meta(max_length=100, pattern=NO_NUL)]
 Description = Annotated[str, msgspec.Meta(max_length=2000, pattern=NO_NUL)]
 RequestId = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)]
 Score = Annotated[int, msgspec.Meta(ge=0, le=100)]
@@ -91,6 +93,25 @@ def risk_category(score: int) -> RiskCategory:
     if score < 90:
         return "HIGH"
     return "CRITICAL"
+
+
+def nul_path(value: Any, path: str = "$") -> str | None:
+    """Where ``value`` (decoded JSON) holds a NUL character, which PostgreSQL
+    cannot store in text or jsonb; None when nowhere."""
+    stack: list[tuple[Any, str]] = [(value, path)]
+    while stack:
+        node, where = stack.pop()
+        if isinstance(node, str):
+            if "\x00" in node:
+                return where
+        elif isinstance(node, dict):
+            for key, item in node.items():
+                if isinstance(key, str) and "\x00" in key:
+                    return f"{where} (a key)"
+                stack.append((item, f"{where}.{key}"))
+        elif isinstance(node, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(node))
+    return None
 
 
 def parameters_digest(parameters: Any) -> str:
@@ -195,7 +216,7 @@ class CommandCreate(_Input, frozen=True):
     type: CommandType = "api"
     request_id: RequestId | None = None  # the idempotency key; generated when absent
     user_id: RowId | None = None  # on whose behalf (admins, approvers, agents); users: themselves
-    source: Annotated[str, msgspec.Meta(max_length=100, pattern=NO_NUL)] = ""
+    source: Source = ""
     parameters: JsonObject = msgspec.field(default_factory=dict)
     description: Description = ""
     risk_score: Score | None = None  # a suggestion: may raise the policy score, never lower it
