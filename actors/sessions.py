@@ -24,6 +24,13 @@ In each:
   key and fails, it never recreates ("resurrects") the session.
 - Rotation (at login) moves the session to a new id with RENAME, keeping its
   TTL and data, and the old id stops working at once.
+- Login sessions are credentials kept in a place agents can write (Redis):
+  each record carries an HMAC-SHA256 over its ref, user, times and the user's
+  credentials version, under a key kept in PostgreSQL (``key_source``, read
+  for each use: lookups are rare behind the caller cache, and a rotated key
+  ends every session at once). A record that does not verify (written or
+  edited by anyone but the daemon, or signed under a rotated key) is a
+  session that does not exist.
 Times come from the Redis server's clock, so several daemons agree.
 
 On a Redis Cluster the braced tag is the key's hash tag: a user's sessions
@@ -34,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import hmac
 import re
 import secrets
 from typing import Any, ClassVar, Literal
@@ -43,7 +51,8 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import AskError, MovedError
 
-from actors.kernel import handles
+from actors.data.messages import SessionKey
+from actors.kernel import Actor, handles
 from actors.redis_link import (
     REDIS_FAILURES,
     RedisClientActor,
@@ -69,7 +78,8 @@ __all__ = [
 ]
 
 # The scripts whose writes a cluster replicates before the answer (_call_replicated).
-_WRITES = frozenset({"create", "update", "rotate", "delete", "revoke_all"})
+_WRITES = frozenset({"create", "sign", "update", "rotate", "delete", "revoke_all"})
+
 _ID_RE = re.compile(r"^[0-9a-f]{4}[A-Za-z0-9_-]{16,124}$")
 
 
@@ -102,6 +112,8 @@ class Session(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
     last_seen_ms: int
     expires_at_ms: int  # absolute deadline
     id: str | None = None  # only when the session is created or rotated
+    # Login sessions: the user's credentials version when it was made (not listed).
+    stamp: int | None = None
 
 
 class SessionCreate(msgspec.Struct, frozen=True):
@@ -109,6 +121,7 @@ class SessionCreate(msgspec.Struct, frozen=True):
     data: Any = None
     idle_ttl: int | None = None  # seconds; defaults from [sessions]
     absolute_ttl: int | None = None
+    stamp: int = 0  # login sessions: the user's credentials version
 
 
 class SessionGet(msgspec.Struct, frozen=True):
@@ -143,14 +156,14 @@ def _now_ms_lua() -> str:
 
 
 # KEYS: session, index. ARGV: uid, data, idle_ms, absolute_ms, ref, max per user,
-# session key prefix. Past the per-user bound, the other sessions nearest their
-# deadline are removed (keys and index entries); never the one being created.
+# session key prefix, stamp. Past the per-user bound, the other sessions nearest
+# their deadline are removed (keys and index entries); never the one being created.
 CREATE = (
     _now_ms_lua()
     + """
 local deadline = now + tonumber(ARGV[4])
 redis.call('HSET', KEYS[1], 'uid', ARGV[1], 'data', ARGV[2], 'ver', 1, 'created', now,
-           'seen', now, 'abs', deadline, 'idle', ARGV[3])
+           'seen', now, 'abs', deadline, 'idle', ARGV[3], 'stamp', ARGV[8])
 redis.call('PEXPIRE', KEYS[1], math.min(tonumber(ARGV[3]), deadline - now))
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 redis.call('ZADD', KEYS[2], deadline, ARGV[5])
@@ -170,11 +183,22 @@ return {now, deadline}
 """
 )
 
-# KEYS: session. ARGV: touch (0/1). Returns nil or the fields.
+# KEYS: session. MAC: ARGV[1] the MAC. Sets it on a session that exists.
+SIGN = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'mac', ARGV[1])
+return 1
+"""
+
+# The fields GET and listings read, in this order.
+FIELDS = ("uid", "data", "ver", "created", "seen", "abs", "idle", "stamp", "mac")
+
+# KEYS: session. ARGV: touch (0/1). Returns nil or the FIELDS.
 GET = (
     _now_ms_lua()
     + """
-local f = redis.call('HMGET', KEYS[1], 'uid', 'data', 'ver', 'created', 'seen', 'abs', 'idle')
+local f = redis.call('HMGET', KEYS[1], 'uid', 'data', 'ver', 'created', 'seen', 'abs', 'idle',
+                     'stamp', 'mac')
 if not f[1] then return nil end
 local deadline = tonumber(f[6])
 if now >= deadline then redis.call('UNLINK', KEYS[1]); return nil end
@@ -203,11 +227,12 @@ return {ver}
 """
 )
 
-# KEYS: old session, new session, index. ARGV: old ref, new ref.
+# KEYS: old session, new session, index. ARGV: old ref, new ref, the new MAC.
 ROTATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('RENAME', KEYS[1], KEYS[2])
 redis.call('HINCRBY', KEYS[2], 'ver', 1)
+redis.call('HSET', KEYS[2], 'mac', ARGV[3])
 local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[3], ARGV[1])
 if score then redis.call('ZADD', KEYS[3], score, ARGV[2]) end
@@ -257,6 +282,7 @@ class Sessions(RedisClientActor):
         name: str | None = None,
         concurrency: int = 8,
         health_interval: float = 2.0,
+        key_source: Actor | None = None,
     ) -> None:
         super().__init__(
             name or ("logins" if kind == "login" else "sessions"),
@@ -273,6 +299,9 @@ class Sessions(RedisClientActor):
         self._scripts: dict[str, Any] = {}
         self._nodes: dict[tuple[str, int], aioredis.Redis] = {}  # one client per cluster primary
         self.unreplicated = 0
+        # Where the signing key comes from (the persistence actor); None: records are unsigned.
+        self.key_source = key_source
+        self.forged = 0  # records that did not verify
 
     @property
     def _wait_ms(self) -> int:
@@ -296,6 +325,7 @@ class Sessions(RedisClientActor):
         client = self._client()
         for name, source in (
             ("create", CREATE),
+            ("sign", SIGN),
             ("get", GET),
             ("update", UPDATE),
             ("rotate", ROTATE),
@@ -374,6 +404,55 @@ class Sessions(RedisClientActor):
             data["replication"] = {"unreplicatedWrites": self.unreplicated}
         return data
 
+    # -- signatures ---------------------------------------------------------------
+    async def _signing_key(self) -> bytes | None:
+        if self.key_source is None:
+            return None
+        try:
+            key: bytes = await self.key_source.ask(SessionKey(), timeout=10)
+        except Exception as exc:
+            raise self.unavailable(f"the login session key cannot be read: {exc}") from exc
+        return key
+
+    def _mac(
+        self, key: bytes, ref: str, uid: int, created: int, deadline: int, idle: int, stamp: int
+    ) -> str:
+        message = f"{self.space}|{ref}|{uid}|{created}|{deadline}|{idle}|{stamp}"
+        return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
+
+    def _verified(self, key: bytes | None, ref: str, fields: list[Any]) -> bool:
+        """Whether a record's fields (FIELDS) carry the daemon's signature
+        (``key``: the signing key; None: this store is not signed)."""
+        if key is None:
+            return True
+        try:
+            uid, created, deadline, idle = (int(fields[i]) for i in (0, 3, 5, 6))
+            stamp = int(fields[7])
+            mac = fields[8].decode() if isinstance(fields[8], bytes) else str(fields[8])
+        except (TypeError, ValueError, AttributeError):
+            mac, uid, created, deadline, idle, stamp = "", 0, 0, 0, 0, 0
+        expected = self._mac(key, ref, uid, created, deadline, idle, stamp)
+        if hmac.compare_digest(expected, mac):
+            return True
+        self.forged += 1
+        self.log.warning("session_record_refused", space=self.space, ref=ref[:12])
+        return False
+
+    def _session(self, ref: str, fields: list[Any], session_id: str | None = None) -> Session:
+        uid, data, ver, created, seen, deadline, _idle, stamp, _mac = fields
+        return Session(
+            ref=ref,
+            kind=self.kind,
+            user_id=int(uid),
+            data=msgspec.json.decode(data),
+            version=int(ver),
+            created_ms=int(created),
+            last_seen_ms=int(seen),
+            expires_at_ms=int(deadline),
+            id=session_id,
+            stamp=None if stamp is None or self.key_source is None else int(stamp),
+        )
+
     @staticmethod
     def _ref(session_id: str) -> tuple[str, str]:
         """(tag, ref) of an id."""
@@ -395,6 +474,7 @@ class Sessions(RedisClientActor):
         session_id = tag + secrets.token_urlsafe(32)
         ref = ref_of(session_id)
         data = msgspec.json.encode(msg.data)
+        key = await self._signing_key()
         now, deadline = await self._call(
             "create",
             [self.key(tag, ref), self.index(msg.user_id)],
@@ -406,8 +486,14 @@ class Sessions(RedisClientActor):
                 ref,
                 s.max_per_user,
                 self.key_prefix(tag),
+                msg.stamp,
             ],
         )
+        if key is not None:
+            # Usable from here on: until signed, the record is no session at all.
+            mac = self._mac(key, ref, msg.user_id, int(now), int(deadline), idle * 1000, msg.stamp)
+            if not await self._call("sign", [self.key(tag, ref)], [mac]):
+                raise SessionNotFound("the session ended while it was made")
         return Session(
             ref=ref,
             kind=self.kind,
@@ -418,25 +504,19 @@ class Sessions(RedisClientActor):
             last_seen_ms=int(now),
             expires_at_ms=int(deadline),
             id=session_id,
+            stamp=msg.stamp if key is not None else None,
         )
+
+    async def _fields(self, tag: str, ref: str, touch: bool) -> list[Any]:
+        fields = await self._call("get", [self.key(tag, ref)], ["1" if touch else "0"])
+        if fields is None or not self._verified(await self._signing_key(), ref, fields):
+            raise SessionNotFound("no such session")
+        return list(fields)
 
     @handles(SessionGet)
     async def _get(self, msg: SessionGet) -> Session:
         tag, ref = self._ref(msg.id)
-        fields = await self._call("get", [self.key(tag, ref)], ["1" if msg.touch else "0"])
-        if fields is None:
-            raise SessionNotFound("no such session")
-        uid, data, ver, created, seen, deadline, _idle = fields
-        return Session(
-            ref=ref,
-            kind=self.kind,
-            user_id=int(uid),
-            data=msgspec.json.decode(data),
-            version=int(ver),
-            created_ms=int(created),
-            last_seen_ms=int(seen),
-            expires_at_ms=int(deadline),
-        )
+        return self._session(ref, await self._fields(tag, ref, msg.touch))
 
     @handles(SessionUpdate)
     async def _update(self, msg: SessionUpdate) -> int:
@@ -461,19 +541,25 @@ class Sessions(RedisClientActor):
     @handles(SessionRotate)
     async def _rotate(self, msg: SessionRotate) -> Session:
         tag, old_ref = self._ref(msg.id)
-        client = self._client()
-        try:
-            uid = await client.hget(self.key(tag, old_ref), "uid")
-        except REDIS_FAILURES as exc:
-            raise self._down(exc) from exc
-        if uid is None:
-            raise SessionNotFound("no such session")
+        old = self._session(old_ref, fields := await self._fields(tag, old_ref, touch=False))
         new_id = tag + secrets.token_urlsafe(32)
         new_ref = ref_of(new_id)
+        key = await self._signing_key()
+        mac = ""
+        if key is not None:
+            mac = self._mac(
+                key,
+                new_ref,
+                old.user_id,
+                old.created_ms,
+                old.expires_at_ms,
+                int(fields[6]),
+                old.stamp or 0,
+            )
         moved = await self._call(
             "rotate",
-            [self.key(tag, old_ref), self.key(tag, new_ref), self.index(int(uid))],
-            [old_ref, new_ref],
+            [self.key(tag, old_ref), self.key(tag, new_ref), self.index(old.user_id)],
+            [old_ref, new_ref, mac],
         )
         if not moved:
             raise SessionNotFound("no such session")
@@ -492,34 +578,18 @@ class Sessions(RedisClientActor):
             refs = [m.decode() if isinstance(m, bytes) else str(m) for m in members]
             async with client.pipeline(transaction=False) as pipe:
                 for ref in refs:
-                    pipe.hmget(
-                        self.key_for(msg.user_id, ref),
-                        "uid",
-                        "data",
-                        "ver",
-                        "created",
-                        "seen",
-                        "abs",
-                    )
+                    pipe.hmget(self.key_for(msg.user_id, ref), *FIELDS)
                 rows = await pipe.execute()
             out: list[Session] = []
             gone: list[str] = []
+            key = await self._signing_key()
             for ref, row in zip(refs, rows, strict=True):
                 if row[0] is None:
                     gone.append(ref)
                     continue
-                out.append(
-                    Session(
-                        ref=ref,
-                        kind=self.kind,
-                        user_id=int(row[0]),
-                        data=msgspec.json.decode(row[1]),
-                        version=int(row[2]),
-                        created_ms=int(row[3]),
-                        last_seen_ms=int(row[4]),
-                        expires_at_ms=int(row[5]),
-                    )
-                )
+                if int(row[0]) != msg.user_id or not self._verified(key, ref, row):
+                    continue  # not this user's, or not the daemon's: no session
+                out.append(msgspec.structs.replace(self._session(ref, row), stamp=None))
             if gone:  # expired by idle TTL: tidy the index
                 await client.zrem(index, *gone)
         except REDIS_FAILURES as exc:

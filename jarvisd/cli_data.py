@@ -180,6 +180,16 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
     return _run(args, work)
 
 
+def cmd_logins_rotate_key(args: argparse.Namespace) -> int:
+    async def work(actor: Persistence) -> int:
+        await actor.ask(m.RotateSessionKey(), timeout=30)
+        await tell_daemons(load(args), Invalidation(kind="all"))
+        print("login session key rotated: every login session has ended (log in again)")
+        return 0
+
+    return _run(args, work)
+
+
 def add_parsers(
     sub: Any, with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 ) -> None:
@@ -216,3 +226,13 @@ def add_parsers(
     revoke = with_config(token.add_parser("revoke", help="revoke a token by id"))
     revoke.add_argument("id", type=int)
     revoke.set_defaults(func=cmd_token_revoke)
+
+    logins = sub.add_parser("logins", help="login sessions").add_subparsers(
+        dest="logins_command", required=True, metavar="ACTION"
+    )
+    with_config(
+        logins.add_parser(
+            "rotate-key",
+            help="replace the key login sessions are signed with: every login session ends",
+        )
+    ).set_defaults(func=cmd_logins_rotate_key)

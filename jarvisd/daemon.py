@@ -99,7 +99,12 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
     cache = Cache(settings.redis, settings.cache, redis_url, health_interval=interval)
     sessions = Sessions(settings.redis, settings.sessions, redis_url, health_interval=interval)
     logins = Logins(
-        settings.redis, settings.sessions, settings.auth, redis_url, health_interval=interval
+        settings.redis,
+        settings.sessions,
+        settings.auth,
+        redis_url,
+        health_interval=interval,
+        key_source=persistence,  # login sessions are signed under a key kept in PostgreSQL
     )
     pubsub = PubSub(settings.redis, settings.pubsub, redis_url, health_interval=interval)
     persistence.events = pubsub  # committed changes are announced on Redis

@@ -28,8 +28,7 @@ def _dummy_hash() -> str:
     return credentials.hash_password(secrets.token_urlsafe(16))
 
 
-def credential_stamp(password_hash: str | None, disabled: bool) -> str:
-    return hashlib.sha256(f"{password_hash}|{disabled}".encode()).hexdigest()
+SESSION_KEY = "login_session_key"  # its row in jarvisd_info
 
 
 class DataHandlers:
@@ -94,7 +93,7 @@ class DataHandlers:
             await repo.delete_user(conn, msg.user_id)
 
     @handles(m.CheckPassword)
-    async def _check_password(self, msg: m.CheckPassword) -> tuple[Principal, str] | None:
+    async def _check_password(self, msg: m.CheckPassword) -> tuple[Principal, int] | None:
         async with self._pool().acquire() as conn:
             found = await repo.password_hash_of(conn, msg.username)
         # One scrypt run whatever the case, so timing does not tell which
@@ -109,15 +108,34 @@ class DataHandlers:
         async with self._pool().acquire() as conn:
             await repo.record_login(conn, user.id)
         principal = Principal(user_id=user.id, role=user.role, name=user.username, via="session")
-        return principal, credential_stamp(stored, user.disabled)
+        return principal, found[2]
 
     @handles(m.CredentialStamp)
-    async def _credential_stamp(self, msg: m.CredentialStamp) -> str | None:
+    async def _credential_stamp(self, msg: m.CredentialStamp) -> int | None:
         async with self._pool().acquire() as conn:
-            row = await conn.fetchrow(
-                "SELECT password_hash, disabled FROM users WHERE id = $1", msg.user_id
+            found = await conn.fetchval(
+                "SELECT credentials_version FROM users WHERE id = $1", msg.user_id
             )
-        return None if row is None else credential_stamp(row["password_hash"], row["disabled"])
+        return None if found is None else int(found)
+
+    @handles(m.SessionKey)
+    async def _session_key(self, _msg: m.SessionKey) -> bytes:
+        async with self._pool().acquire() as conn:
+            found = await conn.fetchval(
+                "SELECT value FROM jarvisd_info WHERE key = $1", SESSION_KEY
+            )
+        if found is None:
+            raise RuntimeError("the login session key is missing: run jarvisd migrate")
+        return bytes.fromhex(found)
+
+    @handles(m.RotateSessionKey)
+    async def _rotate_session_key(self, _msg: m.RotateSessionKey) -> None:
+        async with self._pool().acquire() as conn:
+            await conn.execute(
+                "UPDATE jarvisd_info SET value = $2, created_at = now() WHERE key = $1",
+                SESSION_KEY,
+                secrets.token_hex(32),
+            )
 
     # -- tokens --------------------------------------------------------------------------------
     @handles(m.CreateToken)
@@ -143,7 +161,7 @@ class DataHandlers:
     @handles(m.AuthenticateUser)
     async def _authenticate_user(self, msg: m.AuthenticateUser) -> Principal | None:
         async with self._pool().acquire() as conn:
-            return await repo.principal_of(conn, msg.user_id, msg.via)
+            return await repo.principal_of(conn, msg.user_id, msg.via, msg.credentials_version)
 
     @handles(m.EnsureAdmin)
     async def _ensure_admin(self, msg: m.EnsureAdmin) -> Any:

@@ -59,19 +59,27 @@ class DeleteUser(_Msg, frozen=True):
 
 
 class CheckPassword(_Msg, frozen=True):
-    """Replies (Principal, stamp) when the password is right and the user
-    enabled, else None. The stamp changes whenever the user's password or
-    disabled state does (see CredentialStamp)."""
+    """Replies (Principal, credentials version) when the password is right
+    and the user enabled, else None. The version is raised whenever the
+    user's password or disabled state changes (see CredentialStamp)."""
 
     username: str
     password: str
 
 
 class CredentialStamp(_Msg, frozen=True):
-    """Replies the user's credential stamp now, or None for an unknown user:
+    """Replies the user's credentials version now, or None for an unknown user:
     a login compares it with CheckPassword's to notice a change made meanwhile."""
 
     user_id: int
+
+
+class SessionKey(_Msg, frozen=True):
+    """Replies the key login session records are signed with (bytes)."""
+
+
+class RotateSessionKey(_Msg, frozen=True):
+    """Replace the login session key: every login session ends."""
 
 
 class CreateToken(_Msg, frozen=True):
@@ -94,10 +102,12 @@ class AuthenticateToken(_Msg, frozen=True):
 
 
 class AuthenticateUser(_Msg, frozen=True):
-    """Replies the Principal of an enabled user, else None (session authentication)."""
+    """Replies the Principal of an enabled user whose credentials version is
+    still ``credentials_version`` (when given), else None (session authentication)."""
 
     user_id: int
     via: Literal["session"] = "session"
+    credentials_version: int | None = None
 
 
 class CreateCommand(_Msg, frozen=True):

@@ -185,10 +185,13 @@ async def _lookup(rt: Runtime, token: str) -> Principal:
     except SessionNotFound:
         raise Unauthorized("invalid or expired session") from None
     principal = await rt.actor("persistence").ask(
-        AuthenticateUser(user_id=session.user_id), timeout=timeout
+        AuthenticateUser(user_id=session.user_id, credentials_version=session.stamp),
+        timeout=timeout,
     )
     if principal is None:
-        raise Unauthorized("the session's user is disabled or no longer exists")
+        raise Unauthorized(
+            "the session's user is disabled, no longer exists or changed their password"
+        )
     # Kept no longer than the session's absolute deadline.
     found: Principal = msgspec.structs.replace(principal, expires_at=session.expires_at_ms / 1000)
     return found

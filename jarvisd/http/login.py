@@ -70,7 +70,7 @@ async def login(request: web.Request) -> web.Response:
     if presented is not None:
         try:
             current = await ask(request, "logins", SessionGet(presented, touch=False))
-            if current.user_id == user.id:
+            if current.user_id == user.id and current.stamp == stamp:
                 session = await ask(request, "logins", SessionRotate(presented))
             else:
                 await ask(request, "logins", SessionDelete(presented))
@@ -78,7 +78,9 @@ async def login(request: web.Request) -> web.Response:
         except SessionNotFound:
             session = None
     if session is None:
-        session = await ask(request, "logins", SessionCreate(user.id, {"login": "password"}))
+        session = await ask(
+            request, "logins", SessionCreate(user.id, {"login": "password"}, stamp=stamp)
+        )
     # A password change or a disable that landed during this login revoked the
     # user's sessions before ours existed: ours must not survive it.
     if await ask(request, "persistence", m.CredentialStamp(user_id=user.id)) != stamp:

@@ -81,6 +81,9 @@ async def update_user(
     if password_hash is not None:
         args.append(password_hash)
         sets.append(f"password_hash = ${len(args)}")
+    if password_hash is not None or change.disabled is not msgspec.UNSET:
+        # Every login session made under the old credentials ends with them.
+        sets.append("credentials_version = credentials_version + 1")
     if not sets:
         return await get_user(conn, user_id)
     async with conn.transaction():
@@ -111,16 +114,19 @@ async def delete_user(conn: asyncpg.Connection, user_id: int) -> None:
 
 async def password_hash_of(
     conn: asyncpg.Connection, username: str
-) -> tuple[User, str | None] | None:
+) -> tuple[User, str | None, int] | None:
+    """The user, their password hash and their credentials version."""
     row = await conn.fetchrow(
-        f"SELECT {USER_COLUMNS}, password_hash FROM users WHERE lower(username) = lower($1)",
+        f"SELECT {USER_COLUMNS}, password_hash, credentials_version FROM users "
+        f"WHERE lower(username) = lower($1)",
         username,
     )
     if row is None:
         return None
     data = dict(row)
     stored = data.pop("password_hash")
-    return User(**data), stored
+    version = data.pop("credentials_version")
+    return User(**data), stored, int(version)
 
 
 async def record_login(conn: asyncpg.Connection, user_id: int) -> None:
@@ -222,10 +228,16 @@ async def authenticate_token(conn: asyncpg.Connection, token: str) -> Principal 
     )
 
 
-async def principal_of(conn: asyncpg.Connection, user_id: int, via: str) -> Principal | None:
-    """The user as a caller, if the user exists and is enabled (session authentication)."""
+async def principal_of(
+    conn: asyncpg.Connection, user_id: int, via: str, credentials_version: int | None = None
+) -> Principal | None:
+    """The user as a caller, if the user exists and is enabled (session
+    authentication), and, when given, still has ``credentials_version``."""
     row = await conn.fetchrow(
-        "SELECT id, username, role FROM users WHERE id = $1 AND NOT disabled", user_id
+        "SELECT id, username, role FROM users WHERE id = $1 AND NOT disabled "
+        "AND ($2::bigint IS NULL OR credentials_version = $2)",
+        user_id,
+        credentials_version,
     )
     if row is None:
         return None
