@@ -150,7 +150,11 @@ class CacheFlush(msgspec.Struct, frozen=True):
 
 
 class CacheStatsQuery(msgspec.Struct, frozen=True):
+    """Replies {namespace: statistics}; with ``total``, {"all": the sum}:
+    namespace names are the clients', so public routes see only the sum."""
+
     namespace: str | None = None
+    total: bool = False
 
 
 # -- stats -------------------------------------------------------------------------
@@ -172,6 +176,24 @@ class NamespaceStats:
         self.latency_buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         self.latency_sum += seconds
         self.latency_count += 1
+
+    def add(self, other: NamespaceStats) -> None:
+        for name in (
+            "hits",
+            "misses",
+            "sets",
+            "nx_refused",
+            "xx_refused",
+            "deletes",
+            "invalidated",
+            "errors",
+            "latency_sum",
+            "latency_count",
+        ):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.latency_buckets = [
+            a + b for a, b in zip(self.latency_buckets, other.latency_buckets, strict=True)
+        ]
 
     def document(self) -> dict[str, Any]:
         reads = self.hits + self.misses
@@ -675,7 +697,7 @@ class Cache(RedisClientActor):
     # -- operations that loop ------------------------------------------------------------
     async def _slow(self, msg: Any) -> Any:
         if isinstance(msg, CacheStatsQuery):
-            return self.stats_document(msg.namespace)
+            return self.stats_document(msg.namespace, total=msg.total)
         ns = msg.namespace
         _check_namespace(ns)
         if isinstance(msg, CacheSet):
@@ -787,7 +809,12 @@ class Cache(RedisClientActor):
         stats.observe(time.perf_counter() - started)
         return removed
 
-    def stats_document(self, ns: str | None = None) -> dict[str, Any]:
+    def stats_document(self, ns: str | None = None, *, total: bool = False) -> dict[str, Any]:
+        if total:
+            summed = NamespaceStats()
+            for one in self.stats_by_ns.values():
+                summed.add(one)
+            return {"all": summed.document()}
         if ns is not None:
             _check_namespace(ns)
             found = self.stats_by_ns.get(ns)

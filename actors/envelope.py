@@ -30,6 +30,7 @@ from actors.data.model import (
     RowId,
     Score,
     Source,
+    _HasAction,
     nul_path,
 )
 
@@ -58,7 +59,7 @@ class _Data(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     pass
 
 
-class CommandRequestedData(_Data, frozen=True):
+class CommandRequestedData(_HasAction, _Data, frozen=True):
     action: Action
     type: CommandType = "agent"
     parameters: JsonObject = msgspec.field(default_factory=dict)

@@ -2,8 +2,10 @@
 
 Login sessions are the ``Sessions`` store in the ``login`` key space: only
 POST /auth/login makes them, after a password check, and only they
-authenticate requests. Failed logins are counted per user name and per client
-address in fixed windows (``[auth]``), shared by every daemon on the Redis.
+authenticate requests. Login attempts are counted per user name and per client
+address in fixed windows (``[auth]``), shared by every daemon on the Redis,
+before the password is checked; a right one is taken back, so the counters
+hold the attempts that failed (or are still being checked).
 """
 
 from __future__ import annotations
@@ -18,36 +20,43 @@ from actors.kernel import handles
 from actors.sessions import Sessions
 from config import AuthSettings, RedisSettings, SessionSettings
 
-__all__ = ["LoginFailed", "LoginThrottle", "Logins"]
+__all__ = ["LoginAttempt", "LoginSucceeded", "Logins"]
 
 
-class LoginThrottle(msgspec.Struct, frozen=True):
-    """Replies 0 when a login for ``username`` from ``address`` may be tried,
-    else the seconds until it may (too many recent failures)."""
+class LoginAttempt(msgspec.Struct, frozen=True):
+    """Count a login attempt for ``username`` from ``address`` before its
+    password is checked; replies 0 when it may be tried, else the seconds
+    until one may (too many recent attempts that did not succeed)."""
 
     username: str
     address: str
 
 
-class LoginFailed(msgspec.Struct, frozen=True):
-    """Count a failed login against the user name and the address."""
+class LoginSucceeded(msgspec.Struct, frozen=True):
+    """The attempt was right: it no longer counts against the user or address."""
 
     username: str
     address: str
 
 
 # One counter per script (the user's and the address's live in different
-# cluster slots); both run at once.
-# KEYS: counter. ARGV: limit. Replies the wait in ms (0: allowed).
-THROTTLE = """
-local n = tonumber(redis.call('GET', KEYS[1]) or '0')
-if n >= tonumber(ARGV[1]) then return math.max(redis.call('PTTL', KEYS[1]), 0) end
+# cluster slots); both run at once. Counting comes before the password is
+# checked, in one step with the comparison: of many attempts racing, only
+# the first ``limit`` are verified, whatever their timing.
+# KEYS: counter. ARGV: limit, window ms. Replies the wait in ms (0: go ahead).
+ATTEMPT = """
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if n > tonumber(ARGV[1]) then
+  redis.call('DECR', KEYS[1])
+  return math.max(redis.call('PTTL', KEYS[1]), 1)
+end
 return 0
 """
 
-# KEYS: counter. ARGV: window ms. A fixed window per key.
-FAILED = """
-if redis.call('INCR', KEYS[1]) == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+# KEYS: counter. Takes back one attempt that was right (or never verified).
+SUCCEEDED = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') > 0 then redis.call('DECR', KEYS[1]) end
 return 1
 """
 
@@ -70,8 +79,8 @@ class Logins(Sessions):
     async def on_start(self) -> None:
         await super().on_start()
         client = self._client()
-        self._scripts["throttle"] = client.register_script(THROTTLE)
-        self._scripts["failed"] = client.register_script(FAILED)
+        self._scripts["attempt"] = client.register_script(ATTEMPT)
+        self._scripts["succeeded"] = client.register_script(SUCCEEDED)
 
     def _counters(self, username: str, address: str) -> list[str]:
         # Hashed: bounded key length, and no user names in Redis key names.
@@ -80,19 +89,25 @@ class Logins(Sessions):
         base = f"{self.redis_settings.prefix}login-fail:"
         return [f"{base}u:{user}", f"{base}a:{addr}"]
 
-    @handles(LoginThrottle)
-    async def _throttle(self, msg: LoginThrottle) -> float:
+    @handles(LoginAttempt)
+    async def _attempt(self, msg: LoginAttempt) -> float:
         user, address = self._counters(msg.username, msg.address)
+        window = self.auth.login_window * 1000
         waits = await asyncio.gather(
-            self._call("throttle", [user], [self.auth.login_failures_per_user]),
-            self._call("throttle", [address], [self.auth.login_failures_per_address]),
+            self._call("attempt", [user], [self.auth.login_failures_per_user, window]),
+            self._call("attempt", [address], [self.auth.login_failures_per_address, window]),
         )
-        return max(max(int(w) for w in waits), 0) / 1000
+        wait = max(int(w) for w in waits)
+        if wait > 0:
+            # Refused on one counter: the attempt is not made, so the other
+            # counter takes it back.
+            taken = [k for k, w in zip((user, address), waits, strict=True) if int(w) == 0]
+            await asyncio.gather(*(self._call("succeeded", [k], []) for k in taken))
+        return wait / 1000
 
-    @handles(LoginFailed)
-    async def _failed(self, msg: LoginFailed) -> None:
-        window = [self.auth.login_window * 1000]
+    @handles(LoginSucceeded)
+    async def _succeeded(self, msg: LoginSucceeded) -> None:
         user, address = self._counters(msg.username, msg.address)
         await asyncio.gather(
-            self._call("failed", [user], window), self._call("failed", [address], window)
+            self._call("succeeded", [user], []), self._call("succeeded", [address], [])
         )

@@ -145,7 +145,11 @@ async def test_writing_role_admin_into_the_cache_changes_nobodys_role(
     # Every key the cache routes wrote lives under the cache key space only.
     written = [k.decode() async for k in raw.scan_iter(match=f"{redis_prefix}*")]
     cache_space = (f"{redis_prefix}cache:", f"{redis_prefix}cache-tag:")
-    login_space = (f"{redis_prefix}login:", f"{redis_prefix}login-user:")
+    login_space = (
+        f"{redis_prefix}login:",
+        f"{redis_prefix}login-user:",
+        f"{redis_prefix}login-fail:",
+    )
     inbox = (f"{redis_prefix}inbox",)  # the bus's stream
     assert all(k.startswith(cache_space + login_space + inbox) for k in written), written
     assert not any(k.startswith(cache_space) and "login" in k.split(":")[2] for k in written)
@@ -743,7 +747,7 @@ async def test_the_risk_policy_scores_commands_and_a_suggestion_only_raises_it(a
     cases = [
         ({"action": "delete_file"}, 80, "awaiting_approval"),
         ({"action": "delete_file", "riskScore": 0}, 80, "awaiting_approval"),
-        ({"action": "rm -rf /"}, 90, "awaiting_approval"),
+        ({"action": "rm"}, 90, "awaiting_approval"),
         ({"action": "Shell_Exec"}, 95, "awaiting_approval"),
         ({"action": "open_app"}, 30, "approved"),
         ({"action": "open_app", "riskScore": 92}, 92, "awaiting_approval"),
@@ -792,7 +796,7 @@ async def test_a_request_id_used_by_another_command_is_a_conflict_that_shows_not
     # Someone else's command under the same id: 409, and none of it in the answer.
     for token, body in (
         (second, {"action": "ls", "requestId": "job-42"}),
-        (agent, {"action": "rm -rf /", "requestId": "job-42", "userId": u1, "riskScore": 99}),
+        (agent, {"action": "rm", "requestId": "job-42", "userId": u1, "riskScore": 99}),
     ):
         status, _h, problem = await api.call("POST", "/commands", token=token, json=body)
         assert status == 409

@@ -6,7 +6,7 @@ describe the API in /openapi.json.
 
 from __future__ import annotations
 
-import hashlib
+import unicodedata
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
@@ -42,7 +42,20 @@ Email = Annotated[
     str, msgspec.Meta(max_length=254, pattern=r"^[^@\x00-\x20\x7f]+@[^@\x00-\x20\x7f]+$")
 ]
 Password = Annotated[str, msgspec.Meta(min_length=8, max_length=1024)]
-Action = Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=NO_NUL)]
+# An action is a name, not a command line: identifier characters, so that no
+# spelling (a space, a tab, a zero-width or look-alike letter) slips past the
+# risk policy. Surrounding blanks are trimmed and the name is case-folded
+# before it is scored or stored (normalize_action).
+ACTION_PATTERN = r"^[\t\n\r ]*[A-Za-z0-9][A-Za-z0-9_.:-]*[\t\n\r ]*$"
+Action = Annotated[
+    str,
+    msgspec.Meta(
+        min_length=1,
+        max_length=200,
+        pattern=ACTION_PATTERN,
+        description="a name of letters, digits and _ . : - (case-folded, blanks trimmed)",
+    ),
+]
 # Free text naming where a command came from, as its sender labels it (never authority).
 Source = Annotated[str, msgspec.Meta(max_length=100, pattern=NO_NUL)]
 Description = Annotated[str, msgspec.Meta(max_length=2000, pattern=NO_NUL)]
@@ -95,6 +108,20 @@ def risk_category(score: int) -> RiskCategory:
     return "CRITICAL"
 
 
+def normalize_action(action: str) -> str:
+    """The form an action is scored and stored in: NFKC, case-folded, trimmed."""
+    return unicodedata.normalize("NFKC", action).casefold().strip()
+
+
+class _HasAction:
+    """Mixed into Structs with an ``action``: stored normalised."""
+
+    action: str
+
+    def __post_init__(self) -> None:
+        msgspec.structs.force_setattr(self, "action", normalize_action(self.action))  # type: ignore[arg-type]
+
+
 def nul_path(value: Any, path: str = "$") -> str | None:
     """Where ``value`` (decoded JSON) holds a NUL character, which PostgreSQL
     cannot store in text or jsonb; None when nowhere."""
@@ -114,10 +141,12 @@ def nul_path(value: Any, path: str = "$") -> str | None:
     return None
 
 
-def parameters_digest(parameters: Any) -> str:
-    """A stable SHA-256 of the parameters: an approval is bound to exactly these."""
-    canonical = msgspec.json.encode(parameters, order="sorted")
-    return hashlib.sha256(canonical).hexdigest()
+def digest_sql(expression: str) -> str:
+    """SQL for the SHA-256 (hex) of a jsonb value as PostgreSQL stores it. An
+    approval is bound to the parameters' digest; taken over the stored form,
+    it is the same whoever computes it, for values PostgreSQL rewrites too
+    (1e300, -0.0, key order, white space)."""
+    return f"encode(sha256(convert_to(({expression})::text, 'UTF8')), 'hex')"
 
 
 class _Wire(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
@@ -211,7 +240,7 @@ class Command(_Wire, frozen=True):
     approval_id: int | None = None
 
 
-class CommandCreate(_Input, frozen=True):
+class CommandCreate(_HasAction, _Input, frozen=True):
     action: Action
     type: CommandType = "api"
     request_id: RequestId | None = None  # the idempotency key; generated when absent
@@ -249,7 +278,7 @@ class Approval(_Wire, frozen=True):
     created_by: int | None = None
 
 
-class ApprovalCreate(_Input, frozen=True):
+class ApprovalCreate(_HasAction, _Input, frozen=True):
     """A standalone request. A command's approval request is the one the daemon
     creates with the command; a standalone one never attaches to a command."""
 

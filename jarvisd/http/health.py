@@ -166,9 +166,11 @@ def stats_document(rt: Runtime) -> dict[str, Any]:
 
 
 async def cache_stats(rt: Runtime) -> dict[str, Any] | None:
+    """The cache's statistics summed over namespaces: namespaces are names
+    clients chose, told per namespace only on GET /cache/stats (with a token)."""
     try:
         result: dict[str, Any] = await rt.actor("cache").ask(
-            CacheStatsQuery(), timeout=rt.settings.http.request_timeout
+            CacheStatsQuery(total=True), timeout=rt.settings.http.request_timeout
         )
     except (KeyError, ActorError):
         return None
@@ -390,7 +392,9 @@ def write_cache_metrics(out: MetricsWriter, stats: dict[str, Any]) -> None:
             out.sample(name, doc[field], {"namespace": ns})
     name = "jarvisd_cache_operation_duration_seconds"
     out.family(
-        name, "histogram", "Latency of cache operations (one pipeline round trip), by namespace."
+        name,
+        "histogram",
+        "Latency of cache operations (one pipeline round trip), all namespaces together.",
     )
     for ns, doc in stats.items():
         for bound, count in doc["latency"]["buckets"].items():

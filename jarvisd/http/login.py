@@ -1,9 +1,10 @@
 """``POST /auth/login`` and ``POST /auth/logout`` (DESIGN §8).
 
 A login costs one scrypt verification whether or not the user exists or has a
-password, so its timing tells nothing. Failed logins are counted per user name
-and per client address (``[auth]``); past the limit the answer is 429 with
-Retry-After, before any password is checked.
+password, so its timing tells nothing. Attempts are counted per user name and
+per client address (``[auth]``) before the password is checked, atomically; a
+right one is taken back. Past the limit the answer is 429 with Retry-After,
+and no password is checked.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from aiohttp import web
 from actors.data import messages as m
 from actors.data.credentials import TOKEN_PREFIX
 from actors.data.model import NO_NUL, User
-from actors.logins import LoginFailed, LoginThrottle
+from actors.logins import LoginAttempt, LoginSucceeded
 from actors.sessions import SessionCreate, SessionDelete, SessionGet, SessionNotFound, SessionRotate
 from jarvisd.http.auth import Unauthorized, bearer, forget
 from jarvisd.http.common import RouteDoc, ask, body, reply
@@ -49,7 +50,9 @@ async def login(request: web.Request) -> web.Response:
     reject_unknown_params(request, ())
     creds = await body(request, Login)
     address = client_address(request)
-    wait = await ask(request, "logins", LoginThrottle(creds.username, address))
+    # Counted before the password is checked: of many attempts at once, only
+    # the first auth.login_failures_* are checked at all.
+    wait = await ask(request, "logins", LoginAttempt(creds.username, address))
     if wait > 0:
         raise ProblemError(
             429,
@@ -57,12 +60,19 @@ async def login(request: web.Request) -> web.Response:
             "too many failed logins for this user or address; try again later",
             headers={"Retry-After": str(max(1, math.ceil(wait)))},
         )
-    checked = await ask(
-        request, "persistence", m.CheckPassword(username=creds.username, password=creds.password)
-    )
+    try:
+        checked = await ask(
+            request,
+            "persistence",
+            m.CheckPassword(username=creds.username, password=creds.password),
+        )
+    except Exception:
+        # Not checked (the database did not answer): the attempt does not count.
+        await ask(request, "logins", LoginSucceeded(creds.username, address))
+        raise
     if checked is None:
-        await ask(request, "logins", LoginFailed(creds.username, address))
         raise Unauthorized("wrong username or password")
+    await ask(request, "logins", LoginSucceeded(creds.username, address))
     who, stamp = checked
     user = await ask(request, "persistence", m.GetUser(user_id=who.user_id))
     presented = _session_token(request)

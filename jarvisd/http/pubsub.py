@@ -259,7 +259,10 @@ async def _first_auth(request: web.Request, ws: web.WebSocketResponse) -> Princi
         reason = exc.detail if isinstance(exc, Unauthorized) else "authenticate first"
         await ws.close(code=WS_POLICY, message=reason.encode()[:120])
         return None
-    await ws.send_str(_encoder.encode({"type": "authenticated", "user": who.name}).decode())
+    try:
+        await ws.send_str(_encoder.encode({"type": "authenticated", "user": who.name}).decode())
+    except ConnectionResetError:
+        return None  # gone right after authenticating
     return who
 
 
@@ -329,6 +332,10 @@ class _Session:
     async def run(self) -> None:
         try:
             await self._read()
+        except ConnectionResetError:
+            # The client went away while it was being answered: its own
+            # doing, not a server error.
+            log.info("ws_client_gone", user=self.who.name)
         finally:
             self.sub.on_close = None  # leaving anyway
             self.sub.close("the client went away")

@@ -23,7 +23,7 @@ from actors.data.model import (
     ApprovalCreate,
     Page,
     Principal,
-    parameters_digest,
+    digest_sql,
     risk_category,
 )
 from actors.data.repo.common import (
@@ -91,14 +91,15 @@ async def insert_approval(
     row = await conn.fetchrow(
         f"INSERT INTO approval_requests (command_id, requester_id, created_by, action, description, "
         f"parameters_digest, risk_score, risk_category, status, expires_at) "
-        f"VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending', now() + make_interval(secs => $9)) "
+        f"VALUES ($1, $2, $3, $4, $5, {digest_sql('$6::jsonb')}, $7, $8, 'pending', "
+        f"now() + make_interval(secs => $9)) "
         f"RETURNING {APPROVAL_COLUMNS}",
         command_id,
         requester_id,
         created_by,
         action,
         description,
-        parameters_digest(parameters),
+        parameters,
         score,
         risk_category(score),
         expires_in,
@@ -188,16 +189,16 @@ async def _check_bound_command(conn: asyncpg.Connection, current: asyncpg.Record
     """An approval moves only the command it was created for, with the
     parameters it was created for."""
     command = await conn.fetchrow(
-        "SELECT status, parameters, "
-        "(SELECT max(a.id) FROM approval_requests a WHERE a.command_id = c.id) AS approval_id "
-        "FROM commands c WHERE id = $1 FOR UPDATE",
+        f"SELECT status, {digest_sql('parameters')} AS digest, "
+        f"(SELECT max(a.id) FROM approval_requests a WHERE a.command_id = c.id) AS approval_id "
+        f"FROM commands c WHERE id = $1 FOR UPDATE",
         current["command_id"],
     )
     if command is None:
         return  # the command was deleted with its user: the request is decided alone
     if command["approval_id"] != current["id"]:
         raise Conflict(f"approval request {current['id']} is not the command's current request")
-    if parameters_digest(command["parameters"]) != current["parameters_digest"]:
+    if command["digest"] != current["parameters_digest"]:
         raise Conflict(
             f"command {current['command_id']} changed since approval request {current['id']}"
         )

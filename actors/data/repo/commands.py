@@ -20,7 +20,6 @@ from actors.data.model import (
     CommandCreate,
     CommandStatusUpdate,
     Page,
-    parameters_digest,
     risk_category,
 )
 from actors.data.repo.approvals import cancel_pending_for_command, insert_approval
@@ -44,16 +43,20 @@ def _command(row: asyncpg.Record) -> Command:
 
 
 def same_command(
-    existing: Command, new: CommandCreate, user_id: int | None, created_by: int | None
+    existing: Command,
+    new: CommandCreate,
+    user_id: int | None,
+    created_by: int | None,
+    same_parameters: bool,
 ) -> bool:
     """Whether ``new`` repeats ``existing`` (an idempotent retry) rather than
     reusing its requestId for something else: same creator, same user, same
-    action and parameters."""
+    action and parameters (``same_parameters``: equal as PostgreSQL stores them)."""
     return (
         existing.created_by == created_by
         and existing.user_id == user_id
         and existing.action == new.action
-        and parameters_digest(existing.parameters) == parameters_digest(new.parameters)
+        and same_parameters
     )
 
 
@@ -97,12 +100,16 @@ async def create_command(
         except asyncpg.ForeignKeyViolationError:
             raise NotFound(f"no user {user_id}") from None
         if row is None:
-            existing = _command(
-                await conn.fetchrow(
-                    f"SELECT {COMMAND_COLUMNS} FROM commands WHERE request_id = $1", request_id
-                )
+            found = await conn.fetchrow(
+                f"SELECT {COMMAND_COLUMNS}, parameters = $2::jsonb AS same_parameters "
+                f"FROM commands WHERE request_id = $1",
+                request_id,
+                new.parameters,
             )
-            if not same_command(existing, new, user_id, created_by):
+            same = dict(found)
+            same_parameters = bool(same.pop("same_parameters"))
+            existing = Command(**same)
+            if not same_command(existing, new, user_id, created_by, same_parameters):
                 # Never the other command itself: the caller may not be allowed to see it.
                 raise Conflict(f"requestId {request_id!r} is already used by another command")
             return existing, False

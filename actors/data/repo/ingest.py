@@ -14,7 +14,7 @@ from typing import Literal
 import asyncpg
 import msgspec
 
-from actors.data.model import CommandCreate, parameters_digest, risk_category
+from actors.data.model import CommandCreate, digest_sql, risk_category
 
 __all__ = ["Ingested", "ingest_commands"]
 
@@ -36,9 +36,9 @@ class Ingested(msgspec.Struct, frozen=True):
 _INGEST = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
-                         $7::text[], $8::text[], $9::smallint[], $10::text[], $11::text[])
+                         $7::text[], $8::text[], $9::smallint[], $10::text[])
         AS t(request_id, user_id, source, type, action, parameters, description, status,
-             risk_score, risk_category, digest)
+             risk_score, risk_category)
 ),
 ins AS (
     INSERT INTO commands (request_id, user_id, source, type, action, parameters, description,
@@ -57,8 +57,8 @@ events AS (
 approvals AS (
     INSERT INTO approval_requests (command_id, requester_id, action, description,
                                    parameters_digest, risk_score, risk_category, status, expires_at)
-    SELECT ins.id, ins.user_id, input.action, input.description, input.digest,
-           input.risk_score, input.risk_category, 'pending', now() + make_interval(secs => $12)
+    SELECT ins.id, ins.user_id, input.action, input.description, DIGEST,
+           input.risk_score, input.risk_category, 'pending', now() + make_interval(secs => $11)
     FROM ins JOIN input USING (request_id)
     WHERE ins.status = 'awaiting_approval'
     RETURNING id, command_id
@@ -69,6 +69,16 @@ approval_audit AS (
 )
 SELECT ins.id, ins.request_id, ins.status, ins.user_id, approvals.id AS approval_id
 FROM ins LEFT JOIN approvals ON approvals.command_id = ins.id
+""".replace("DIGEST", digest_sql("input.parameters"))
+
+# The rows already there for request ids that were not inserted, with whether
+# the parameters are the same as PostgreSQL stores them (jsonb equality).
+_EXISTING = """
+SELECT m.n, c.id, c.request_id, c.status, c.user_id, c.created_by, c.action,
+       c.parameters = m.parameters AS same_parameters,
+       (SELECT max(a.id) FROM approval_requests a WHERE a.command_id = c.id) AS approval_id
+FROM unnest($1::text[], $2::jsonb[]) WITH ORDINALITY AS m(request_id, parameters, n)
+JOIN commands c ON c.request_id = m.request_id
 """
 
 
@@ -103,26 +113,21 @@ async def ingest_commands(
             statuses,
             scores,
             [risk_category(s) for s in scores],
-            [
-                parameters_digest(c.parameters) if st == "awaiting_approval" else ""
-                for (c, _u), st in zip(rows, statuses, strict=True)
-            ],
             expiry,
         )
         made = {r["request_id"]: r for r in inserted}
-        missing = [rid for rid in request_ids if rid not in made]
-        existing: dict[str, asyncpg.Record] = {}
+        missing = [i for i, rid in enumerate(request_ids) if rid not in made]
+        existing: dict[int, asyncpg.Record] = {}
         if missing:
             for r in await conn.fetch(
-                "SELECT id, request_id, status, user_id, created_by, action, parameters, "
-                "(SELECT max(a.id) FROM approval_requests a WHERE a.command_id = c.id) AS approval_id "
-                "FROM commands c WHERE request_id = ANY($1::text[])",
-                missing,
+                _EXISTING,
+                [request_ids[i] for i in missing],
+                [rows[i][0].parameters for i in missing],
             ):
-                existing[r["request_id"]] = r
+                existing[missing[r["n"] - 1]] = r
     out: list[Ingested] = []
     first: dict[str, tuple[CommandCreate, int | None]] = {}
-    for (new, user_id), rid, score in zip(rows, request_ids, scores, strict=True):
+    for n, ((new, user_id), rid, score) in enumerate(zip(rows, request_ids, scores, strict=True)):
         row = made.get(rid)
         if row is not None and rid not in first:
             first[rid] = (new, user_id)
@@ -132,7 +137,7 @@ async def ingest_commands(
                 )
             )
             continue
-        old = existing.get(rid)
+        old = existing.get(n)
         if row is None and old is None:
             out.append(Ingested(rid, "no_user", risk_score=score, user_id=user_id))
             continue
@@ -160,5 +165,5 @@ def _repeats(old: asyncpg.Record, new: CommandCreate, user_id: int | None) -> bo
         old["created_by"] is None
         and old["user_id"] == user_id
         and old["action"] == new.action
-        and parameters_digest(old["parameters"]) == parameters_digest(new.parameters)
+        and bool(old["same_parameters"])
     )
