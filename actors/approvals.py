@@ -221,8 +221,8 @@ class Approvals(Actor):
             if approval.command_id is not None:
                 with contextlib.suppress(repo.NotFound):
                     command = await repo.get_command(conn, approval.command_id)
-            request_id = command.request_id if command is not None else None
-            out.append(events.approval_decided(approval, request_id, approval.requester_id))
+            ref = (command.request_id, command.sender) if command is not None else None
+            out.append(events.approval_decided(approval, ref, approval.requester_id))
             if command is not None and command.status == "expired":
                 out.append(events.command_decided(command))
         self.sweep_stats.warned += len(warned)

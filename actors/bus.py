@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 
 from redis.exceptions import ResponseError
 
-from actors.bus_routes import DependencyDown, Outcome, Router
+from actors.bus_routes import SHARED, DependencyDown, Item, Outcome, Router
 from actors.envelope import CommandRequested, Envelope, Malformed, parse
 from actors.kernel import Actor, Health
 from actors.pubsub import Delivery, Detach, Subscribe, Subscriber
@@ -263,7 +263,7 @@ class Bus(RedisClientActor):
                     good.append((entry_id, parsed, count))
         if after is not None and not all(isinstance(env, CommandRequested) for _i, env, _c in good):
             await asyncio.wait({after})
-        outcomes = await self._route_until_done([(i, env) for i, env, _c in good])
+        outcomes = await self._route_until_done([(i, env, SHARED) for i, env, _c in good])
         acked = [entry_id for entry_id, *_rest in dead]
         raws = {entry_id: fields.get(b"envelope", b"") for entry_id, fields in entries}
         for entry_id, _env, count in good:
@@ -280,7 +280,7 @@ class Bus(RedisClientActor):
                 self.bus_stats.retried += 1  # left pending: claimed again after claim_idle
         await self._settle(acked, dead)
 
-    async def _route_until_done(self, items: list[tuple[str, Envelope]]) -> dict[str, Outcome]:
+    async def _route_until_done(self, items: list[Item]) -> dict[str, Outcome]:
         """Route the batch; while a dependency is down, wait and try the same
         batch again (its entries are not redelivered meanwhile)."""
         delay = 0.2
@@ -365,7 +365,7 @@ class Bus(RedisClientActor):
 
     async def _handle_published(self, batch: list[Delivery]) -> None:
         dead: list[tuple[str, bytes, str, int]] = []
-        good: list[tuple[str, Envelope]] = []
+        good: list[Item] = []
         for n, item in enumerate(batch):
             if item.kind != "message":  # down, then gap: envelopes PUBLISHed meanwhile are lost
                 self.log.warning(
@@ -377,10 +377,10 @@ class Bus(RedisClientActor):
             if isinstance(parsed, Malformed):
                 dead.append((f"published-{n}", item.data, parsed.reason, 1))
             else:
-                good.append((f"published-{n}", parsed))
+                good.append((f"published-{n}", parsed, SHARED))
         raws = {f"published-{n}": item.data for n, item in enumerate(batch)}
         outcomes = await self._route_until_done(good)
-        for key, _env in good:
+        for key, _env, _sender in good:
             outcome = outcomes[key]
             if outcome.kind != "done":  # at most once: nothing is retried
                 dead.append((key, raws[key], outcome.reason, 1))

@@ -45,7 +45,7 @@ from actors.envelope import (
 from actors.kernel import Actor, ActorError
 from actors.persistence import Unavailable
 
-__all__ = ["DependencyDown", "Outcome", "Router", "describe"]
+__all__ = ["SHARED", "DependencyDown", "Item", "Outcome", "Router", "Sender", "describe"]
 
 # What means "try the whole batch again later", not "this envelope is bad".
 _DOWN = (ActorError, Unavailable, CacheUnavailable, OSError, asyncpg.InterfaceError)
@@ -62,6 +62,19 @@ class Outcome(msgspec.Struct, frozen=True):
     reason: str = ""
 
 
+class Sender(msgspec.Struct, frozen=True):
+    """Who sent an envelope, as the daemon knows it from where it arrived
+    (never from what it says): ``agent:<name>`` with the agent's user id for
+    an agent's own inbox, ``inbox`` (no user) for the shared inbox."""
+
+    label: str
+    user_id: int | None = None
+
+
+SHARED = Sender("inbox")
+Item = tuple[str, Envelope, Sender]
+
+
 DONE = Outcome("done")
 
 
@@ -70,21 +83,21 @@ class Router:
         self.persistence = persistence
         self.cache = cache
 
-    async def route(self, items: list[tuple[str, Envelope]]) -> dict[str, Outcome]:
+    async def route(self, items: list[Item]) -> dict[str, Outcome]:
         out: dict[str, Outcome] = {}
-        requested = [(k, e) for k, e in items if isinstance(e, CommandRequested)]
+        requested = [item for item in items if isinstance(item[1], CommandRequested)]
         if requested:
             out.update(await self._requested(requested))
-        groups: dict[str, list[tuple[str, Envelope]]] = {}
-        for key, env in items:
+        groups: dict[tuple[str, str], list[Item]] = {}
+        for key, env, sender in items:
             if isinstance(
                 env, CommandStarted | CommandCompleted | CommandFailed | CommandCancelled
             ):
                 ref = env.data.request_id or f"#{env.data.command_id}"
-                groups.setdefault(ref, []).append((key, env))
+                groups.setdefault((sender.label, ref), []).append((key, env, sender))
         if groups:
             out.update(await self._statuses(list(groups.values())))
-        for key, env in items:
+        for key, env, _sender in items:
             if isinstance(env, CacheInvalidate):
                 out[key] = await self._invalidate(env)
         return out
@@ -96,8 +109,12 @@ class Router:
             raise DependencyDown(f"{actor.name}: {describe(exc)}") from exc
 
     # -- command.requested ------------------------------------------------------------------
-    async def _requested(self, items: list[tuple[str, Any]]) -> dict[str, Outcome]:
-        rows = tuple((_command(env), env.user_id) for _k, env in items)
+    async def _requested(self, items: list[Item]) -> dict[str, Outcome]:
+        rows = tuple(
+            (_command(env), env.user_id, sender.user_id, sender.label)
+            for _k, env, sender in items
+            if isinstance(env, CommandRequested)
+        )
         try:
             results = await self._ask(self.persistence, m.IngestCommands(rows=rows))
         except DependencyDown:
@@ -112,31 +129,32 @@ class Router:
             parts.update(await self._requested(items[half:]))
             return parts
         out: dict[str, Outcome] = {}
-        for (key, env), done in zip(items, results, strict=True):
+        for (key, env, _sender), done in zip(items, results, strict=True):
             if done.outcome == "no_user":
                 out[key] = Outcome("dead", f"no user {env.user_id}")
             elif done.outcome == "conflict":
                 out[key] = Outcome(
-                    "dead", f"conflict: requestId {done.request_id!r} is used by another command"
+                    "dead",
+                    f"conflict: requestId {done.request_id!r} is used by another of your commands",
                 )
             else:
                 out[key] = DONE
         return out
 
     # -- status reports -----------------------------------------------------------------------
-    async def _statuses(self, groups: list[list[tuple[str, Any]]]) -> dict[str, Outcome]:
+    async def _statuses(self, groups: list[list[Item]]) -> dict[str, Outcome]:
         out: dict[str, Outcome] = {}
         gate = asyncio.Semaphore(_STATUS_CONCURRENCY)
 
-        async def one_group(group: list[tuple[str, Any]]) -> None:
+        async def one_group(group: list[Item]) -> None:
             async with gate:
-                for key, env in group:
-                    out[key] = await self._status(env)
+                for key, env, sender in group:
+                    out[key] = await self._status(env, sender)
 
         await asyncio.gather(*(one_group(g) for g in groups))
         return out
 
-    async def _status(self, env: Any) -> Outcome:
+    async def _status(self, env: Any, sender: Sender) -> Outcome:
         data = env.data
         duration = None
         if isinstance(env, CommandStarted):
@@ -154,7 +172,9 @@ class Router:
             command_id=data.command_id,
             request_id=data.request_id,
             duration_ms=duration,
-            actor_name=f"bus:{env.source}"[:100],
+            actor_name=sender.label,
+            actor_id=sender.user_id,
+            sender=sender.label,
         )
         try:
             await self._ask(self.persistence, msg)

@@ -44,6 +44,7 @@ WRITERS: dict[tuple[str, str], tuple[tuple[type, str], ...]] = {
         (env.CommandRequestedData, "risk_score"),
     ),
     ("commands", "risk_category"): DERIVED,
+    ("commands", "sender"): DERIVED,  # agent:<name>, user:<username> (<= 64) or inbox
     ("approval_requests", "action"): (
         (model.ApprovalCreate, "action"),
         (model.CommandCreate, "action"),

@@ -784,7 +784,7 @@ async def test_the_local_admin_decides_requests_but_makes_none_and_is_named_as_d
     assert decided["decider"].startswith("uid:")
 
 
-async def test_a_request_id_used_by_another_command_is_a_conflict_that_shows_nothing(
+async def test_a_request_id_belongs_to_its_sender_and_tells_nothing_of_the_others(
     api: Api,
 ) -> None:
     u1, first = await api.user("rid-one")
@@ -793,21 +793,27 @@ async def test_a_request_id_used_by_another_command_is_a_conflict_that_shows_not
     _, _, mine = await api.call(
         "POST", "/commands", token=first, json={"action": "ls", "requestId": "job-42"}
     )
-    # Someone else's command under the same id: 409, and none of it in the answer.
+    assert mine["sender"] == "user:rid-one"
+    # Someone else's "job-42" is a command of their own: no conflict, nothing shared.
     for token, body in (
         (second, {"action": "ls", "requestId": "job-42"}),
         (agent, {"action": "rm", "requestId": "job-42", "userId": u1, "riskScore": 99}),
     ):
-        status, _h, problem = await api.call("POST", "/commands", token=token, json=body)
-        assert status == 409
-        assert "already used" in problem["detail"]
-        assert "current" not in problem
-        assert str(mine["id"]) not in json.dumps(problem)
-    # The same caller repeating the same command is the idempotent replay.
+        status, _h, theirs = await api.call("POST", "/commands", token=token, json=body)
+        assert status == 201, theirs
+        assert theirs["id"] != mine["id"]
+    # The same caller repeating the same command is the idempotent replay;
+    # its own requestId reused for something else is its own conflict.
     status, _h, again = await api.call(
         "POST", "/commands", token=first, json={"action": "ls", "requestId": "job-42"}
     )
     assert (status, again["id"]) == (200, mine["id"])
+    status, _h, problem = await api.call(
+        "POST", "/commands", token=first, json={"action": "cat", "requestId": "job-42"}
+    )
+    assert status == 409
+    assert "another of your commands" in problem["detail"]
+    assert "current" not in problem
 
 
 async def test_deciding_while_the_command_is_cancelled_never_deadlocks(api: Api) -> None:

@@ -1,11 +1,15 @@
 """The events a state change announces (DESIGN §5): envelopes for
 ``{prefix}events`` and the channel of their kind, built from the rows as
-committed. Agents match them to what they asked for by ``requestId``."""
+committed. Agents match them to what they asked for by ``requestId`` and
+``sender`` (requestIds are per sender: ``agent:<name>``, ``user:<name>``)."""
 
 from __future__ import annotations
 
 from actors.data.model import Approval, Command
 from actors.envelope import Event, EventKind, event
+
+# The command a request belongs to, as agents know it: (requestId, sender).
+CommandRef = tuple[str, str] | None
 
 __all__ = [
     "approval_decided",
@@ -26,6 +30,7 @@ def command_created(c: Command) -> Published:
         c.user_id,
         commandId=c.id,
         requestId=c.request_id,
+        sender=c.sender,
         status=c.status,
         action=c.action,
         type=c.type,
@@ -43,6 +48,7 @@ def command_updated(c: Command, previous: str) -> Published:
         c.user_id,
         commandId=c.id,
         requestId=c.request_id,
+        sender=c.sender,
         status=c.status,
         previous=previous,
         error=c.error,
@@ -51,14 +57,15 @@ def command_updated(c: Command, previous: str) -> Published:
     )
 
 
-def approval_requested(a: Approval, request_id: str | None, user_id: int | None) -> Published:
+def approval_requested(a: Approval, ref: CommandRef, user_id: int | None) -> Published:
     return event(
         "approvals",
         "approval.requested",
         user_id,
         approvalId=a.id,
         commandId=a.command_id,
-        requestId=request_id,
+        requestId=ref[0] if ref else None,
+        sender=ref[1] if ref else None,
         action=a.action,
         description=a.description or None,
         riskScore=a.risk_score,
@@ -67,7 +74,7 @@ def approval_requested(a: Approval, request_id: str | None, user_id: int | None)
     )
 
 
-def approval_warning(a: Approval, request_id: str | None) -> Published:
+def approval_warning(a: Approval, ref: CommandRef) -> Published:
     """A pending request is about to expire."""
     return event(
         "approvals",
@@ -75,7 +82,8 @@ def approval_warning(a: Approval, request_id: str | None) -> Published:
         a.requester_id,
         approvalId=a.id,
         commandId=a.command_id,
-        requestId=request_id,
+        requestId=ref[0] if ref else None,
+        sender=ref[1] if ref else None,
         action=a.action,
         riskCategory=a.risk_category,
         expiresAt=a.expires_at.isoformat(),
@@ -94,13 +102,14 @@ def command_decided(c: Command) -> Published:
         c.user_id,
         commandId=c.id,
         requestId=c.request_id,
+        sender=c.sender,
         status=c.status,
         previous="awaiting_approval",
         approvalId=c.approval_id,
     )
 
 
-def approval_decided(a: Approval, request_id: str | None, user_id: int | None) -> Published:
+def approval_decided(a: Approval, ref: CommandRef, user_id: int | None) -> Published:
     """approval.decided; for a request that ran out of time, approval.expired."""
     return event(
         "approvals",
@@ -108,7 +117,8 @@ def approval_decided(a: Approval, request_id: str | None, user_id: int | None) -
         user_id,
         approvalId=a.id,
         commandId=a.command_id,
-        requestId=request_id,
+        requestId=ref[0] if ref else None,
+        sender=ref[1] if ref else None,
         decision=a.status,
         decidedBy=a.decided_by,
         decider=a.decider,

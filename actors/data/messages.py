@@ -116,6 +116,7 @@ class CreateCommand(_Msg, frozen=True):
     new: CommandCreate
     user_id: int | None
     created_by: int | None = None
+    sender: str = "inbox"  # whose requestId namespace (Command.sender)
 
 
 class GetCommand(_Msg, frozen=True):
@@ -136,9 +137,10 @@ class UpdateCommandStatus(_Msg, frozen=True):
 
 
 class IngestCommands(_Msg, frozen=True):
-    """The batched ingest path (agent bus): replies one repo.Ingested per row."""
+    """The batched ingest path (agent bus): replies one repo.Ingested per row.
+    A row: the command, on whose behalf, who sent it (user id, sender)."""
 
-    rows: tuple[tuple[CommandCreate, int | None], ...]
+    rows: tuple[tuple[CommandCreate, int | None, int | None, str], ...]
 
 
 class ReportCommand(_Msg, frozen=True):
@@ -149,7 +151,9 @@ class ReportCommand(_Msg, frozen=True):
     command_id: int | None = None
     request_id: str | None = None
     duration_ms: int | None = None  # as measured by the agent
-    actor_name: str = "bus"  # who reported (the envelope's source)
+    actor_name: str = "bus"  # who reported, for the audit trail
+    actor_id: int | None = None  # the reporting agent's user id, if it has one
+    sender: str = "inbox"  # only this sender's commands are found
 
 
 class CreateApproval(_Msg, frozen=True):

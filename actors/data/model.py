@@ -238,6 +238,9 @@ class Command(_Wire, frozen=True):
     duration_ms: int | None
     created_by: int | None = None
     approval_id: int | None = None
+    # Who sent it, as the daemon knows it: user:<username> (HTTP API),
+    # agent:<name> (its Redis inbox), inbox (the shared inbox). requestIds are per sender.
+    sender: str = ""
 
 
 class CommandCreate(_HasAction, _Input, frozen=True):

@@ -43,6 +43,7 @@ class WorkflowHandlers:
                 msg.new,
                 msg.user_id,
                 created_by=msg.created_by,
+                sender=msg.sender,
                 threshold=self.approvals.threshold,
                 expiry=self.approvals.expiry,
                 policy_score=self.approvals.score(msg.new.action),
@@ -53,7 +54,11 @@ class WorkflowHandlers:
         if created:
             out = [events.command_created(command)]
             if approval is not None:
-                out.append(events.approval_requested(approval, command.request_id, command.user_id))
+                out.append(
+                    events.approval_requested(
+                        approval, (command.request_id, command.sender), command.user_id
+                    )
+                )
             self.announce(out)
         return command, created
 
@@ -75,23 +80,30 @@ class WorkflowHandlers:
 
     @handles(m.ReportCommand)
     async def _report_command(self, msg: m.ReportCommand) -> Command:
+        """A report from the bus: only its sender's own command is found."""
         return await self._report(
-            msg.command_id, msg.request_id, msg.change, None, msg.duration_ms, msg.actor_name
+            msg.command_id,
+            (msg.sender, msg.request_id),
+            msg.change,
+            msg.actor_id,
+            msg.duration_ms,
+            msg.actor_name,
         )
 
     async def _report(
         self,
         command_id: int | None,
-        request_id: str | None,
+        sender_ref: tuple[str, str | None] | None,
         change: Any,
         actor_id: int | None,
         duration_ms: int | None,
         actor_name: str,
     ) -> Command:
         async with self._pool().acquire() as conn:
-            if command_id is None:
-                assert request_id is not None
-                command_id = await repo.command_id_of(conn, request_id)
+            if sender_ref is not None:
+                sender, request_id = sender_ref
+                command_id = await repo.command_id_of(conn, sender, request_id, command_id)
+            assert command_id is not None
             command, previous = await repo.update_command_status(
                 conn, command_id, change, actor_id, duration_ms=duration_ms, actor_name=actor_name
             )
@@ -101,7 +113,11 @@ class WorkflowHandlers:
         if previous is not None:
             out = [events.command_updated(command, previous)]
             if cancelled is not None:
-                out.append(events.approval_decided(cancelled, command.request_id, command.user_id))
+                out.append(
+                    events.approval_decided(
+                        cancelled, (command.request_id, command.sender), command.user_id
+                    )
+                )
             self.announce(out)
         return command
 
@@ -113,10 +129,10 @@ class WorkflowHandlers:
                 list(msg.rows),
                 threshold=self.approvals.threshold,
                 expiry=self.approvals.expiry,
-                policy_scores=[self.approvals.score(new.action) for new, _u in msg.rows],
+                policy_scores=[self.approvals.score(row[0].action) for row in msg.rows],
             )
         out: list[tuple[EventKind, Event]] = []
-        for (new, _user), done in zip(msg.rows, results, strict=True):
+        for (new, _user, _by, sender), done in zip(msg.rows, results, strict=True):
             if done.outcome != "created":
                 continue
             category = risk_category(done.risk_score)
@@ -127,6 +143,7 @@ class WorkflowHandlers:
                     done.user_id,
                     commandId=done.command_id,
                     requestId=done.request_id,
+                    sender=sender,
                     status=done.status,
                     action=new.action,
                     type=new.type,
@@ -145,6 +162,7 @@ class WorkflowHandlers:
                         approvalId=done.approval_id,
                         commandId=done.command_id,
                         requestId=done.request_id,
+                        sender=sender,
                         action=new.action,
                         description=new.description or None,
                         riskScore=done.risk_score,
@@ -197,8 +215,8 @@ class WorkflowHandlers:
                 command = await repo.get_command(conn, approval.command_id)
             except repo.NotFound:
                 command = None
-        request_id = command.request_id if command is not None else None
-        out = [events.approval_decided(approval, request_id, approval.requester_id)]
+        ref = (command.request_id, command.sender) if command is not None else None
+        out = [events.approval_decided(approval, ref, approval.requester_id)]
         if command is not None and command.status == approval.status:
             out.append(events.command_decided(command))
         self.announce(out)

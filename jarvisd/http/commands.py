@@ -137,7 +137,9 @@ async def create_command(request: web.Request, who: Principal) -> web.Response:
     command, created = await ask(
         request,
         "persistence",
-        m.CreateCommand(new=new, user_id=user_id, created_by=who.user_id),
+        m.CreateCommand(
+            new=new, user_id=user_id, created_by=who.user_id, sender=f"user:{who.name}"
+        ),
     )
     _changed(request)
     return reply(command, 201 if created else 200, {"Location": f"/commands/{command.id}"})

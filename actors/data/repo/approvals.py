@@ -47,6 +47,7 @@ def _approval(row: asyncpg.Record) -> Approval:
     data = dict(row)
     data.pop("lapsed", None)  # a helper column of decide_approval
     data.pop("request_id", None)  # and of warn_due
+    data.pop("sender", None)
     return Approval(**data)
 
 
@@ -310,21 +311,25 @@ async def list_approvals(
 
 async def warn_due(
     conn: asyncpg.Connection, warn_before: float, limit: int
-) -> list[tuple[Approval, str | None]]:
+) -> list[tuple[Approval, tuple[str, str] | None]]:
     """Pending requests entering their last stretch (``warn_before`` seconds,
     or the last quarter of a shorter lifetime), marked as warned so that each
-    is returned once; with their command's request id."""
+    is returned once; with their command's (request id, sender)."""
     rows = await conn.fetch(
         f"UPDATE approval_requests SET warned_at = now() WHERE id IN ("
         f"SELECT id FROM approval_requests WHERE status = 'pending' AND warned_at IS NULL "
         f"AND expires_at > now() AND expires_at - LEAST(make_interval(secs => $1), "
         f"(expires_at - created_at) / 4) <= now() ORDER BY expires_at LIMIT $2 "
         f"FOR UPDATE SKIP LOCKED) RETURNING {APPROVAL_COLUMNS}, "
-        f"(SELECT request_id FROM commands c WHERE c.id = command_id) AS request_id",
+        f"(SELECT request_id FROM commands c WHERE c.id = command_id) AS request_id, "
+        f"(SELECT sender FROM commands c WHERE c.id = command_id) AS sender",
         warn_before,
         limit,
     )
-    return [(_approval(r), r["request_id"]) for r in rows]
+    return [
+        (_approval(r), None if r["request_id"] is None else (r["request_id"], r["sender"]))
+        for r in rows
+    ]
 
 
 async def expire_due(conn: asyncpg.Connection, limit: int) -> list[Approval]:

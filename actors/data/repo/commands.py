@@ -27,7 +27,7 @@ from actors.data.repo.common import Conflict, Invalid, JsonPage, NotFound, json_
 
 COMMAND_COLUMNS = (
     "id, request_id, user_id, source, type, action, parameters, description, status, risk_score, "
-    "risk_category, result, error, created_at, started_at, finished_at, duration_ms, created_by, "
+    "risk_category, result, error, created_at, started_at, finished_at, duration_ms, created_by, sender, "
     "(SELECT a.id FROM approval_requests a WHERE a.command_id = commands.id ORDER BY a.id DESC LIMIT 1) "
     "AS approval_id"
 )
@@ -66,14 +66,16 @@ async def create_command(
     user_id: int | None,
     *,
     created_by: int | None,
+    sender: str,
     threshold: int,
     expiry: int,
     policy_score: int = 0,
 ) -> tuple[Command, bool]:
-    """Insert a command (idempotent on request_id); at or above the approval
-    threshold it waits for approval and gets an approval request, in the same
-    transaction. Returns (command, created). ``created_by`` is the principal
-    who asked (it may differ from ``user_id``, on whose behalf)."""
+    """Insert a command (idempotent on the sender's request_id); at or above
+    the approval threshold it waits for approval and gets an approval
+    request, in the same transaction. Returns (command, created).
+    ``created_by`` is the principal who asked (it may differ from ``user_id``,
+    on whose behalf), ``sender`` whose requestId namespace it is."""
     score = max(policy_score, new.risk_score or 0)
     category = risk_category(score)
     status = "awaiting_approval" if score >= threshold else "approved"
@@ -82,9 +84,9 @@ async def create_command(
         try:
             row = await conn.fetchrow(
                 "INSERT INTO commands (request_id, user_id, source, type, action, parameters, description, "
-                "status, risk_score, risk_category, created_by) "
-                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) "
-                "ON CONFLICT (request_id) DO NOTHING RETURNING id",
+                "status, risk_score, risk_category, created_by, sender) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) "
+                "ON CONFLICT (sender, request_id) DO NOTHING RETURNING id",
                 request_id,
                 user_id,
                 new.source,
@@ -96,13 +98,15 @@ async def create_command(
                 score,
                 category,
                 created_by,
+                sender,
             )
         except asyncpg.ForeignKeyViolationError:
             raise NotFound(f"no user {user_id}") from None
         if row is None:
             found = await conn.fetchrow(
-                f"SELECT {COMMAND_COLUMNS}, parameters = $2::jsonb AS same_parameters "
-                f"FROM commands WHERE request_id = $1",
+                f"SELECT {COMMAND_COLUMNS}, parameters = $3::jsonb AS same_parameters "
+                f"FROM commands WHERE sender = $1 AND request_id = $2",
+                sender,
                 request_id,
                 new.parameters,
             )
@@ -110,8 +114,10 @@ async def create_command(
             same_parameters = bool(same.pop("same_parameters"))
             existing = Command(**same)
             if not same_command(existing, new, user_id, created_by, same_parameters):
-                # Never the other command itself: the caller may not be allowed to see it.
-                raise Conflict(f"requestId {request_id!r} is already used by another command")
+                # The sender's own requestId, used before for something else.
+                raise Conflict(
+                    f"requestId {request_id!r} is already used by another of your commands"
+                )
             return existing, False
         command_id = row["id"]
         await conn.execute(
@@ -145,10 +151,21 @@ async def get_command(conn: asyncpg.Connection, command_id: int) -> Command:
     return _command(row)
 
 
-async def command_id_of(conn: asyncpg.Connection, request_id: str) -> int:
-    found = await conn.fetchval("SELECT id FROM commands WHERE request_id = $1", request_id)
+async def command_id_of(
+    conn: asyncpg.Connection, sender: str, request_id: str | None, command_id: int | None
+) -> int:
+    """The id of ``sender``'s command named by its requestId or id; another
+    sender's command is not found, as if it did not exist."""
+    found = await conn.fetchval(
+        "SELECT id FROM commands WHERE sender = $1 "
+        "AND ($2::text IS NULL OR request_id = $2) AND ($3::bigint IS NULL OR id = $3)",
+        sender,
+        request_id,
+        command_id,
+    )
     if found is None:
-        raise NotFound(f"no command with requestId {request_id!r}")
+        what = f"requestId {request_id!r}" if request_id is not None else f"id {command_id}"
+        raise NotFound(f"no command of yours with {what}")
     return int(found)
 
 
@@ -229,6 +246,7 @@ COMMANDS = ListSpec(
     filters={
         "userId": Filter("user_id", "eq", int, bounds=ID_BOUNDS),
         "requestId": Filter("request_id", "eq"),
+        "sender": Filter("sender", "eq"),
         "status": Filter("status", "in", choices=_COMMAND_STATUSES),
         "type": Filter(
             "type", "in", choices=frozenset({"voice", "text", "api", "scheduled", "agent"})

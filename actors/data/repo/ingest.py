@@ -1,9 +1,10 @@
 """Batched ingest of requested commands (the agent bus's hot path, DESIGN §5).
 
 One statement per batch does what ``create_command`` does per row: the
-commands (idempotent on request_id), their audit events, and, for those at or
-above the approval threshold, their approval requests with their own audit
-events. Rows naming a user that does not exist are left out and reported.
+commands (idempotent on the sender's request_id), their audit events, and,
+for those at or above the approval threshold, their approval requests with
+their own audit events. Rows naming a user that does not exist are left out
+and reported.
 """
 
 from __future__ import annotations
@@ -36,38 +37,41 @@ class Ingested(msgspec.Struct, frozen=True):
 _INGEST = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
-                         $7::text[], $8::text[], $9::smallint[], $10::text[])
+                         $7::text[], $8::text[], $9::smallint[], $10::text[], $12::bigint[],
+                         $13::text[])
         AS t(request_id, user_id, source, type, action, parameters, description, status,
-             risk_score, risk_category)
+             risk_score, risk_category, created_by, sender)
 ),
 ins AS (
     INSERT INTO commands (request_id, user_id, source, type, action, parameters, description,
-                          status, risk_score, risk_category)
+                          status, risk_score, risk_category, created_by, sender)
     SELECT request_id, user_id, source, type, action, parameters, description, status,
-           risk_score, risk_category
+           risk_score, risk_category, created_by, sender
     FROM input
-    WHERE input.user_id IS NULL OR EXISTS (SELECT 1 FROM users u WHERE u.id = input.user_id)
-    ON CONFLICT (request_id) DO NOTHING
-    RETURNING id, request_id, status, user_id
+    WHERE (input.user_id IS NULL OR EXISTS (SELECT 1 FROM users u WHERE u.id = input.user_id))
+      AND (input.created_by IS NULL OR EXISTS (SELECT 1 FROM users u WHERE u.id = input.created_by))
+    ON CONFLICT (sender, request_id) DO NOTHING
+    RETURNING id, request_id, status, user_id, created_by, sender
 ),
 events AS (
-    INSERT INTO command_events (command_id, from_status, to_status)
-    SELECT id, NULL, status FROM ins
+    INSERT INTO command_events (command_id, from_status, to_status, actor_id)
+    SELECT id, NULL, status, created_by FROM ins
 ),
 approvals AS (
-    INSERT INTO approval_requests (command_id, requester_id, action, description,
+    INSERT INTO approval_requests (command_id, requester_id, created_by, action, description,
                                    parameters_digest, risk_score, risk_category, status, expires_at)
-    SELECT ins.id, ins.user_id, input.action, input.description, DIGEST,
+    SELECT ins.id, ins.user_id, ins.created_by, input.action, input.description, DIGEST,
            input.risk_score, input.risk_category, 'pending', now() + make_interval(secs => $11)
-    FROM ins JOIN input USING (request_id)
+    FROM ins JOIN input USING (sender, request_id)
     WHERE ins.status = 'awaiting_approval'
-    RETURNING id, command_id
+    RETURNING id, command_id, created_by
 ),
 approval_audit AS (
-    INSERT INTO approval_events (approval_id, from_status, to_status)
-    SELECT id, NULL, 'pending' FROM approvals
+    INSERT INTO approval_events (approval_id, from_status, to_status, actor_id)
+    SELECT id, NULL, 'pending', created_by FROM approvals
 )
-SELECT ins.id, ins.request_id, ins.status, ins.user_id, approvals.id AS approval_id
+SELECT ins.id, ins.request_id, ins.sender, ins.status, ins.user_id,
+       approvals.id AS approval_id
 FROM ins LEFT JOIN approvals ON approvals.command_id = ins.id
 """.replace("DIGEST", digest_sql("input.parameters"))
 
@@ -77,60 +81,70 @@ _EXISTING = """
 SELECT m.n, c.id, c.request_id, c.status, c.user_id, c.created_by, c.action,
        c.parameters = m.parameters AS same_parameters,
        (SELECT max(a.id) FROM approval_requests a WHERE a.command_id = c.id) AS approval_id
-FROM unnest($1::text[], $2::jsonb[]) WITH ORDINALITY AS m(request_id, parameters, n)
-JOIN commands c ON c.request_id = m.request_id
+FROM unnest($1::text[], $2::jsonb[], $3::text[]) WITH ORDINALITY AS m(request_id, parameters, sender, n)
+JOIN commands c ON c.sender = m.sender AND c.request_id = m.request_id
 """
+
+
+Row = tuple[CommandCreate, int | None, int | None, str]
 
 
 async def ingest_commands(
     conn: asyncpg.Connection,
-    rows: list[tuple[CommandCreate, int | None]],
+    rows: list[Row],
     *,
     threshold: int,
     expiry: int,
     policy_scores: list[int] | None = None,
 ) -> list[Ingested]:
-    """Insert ``rows`` ((command, on whose behalf)) in one transaction; one
-    Ingested per row, in order. A request_id that appears twice is created
-    once; the later one reports "exists"."""
-    request_ids = [c.request_id or f"api-{uuid.uuid4()}" for c, _u in rows]
+    """Insert ``rows`` ((command, on whose behalf, sent by (user id), sender))
+    in one transaction; one Ingested per row, in order. A requestId is the
+    sender's: one that appears twice for one sender is created once, and the
+    later one reports "exists"."""
+    request_ids = [c.request_id or f"api-{uuid.uuid4()}" for c, *_rest in rows]
+    senders = [sender for *_rest, sender in rows]
+    keys = list(zip(senders, request_ids, strict=True))
     scores = [
-        max(policy, c.risk_score or 0)
-        for (c, _u), policy in zip(rows, policy_scores or [0] * len(rows), strict=True)
+        max(policy, row[0].risk_score or 0)
+        for row, policy in zip(rows, policy_scores or [0] * len(rows), strict=True)
     ]
     statuses = ["awaiting_approval" if s >= threshold else "approved" for s in scores]
-    user_ids = [u for _c, u in rows]
     async with conn.transaction():
         inserted = await conn.fetch(
             _INGEST,
             request_ids,
-            user_ids,
-            [c.source for c, _u in rows],
-            [c.type for c, _u in rows],
-            [c.action for c, _u in rows],
-            [c.parameters for c, _u in rows],
-            [c.description for c, _u in rows],
+            [u for _c, u, _b, _s in rows],
+            [c.source for c, *_rest in rows],
+            [c.type for c, *_rest in rows],
+            [c.action for c, *_rest in rows],
+            [c.parameters for c, *_rest in rows],
+            [c.description for c, *_rest in rows],
             statuses,
             scores,
             [risk_category(s) for s in scores],
             expiry,
+            [b for _c, _u, b, _s in rows],
+            senders,
         )
-        made = {r["request_id"]: r for r in inserted}
-        missing = [i for i, rid in enumerate(request_ids) if rid not in made]
+        made = {(r["sender"], r["request_id"]): r for r in inserted}
+        missing = [i for i, key in enumerate(keys) if key not in made]
         existing: dict[int, asyncpg.Record] = {}
         if missing:
             for r in await conn.fetch(
                 _EXISTING,
                 [request_ids[i] for i in missing],
                 [rows[i][0].parameters for i in missing],
+                [senders[i] for i in missing],
             ):
                 existing[missing[r["n"] - 1]] = r
     out: list[Ingested] = []
-    first: dict[str, tuple[CommandCreate, int | None]] = {}
-    for n, ((new, user_id), rid, score) in enumerate(zip(rows, request_ids, scores, strict=True)):
-        row = made.get(rid)
-        if row is not None and rid not in first:
-            first[rid] = (new, user_id)
+    first: dict[tuple[str, str], Row] = {}
+    for n, (row_in, key, score) in enumerate(zip(rows, keys, scores, strict=True)):
+        new, user_id, created_by, _sender = row_in
+        rid = key[1]
+        row = made.get(key)
+        if row is not None and key not in first:
+            first[key] = row_in
             out.append(
                 Ingested(
                     rid, "created", row["id"], row["status"], row["approval_id"], score, user_id
@@ -141,11 +155,11 @@ async def ingest_commands(
         if row is None and old is None:
             out.append(Ingested(rid, "no_user", risk_score=score, user_id=user_id))
             continue
-        if rid in first and first[rid] != (new, user_id):
+        if key in first and first[key] != row_in:
             out.append(Ingested(rid, "conflict", risk_score=score, user_id=user_id))
             continue
-        if old is not None and not _repeats(old, new, user_id):
-            # The requestId names another command: nothing of it in our answer.
+        if old is not None and not _repeats(old, new, user_id, created_by):
+            # The sender's own requestId, used before for another command.
             out.append(Ingested(rid, "conflict", risk_score=score, user_id=user_id))
             continue
         found = row if row is not None else old
@@ -158,11 +172,13 @@ async def ingest_commands(
     return out
 
 
-def _repeats(old: asyncpg.Record, new: CommandCreate, user_id: int | None) -> bool:
-    """An idempotent redelivery: made on the bus too, for the same user, action
-    and parameters."""
+def _repeats(
+    old: asyncpg.Record, new: CommandCreate, user_id: int | None, created_by: int | None
+) -> bool:
+    """An idempotent redelivery: by the same sender (the lookup's key), for
+    the same user, action and parameters (as PostgreSQL stores them)."""
     return (
-        old["created_by"] is None
+        old["created_by"] == created_by
         and old["user_id"] == user_id
         and old["action"] == new.action
         and bool(old["same_parameters"])
