@@ -1,8 +1,10 @@
-"""The bus actor: the agents' inbox, read durably (DESIGN §3, §5).
+"""The bus actor: the agents' inboxes, read durably (DESIGN §3, §5).
 
-Durable path: the stream ``bus.stream`` (``XADD jarvis:inbox * envelope
-<json>``), read in consumer group ``bus.group`` under a consumer name stable
-for this daemon:
+Durable path: each agent appends to its own inbox stream (``XADD
+<inbox> * envelope <json>``; ``actors.agents``), and trusted writers, where
+``bus.shared_inbox`` is on, to the shared one (``bus.stream``). All are read
+in consumer group ``bus.group`` under a consumer name stable for this daemon,
+by one XREADGROUP; the sender of an envelope is the inbox it came from:
 
 - at start, this consumer's own pending entries first (a crash left them
   unacknowledged), then new ones (``>``);
@@ -11,20 +13,22 @@ for this daemon:
   included: a dead daemon's entries, or entries whose handling failed;
 - an entry is acknowledged only after its effect is committed in
   PostgreSQL. Anything malformed, unknown or oversized, and any entry that has
-  failed ``max_deliveries`` times, is moved to ``{stream}:dead`` with its
-  reason and delivery count, in one transaction with its acknowledgement;
+  failed ``max_deliveries`` times, is moved to ``{bus.stream}:dead`` with its
+  reason, delivery count and inbox, in one transaction with its acknowledgement;
 - when PostgreSQL (or the cache) is down, the batch in hand waits and is
   retried as it is: an outage is never counted against an entry;
-- the stream is trimmed to what the group has not finished, and never grows
+- each stream is trimmed to what the group has not finished, and never grows
   past ``max_length``.
 
-Fire-and-forget path: envelopes PUBLISHed on the channel of the same name are
-handled the same way, at most once (what cannot be handled is dead-lettered).
+Fire-and-forget path: envelopes PUBLISHed on an inbox's channel (of the same
+name) are handled the same way, at most once (what cannot be handled is
+dead-lettered). A refused envelope of an agent is also told on its replies
+channel.
 
 Idempotency: a command's request_id is the envelope id (or data.requestId),
-unique in PostgreSQL and written in the same transaction as the effect, so a
-redelivery never makes a second row; status reports and invalidations repeat
-harmlessly.
+unique per sender in PostgreSQL and written in the same transaction as the
+effect, so a redelivery never makes a second row; status reports and
+invalidations repeat harmlessly.
 """
 
 from __future__ import annotations
@@ -34,25 +38,23 @@ import collections
 import random
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from redis.exceptions import ResponseError
 
-from actors.bus_routes import SHARED, DependencyDown, Item, Outcome, Router
-from actors.envelope import CommandRequested, Envelope, Malformed, parse
-from actors.kernel import Actor, Health
-from actors.pubsub import Delivery, Detach, Subscribe, Subscriber
+from actors.bus_agents import AclState, ApplyAgents, Inbox, Registry, agents_channel
+from actors.bus_routes import DependencyDown, Item, Outcome, Router
+from actors.bus_store import Dead, dead_fields, refusal, stream_id, text, xtrim
+from actors.envelope import CommandRequested, Malformed, parse
+from actors.kernel import Actor, Health, handles
+from actors.pubsub import Delivery, Detach, Subscribe, Subscriber, Unsubscribe
 from actors.redis_link import REDIS_FAILURES, RedisClientActor
-from config import BusSettings, RedisSettings
+from config import BusSettings, PubSubSettings, RedisSettings
 
-__all__ = ["Bus", "BusStats"]
+__all__ = ["AclState", "ApplyAgents", "Bus", "BusStats"]
 
-Entry = tuple[str, dict[bytes, bytes]]
-# Entries one XTRIM may drop, and one trim round at most (a round holds up
-# the reading loop; 1,000,000 per bus.trim_interval is far above any ingest).
-TRIM_STEP = 50_000
-TRIM_ROUND = 1_000_000
+# (stream, entry id, fields)
+Entry = tuple[str, str, dict[bytes, bytes]]
 
 
 @dataclass
@@ -71,6 +73,11 @@ class BusStats:
     last_error: str = ""
 
 
+def key_of(stream: str, entry_id: str) -> str:
+    """An entry's name in a batch (entry ids repeat across streams)."""
+    return f"{stream}\n{entry_id}"
+
+
 class Bus(RedisClientActor):
     client_name: ClassVar[str] = "jarvisd-bus"
 
@@ -85,6 +92,7 @@ class Bus(RedisClientActor):
         persistence: Actor,
         cache: Actor,
         pubsub: Actor | None = None,
+        pubsub_settings: PubSubSettings | None = None,
         name: str = "bus",
         health_interval: float = 2.0,
     ) -> None:
@@ -96,15 +104,46 @@ class Bus(RedisClientActor):
         self.consumer = consumer
         self.router = Router(persistence, cache)
         self.pubsub = pubsub
+        self.registry = Registry(
+            prefix=redis_settings.prefix,
+            inbox=stream,
+            persistence=persistence,
+            shared=settings.shared_inbox,
+            manage=settings.manage_acls,
+            channels=list((pubsub_settings or PubSubSettings()).channels),
+            url=url,
+            log=self.log,
+        )
         self.bus_stats = BusStats()
-        self._claim_cursor = "0-0"
+        self._grouped: set[str] = set()
         self._next_claim = 0.0
         self._next_trim = 0.0
+        self._next_agents = 0.0
         self._ready = False
+        self._published: Subscriber | None = None
 
     @property
     def dead_stream(self) -> str:
         return f"{self.stream}:dead"
+
+    @property
+    def inboxes(self) -> dict[str, Inbox]:
+        return self.registry.inboxes
+
+    @property
+    def agents_channel(self) -> str:
+        """Told by whichever daemon adds or revokes an agent: read them again."""
+        return agents_channel(self.redis_settings.prefix)
+
+    async def on_start(self) -> None:
+        await super().on_start()
+        if self.settings.shared_inbox:
+            self.log.warning(
+                "bus_shared_inbox",
+                stream=self.stream,
+                hint="anyone who can write this stream or channel on the Redis sends as 'inbox'; "
+                "give each agent its own inbox (jarvisd agent add) and turn bus.shared_inbox off",
+            )
 
     # -- the loop ---------------------------------------------------------------------------
     async def run(self) -> None:
@@ -127,24 +166,29 @@ class Bus(RedisClientActor):
         try:
             while not self.halting():
                 try:
+                    now = time.monotonic()
+                    if now >= self._next_agents or not self._ready:
+                        self._next_agents = now + self.settings.agents_interval
+                        if await self._refresh_inboxes():
+                            own_pending = True
                     if not self._ready:
-                        await self._ensure_group()
+                        await self._ensure_groups(list(self.inboxes))
+                        self._ready = True
                         own_pending = True
                     if own_pending:
                         await self._drain_own_pending()
                         own_pending = False
-                    now = time.monotonic()
                     if now >= self._next_claim:
                         self._next_claim = now + self.settings.claim_interval
                         await self._claim()
                     if now >= self._next_trim:
                         self._next_trim = now + self.settings.trim_interval
                         await self._trim()
-                    entries = await (prefetch or self._read(">"))
+                    entries = await (prefetch or self._read_new())
                     prefetch = None
                     if entries:
                         loop = asyncio.get_running_loop()
-                        prefetch = loop.create_task(self._read(">"))
+                        prefetch = loop.create_task(self._read_new())
                         after = running[-1] if running else None
                         running.append(loop.create_task(self._handle(entries, None, after)))
                     while running and (len(running) > 1 or not entries):
@@ -155,7 +199,11 @@ class Bus(RedisClientActor):
                     prefetch = None
                     while running:
                         await _discard(running.popleft())
-                    self._ready = not _lost_group(exc) and self._ready
+                    # Pending entries are read again first; a restarted server
+                    # may have lost the groups and the agents' ACL users.
+                    self._ready = False
+                    self._grouped.clear()
+                    self.registry.forget_applied()
                     self.bus_stats.last_error = f"{type(exc).__name__}: {exc}"
                     self.log.warning("bus_redis_error", error=self.bus_stats.last_error)
                     await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 - jitter
@@ -166,72 +214,116 @@ class Bus(RedisClientActor):
             while running:
                 await _discard(running.popleft())
 
-    async def _ensure_group(self) -> None:
-        try:
-            await self._client().xgroup_create(
-                self.stream, self.settings.group, id="0", mkstream=True
-            )
-            self.log.info("bus_group_created", stream=self.stream, group=self.settings.group)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
-        self._ready = True
+    async def _refresh_inboxes(self) -> bool:
+        """Read the agents again; True when inboxes were added."""
+        added, removed = await self.registry.refresh(self._client())
+        if added:
+            await self._ensure_groups(added)
+        self._grouped.difference_update(removed)
+        if self._published is not None and self.pubsub is not None and (added or removed):
+            if added:
+                await self.pubsub.ask(Subscribe(self._published, channels=tuple(added)), timeout=10)
+            if removed:
+                await self.pubsub.ask(
+                    Unsubscribe(self._published, channels=tuple(removed)), timeout=10
+                )
+        return bool(added)
 
-    async def _read(self, start: str) -> list[Entry]:
-        block = self.settings.block_ms if start == ">" else None
+    @handles(ApplyAgents)
+    async def _apply_agents(self, _msg: ApplyAgents) -> AclState:
+        """Agents changed here: apply them now rather than at the next round."""
+        self.registry.forget_applied()
+        await self._refresh_inboxes()
+        return self.registry.state()
+
+    async def _ensure_groups(self, streams: list[str]) -> None:
+        client = self._client()
+        for stream in streams:
+            if stream in self._grouped:
+                continue
+            try:
+                await client.xgroup_create(stream, self.settings.group, id="0", mkstream=True)
+                self.log.info("bus_group_created", stream=stream, group=self.settings.group)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            self._grouped.add(stream)
+
+    async def _read_new(self) -> list[Entry]:
+        streams = [s for s in self.inboxes if s in self._grouped]
+        if not streams:  # no agent yet, no shared inbox: nothing to read
+            await asyncio.sleep(self.settings.block_ms / 1000)
+            return []
+        return await self._read(dict.fromkeys(streams, ">"))
+
+    async def _read(self, starts: dict[str, str]) -> list[Entry]:
+        block = self.settings.block_ms if ">" in starts.values() else None
+        streams: Any = starts
         reply: Any = await self._client().xreadgroup(
             self.settings.group,
             self.consumer,
-            {self.stream: start},
+            streams,
             count=self.settings.batch_size,
             block=block,
         )
         entries: list[Entry] = []
-        for _stream, items in reply or []:
+        for stream, items in reply or []:
+            name = text(stream)
             for entry_id, fields in items:
-                entries.append((_text(entry_id), fields or {}))
+                entries.append((name, text(entry_id), fields or {}))
         return entries
 
     async def _drain_own_pending(self) -> None:
         """This consumer's entries delivered before and never acknowledged."""
-        after = "0"
-        while not self.halting():
-            entries = await self._read(after)
-            if not entries:
-                return
-            await self._handle(entries, await self._deliveries([e[0] for e in entries]))
-            after = entries[-1][0]
+        for stream in list(self.inboxes):
+            after = "0"
+            while not self.halting():
+                entries = await self._read({stream: after})
+                if not entries:
+                    break
+                await self._handle(entries, await self._deliveries(entries))
+                after = entries[-1][1]
 
     async def _claim(self) -> None:
         idle_ms = int(self.settings.claim_idle * 1000)
-        reply = await self._client().xautoclaim(
-            self.stream,
-            self.settings.group,
-            self.consumer,
-            idle_ms,
-            start_id=self._claim_cursor,
-            count=self.settings.batch_size,
-        )
-        cursor, claimed = _text(reply[0]), reply[1]
-        self._claim_cursor = cursor
-        entries = [(_text(i), f or {}) for i, f in claimed if f is not None]
-        if entries:
-            self.bus_stats.claimed += len(entries)
-            self.log.info("bus_claimed", count=len(entries))
-            await self._handle(entries, await self._deliveries([e[0] for e in entries]))
-            if cursor != "0-0":
-                self._next_claim = 0.0  # more to claim: go on at once
+        for inbox in list(self.inboxes.values()):
+            if inbox.stream not in self._grouped:
+                continue
+            reply = await self._client().xautoclaim(
+                inbox.stream,
+                self.settings.group,
+                self.consumer,
+                idle_ms,
+                start_id=inbox.claim_cursor,
+                count=self.settings.batch_size,
+            )
+            cursor, claimed = text(reply[0]), reply[1]
+            inbox.claim_cursor = cursor
+            entries = [(inbox.stream, text(i), f or {}) for i, f in claimed if f is not None]
+            if entries:
+                self.bus_stats.claimed += len(entries)
+                self.log.info("bus_claimed", count=len(entries), stream=inbox.stream)
+                await self._handle(entries, await self._deliveries(entries))
+                if cursor != "0-0":
+                    self._next_claim = 0.0  # more to claim: go on at once
 
-    async def _deliveries(self, ids: list[str]) -> dict[str, int]:
-        rows = await self._client().xpending_range(
-            self.stream,
-            self.settings.group,
-            min=ids[0],
-            max=ids[-1],
-            count=len(ids) * 2,
-            consumername=self.consumer,
-        )
-        return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+    async def _deliveries(self, entries: list[Entry]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        by_stream: dict[str, list[str]] = {}
+        for stream, entry_id, _f in entries:
+            by_stream.setdefault(stream, []).append(entry_id)
+        for stream, ids in by_stream.items():
+            rows = await self._client().xpending_range(
+                stream,
+                self.settings.group,
+                min=ids[0],
+                max=ids[-1],
+                count=len(ids) * 2,
+                consumername=self.consumer,
+            )
+            for r in rows:
+                out[key_of(stream, text(r["message_id"]))] = int(r["times_delivered"])
+        return out
 
     # -- one batch --------------------------------------------------------------------------
     async def _handle(
@@ -244,38 +336,44 @@ class Bus(RedisClientActor):
         still being handled: unless this one holds only new commands, it waits
         for that one first."""
         self.bus_stats.read += len(entries)
-        dead: list[tuple[str, bytes, str, int]] = []
-        good: list[tuple[str, Envelope, int]] = []
+        dead: list[Dead] = []
+        good: list[tuple[Item, int]] = []
         limit = self.settings.max_deliveries
-        for entry_id, fields in entries:
-            count = 1 if deliveries is None else deliveries.get(entry_id, 1)
+        raws: dict[str, bytes] = {}
+        for stream, entry_id, fields in entries:
+            key = key_of(stream, entry_id)
+            count = 1 if deliveries is None else deliveries.get(key, 1)
             raw = fields.get(b"envelope")
-            if raw is None:
-                dead.append((entry_id, b"", "malformed: no envelope field", count))
+            raws[key] = raw or b""
+            inbox = self.inboxes.get(stream)
+            if inbox is None:
+                dead.append(Dead(stream, entry_id, raw or b"", "no such inbox", count))
+            elif raw is None:
+                dead.append(Dead(stream, entry_id, b"", "malformed: no envelope field", count))
             elif count > limit:
                 reason = f"delivered {count} times without being processed"
-                dead.append((entry_id, raw, reason, count))
+                dead.append(Dead(stream, entry_id, raw, reason, count))
             else:
                 parsed = parse(raw, self.settings.max_envelope_bytes)
                 if isinstance(parsed, Malformed):
-                    dead.append((entry_id, raw, parsed.reason, count))
+                    dead.append(Dead(stream, entry_id, raw, parsed.reason, count, parsed.id))
                 else:
-                    good.append((entry_id, parsed, count))
-        if after is not None and not all(isinstance(env, CommandRequested) for _i, env, _c in good):
+                    good.append(((key, parsed, inbox.sender), count))
+        if after is not None and not all(isinstance(i[1], CommandRequested) for i, _c in good):
             await asyncio.wait({after})
-        outcomes = await self._route_until_done([(i, env, SHARED) for i, env, _c in good])
-        acked = [entry_id for entry_id, *_rest in dead]
-        raws = {entry_id: fields.get(b"envelope", b"") for entry_id, fields in entries}
-        for entry_id, _env, count in good:
-            outcome = outcomes[entry_id]
+        outcomes = await self._route_until_done([item for item, _c in good])
+        acked = [(d.stream, d.entry) for d in dead]
+        for (key, env, _sender), count in good:
+            stream, _, entry_id = key.partition("\n")
+            outcome = outcomes[key]
             if outcome.kind == "done":
-                acked.append(entry_id)
+                acked.append((stream, entry_id))
             elif outcome.kind == "dead" or count >= limit:
                 reason = outcome.reason
                 if outcome.kind != "dead":
                     reason = f"{reason} (after {count} deliveries)"
-                dead.append((entry_id, raws[entry_id], reason, count))
-                acked.append(entry_id)
+                dead.append(Dead(stream, entry_id, raws[key], reason, count, env.id))
+                acked.append((stream, entry_id))
             else:
                 self.bus_stats.retried += 1  # left pending: claimed again after claim_idle
         await self._settle(acked, dead)
@@ -296,49 +394,71 @@ class Bus(RedisClientActor):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _settle(self, acked: list[str], dead: list[tuple[str, bytes, str, int]]) -> None:
-        """Dead-letter and acknowledge."""
+    async def _settle(self, acked: list[tuple[str, str]], dead: list[Dead]) -> None:
+        """Dead-letter (and tell the agents), then acknowledge."""
         if not acked:
             return
         client = self._client()
+        by_stream: dict[str, list[str]] = {}
+        for stream, entry_id in acked:
+            by_stream.setdefault(stream, []).append(entry_id)
         if self.cluster:
-            # The two streams sit in different slots: the dead letters first,
-            # acknowledged by Redis, then the acknowledgement (a crash between
-            # them at worst dead-letters an entry twice; never loses one).
+            # The dead-letter stream sits in another slot: the dead letters
+            # first, acknowledged by Redis, then the acknowledgement (a crash
+            # between them at worst dead-letters an entry twice; never loses one).
             if dead:
                 async with client.pipeline(transaction=False) as pipe:
-                    self._queue_dead(pipe, dead)
+                    self._queue_dead(pipe, dead, "stream")
                     await pipe.execute()
-            await client.xack(self.stream, self.settings.group, *acked)
+            for stream, ids in by_stream.items():
+                await client.xack(stream, self.settings.group, *ids)
         else:  # one transaction
             async with client.pipeline(transaction=True) as pipe:
-                self._queue_dead(pipe, dead)
-                pipe.xack(self.stream, self.settings.group, *acked)
+                self._queue_dead(pipe, dead, "stream")
+                for stream, ids in by_stream.items():
+                    pipe.xack(stream, self.settings.group, *ids)
                 await pipe.execute()
         self.bus_stats.acked += len(acked)
-        self.bus_stats.dead += len(dead)
-        for entry_id, _raw, reason, count in dead:
-            self.log.warning("bus_dead_letter", entry=entry_id, reason=reason, deliveries=count)
+        self._count_dead(dead)
 
-    def _queue_dead(self, pipe: Any, dead: list[tuple[str, bytes, str, int]]) -> None:
-        for entry_id, raw, reason, count in dead:
+    def _count_dead(self, dead: list[Dead]) -> None:
+        self.bus_stats.dead += len(dead)
+        for d in dead:
+            self.log.warning(
+                "bus_dead_letter",
+                inbox=d.stream,
+                entry=d.entry,
+                reason=d.reason,
+                deliveries=d.count,
+            )
+
+    def _queue_dead(self, pipe: Any, dead: list[Dead], path: str) -> None:
+        for d in dead:
             pipe.xadd(
                 self.dead_stream,
-                _dead_fields(raw, reason, count, entry_id, "stream", self.consumer),
+                dead_fields(d, path, self.consumer),
                 maxlen=self.settings.dead_max_length,
                 approximate=True,
             )
+            inbox = self.inboxes.get(d.stream)
+            if inbox is not None and inbox.replies is not None:
+                pipe.publish(inbox.replies, refusal(d, path))
 
     # -- the fire-and-forget path --------------------------------------------------------------
+    def _new_subscriber(self) -> Subscriber:
+        sub = Subscriber(f"{self.name}:published", queue_size=10_000, overflow="drop")
+        self._published = sub
+        return sub
+
     async def _published_loop(self) -> None:
         assert self.pubsub is not None
-        sub = Subscriber(f"{self.name}:published", queue_size=10_000, overflow="drop")
+        sub = self._new_subscriber()
         try:
             await self._subscribe(sub)
             while not self.halting():
                 first = await sub.next()
                 if first is None:  # the pubsub actor let it go (stopping): subscribe again
-                    sub = Subscriber(f"{self.name}:published", queue_size=10_000, overflow="drop")
+                    sub = self._new_subscriber()
                     await self._subscribe(sub)
                     continue
                 batch = [first]
@@ -346,6 +466,7 @@ class Bus(RedisClientActor):
                     batch.append(sub.queue.get_nowait())
                 await self._handle_published(batch)
         finally:
+            self._published = None
             try:
                 await self.pubsub.ask(Detach(sub), timeout=2)
             except Exception as exc:  # stopping: the pubsub actor may be gone already
@@ -356,7 +477,10 @@ class Bus(RedisClientActor):
         delay = 0.1
         while not self.halting():
             try:
-                await self.pubsub.ask(Subscribe(sub, channels=(self.stream,)), timeout=10)
+                # Every inbox's channel (inboxes added later are subscribed
+                # as they come), and the news of agents added or revoked.
+                channels = (self.agents_channel, *self.inboxes)
+                await self.pubsub.ask(Subscribe(sub, channels=channels), timeout=10)
                 return
             except Exception as exc:  # not connected yet: try again
                 self.log.debug("bus_subscribe_retry", error=repr(exc))
@@ -364,85 +488,92 @@ class Bus(RedisClientActor):
                 delay = min(delay * 2, 2.0)
 
     async def _handle_published(self, batch: list[Delivery]) -> None:
-        dead: list[tuple[str, bytes, str, int]] = []
+        dead: list[Dead] = []
         good: list[Item] = []
+        raws: dict[str, tuple[str, bytes]] = {}
         for n, item in enumerate(batch):
             if item.kind != "message":  # down, then gap: envelopes PUBLISHed meanwhile are lost
                 self.log.warning(
                     f"bus_published_{item.kind}", detail=item.data.decode(errors="replace")
                 )
+                self._next_agents = 0.0  # an agents notice may have been missed too
                 continue
+            if item.channel == self.agents_channel:
+                self._next_agents = 0.0  # read the agents again at the loop's next turn
+                continue
+            inbox = self.inboxes.get(item.channel)
+            if inbox is None:
+                continue  # an inbox no longer read (a Redis user of the daemon's wrote it)
             self.bus_stats.published_in += 1
+            key = f"published-{n}"
+            raws[key] = (item.channel, item.data)
             parsed = parse(item.data, self.settings.max_envelope_bytes)
             if isinstance(parsed, Malformed):
-                dead.append((f"published-{n}", item.data, parsed.reason, 1))
+                dead.append(Dead(item.channel, "", item.data, parsed.reason, 1, parsed.id))
             else:
-                good.append((f"published-{n}", parsed, SHARED))
-        raws = {f"published-{n}": item.data for n, item in enumerate(batch)}
+                good.append((key, parsed, inbox.sender))
         outcomes = await self._route_until_done(good)
-        for key, _env, _sender in good:
+        for key, env, _sender in good:
             outcome = outcomes[key]
             if outcome.kind != "done":  # at most once: nothing is retried
-                dead.append((key, raws[key], outcome.reason, 1))
+                channel, raw = raws[key]
+                dead.append(Dead(channel, "", raw, outcome.reason, 1, env.id))
         if dead:
             try:
                 async with self._client().pipeline(transaction=False) as pipe:
-                    for _key, raw, reason, count in dead:
-                        pipe.xadd(
-                            self.dead_stream,
-                            _dead_fields(raw, reason, count, "", "publish", self.consumer),
-                            maxlen=self.settings.dead_max_length,
-                            approximate=True,
-                        )
+                    self._queue_dead(pipe, dead, "publish")
                     await pipe.execute()
             except REDIS_FAILURES as exc:
                 self.log.warning("bus_dead_letter_failed", count=len(dead), error=repr(exc))
-            self.bus_stats.dead += len(dead)
+            self._count_dead(dead)
 
     # -- trimming and health -------------------------------------------------------------------
     async def _trim(self) -> None:
         """Drop what the group has finished; cap the rest at max_length."""
         client = self._client()
-        groups = await client.xinfo_groups(self.stream)
-        mine = next((g for g in groups if _text(g["name"]) == self.settings.group), None)
-        if mine is None:
-            return
-        self.bus_stats.pending = int(mine.get("pending") or 0)
-        lag = mine.get("lag")
-        self.bus_stats.lag = None if lag is None else int(lag)
-        floor = _text(mine["last-delivered-id"])
-        summary = await client.xpending(self.stream, self.settings.group)
-        if summary and summary.get("pending") and summary.get("min"):
-            floor = min(floor, _text(summary["min"]), key=_stream_id)
-        trimmed = await self._xtrim(client, minid=floor)
-        length = int(await client.xlen(self.stream))
-        if length > self.settings.max_length:
-            self.bus_stats.over_max_length += 1
-            self.log.warning(
-                "bus_stream_over_max_length", length=length, max_length=self.settings.max_length
-            )
-            trimmed += await self._xtrim(client, maxlen=self.settings.max_length)
-        self.bus_stats.trimmed += trimmed
-
-    async def _xtrim(self, client: Any, **how: Any) -> int:
-        """XTRIM ~ in steps until nothing more goes. One XTRIM ~ drops at most
-        its LIMIT (Redis' default: 10,000), less than one trim interval's
-        ingest under load: trimming once per interval, the stream would keep
-        what was long finished (hundreds of MB after a flood)."""
-        total = 0
-        while total < TRIM_ROUND:
-            n = int(await client.xtrim(self.stream, approximate=True, limit=TRIM_STEP, **how))
-            if n == 0:
-                break
-            total += n
-        return total
+        pending = lag = 0
+        for stream in list(self.inboxes):
+            if stream not in self._grouped:
+                continue
+            groups = await client.xinfo_groups(stream)
+            mine = next((g for g in groups if text(g["name"]) == self.settings.group), None)
+            if mine is None:
+                continue
+            pending += int(mine.get("pending") or 0)
+            lag += int(mine.get("lag") or 0)
+            floor = text(mine["last-delivered-id"])
+            summary = await client.xpending(stream, self.settings.group)
+            if summary and summary.get("pending") and summary.get("min"):
+                floor = min(floor, text(summary["min"]), key=stream_id)
+            trimmed = await xtrim(client, stream, minid=floor)
+            length = int(await client.xlen(stream))
+            if length > self.settings.max_length:
+                self.bus_stats.over_max_length += 1
+                self.log.warning(
+                    "bus_stream_over_max_length",
+                    stream=stream,
+                    length=length,
+                    max_length=self.settings.max_length,
+                )
+                trimmed += await xtrim(client, stream, maxlen=self.settings.max_length)
+            self.bus_stats.trimmed += trimmed
+        self.bus_stats.pending, self.bus_stats.lag = pending, lag
 
     async def check(self) -> Health | None:
         health = await super().check()
         if health is None or health.status != "pass":
             return health
         st = self.bus_stats
-        detail = f"consumer {self.consumer}, pending {st.pending}, lag {st.lag}"
+        detail = (
+            f"consumer {self.consumer}, {len(self.inboxes)} inboxes, pending {st.pending}, "
+            f"lag {st.lag}"
+        )
+        if not self.registry.managed and self.registry.error:
+            return Health(
+                status="warn",
+                detail=f"{detail}; agents' Redis users not managed: {self.registry.error}",
+                observed_ms=health.observed_ms,
+            )
         return Health(status="pass", detail=detail, observed_ms=health.observed_ms)
 
     def snapshot(self) -> dict[str, Any]:
@@ -450,6 +581,9 @@ class Bus(RedisClientActor):
         st = self.bus_stats
         data["bus"] = {
             "consumer": self.consumer,
+            "inboxes": len(self.inboxes),
+            "sharedInbox": self.settings.shared_inbox,
+            "aclsManaged": self.registry.managed,
             "read": st.read,
             "acked": st.acked,
             "dead": st.dead,
@@ -469,30 +603,3 @@ async def _discard(task: asyncio.Task[Any] | None) -> None:
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
-
-
-def _dead_fields(
-    raw: bytes, reason: str, count: int, entry_id: str, path: str, consumer: str
-) -> dict[Any, Any]:
-    return {
-        "envelope": raw[:65_536],
-        "reason": reason[:1000],
-        "deliveries": count,
-        "entry": entry_id,
-        "path": path,
-        "consumer": consumer,
-        "at": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-    }
-
-
-def _lost_group(exc: BaseException) -> bool:
-    return isinstance(exc, ResponseError) and "NOGROUP" in str(exc)
-
-
-def _stream_id(value: str) -> tuple[int, int]:
-    ms, _, seq = value.partition("-")
-    return int(ms or 0), int(seq or 0)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -163,12 +163,31 @@ class PubSubSettings(_Section, frozen=True):
     max_message_bytes: PositiveInt = 65_536
     # WebSocket clients are pinged this often; one that does not answer is closed.
     ws_heartbeat: PositiveFloat = 30.0
+    # Channels outside the daemon's own (redis.prefix) that POST /publish, /ws
+    # and agents on Redis may use (names, or globs such as "user_*"); the
+    # rest of the Redis server's channels are not reachable through jarvisd.
+    channels: list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:@/*?-]{1,200}$")]] = (
+        msgspec.field(default_factory=lambda: ["user_activity"])
+    )
 
 
 class BusSettings(_Section, frozen=True):
-    # The agents' inbox: a stream (XADD) and a channel (PUBLISH) of this name.
-    # Unset: redis.prefix + "inbox" ("jarvis:inbox"), inside the daemon's key space.
-    stream: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] | None = None
+    # The shared inbox: a stream (XADD) and a channel (PUBLISH) of this name,
+    # read only with shared_inbox = true; each agent's own inbox is named
+    # after it (jarvisd agent add). Unset: redis.prefix + "inbox" ("jarvis:inbox").
+    stream: Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^{}]*$")] | None = (
+        None
+    )
+    # Read the shared inbox too: anyone who can write it on this Redis sends
+    # envelopes as "inbox" (no agent identity). For trusted writers only.
+    shared_inbox: bool = False
+    # Create and remove the agents' Redis ACL users (needs a Redis user that
+    # may run ACL SETUSER); false, or refused by Redis: the operator applies
+    # the ACL lines jarvisd agent add prints.
+    manage_acls: bool = True
+    # How often the list of agents is read again in any case; a change made
+    # through any daemon reaches every daemon at once (an internal channel).
+    agents_interval: PositiveFloat = 30.0
     group: Annotated[str, msgspec.Meta(min_length=1, max_length=200)] = "jarvisd"
     # An entry delivered this many times without being processed is dead-lettered.
     max_deliveries: PositiveInt = 5

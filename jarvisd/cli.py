@@ -212,11 +212,12 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(
         sub.add_parser("redis-url", help="print the URL of the daemon's Redis (for agents)")
     ).set_defaults(func=cmd_redis_url)
-    from jarvisd import cli_approvals, cli_data, cli_pubsub
+    from jarvisd import cli_agents, cli_approvals, cli_data, cli_pubsub
 
     cli_data.add_parsers(sub, with_config)
     cli_pubsub.add_parsers(sub, with_config)
     cli_approvals.add_parsers(sub, with_config)
+    cli_agents.add_parsers(sub, with_config)
     return parser
 
 

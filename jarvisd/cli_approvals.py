@@ -11,53 +11,23 @@ token's user, which is what the audit trail will name. Exit 0 on success,
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import sys
 import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
-
-from jarvisd.cli_common import client_session, daemon_endpoint, load, token_from
+from jarvisd.cli_common import call_daemon, run_call
 
 __all__ = ["add_parsers"]
 
 _COLUMNS = ("id", "status", "riskScore", "riskCategory", "action", "requesterId", "expiresAt")
 
 
-class Refused(Exception):
-    """The daemon answered with an error status."""
-
-
-async def _call(
-    args: argparse.Namespace, method: str, path: str, body: Any = None, timeout: float = 15
-) -> Any:
-    socket_path, base, headers = daemon_endpoint(load(args), token_from(args))
-    async with (
-        client_session(socket_path, timeout=aiohttp.ClientTimeout(total=timeout)) as s,
-        s.request(method, base + path, json=body, headers=headers) as resp,
-    ):
-        doc = await resp.json(content_type=None) if await resp.read() else None
-        if resp.status >= 400:
-            detail = doc.get("detail", doc.get("title")) if isinstance(doc, dict) else doc
-            raise Refused(f"{resp.status}: {detail}")
-        return doc
+_call = call_daemon
 
 
 def _run(name: str, work: Callable[[], Any]) -> int:
-    try:
-        return int(asyncio.run(work()))
-    except Refused as exc:
-        print(f"jarvisd approvals {name}: {exc}", file=sys.stderr)
-        return 1
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        print(
-            f"jarvisd approvals {name}: daemon unreachable ({type(exc).__name__}: {exc})",
-            file=sys.stderr,
-        )
-        return 1
+    return run_call(f"approvals {name}", work)
 
 
 def _table(items: list[dict[str, Any]]) -> str:

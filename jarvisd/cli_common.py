@@ -15,11 +15,14 @@ import asyncpg
 from config import LoadedConfig, load_settings
 
 __all__ = [
+    "Refused",
+    "call_daemon",
     "client_session",
     "daemon_endpoint",
     "database_dsn",
     "load",
     "redis_url",
+    "run_call",
     "tell_daemons",
     "token_from",
     "with_database",
@@ -130,3 +133,40 @@ def client_session(socket_path: str | None, **kwargs: Any) -> aiohttp.ClientSess
 def token_from(args: argparse.Namespace) -> str | None:
     """``--token``, else ``$JARVISD_TOKEN``, else None (the Unix socket)."""
     return getattr(args, "token", None) or os.environ.get("JARVISD_TOKEN") or None
+
+
+class Refused(Exception):
+    """The daemon answered with an error status."""
+
+
+async def call_daemon(
+    args: argparse.Namespace, method: str, path: str, body: Any = None, timeout: float = 15
+) -> Any:
+    """One call to the running daemon's API (its Unix socket as the local
+    admin, or its TCP port with ``--token``); the answer's JSON, or Refused."""
+    socket_path, base, headers = daemon_endpoint(load(args), token_from(args))
+    async with (
+        client_session(socket_path, timeout=aiohttp.ClientTimeout(total=timeout)) as s,
+        s.request(method, base + path, json=body, headers=headers) as resp,
+    ):
+        doc = await resp.json(content_type=None) if await resp.read() else None
+        if resp.status >= 400:
+            detail = doc.get("detail", doc.get("title")) if isinstance(doc, dict) else doc
+            raise Refused(f"{resp.status}: {detail}")
+        return doc
+
+
+def run_call(name: str, work: Any) -> int:
+    """Run ``work()`` (calls to the daemon); exit 1 with the reason when the
+    daemon refuses or cannot be reached."""
+    import asyncio
+    import sys
+
+    try:
+        return int(asyncio.run(work()))
+    except Refused as exc:
+        print(f"jarvisd {name}: {exc}", file=sys.stderr)
+        return 1
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        print(f"jarvisd {name}: daemon unreachable ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 1

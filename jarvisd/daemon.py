@@ -126,6 +126,7 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
         persistence=persistence,
         cache=cache,
         pubsub=pubsub,
+        pubsub_settings=settings.pubsub,
         health_interval=interval,
     )
     actors += [persistence, redis, cache, sessions, logins, pubsub, approvals, bus]

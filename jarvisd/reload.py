@@ -31,6 +31,9 @@ RESTART_KEYS: frozenset[str] = frozenset(
         "embedded.*",
         "bus.stream",
         "bus.group",
+        "bus.shared_inbox",  # which inboxes are read and who may write them
+        "bus.manage_acls",
+        "pubsub.channels",  # in every agent's Redis ACL
     }
 )
 

@@ -18,7 +18,15 @@ from config import LoadedConfig
 from tests.servers import SINGLE_AND_CLUSTER, Servers, listen, redis_url_for, subscribers
 from tests.test_http import Running, start_daemon
 
-BUS = {"claim_interval": 0.2, "claim_idle": 0.3, "block_ms": 100, "trim_interval": 0.5}
+# The bus's own mechanics are shown on the shared inbox (trusted writers);
+# agents on inboxes of their own: tests/test_agents.py.
+BUS = {
+    "claim_interval": 0.2,
+    "claim_idle": 0.3,
+    "block_ms": 100,
+    "trim_interval": 0.5,
+    "shared_inbox": True,
+}
 
 
 @pytest.fixture(params=SINGLE_AND_CLUSTER)

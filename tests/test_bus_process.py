@@ -48,6 +48,7 @@ def shared_env(pg_dsn: str, redis_url: str, prefix: str) -> dict[str, str]:
         "JARVISD_REDIS__URL": redis_url,
         "JARVISD_REDIS__PREFIX": prefix,
         "JARVISD_BUS__STREAM": f"{prefix}inbox",
+        "JARVISD_BUS__SHARED_INBOX": "true",
         "JARVISD_BUS__CLAIM_IDLE": "1",
         "JARVISD_BUS__CLAIM_INTERVAL": "0.3",
         "JARVISD_BUS__BLOCK_MS": "200",

@@ -65,6 +65,7 @@ WRITERS: dict[tuple[str, str], tuple[tuple[type, str], ...]] = {
         (env.CommandCancelledData, "reason"),
     ),
     ("approval_requests", "decider"): DERIVED,  # a user name (<= 64) or uid:N
+    ("agents", "secret_hash"): DERIVED,  # the SHA-256 of a password the daemon makes
 }
 
 

@@ -93,7 +93,13 @@ def running(make_config: Callable[..., LoadedConfig]) -> Iterator[tuple[LoopThre
     plain functions, which hand their work to that loop."""
     # A status report naming no command is retried (it may come before its
     # command): quick claims and two deliveries keep each batch short.
-    bus = {"block_ms": 50, "claim_idle": 0.2, "claim_interval": 0.1, "max_deliveries": 2}
+    bus = {
+        "block_ms": 50,
+        "claim_idle": 0.2,
+        "claim_interval": 0.1,
+        "max_deliveries": 2,
+        "shared_inbox": True,
+    }
     loaded = make_config(bus=bus)
     loop = LoopThread()
     runner = start_daemon(loaded)

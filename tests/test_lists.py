@@ -22,8 +22,9 @@ from tests.test_http import start_daemon
 async def pair(
     make_config: Callable[..., LoadedConfig], tmp_path: Path
 ) -> AsyncIterator[tuple[Api, Api]]:
-    first = make_config()
+    first = make_config(bus={"shared_inbox": True})
     second = make_config(
+        bus={"shared_inbox": True},
         daemon={"state_dir": str(tmp_path / "second")},
         http={"unix_socket": str(tmp_path / "second.sock")},
     )

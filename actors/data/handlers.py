@@ -163,6 +163,22 @@ class DataHandlers:
         async with self._pool().acquire() as conn:
             return await repo.principal_of(conn, msg.user_id, msg.via, msg.credentials_version)
 
+    # -- agents on Redis ---------------------------------------------------------------------------
+    @handles(m.CreateAgent)
+    async def _create_agent(self, msg: m.CreateAgent) -> Any:
+        async with self._pool().acquire() as conn:
+            return await repo.create_agent(conn, msg.name)
+
+    @handles(m.ListAgents)
+    async def _list_agents(self, _msg: m.ListAgents) -> Any:
+        async with self._pool().acquire() as conn:
+            return await repo.list_agents(conn)
+
+    @handles(m.RevokeAgent)
+    async def _revoke_agent(self, msg: m.RevokeAgent) -> Any:
+        async with self._pool().acquire() as conn:
+            return await repo.revoke_agent(conn, msg.name)
+
     @handles(m.EnsureAdmin)
     async def _ensure_admin(self, msg: m.EnsureAdmin) -> Any:
         async with self._pool().acquire() as conn, conn.transaction():

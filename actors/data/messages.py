@@ -183,3 +183,20 @@ class EnsureAdmin(_Msg, frozen=True):
     exists. Replies the TokenCreated, or None when an admin already exists."""
 
     username: str = "admin"
+
+
+class CreateAgent(_Msg, frozen=True):
+    """Give ``name`` Redis credentials (a new agent user, or a revoked one
+    again); replies (repo.Agent, password)."""
+
+    name: str
+
+
+class ListAgents(_Msg, frozen=True):
+    """Replies every agent (revoked ones too) as repo.Agent."""
+
+
+class RevokeAgent(_Msg, frozen=True):
+    """End an agent's Redis credentials; replies the repo.Agent."""
+
+    name: str

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from jarvisd.http import cache_api, commands, login, pubsub, sessions, users
+from jarvisd.http import agents, cache_api, commands, login, pubsub, sessions, users
 from jarvisd.http.common import RouteDoc
 
 __all__ = ["ROUTES", "add_routes"]
@@ -14,6 +14,7 @@ __all__ = ["ROUTES", "add_routes"]
 ROUTES: list[RouteDoc] = [
     *login.ROUTES,
     *users.ROUTES,
+    *agents.ROUTES,
     *commands.ROUTES,
     *cache_api.ROUTES,
     *sessions.ROUTES,

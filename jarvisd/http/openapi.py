@@ -68,6 +68,7 @@ _TEXT_PARAMS = {
     },
     "/cache/": {"type": "string", "minLength": 1, "maxLength": 1024, "pattern": "^[^/]+$"},
     "/sessions/": {"type": "string", "pattern": "^[A-Za-z0-9_-]{16,128}$"},
+    "/agents/{name}": {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$"},
 }
 # OpenAPI links: where an id a POST returns is used next (for clients and
 # for stateful testing).

@@ -1,16 +1,18 @@
 """``POST /publish`` and ``GET /ws`` (DESIGN §8): Redis pub/sub over HTTP.
 
-Publishing (admins and agents): any channel outside the daemon's own
-(``{prefix}…``), and the agents' inbox (``bus.stream``). The daemon's event
-channels are never writable here, so an event read from them is the daemon's.
+Publishing (admins and agents): the pass-through channels ``pubsub.channels``
+allows (``user_activity``), never the daemon's own (``{prefix}…``): an event
+read from them is the daemon's, and an envelope on an inbox is its agent's.
 
 Subscribing, over a WebSocket:
 
-| channels | admin, agent | approver | user |
-|---|---|---|---|
-| ``{prefix}events``, ``{prefix}commands``, ``{prefix}approvals`` | all events | all events | events about their own commands and requests |
-| the inbox, other channels, patterns | yes | - | - |
-| ``{prefix}internal:*`` | - | - | - |
+| channels | admin | agent | approver | user |
+|---|---|---|---|---|
+| ``{prefix}events``, ``{prefix}commands``, ``{prefix}approvals`` | all events | all events | all events | events about their own commands and requests |
+| ``pubsub.channels`` | yes | yes | - | - |
+| other ``{prefix}…`` channels (the inboxes) | yes | - | - | - |
+| patterns starting with ``{prefix}``, or listed in ``pubsub.channels`` | yes | yes | - | - |
+| ``{prefix}internal:*``, any other channel | - | - | - | - |
 
 A message matching a pattern on an internal channel is never delivered.
 The ops are JSON text frames (README, "WebSocket"). Each client has a bounded
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fnmatch
 import struct
 from typing import Annotated, Any, Literal
 
@@ -62,35 +65,62 @@ class Published(msgspec.Struct, frozen=True):
 
 # -- channel rules ------------------------------------------------------------------------
 class Rules:
-    """What a caller may publish and see, from the daemon's settings."""
+    """What a caller may publish and see, from the daemon's settings: the
+    daemon's event channels, and the pass-through channels ``pubsub.channels``
+    allows. Nothing else of the Redis server is reachable through jarvisd:
+    not the inboxes (agents write their own, on Redis), not the internal
+    channels, not another instance's channels."""
 
     def __init__(self, rt: Runtime) -> None:
         prefix = rt.settings.redis.prefix
         self.prefix = prefix
-        self.inbox = rt.settings.inbox
         self.internal = f"{prefix}internal:"
         self.event_channels = frozenset(f"{prefix}{k}" for k in ("events", "commands", "approvals"))
+        self.allowlist = tuple(rt.settings.pubsub.channels)
+        # A pattern that starts with the prefix matches only the daemon's
+        # channels, unless the prefix itself holds glob characters.
+        self.literal_prefix = not any(ch in prefix for ch in "*?[]\\")
+
+    def allowed(self, channel: str) -> bool:
+        return not channel.startswith(self.prefix) and any(
+            fnmatch.fnmatchcase(channel, glob) for glob in self.allowlist
+        )
 
     def may_publish(self, who: Principal, channel: str) -> bool:
-        if who.role not in ("admin", "agent"):
-            return False
-        return channel == self.inbox or not channel.startswith(self.prefix)
+        return who.role in ("admin", "agent") and self.allowed(channel)
 
     def may_subscribe(self, who: Principal, channel: str) -> bool:
         if channel.startswith(self.internal):
             return False
         if channel in self.event_channels:
             return True
-        return who.role in ("admin", "agent")
+        if who.role not in ("admin", "agent"):
+            return False
+        if channel.startswith(self.prefix):
+            return who.role == "admin"  # the inboxes, as they pass
+        return self.allowed(channel)
+
+    def may_pattern(self, who: Principal, pattern: str) -> bool:
+        if who.role not in ("admin", "agent"):
+            return False
+        return (self.literal_prefix and pattern.startswith(self.prefix)) or (
+            pattern in self.allowlist
+        )
 
     def may_see(self, who: Principal, item: Delivery) -> bool:
         channel = item.channel
         if channel.startswith(self.internal):
             return False
-        if who.role != "user":
+        if who.role == "user":
+            # A user sees the daemon's events about themselves, nothing else.
+            return channel in self.event_channels and _user_of(item.data) == who.user_id
+        if channel in self.event_channels:
             return True
-        # A user sees the daemon's events about themselves, nothing else.
-        return channel in self.event_channels and _user_of(item.data) == who.user_id
+        if who.role not in ("admin", "agent"):
+            return False
+        if channel.startswith(self.prefix):
+            return who.role == "admin"
+        return self.allowed(channel)
 
 
 class _UserOf(msgspec.Struct, rename="camel"):
@@ -115,7 +145,9 @@ async def publish(request: web.Request, who: Principal) -> web.Response:
     b = await body(request, PublishBody)
     if not Rules(rt).may_publish(who, b.channel):
         raise forbidden(
-            "admins and agents publish; the daemon's own channels are not writable"
+            f"admins and agents publish on the channels pubsub.channels allows "
+            f"({', '.join(rt.settings.pubsub.channels) or 'none'}); commands go to "
+            "POST /commands, and an agent's envelopes to its own inbox on Redis"
             if who.role in ("admin", "agent")
             else f"the {who.role} role may not publish"
         )
@@ -369,8 +401,7 @@ class _Session:
         channels, patterns = tuple(dict.fromkeys(op.channels)), tuple(dict.fromkeys(op.patterns))
         if op.op == "subscribe":
             refused = [c for c in channels if not self.rules.may_subscribe(self.who, c)]
-            if patterns and self.who.role not in ("admin", "agent"):
-                refused += list(patterns)
+            refused += [p for p in patterns if not self.rules.may_pattern(self.who, p)]
             if refused:
                 await self._send(
                     {"type": "error", "op": "subscribe", "error": "not allowed", "refused": refused}

@@ -4,6 +4,7 @@ RETURNING`` with its audit event in the same transaction: a repeated event is
 a no-op, a conflicting one raises Conflict, nothing is applied twice.
 """
 
+from actors.data.repo.agents import Agent, create_agent, list_agents, revoke_agent
 from actors.data.repo.approvals import (
     APPROVALS,
     create_approval,
@@ -52,6 +53,7 @@ __all__ = [
     "APPROVALS",
     "COMMANDS",
     "USERS",
+    "Agent",
     "Conflict",
     "Expired",
     "Forbidden",
@@ -60,6 +62,7 @@ __all__ = [
     "NotFound",
     "authenticate_token",
     "command_id_of",
+    "create_agent",
     "create_approval",
     "create_command",
     "create_token",
@@ -74,6 +77,7 @@ __all__ = [
     "has_admin",
     "ingest_commands",
     "init_connection",
+    "list_agents",
     "list_approvals",
     "list_commands",
     "list_tokens",
@@ -81,6 +85,7 @@ __all__ = [
     "password_hash_of",
     "principal_of",
     "record_login",
+    "revoke_agent",
     "revoke_token",
     "update_command_status",
     "update_user",

@@ -1,0 +1,189 @@
+"""The bus's inboxes and the agents' Redis users (DESIGN §5, "Trust").
+
+The list of agents lives in PostgreSQL (``agents``); this keeps Redis in
+step with it: one inbox stream (and channel) per agent, read by the one
+consumer group, and, where the daemon's Redis user may (``bus.manage_acls``),
+one ACL user per agent allowed only what ``actors.agents.acl_rules`` says.
+ACLs live in Redis' memory: they are applied again after any Redis error (a
+restarted server has forgotten them) and every minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
+
+from actors.agents import acl_rules, acl_user, agent_inbox, agent_replies, without_credentials
+from actors.bus_routes import SHARED, Sender
+from actors.data.messages import ListAgents
+from actors.kernel import Actor
+
+__all__ = ["AclState", "ApplyAgents", "Inbox", "Registry", "agents_channel"]
+
+# Applied again this often even when nothing changed (a Redis restart forgets ACLs).
+REAPPLY = 60.0
+
+
+def agents_channel(prefix: str) -> str:
+    return f"{prefix}internal:agents"
+
+
+@dataclass
+class Inbox:
+    """One stream the bus reads (and the channel of the same name)."""
+
+    stream: str
+    sender: Sender
+    replies: str | None = None  # where refusals are told (agents only)
+    claim_cursor: str = "0-0"
+
+
+class ApplyAgents(msgspec.Struct, frozen=True):
+    """Read the agents again and apply them to Redis now; replies AclState."""
+
+
+class AclState(msgspec.Struct, frozen=True, rename="camel"):
+    """Whether the daemon manages the agents' Redis users, and if not why;
+    the daemon's Redis without its credentials (for the agents' URLs)."""
+
+    managed: bool
+    error: str
+    redis_url: str
+
+
+@dataclass
+class Registry:
+    """The inboxes to read: the shared one (if enabled) and every agent's."""
+
+    prefix: str
+    inbox: str  # the shared inbox's name, the base of every agent's
+    persistence: Actor
+    shared: bool
+    manage: bool
+    channels: list[str]
+    url: str
+    log: Any
+    inboxes: dict[str, Inbox] = field(default_factory=dict)
+    managed: bool = True
+    error: str = ""
+    applied: dict[str, list[str]] = field(default_factory=dict)  # ACL user -> rules
+    deleted: set[str] = field(default_factory=set)  # revoked ACL users removed
+    setinfo: bool = True  # Redis 7.0 has no CLIENT SETINFO to allow
+    next_full: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        if self.shared:
+            self.inboxes[self.inbox] = Inbox(self.inbox, SHARED)
+
+    def state(self) -> AclState:
+        return AclState(self.managed, self.error, without_credentials(self.url))
+
+    def forget_applied(self) -> None:
+        """Redis failed: what it holds is no longer known."""
+        self.applied.clear()
+        self.deleted.clear()
+
+    async def refresh(self, client: Any) -> tuple[list[str], list[str]]:
+        """Read the agents, apply their ACL users, and update the inboxes;
+        returns the streams added and removed. A database that does not
+        answer keeps the inboxes as they are."""
+        async with self.lock:
+            try:
+                agents = await self.persistence.ask(ListAgents(), timeout=10)
+            except Exception as exc:
+                self.log.debug("bus_agents_not_read", error=repr(exc))
+                return [], []
+            await self._apply(client, agents)
+            wanted: dict[str, Inbox] = {}
+            if self.shared:
+                wanted[self.inbox] = self.inboxes.get(self.inbox) or Inbox(self.inbox, SHARED)
+            for agent in agents:
+                # A revoked agent's inbox is still read: what it sent before is handled.
+                stream = agent_inbox(self.inbox, agent.name)
+                wanted[stream] = self.inboxes.get(stream) or Inbox(
+                    stream,
+                    Sender(f"agent:{agent.name}", agent.user_id),
+                    agent_replies(self.inbox, agent.name),
+                )
+            added = [s for s in wanted if s not in self.inboxes]
+            removed = [s for s in self.inboxes if s not in wanted]
+            self.inboxes = wanted
+            return added, removed
+
+    # -- ACL users ------------------------------------------------------------------------
+    async def _apply(self, client: Any, agents: list[Any]) -> None:
+        if not self.manage:
+            self.managed, self.error = False, "bus.manage_acls is false"
+            return
+        now = time.monotonic()
+        if now >= self.next_full:
+            self.forget_applied()
+            self.next_full = now + REAPPLY
+        changed = False
+        try:
+            for agent in agents:
+                user = acl_user(self.prefix, agent.name)
+                if agent.revoked_at is not None:
+                    if user not in self.deleted:
+                        # Its connections go with it (Redis disconnects them).
+                        await self._acl(client, "DELUSER", user)
+                        self.applied.pop(user, None)
+                        self.deleted.add(user)
+                        changed = True
+                    continue
+                self.deleted.discard(user)
+                rules = self._rules(agent)
+                if self.applied.get(user) != rules:
+                    await self._setuser(client, user, agent)
+                    changed = True
+            if changed:
+                await self._save(client)
+        except ResponseError as exc:
+            text = str(exc)
+            if "NOPERM" in text or "unknown command" in text.lower():
+                if self.managed:
+                    self.log.error("bus_acls_not_managed", error=text)
+                self.managed, self.error = False, f"Redis refused ACL changes: {text}"
+                return
+            raise
+        self.managed, self.error = True, ""
+
+    def _rules(self, agent: Any) -> list[str]:
+        return acl_rules(
+            prefix=self.prefix,
+            inbox=self.inbox,
+            name=agent.name,
+            secret_hash=agent.secret_hash,
+            channels=self.channels,
+            setinfo=self.setinfo,
+        )
+
+    async def _setuser(self, client: Any, user: str, agent: Any) -> None:
+        try:
+            await self._acl(client, "SETUSER", user, *self._rules(agent))
+        except ResponseError as exc:
+            if not self.setinfo or "setinfo" not in str(exc).lower():
+                raise
+            self.setinfo = False  # a server before CLIENT SETINFO: allow what it has
+            await self._acl(client, "SETUSER", user, *self._rules(agent))
+        self.applied[user] = self._rules(agent)
+
+    async def _acl(self, client: Any, *args: str) -> Any:
+        if isinstance(client, RedisCluster):  # ACLs are per node, replicas too
+            return await client.execute_command("ACL", *args, target_nodes=RedisCluster.ALL_NODES)
+        return await client.execute_command("ACL", *args)
+
+    async def _save(self, client: Any) -> None:
+        """Write the ACL file, where the server has one (the embedded Valkey)."""
+        try:
+            await self._acl(client, "SAVE")
+        except ResponseError as exc:
+            if "ACL file" not in str(exc) and "aclfile" not in str(exc).lower():
+                self.log.warning("bus_acl_save_failed", error=str(exc))
