@@ -68,6 +68,7 @@ class BusStats:
     trimmed: int = 0
     over_max_length: int = 0
     outages: int = 0
+    untold: int = 0  # refusals that could not be told on an agent's replies channel
     pending: int | None = None
     lag: int | None = None
     last_error: str = ""
@@ -420,6 +421,7 @@ class Bus(RedisClientActor):
                 await pipe.execute()
         self.bus_stats.acked += len(acked)
         self._count_dead(dead)
+        await self._tell_refused(dead, "stream")
 
     def _count_dead(self, dead: list[Dead]) -> None:
         self.bus_stats.dead += len(dead)
@@ -440,9 +442,30 @@ class Bus(RedisClientActor):
                 maxlen=self.settings.dead_max_length,
                 approximate=True,
             )
-            inbox = self.inboxes.get(d.stream)
-            if inbox is not None and inbox.replies is not None:
-                pipe.publish(inbox.replies, refusal(d, path))
+
+    async def _tell_refused(self, dead: list[Dead], path: str) -> None:
+        """Tell each agent why its envelopes were refused, on its replies
+        channel. A notification: the dead letter is the record; one that
+        cannot be told is counted, never retried."""
+        told = [
+            (inbox.replies, refusal(d, path))
+            for d in dead
+            if (inbox := self.inboxes.get(d.stream)) is not None and inbox.replies is not None
+        ]
+        if not told:
+            return
+        try:
+            if self.cluster:  # a cluster pipeline cannot route PUBLISH (no key)
+                for channel, message in told:
+                    await self._client().publish(channel, message)
+            else:
+                async with self._client().pipeline(transaction=False) as pipe:
+                    for channel, message in told:
+                        pipe.publish(channel, message)
+                    await pipe.execute()
+        except REDIS_FAILURES as exc:
+            self.bus_stats.untold += len(told)
+            self.log.warning("bus_refusals_not_told", count=len(told), error=repr(exc))
 
     # -- the fire-and-forget path --------------------------------------------------------------
     def _new_subscriber(self) -> Subscriber:
@@ -526,6 +549,7 @@ class Bus(RedisClientActor):
             except REDIS_FAILURES as exc:
                 self.log.warning("bus_dead_letter_failed", count=len(dead), error=repr(exc))
             self._count_dead(dead)
+            await self._tell_refused(dead, "publish")
 
     # -- trimming and health -------------------------------------------------------------------
     async def _trim(self) -> None:
@@ -593,6 +617,7 @@ class Bus(RedisClientActor):
             "trimmed": st.trimmed,
             "overMaxLength": st.over_max_length,
             "outages": st.outages,
+            "untold": st.untold,
             "pending": st.pending,
             "lag": st.lag,
         }

@@ -50,11 +50,13 @@ class ApplyAgents(msgspec.Struct, frozen=True):
 
 class AclState(msgspec.Struct, frozen=True, rename="camel"):
     """Whether the daemon manages the agents' Redis users, and if not why;
-    the daemon's Redis without its credentials (for the agents' URLs)."""
+    the daemon's Redis without its credentials (for the agents' URLs);
+    whether the server knows CLIENT SETINFO (the rules allow it where it does)."""
 
     managed: bool
     error: str
     redis_url: str
+    setinfo: bool = True
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Registry:
     applied: dict[str, list[str]] = field(default_factory=dict)  # ACL user -> rules
     deleted: set[str] = field(default_factory=set)  # revoked ACL users removed
     setinfo: bool = True  # Redis 7.0 has no CLIENT SETINFO to allow
+    probed: bool = False
     next_full: float = 0.0
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -83,7 +86,7 @@ class Registry:
             self.inboxes[self.inbox] = Inbox(self.inbox, SHARED)
 
     def state(self) -> AclState:
-        return AclState(self.managed, self.error, without_credentials(self.url))
+        return AclState(self.managed, self.error, without_credentials(self.url), self.setinfo)
 
     def forget_applied(self) -> None:
         """Redis failed: what it holds is no longer known."""
@@ -100,6 +103,9 @@ class Registry:
             except Exception as exc:
                 self.log.debug("bus_agents_not_read", error=repr(exc))
                 return [], []
+            if not self.probed:
+                self.setinfo = _version(await client.info("server")) >= (7, 2)
+                self.probed = True
             await self._apply(client, agents)
             wanted: dict[str, Inbox] = {}
             if self.shared:
@@ -126,6 +132,10 @@ class Registry:
         if now >= self.next_full:
             self.forget_applied()
             self.next_full = now + REAPPLY
+        if not self.applied and isinstance(client, RedisCluster):
+            # Applying to every node: ask the cluster which nodes there are now
+            # (replicas that joined, a replica promoted).
+            await client.nodes_manager.initialize()
         changed = False
         try:
             for agent in agents:
@@ -177,7 +187,8 @@ class Registry:
 
     async def _acl(self, client: Any, *args: str) -> Any:
         if isinstance(client, RedisCluster):  # ACLs are per node, replicas too
-            return await client.execute_command("ACL", *args, target_nodes=RedisCluster.ALL_NODES)
+            # (Named one by one: redis-py cannot route "ACL …" to a node flag.)
+            return await client.execute_command("ACL", *args, target_nodes=client.get_nodes())
         return await client.execute_command("ACL", *args)
 
     async def _save(self, client: Any) -> None:
@@ -187,3 +198,14 @@ class Registry:
         except ResponseError as exc:
             if "ACL file" not in str(exc) and "aclfile" not in str(exc).lower():
                 self.log.warning("bus_acl_save_failed", error=str(exc))
+
+
+def _version(info: Any) -> tuple[int, ...]:
+    """The server's version from INFO (7.2 brought CLIENT SETINFO; a cluster
+    client may answer per node)."""
+    if "redis_version" not in info and info:
+        info = next(iter(info.values()))
+    try:
+        return tuple(int(p) for p in str(info.get("redis_version", "0")).split(".")[:2])
+    except ValueError:
+        return (0,)

@@ -175,9 +175,9 @@ class BusSettings(_Section, frozen=True):
     # The shared inbox: a stream (XADD) and a channel (PUBLISH) of this name,
     # read only with shared_inbox = true; each agent's own inbox is named
     # after it (jarvisd agent add). Unset: redis.prefix + "inbox" ("jarvis:inbox").
-    stream: Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^{}]*$")] | None = (
-        None
-    )
+    stream: (
+        Annotated[str, msgspec.Meta(min_length=1, max_length=200, pattern=r"^[^{}]*$")] | None
+    ) = None
     # Read the shared inbox too: anyone who can write it on this Redis sends
     # envelopes as "inbox" (no agent identity). For trusted writers only.
     shared_inbox: bool = False

@@ -14,7 +14,13 @@ import pytest
 from actors.redis_link import RedisClient, connect_redis
 from config import LoadedConfig, Settings
 from tests.cluster import LocalCluster
-from tests.servers import DatabaseFactory, Servers, make_state_dir, unlink_prefix
+from tests.servers import (
+    DatabaseFactory,
+    Servers,
+    delete_acl_users,
+    make_state_dir,
+    unlink_prefix,
+)
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +83,7 @@ async def redis_prefix(redis_url: str) -> AsyncIterator[str]:
     prefix = f"jt:{uuid.uuid4().hex[:10]}:"
     yield prefix
     await unlink_prefix(redis_url, prefix)
+    await delete_acl_users(redis_url, prefix)
 
 
 @pytest.fixture

@@ -231,3 +231,26 @@ async def unlink_prefix(url: str, prefix: str) -> int:
     finally:
         await client.aclose()
     return removed
+
+
+async def delete_acl_users(url: str, prefix: str) -> int:
+    """Delete the Redis ACL users named under ``prefix`` (the agents a test's
+    daemon made), on every node of a cluster."""
+    client = connect_redis(url, name="jarvisd-test")
+    removed = 0
+    try:
+        if isinstance(client, RedisCluster):
+            await client.initialize()
+            nodes = client.get_nodes()
+        else:
+            nodes = [None]
+        for node in nodes:
+            kwargs: dict[str, Any] = {} if node is None else {"target_nodes": node}
+            users: Any = await client.execute_command("ACL", "USERS", **kwargs)
+            names = [u.decode() if isinstance(u, bytes) else str(u) for u in users]
+            mine = [u for u in names if u.startswith(prefix)]
+            if mine:
+                removed += int(await client.execute_command("ACL", "DELUSER", *mine, **kwargs))
+    finally:
+        await client.aclose()
+    return removed

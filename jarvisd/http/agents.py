@@ -90,6 +90,7 @@ async def create_agent(request: web.Request, _who: Principal) -> web.Response:
             name=agent.name,
             secret_hash=agent.secret_hash,
             channels=list(s.pubsub.channels),
+            setinfo=state.setinfo,
         )
         lines = acl_lines(user, rules)
     created = AgentCreated(
