@@ -98,9 +98,10 @@ class RedisSettings(_Section, frozen=True):
 
 class EmbeddedSettings(_Section, frozen=True):
     enabled: bool = False
-    # PostgreSQL refuses to run as root; when jarvisd runs as root its
-    # embedded PostgreSQL runs as this unprivileged user instead.
-    postgres_user: str = "nobody"
+    # PostgreSQL refuses to run as root; when jarvisd runs as root both
+    # embedded servers run as this system account of their own instead
+    # (created when missing; never a shared account such as nobody).
+    postgres_user: str = "jarvisd-embedded"
     # Override binary discovery (a directory holding initdb/postgres/pg_ctl,
     # and the valkey-server or redis-server executable).
     postgres_bin_dir: str | None = None

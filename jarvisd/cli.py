@@ -140,6 +140,7 @@ def cmd_redis_cli(args: argparse.Namespace) -> int:  # noqa: RET503 - execv does
     """valkey-cli (or redis-cli) on the daemon's Redis: the embedded server's
     socket, or the configured URL."""
     import os
+    from urllib.parse import unquote, urlsplit
 
     from actors.embedded.binaries import find_valkey_cli
     from actors.redis_link import cluster_seeds, is_cluster
@@ -153,7 +154,11 @@ def cmd_redis_cli(args: argparse.Namespace) -> int:  # noqa: RET503 - execv does
     if is_cluster(url, loaded.settings.redis):  # -c: follow the cluster's redirections
         where = ["-c", "-u", cluster_seeds(url)[0] if "+cluster" in url else url]
     elif url.startswith("unix://"):
-        where = ["-s", url.removeprefix("unix://")]
+        parts = urlsplit(url)
+        where = ["-s", parts.path]
+        if parts.username:
+            where += ["--user", unquote(parts.username), "--pass", unquote(parts.password or "")]
+            where.append("--no-auth-warning")
     else:
         where = ["-u", url]
     argv = [str(binary), *where, *args.args]
@@ -161,9 +166,16 @@ def cmd_redis_cli(args: argparse.Namespace) -> int:  # noqa: RET503 - execv does
 
 
 def cmd_redis_url(args: argparse.Namespace) -> int:
-    """The URL agents use to reach the daemon's Redis: the embedded server's
-    Unix socket, or redis.url as configured (with its password, if any)."""
-    print(redis_url(load(args)))
+    """Where the daemon's Redis is (the embedded server's Unix socket, or
+    redis.url), without the daemon's own credentials: agents get URLs of
+    their own from ``jarvisd agent add``."""
+    from actors.agents import without_credentials
+
+    print(without_credentials(redis_url(load(args))))
+    print(
+        "agents: 'jarvisd agent add NAME' gives each agent a Redis URL with credentials of its own",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -210,7 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("args", nargs=argparse.REMAINDER, help="the command, e.g. XLEN jarvis:inbox")
     rc.set_defaults(func=cmd_redis_cli)
     with_config(
-        sub.add_parser("redis-url", help="print the URL of the daemon's Redis (for agents)")
+        sub.add_parser(
+            "redis-url",
+            help="print where the daemon's Redis is (no credentials; agents: jarvisd agent add)",
+        )
     ).set_defaults(func=cmd_redis_url)
     from jarvisd import cli_agents, cli_approvals, cli_data, cli_pubsub
 

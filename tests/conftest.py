@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import socket
+import subprocess
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -11,6 +13,7 @@ from typing import Any
 import msgspec
 import pytest
 
+from actors.embedded import EMBEDDED_ACCOUNT
 from actors.redis_link import RedisClient, connect_redis
 from config import LoadedConfig, Settings
 from tests.cluster import LocalCluster
@@ -21,6 +24,29 @@ from tests.servers import (
     make_state_dir,
     unlink_prefix,
 )
+
+_ACCOUNT_BEFORE: list[bool] = []
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Whether the embedded servers' system account existed before the suite
+    (as root, the suite makes it as the daemon would)."""
+    try:
+        pwd.getpwnam(EMBEDDED_ACCOUNT)
+        _ACCOUNT_BEFORE.append(True)
+    except KeyError:
+        _ACCOUNT_BEFORE.append(False)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Remove the system account if the suite made it: it leaves nothing behind."""
+    if os.geteuid() != 0 or not _ACCOUNT_BEFORE or _ACCOUNT_BEFORE[0]:
+        return
+    try:
+        pwd.getpwnam(EMBEDDED_ACCOUNT)
+    except KeyError:
+        return
+    subprocess.run(["userdel", EMBEDDED_ACCOUNT], check=False, capture_output=True)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,13 @@ from pathlib import Path
 import asyncpg
 
 from actors.embedded.binaries import find_postgres_bin_dir
-from actors.embedded.child import RunAs, ensure_reachable, make_private_dir, reachable_install
+from actors.embedded.child import (
+    EMBEDDED_ACCOUNT,
+    RunAs,
+    ensure_reachable,
+    make_private_dir,
+    reachable_install,
+)
 from actors.embedded.postgres import install_layout
 from tests.cluster import _pdeathsig, free_cluster_ports, stop_all
 from tests.servers import make_state_dir
@@ -44,7 +50,7 @@ class PgPair:
 
     @classmethod
     def start(cls) -> PgPair:
-        run_as = RunAs.resolve("nobody")
+        run_as = RunAs.resolve(EMBEDDED_ACCOUNT)
         found = find_postgres_bin_dir()
         bin_dir = reachable_install(found / "postgres", run_as, **install_layout(found)).parent
         ensure_reachable(bin_dir / "postgres", run_as)

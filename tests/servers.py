@@ -26,7 +26,7 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 
 from actors import migrate as migrations
-from actors.embedded import EmbeddedPostgres, EmbeddedValkey, RunAs
+from actors.embedded import EMBEDDED_ACCOUNT, EmbeddedPostgres, EmbeddedValkey, RunAs
 from actors.redis_link import RedisClient, connect_redis
 
 T = TypeVar("T")
@@ -98,7 +98,7 @@ class Servers:
         loop = LoopThread()
         state_dir = make_state_dir()
         servers = cls(pg_dsn, redis_url, embedded=True, state_dir=state_dir, loop=loop)
-        run_as = RunAs.resolve("nobody")
+        run_as = RunAs.resolve(EMBEDDED_ACCOUNT)
         if need_pg:
             pg = EmbeddedPostgres(state_dir, run_as=run_as, server_options=FAST_PG)
             loop.run(pg.start())

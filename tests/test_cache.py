@@ -29,7 +29,7 @@ from actors.cache import (
     CacheTtl,
     CacheUnavailable,
 )
-from actors.embedded import EmbeddedValkey, RunAs
+from actors.embedded import EMBEDDED_ACCOUNT, EmbeddedValkey, RunAs
 from config import CacheSettings, RedisSettings
 from tests.servers import SINGLE_AND_CLUSTER, redis_url_for, until_gone
 
@@ -328,7 +328,7 @@ async def test_a_full_mailbox_rejects_instead_of_growing(redis_url: str, redis_p
 async def test_a_restarted_redis_means_misses_then_recovery_without_restarting_the_actor(
     state_dir: Path,
 ) -> None:
-    vk = EmbeddedValkey(state_dir, run_as=RunAs.resolve("nobody"))
+    vk = EmbeddedValkey(state_dir, run_as=RunAs.resolve(EMBEDDED_ACCOUNT))
     await vk.start()
     cache = Cache(
         RedisSettings(prefix="jt:", connect_timeout=0.5),

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from actors import ActorState, FatalActorError, Supervisor
 from actors.embedded import (
+    EMBEDDED_ACCOUNT,
     EmbeddedPostgres,
     EmbeddedValkey,
     RunAs,
@@ -48,7 +49,7 @@ async def wait_until(predicate, timeout: float = 30.0) -> None:  # type: ignore[
 async def test_postgres_starts_unprivileged_on_a_socket_only_and_stops_cleanly(
     state_dir: Path,
 ) -> None:
-    pg = EmbeddedPostgres(state_dir, run_as=RunAs.resolve("nobody"), server_options=FAST_PG)
+    pg = EmbeddedPostgres(state_dir, run_as=RunAs.resolve(EMBEDDED_ACCOUNT), server_options=FAST_PG)
     await pg.start()
     assert pg.proc is not None
     pid = pg.proc.pid
@@ -61,7 +62,7 @@ async def test_postgres_starts_unprivileged_on_a_socket_only_and_stops_cleanly(
     assert listen == ""  # no TCP port: no clash with a host PostgreSQL
     assert user == "jarvisd"
     if os.geteuid() == 0:
-        assert os.stat(f"/proc/{pid}").st_uid == RunAs.resolve("nobody").uid
+        assert os.stat(f"/proc/{pid}").st_uid == RunAs.resolve(EMBEDDED_ACCOUNT).uid
     await pg.stop()
     assert gone(pid)
     assert not (pg.data_dir / "postmaster.pid").exists()
@@ -70,7 +71,7 @@ async def test_postgres_starts_unprivileged_on_a_socket_only_and_stops_cleanly(
 async def test_a_killed_postgres_is_restarted_by_the_supervisor_and_keeps_its_data(
     state_dir: Path,
 ) -> None:
-    pg = EmbeddedPostgres(state_dir, run_as=RunAs.resolve("nobody"))
+    pg = EmbeddedPostgres(state_dir, run_as=RunAs.resolve(EMBEDDED_ACCOUNT))
     sup = Supervisor([pg], FAST)
     await sup.start()
     try:
@@ -94,11 +95,15 @@ async def test_a_killed_postgres_is_restarted_by_the_supervisor_and_keeps_its_da
 async def test_an_orphaned_postgres_from_a_killed_daemon_is_stopped_before_starting(
     state_dir: Path,
 ) -> None:
-    first = EmbeddedPostgres(state_dir, run_as=RunAs.resolve("nobody"), server_options=FAST_PG)
+    first = EmbeddedPostgres(
+        state_dir, run_as=RunAs.resolve(EMBEDDED_ACCOUNT), server_options=FAST_PG
+    )
     await first.start()
     assert first.proc is not None
     orphan = first.proc.pid
-    second = EmbeddedPostgres(state_dir, run_as=RunAs.resolve("nobody"), server_options=FAST_PG)
+    second = EmbeddedPostgres(
+        state_dir, run_as=RunAs.resolve(EMBEDDED_ACCOUNT), server_options=FAST_PG
+    )
     try:
         await second.start()
         assert second.proc is not None
@@ -114,7 +119,7 @@ async def test_an_orphaned_postgres_from_a_killed_daemon_is_stopped_before_start
 async def test_valkey_starts_on_a_socket_persists_with_aof_and_stops_cleanly(
     state_dir: Path,
 ) -> None:
-    vk = EmbeddedValkey(state_dir, run_as=RunAs.resolve("nobody"))
+    vk = EmbeddedValkey(state_dir, run_as=RunAs.resolve(EMBEDDED_ACCOUNT))
     await vk.start()
     assert vk.proc is not None
     pid = vk.proc.pid
@@ -125,7 +130,7 @@ async def test_valkey_starts_on_a_socket_persists_with_aof_and_stops_cleanly(
     assert port == "0"  # no TCP port
     await vk.stop()
     assert gone(pid)
-    again = EmbeddedValkey(state_dir, run_as=RunAs.resolve("nobody"))
+    again = EmbeddedValkey(state_dir, run_as=RunAs.resolve(EMBEDDED_ACCOUNT))
     await again.start()
     client = aioredis.Redis.from_url(again.url)
     try:
@@ -136,7 +141,7 @@ async def test_valkey_starts_on_a_socket_persists_with_aof_and_stops_cleanly(
 
 
 async def test_a_killed_valkey_is_restarted_by_the_supervisor(state_dir: Path) -> None:
-    vk = EmbeddedValkey(state_dir, run_as=RunAs.resolve("nobody"))
+    vk = EmbeddedValkey(state_dir, run_as=RunAs.resolve(EMBEDDED_ACCOUNT))
     sup = Supervisor([vk], FAST)
     await sup.start()
     try:
@@ -158,8 +163,8 @@ async def test_a_deep_state_directory_gets_a_short_socket_directory(state_dir: P
         p.chmod(0o755)
     sock_dir = runtime_dir(deep)
     assert str(sock_dir).startswith("/tmp/jarvisd-")
-    vk = EmbeddedValkey(deep, run_as=RunAs.resolve("nobody"), appendonly=False)
-    pg = EmbeddedPostgres(deep, run_as=RunAs.resolve("nobody"), server_options=FAST_PG)
+    vk = EmbeddedValkey(deep, run_as=RunAs.resolve(EMBEDDED_ACCOUNT), appendonly=False)
+    pg = EmbeddedPostgres(deep, run_as=RunAs.resolve(EMBEDDED_ACCOUNT), server_options=FAST_PG)
     try:
         await vk.start()
         await pg.start()
@@ -173,13 +178,13 @@ async def test_a_deep_state_directory_gets_a_short_socket_directory(state_dir: P
 
 async def test_missing_binaries_are_a_fatal_error_that_says_how_to_install(state_dir: Path) -> None:
     pg = EmbeddedPostgres(
-        state_dir, run_as=RunAs.resolve("nobody"), bin_dir=str(state_dir / "nowhere")
+        state_dir, run_as=RunAs.resolve(EMBEDDED_ACCOUNT), bin_dir=str(state_dir / "nowhere")
     )
     with pytest.raises(FatalActorError, match="lacks one of initdb"):
         await pg.start()
     await pg.stop()
     vk = EmbeddedValkey(
-        state_dir, run_as=RunAs.resolve("nobody"), binary=str(state_dir / "valkey-server")
+        state_dir, run_as=RunAs.resolve(EMBEDDED_ACCOUNT), binary=str(state_dir / "valkey-server")
     )
     with pytest.raises(FatalActorError, match="not an executable"):
         await vk.start()
@@ -200,7 +205,7 @@ async def test_a_state_directory_the_server_user_cannot_reach_gets_a_reachable_h
     locked = state_dir / "locked"
     locked.mkdir(mode=0o700)
     inner = locked / "instance"
-    run_as = RunAs.resolve("nobody")
+    run_as = RunAs.resolve(EMBEDDED_ACCOUNT)
     home = embedded_home(inner, run_as)
     assert home != inner
     pg = EmbeddedPostgres(inner, run_as=run_as, server_options=FAST_PG)
@@ -234,7 +239,7 @@ async def test_binaries_the_server_user_cannot_reach_are_run_from_a_root_owned_c
             ignore=shutil.ignore_patterns("include"),
         )
     bin_dir = locked / found.resolve().relative_to(layout["anchor"])
-    run_as = RunAs.resolve("nobody")
+    run_as = RunAs.resolve(EMBEDDED_ACCOUNT)
     stale = SHARED_BIN_ROOT / "postgres-stale-test"
     stale.mkdir(parents=True, exist_ok=True)
     (stale / ".source").write_text(str(state_dir / "a-checkout-deleted-long-ago"))
@@ -270,12 +275,12 @@ def test_an_unreachable_path_is_named_in_a_fatal_error(state_dir: Path) -> None:
     locked = state_dir / "locked"
     locked.mkdir(mode=0o700)
     with pytest.raises(FatalActorError, match="locked is not searchable"):
-        ensure_reachable(locked / "x", RunAs.resolve("nobody"))
+        ensure_reachable(locked / "x", RunAs.resolve(EMBEDDED_ACCOUNT))
 
 
 def test_root_is_never_the_server_user() -> None:
     if os.geteuid() != 0:
-        assert RunAs.resolve("nobody").is_self
+        assert RunAs.resolve(EMBEDDED_ACCOUNT).is_self
         return
     with pytest.raises(FatalActorError, match="must not be root"):
         RunAs.resolve("root")

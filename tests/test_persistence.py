@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from actors import migrate as migrations
-from actors.embedded import EmbeddedPostgres, RunAs
+from actors.embedded import EMBEDDED_ACCOUNT, EmbeddedPostgres, RunAs
 from actors.persistence import MigrationStatus, Persistence, PgPing, Unavailable
 from actors.redis_link import RedisInfo, RedisLink, RedisPing, RedisUnavailable
 from config import PostgresSettings, RedisSettings
@@ -43,7 +43,7 @@ async def test_a_database_down_at_boot_degrades_health_then_recovers_without_res
 ) -> None:
     """READY must not depend on the database: the actor starts, reports why it
     is failing, and connects once the server appears."""
-    pg = EmbeddedPostgres(state_dir, run_as=RunAs.resolve("nobody"), server_options=FAST_PG)
+    pg = EmbeddedPostgres(state_dir, run_as=RunAs.resolve(EMBEDDED_ACCOUNT), server_options=FAST_PG)
     actor = Persistence(
         PostgresSettings(pool_min=1, pool_max=2, connect_timeout=1), pg.dsn, health_interval=0.1
     )
@@ -63,7 +63,7 @@ async def test_a_database_down_at_boot_degrades_health_then_recovers_without_res
 
 
 async def test_a_restarted_database_is_picked_up_by_the_pool(state_dir: Path) -> None:
-    pg = EmbeddedPostgres(state_dir, run_as=RunAs.resolve("nobody"), server_options=FAST_PG)
+    pg = EmbeddedPostgres(state_dir, run_as=RunAs.resolve(EMBEDDED_ACCOUNT), server_options=FAST_PG)
     await pg.start()
     actor = Persistence(
         PostgresSettings(pool_min=2, pool_max=2, connect_timeout=1), pg.dsn, health_interval=0.1

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
-from actors.embedded import EmbeddedValkey, RunAs
+from actors.embedded import EMBEDDED_ACCOUNT, EmbeddedValkey, RunAs
 from actors.envelope import event
 from actors.pubsub import Delivery, Publish, PublishEvents, PubSub, Subscribe, Subscriber
 from config import PubSubSettings, RedisSettings
@@ -129,7 +129,7 @@ class OwnValkey:
         self.server = self._new()
 
     def _new(self) -> EmbeddedValkey:
-        return EmbeddedValkey(self.folder, run_as=RunAs.resolve("nobody"), appendonly=False)
+        return EmbeddedValkey(self.folder, run_as=RunAs.resolve(EMBEDDED_ACCOUNT), appendonly=False)
 
     @property
     def url(self) -> str:

@@ -4,7 +4,13 @@ The child runs in its own session (a Ctrl-C on the terminal reaches only the
 daemon, which then stops the child in order), writes its output to a log file
 in the state directory (no pipe to fill up), and gets a parent-death signal so
 that even a ``kill -9`` of the daemon leaves no server behind. When the
-daemon runs as root the child runs as an unprivileged user.
+daemon runs as root the child runs as a system account of its own
+(``jarvisd-embedded``, created when missing), never a shared one such as
+``nobody``, whose other processes would otherwise reach the servers.
+
+Each server requires credentials (PostgreSQL scram, Valkey an ACL user):
+the passwords live in ``state_dir/secrets/`` (0700, files 0600), readable
+only by the daemon's own user.
 """
 
 from __future__ import annotations
@@ -16,16 +22,32 @@ import ctypes.util
 import hashlib
 import os
 import pwd
+import secrets
 import shutil
 import signal
 import stat
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
 from actors.kernel import Actor, FatalActorError, Health
 
-__all__ = ["ChildExited", "ChildServer", "RunAs", "runtime_dir"]
+__all__ = [
+    "EMBEDDED_ACCOUNT",
+    "ChildExited",
+    "ChildServer",
+    "RunAs",
+    "ensure_account",
+    "runtime_dir",
+    "secret",
+]
+
+# The system account the embedded servers run as when jarvisd runs as root.
+EMBEDDED_ACCOUNT = "jarvisd-embedded"
+# Accounts shared with other services: a server run as one of them would be
+# reachable by every process of that account.
+_SHARED_ACCOUNTS = frozenset({"nobody", "daemon", "bin", "sys", "www-data", "nogroup"})
 
 # sun_path is 108 bytes on Linux including the NUL; leave room for socket names.
 _MAX_SOCKET_DIR = 80
@@ -65,15 +87,24 @@ class RunAs:
 
     @classmethod
     def resolve(cls, unprivileged_user: str) -> RunAs:
-        """Ourselves, or ``unprivileged_user`` when we are root."""
+        """Ourselves, or ``unprivileged_user`` when we are root (the default
+        account is created when missing)."""
         if os.geteuid() != 0:
             return cls.current()
+        if unprivileged_user in _SHARED_ACCOUNTS:
+            raise FatalActorError(
+                f"embedded.postgres_user {unprivileged_user!r} is shared with other services, "
+                f"whose processes would reach the embedded servers; use an account of their own "
+                f"(the default, {EMBEDDED_ACCOUNT!r}, is created when missing)"
+            )
+        if unprivileged_user == EMBEDDED_ACCOUNT:
+            ensure_account(EMBEDDED_ACCOUNT)
         try:
             entry = pwd.getpwnam(unprivileged_user)
         except KeyError:
             raise FatalActorError(
                 f"embedded.postgres_user {unprivileged_user!r} does not exist; running as root, "
-                "the embedded servers need an unprivileged user"
+                "the embedded servers need an unprivileged account of their own"
             ) from None
         if entry.pw_uid == 0:
             raise FatalActorError("embedded.postgres_user must not be root")
@@ -83,6 +114,78 @@ class RunAs:
         if self.is_self:
             return {}
         return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+
+def ensure_account(name: str) -> bool:
+    """Create the system account ``name`` (no login, no home) if it does not
+    exist; True when it was created."""
+    try:
+        pwd.getpwnam(name)
+        return False
+    except KeyError:
+        pass
+    tool = shutil.which("useradd") or next(
+        (p for p in ("/usr/sbin/useradd", "/sbin/useradd") if os.path.exists(p)), None
+    )
+    if tool is None:
+        raise FatalActorError(
+            f"the system account {name!r} for the embedded servers is missing and there is no "
+            f"useradd to create it; create it (a system account without login) or set "
+            f"embedded.postgres_user to one"
+        )
+    done = subprocess.run(
+        [
+            tool,
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--comment",
+            "jarvisd embedded PostgreSQL and Valkey",
+            name,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0 and done.returncode != 9:  # 9: it exists (a race)
+        raise FatalActorError(f"cannot create the system account {name!r}: {done.stderr.strip()}")
+    return done.returncode == 0
+
+
+def secret(state_dir: Path, name: str) -> str:
+    """The secret ``name`` kept in ``state_dir/secrets`` (made on first use):
+    only the daemon's own user may read it."""
+    folder = state_dir / "secrets"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    os.chmod(folder, 0o700)
+    path = folder / name
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    value = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, (value + "\n").encode())
+    finally:
+        os.close(fd)
+    return value
+
+
+def adopt(path: Path, owner: RunAs) -> None:
+    """Give ``path`` and everything under it to ``owner`` (data an older
+    version kept under another account, such as ``nobody``)."""
+    if os.geteuid() != 0 or not path.exists() or path.lstat().st_uid == owner.uid:
+        return
+    for dirpath, dirnames, filenames in os.walk(path):
+        for entry in (dirpath, *(os.path.join(dirpath, n) for n in (*dirnames, *filenames))):
+            os.lchown(entry, owner.uid, owner.gid)
 
 
 # Root-owned, world-searchable homes used only when jarvisd runs as root from a

@@ -1,9 +1,12 @@
-"""Embedded PostgreSQL: a supervised child listening on a Unix socket only."""
+"""Embedded PostgreSQL: a supervised child listening on a Unix socket only,
+accepting only its superuser ``jarvisd`` with a password (scram-sha-256)
+kept in ``state_dir/secrets/postgres-password``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import signal
 import time
@@ -17,6 +20,7 @@ from actors.embedded.binaries import find_postgres_bin_dir
 from actors.embedded.child import (
     ChildServer,
     RunAs,
+    adopt,
     embedded_home,
     ensure_reachable,
     make_private_dir,
@@ -24,6 +28,7 @@ from actors.embedded.child import (
     prepare_home,
     reachable_install,
     runtime_dir,
+    secret,
 )
 from actors.kernel import Health
 
@@ -55,10 +60,17 @@ class EmbeddedPostgres(ChildServer):
         self.root = embedded_home(state_dir, run_as) / "postgres"
         self.data_dir = self.root / "data"
         self.socket_dir = runtime_dir(state_dir, run_as) / "pg"
+        self._password: str | None = None
+
+    @property
+    def password(self) -> str:
+        if self._password is None:
+            self._password = secret(self.state_dir, "postgres-password")
+        return self._password
 
     @property
     def dsn(self) -> str:
-        return dsn_for(self.socket_dir, DATABASE)
+        return dsn_for(self.socket_dir, DATABASE, self.password)
 
     async def on_start(self) -> None:
         found = find_postgres_bin_dir(self.bin_dir_override)
@@ -66,6 +78,7 @@ class EmbeddedPostgres(ChildServer):
         ensure_reachable(bin_dir / "postgres", self.run_as)
         prepare_home(self.state_dir, self.run_as, self.log)
         ensure_reachable(self.root, self.run_as)
+        adopt(self.root, self.run_as)
         make_private_dir(self.root, self.run_as)
         make_private_dir(self.socket_dir.parent, RunAs.current(), 0o755)
         make_private_dir(self.socket_dir, self.run_as)
@@ -94,6 +107,7 @@ class EmbeddedPostgres(ChildServer):
             argv += ["-c", f"{key}={value}"]
         await self.spawn(argv, cwd=self.data_dir, log_path=self.root / "postgres.log")
         await self._wait_ready()
+        await self._require_password()
         await self._ensure_database()
 
     async def _stop_orphan(self, bin_dir: Path) -> None:
@@ -130,23 +144,59 @@ class EmbeddedPostgres(ChildServer):
         if scratch.exists():
             shutil.rmtree(scratch)
         self.log.info("initdb", data_dir=str(self.data_dir))
-        await self.run_tool(
-            [
-                str(bin_dir / "initdb"),
-                "-D",
-                str(scratch),
-                "-U",
-                SUPERUSER,
-                "--auth=trust",  # the socket directory (0700) is the access control
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-instructions",
-            ],
-            cwd=self.root,
-            timeout=self.start_timeout,
-        )
+        # The password reaches initdb in a file only the server account reads.
+        pwfile = self.root / ".pwfile"
+        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, (self.password + "\n").encode())
+        finally:
+            os.close(fd)
+        if not self.run_as.is_self:
+            os.chown(pwfile, self.run_as.uid, self.run_as.gid)
+        try:
+            await self.run_tool(
+                [
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(scratch),
+                    "-U",
+                    SUPERUSER,
+                    "--auth=scram-sha-256",
+                    f"--pwfile={pwfile}",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-instructions",
+                ],
+                cwd=self.root,
+                timeout=self.start_timeout,
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
         scratch.rename(self.data_dir)
+
+    async def _require_password(self) -> None:
+        """A data directory made by an older version trusts every local
+        connection: give the superuser its password and require it."""
+        hba = self.data_dir / "pg_hba.conf"
+        rules = [
+            line.split()
+            for line in hba.read_text().splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
+        if rules and all(r[-1] == "scram-sha-256" for r in rules):
+            return
+        conn = await asyncpg.connect(dsn_for(self.socket_dir, "postgres", self.password), timeout=5)
+        try:
+            await conn.execute("SET password_encryption = 'scram-sha-256'")
+            await conn.execute(f"ALTER ROLE {SUPERUSER} PASSWORD '{self.password}'")
+            hba.write_text(
+                "# jarvisd: the superuser alone, with its password\nlocal all all scram-sha-256\n"
+            )
+            await conn.execute("SELECT pg_reload_conf()")
+        finally:
+            await conn.close()
+        self.log.info("postgres_password_required", data_dir=str(self.data_dir))
 
     async def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -158,7 +208,9 @@ class EmbeddedPostgres(ChildServer):
                     f"postgres exited during start (code {code}):\n{self.log_tail()}"
                 )
             try:
-                conn = await asyncpg.connect(dsn_for(self.socket_dir, "postgres"), timeout=2)
+                conn = await asyncpg.connect(
+                    dsn_for(self.socket_dir, "postgres", self.password), timeout=2
+                )
             except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
                 last = exc
                 await asyncio.sleep(0.1)
@@ -171,7 +223,7 @@ class EmbeddedPostgres(ChildServer):
         )
 
     async def _ensure_database(self) -> None:
-        conn = await asyncpg.connect(dsn_for(self.socket_dir, "postgres"), timeout=5)
+        conn = await asyncpg.connect(dsn_for(self.socket_dir, "postgres", self.password), timeout=5)
         try:
             exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", DATABASE)
             if not exists:
@@ -211,5 +263,9 @@ def install_layout(bin_dir: Path) -> dict[str, Any]:
     return {"anchor": install, "parts": (".",)}
 
 
-def dsn_for(socket_dir: Path, database: str) -> str:
-    return f"postgresql://{SUPERUSER}@/{database}?host={quote(str(socket_dir), safe='/')}&port={PG_PORT}"
+def dsn_for(socket_dir: Path, database: str, password: str) -> str:
+    host = quote(str(socket_dir), safe="/")
+    return (
+        f"postgresql://{SUPERUSER}:{quote(password, safe='')}@/{database}"
+        f"?host={host}&port={PG_PORT}"
+    )

@@ -1,13 +1,19 @@
-"""Embedded Valkey: a supervised child on a Unix socket only, with an append-only file."""
+"""Embedded Valkey: a supervised child on a Unix socket only, with an
+append-only file. Nobody is let in without credentials: the default user is
+off; the daemon is the ACL user ``jarvisd`` (its password in
+``state_dir/secrets/valkey-password``), and each agent a user of its own
+that the bus creates (``actors.agents``), kept in the server's ACL file."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import signal
 import time
 from pathlib import Path
 from typing import Any, ClassVar
+from urllib.parse import quote
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -16,6 +22,7 @@ from actors.embedded.binaries import find_valkey_server
 from actors.embedded.child import (
     ChildServer,
     RunAs,
+    adopt,
     embedded_home,
     ensure_reachable,
     make_private_dir,
@@ -23,9 +30,12 @@ from actors.embedded.child import (
     prepare_home,
     reachable_install,
     runtime_dir,
+    secret,
 )
 
-__all__ = ["EmbeddedValkey"]
+__all__ = ["DAEMON_USER", "EmbeddedValkey"]
+
+DAEMON_USER = "jarvisd"  # the daemon's own Valkey user: every key, channel and command
 
 
 class EmbeddedValkey(ChildServer):
@@ -50,20 +60,43 @@ class EmbeddedValkey(ChildServer):
         self.socket_dir = runtime_dir(state_dir, run_as) / "valkey"
         self.socket_path = self.socket_dir / "valkey.sock"
         self.pid_file = self.root / "valkey.pid"
+        self.acl_file = self.root / "users.acl"
+        self._password: str | None = None
+
+    @property
+    def password(self) -> str:
+        if self._password is None:
+            self._password = secret(self.state_dir, "valkey-password")
+        return self._password
 
     @property
     def url(self) -> str:
-        return f"unix://{self.socket_path}"
+        return f"unix://{DAEMON_USER}:{quote(self.password, safe='')}@{self.socket_path}"
+
+    def _write_acl_file(self) -> None:
+        """The users Valkey starts with: none but the daemon. (The agents'
+        users follow from PostgreSQL; the bus applies them as it connects.)"""
+        digest = hashlib.sha256(self.password.encode()).hexdigest()
+        lines = ["user default off", f"user {DAEMON_USER} on #{digest} ~* &* +@all"]
+        fd = os.open(self.acl_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, ("\n".join(lines) + "\n").encode())
+        finally:
+            os.close(fd)
+        if not self.run_as.is_self:
+            os.chown(self.acl_file, self.run_as.uid, self.run_as.gid)
 
     async def on_start(self) -> None:
         binary = reachable_install(find_valkey_server(self.binary_override), self.run_as)
         ensure_reachable(binary, self.run_as)
         prepare_home(self.state_dir, self.run_as, self.log)
         ensure_reachable(self.root, self.run_as)
+        adopt(self.root, self.run_as)
         make_private_dir(self.root, self.run_as)
         make_private_dir(self.socket_dir.parent, RunAs.current(), 0o755)
         make_private_dir(self.socket_dir, self.run_as)
         await self._stop_orphan()
+        self._write_acl_file()
         argv = [
             str(binary),
             "--port",
@@ -86,6 +119,8 @@ class EmbeddedValkey(ChildServer):
             "everysec",
             "--logfile",
             "",
+            "--aclfile",
+            str(self.acl_file),
         ]
         await self.spawn(argv, cwd=self.root, log_path=self.root / "valkey.log")
         await self._wait_ready()
@@ -113,7 +148,12 @@ class EmbeddedValkey(ChildServer):
             if self.proc is None or self.proc.returncode is not None:
                 code = None if self.proc is None else self.proc.returncode
                 raise RuntimeError(f"valkey exited during start (code {code}):\n{self.log_tail()}")
-            client = aioredis.Redis(unix_socket_path=str(self.socket_path), socket_timeout=2)
+            client = aioredis.Redis(
+                unix_socket_path=str(self.socket_path),
+                username=DAEMON_USER,
+                password=self.password,
+                socket_timeout=2,
+            )
             try:
                 await client.ping()
                 return
