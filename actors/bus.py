@@ -188,10 +188,9 @@ class Bus(RedisClientActor):
                     entries = await (prefetch or self._read_new())
                     prefetch = None
                     if entries:
-                        loop = asyncio.get_running_loop()
-                        prefetch = loop.create_task(self._read_new())
+                        prefetch = _owned(self._read_new())
                         after = running[-1] if running else None
-                        running.append(loop.create_task(self._handle(entries, None, after)))
+                        running.append(_owned(self._handle(entries, None, after)))
                     while running and (len(running) > 1 or not entries):
                         await running.popleft()
                     delay = 0.1
@@ -622,6 +621,15 @@ class Bus(RedisClientActor):
             "lag": st.lag,
         }
         return data
+
+
+def _owned(coro: Any) -> asyncio.Task[Any]:
+    """A task of the reading loop's, which awaits or discards it; if the loop
+    itself is cancelled past its cleanup (a second cancellation while it
+    stops), what the task raised is still retrieved, never left unseen."""
+    task = asyncio.get_running_loop().create_task(coro)
+    task.add_done_callback(lambda t: t.cancelled() or t.exception())
+    return task
 
 
 async def _discard(task: asyncio.Task[Any] | None) -> None:

@@ -1,8 +1,9 @@
 """A small jarvisd agent: the whole approval loop, end to end.
 
-1. It makes a scratch file of its own, then asks jarvisd (on Redis, the
-   durable inbox stream) to delete it: ``delete_file`` is HIGH risk under the
-   default policy, so the command waits for a person's approval.
+1. It makes a scratch file of its own, then asks jarvisd (on Redis, on its
+   own inbox stream, with the credentials ``jarvisd agent add`` gave it) to
+   delete it: ``delete_file`` is HIGH risk under the default policy, so the
+   command waits for a person's approval.
 2. It waits for the decision two ways: the ``approval.decided`` event on the
    ``jarvis:approvals`` channel (fast, but a notification: it can be missed)
    and ``GET /approvals/{id}?wait=55`` (the authority; safe to repeat).
@@ -11,10 +12,17 @@
    the duration, then reads the command back. Rejected or expired: it says
    why and stops.
 
-Needs only redis and aiohttp. Run it beside a daemon (see README,
-"Approving what agents want to do"):
+Needs only redis and aiohttp. Run it beside a daemon (see README):
 
-    .venv/bin/python examples/agent.py --redis "$(.venv/bin/jarvisd redis-url)" --token "$TOKEN"
+    AGENT_URL=$(.venv/bin/jarvisd agent add demo-agent)
+    TOKEN=$(.venv/bin/jarvisd token create --user demo-agent)
+    .venv/bin/python examples/agent.py --redis "$AGENT_URL" --token "$TOKEN"
+
+Its name (and so its inbox, ``<prefix>inbox:<name>:{<prefix>inbox}``) comes
+from the Redis user in the URL. jarvisd knows who sent an envelope from the
+inbox it arrived on; the events it publishes say so in ``sender``
+(``agent:<name>``), and the agent matches its own by ``requestId`` and
+``sender``. Why an envelope was refused comes on ``<prefix>inbox:<name>:replies``.
 
 Exit status: 0 done, 3 rejected or expired, 1 an error (the daemon
 unreachable, no decision within --timeout).
@@ -34,6 +42,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote, urlsplit
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -60,6 +69,14 @@ class Agent:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.prefix = args.prefix
+        user = unquote(urlsplit(args.redis).username or "")
+        self.name = args.name or user.rpartition("agent:")[2]
+        if not self.name:
+            raise RuntimeError("no agent name: give --name, or the URL jarvisd agent add printed")
+        self.sender = f"agent:{self.name}"
+        shared = f"{self.prefix}inbox"
+        self.inbox = f"{shared}:{self.name}:{{{shared}}}"
+        self.replies = f"{shared}:{self.name}:replies"
         self.redis = aioredis.Redis.from_url(args.redis, socket_connect_timeout=5)
         self.http = aiohttp.ClientSession(
             base_url=args.url,
@@ -80,23 +97,26 @@ class Agent:
             return doc
 
     async def send(self, kind: str, envelope_id: str, data: dict[str, Any]) -> None:
-        """XADD on the inbox: recorded exactly once (the envelope id is the key)."""
-        await self.redis.xadd(
-            f"{self.prefix}inbox", {"envelope": envelope(kind, envelope_id, data)}
-        )
+        """XADD on our own inbox: recorded exactly once (the envelope id is the key)."""
+        await self.redis.xadd(self.inbox, {"envelope": envelope(kind, envelope_id, data)})
 
     async def watch_events(self, request_id: str, ready: asyncio.Event) -> None:
-        """Print the approval events about our request as they are published."""
+        """Print the approval events about our request as they are published,
+        and anything of ours the daemon refused."""
         pubsub = self.redis.pubsub()
-        await pubsub.subscribe(f"{self.prefix}approvals")
+        await pubsub.subscribe(f"{self.prefix}approvals", self.replies)
         ready.set()
         try:
             async for message in pubsub.listen():
                 if message["type"] != "message":
                     continue
                 event = json.loads(message["data"])
+                if event.get("type") == "envelope.refused":
+                    say(f"[redis] refused: {event.get('id')}: {event.get('reason')}")
+                    continue
                 data = event.get("data", {})
-                if data.get("requestId") != request_id:
+                # requestIds are ours alone: another sender may use the same one.
+                if data.get("requestId") != request_id or data.get("sender") != self.sender:
                     continue
                 who = data.get("decider") or data.get("decidedBy") or ""
                 extra = f" by {who}" if who else ""
@@ -111,7 +131,9 @@ class Agent:
         """The command our envelope became (the bus records it within moments)."""
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            page = await self.get(f"/commands?requestId={request_id}")
+            page = await self.get(
+                f"/commands?requestId={quote(request_id)}&sender={quote(self.sender)}"
+            )
             if page["items"]:
                 return dict(page["items"][0])
             await asyncio.sleep(0.2)
@@ -207,7 +229,10 @@ def main() -> int:
     parser.add_argument(
         "--redis",
         default=os.environ.get("JARVISD_REDIS_URL", "redis://127.0.0.1:6379/0"),
-        help="the daemon's Redis (default $JARVISD_REDIS_URL; `jarvisd redis-url` prints it)",
+        help="this agent's Redis URL, from `jarvisd agent add NAME` (default $JARVISD_REDIS_URL)",
+    )
+    parser.add_argument(
+        "--name", help="this agent's name (default: from the Redis user in --redis)"
     )
     parser.add_argument(
         "--url",

@@ -150,7 +150,7 @@ def cmd_redis_cli(args: argparse.Namespace) -> int:  # noqa: RET503 - execv does
     if binary is None:
         print("jarvisd redis-cli: no valkey-cli or redis-cli found", file=sys.stderr)
         return 1
-    url = redis_url(loaded)
+    url = args.url or redis_url(loaded)
     if is_cluster(url, loaded.settings.redis):  # -c: follow the cluster's redirections
         where = ["-c", "-u", cluster_seeds(url)[0] if "+cluster" in url else url]
     elif url.startswith("unix://"):
@@ -218,6 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(
             "redis-cli", help="valkey-cli/redis-cli on the daemon's Redis (embedded or configured)"
         )
+    )
+    rc.add_argument(
+        "--url",
+        help="connect with this URL instead of the daemon's own (e.g. an agent's, "
+        "from jarvisd agent add, to act as that agent)",
     )
     rc.add_argument("args", nargs=argparse.REMAINDER, help="the command, e.g. XLEN jarvis:inbox")
     rc.set_defaults(func=cmd_redis_cli)

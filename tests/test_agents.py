@@ -20,6 +20,7 @@ from redis.exceptions import (
     RedisClusterException,
     ResponseError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from actors.redis_link import RedisClient, connect_redis
 from config import LoadedConfig
@@ -31,7 +32,7 @@ from tests.test_http import start_daemon
 FAST = {"claim_interval": 0.2, "claim_idle": 0.3, "block_ms": 100}
 # What a client with no (or revoked) credentials meets: a cluster client
 # reports that it found no node it could log in to.
-REFUSED = (AuthenticationError, ConnectionError, ResponseError, RedisClusterException)
+REFUSED = (AuthenticationError, RedisConnectionError, ResponseError, RedisClusterException)
 
 
 @pytest.fixture(params=SINGLE_AND_CLUSTER)

@@ -9,6 +9,7 @@ import contextlib
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import redis.asyncio as aioredis
@@ -197,12 +198,18 @@ class FreezingProxy:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
 
+    @property
+    def url(self) -> str:
+        """The proxy's URL, with the target's credentials (if any)."""
+        userinfo = urlsplit(self.target).netloc.rpartition("@")[0]
+        return f"redis://{userinfo + '@' if userinfo else ''}127.0.0.1:{self.port}/0"
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.target.startswith("unix://"):
-            up_r, up_w = await asyncio.open_unix_connection(self.target[len("unix://") :])
+        where = urlsplit(self.target)
+        if where.scheme == "unix":
+            up_r, up_w = await asyncio.open_unix_connection(where.path)
         else:
-            host, port = self.target.split("//", 1)[1].split("/", 1)[0].split(":")
-            up_r, up_w = await asyncio.open_connection(host, int(port))
+            up_r, up_w = await asyncio.open_connection(where.hostname, where.port or 6379)
         frozen = asyncio.Event()
         self.frozen.append(frozen)
         self.writers += [writer, up_w]
@@ -239,7 +246,7 @@ async def test_a_half_open_connection_is_noticed_by_ping_and_replaced(
 ) -> None:
     proxy = FreezingProxy(servers.redis_url)
     await proxy.start()
-    actor = await started(f"redis://127.0.0.1:{proxy.port}/0", redis_prefix)
+    actor = await started(proxy.url, redis_prefix)
     try:
         sub = Subscriber("s", queue_size=100)
         await actor.ask(Subscribe(sub, channels=(f"{redis_prefix}ho",)), timeout=5)

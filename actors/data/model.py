@@ -288,7 +288,8 @@ class ApprovalCreate(_HasAction, _Input, frozen=True):
     action: Action
     risk_score: Score
     description: Description = ""
-    parameters: dict[str, Any] = msgspec.field(default_factory=dict)
+    # Bound by their digest as PostgreSQL stores them: JSON it can store.
+    parameters: JsonObject = msgspec.field(default_factory=dict)
     # Seconds; capped at approvals.max_expiry.
     expires_in: Annotated[int, msgspec.Meta(ge=10, le=86400)] | None = None
 
