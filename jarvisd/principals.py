@@ -18,6 +18,9 @@
 - A lookup that started before an invalidation does not store its result
   (a generation counter), so a revoked principal is never stored after the
   event that dropped it.
+- Listeners (open WebSockets) hear every invalidation, from this daemon or
+  another, so that a connection made with a credential follows it: closed
+  when it is revoked, re-checked when its user's role changes.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import asyncio
 import hashlib
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -88,6 +92,7 @@ class PrincipalCache:
         # (Only while nothing was invalidated since it began: see auth.)
         self.lookups: dict[str, tuple[int, asyncio.Future[Principal]]] = {}
         self.coalesced = 0
+        self.listeners: list[Callable[[Invalidation], None]] = []
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -140,7 +145,9 @@ class PrincipalCache:
                 if not keys:
                     del self._by_user[entry.principal.user_id]
 
-    def invalidate(self, what: Invalidation) -> None:
+    def invalidate(self, what: Invalidation, *, notify: bool = True) -> None:
+        """Forget what ``what`` names; with ``notify``, tell the listeners
+        (a change to callers, not a reset of the cache itself)."""
         self.generation += 1
         self.invalidations += 1
         if what.kind == "all":
@@ -151,6 +158,9 @@ class PrincipalCache:
                 self._drop(key)
         elif what.kind == "bearer" and what.key is not None:
             self._drop(what.key)
+        if notify:
+            for listener in list(self.listeners):
+                listener(what)
 
     def on_delivery(self, item: Delivery) -> bool:
         """The internal channel's subscriber (never refuses a delivery)."""
@@ -164,18 +174,19 @@ class PrincipalCache:
             self.invalidate(Invalidation(kind="all"))
             self.enabled = True
         elif item.kind == "down":
-            self.disable()
+            self.enabled = False
+            self.invalidate(Invalidation(kind="all"), notify=False)
         return True
 
     def enable(self) -> None:
         """The invalidation channel is (again) subscribed: start afresh."""
-        self.invalidate(Invalidation(kind="all"))
+        self.invalidate(Invalidation(kind="all"), notify=False)
         self.enabled = True
 
     def disable(self) -> None:
         """The invalidation channel is not (or no longer) connected."""
         self.enabled = False
-        self.invalidate(Invalidation(kind="all"))
+        self.invalidate(Invalidation(kind="all"), notify=False)
 
     def stats(self) -> dict[str, int | bool]:
         return {

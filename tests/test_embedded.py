@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import shutil
 import signal
+import stat
 from pathlib import Path
+from urllib.parse import quote
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from actors import ActorState, FatalActorError, Supervisor
 from actors.embedded import (
@@ -278,12 +282,74 @@ def test_an_unreachable_path_is_named_in_a_fatal_error(state_dir: Path) -> None:
         ensure_reachable(locked / "x", RunAs.resolve(EMBEDDED_ACCOUNT))
 
 
-def test_root_is_never_the_server_user() -> None:
+def test_root_is_never_the_server_user_nor_a_shared_account() -> None:
     if os.geteuid() != 0:
         assert RunAs.resolve(EMBEDDED_ACCOUNT).is_self
         return
     with pytest.raises(FatalActorError, match="must not be root"):
         RunAs.resolve("root")
+    with pytest.raises(FatalActorError, match="shared with other services"):
+        RunAs.resolve("nobody")
+    own = RunAs.resolve(EMBEDDED_ACCOUNT)  # made when missing
+    assert pwd.getpwnam(EMBEDDED_ACCOUNT).pw_shell.endswith("nologin")
+    assert own.uid not in (0, pwd.getpwnam("nobody").pw_uid)
     with pytest.raises(FatalActorError, match="does not exist"):
         RunAs.resolve("no-such-user-here")
     assert pid_alive(os.getpid(), "python")
+
+
+async def test_the_servers_let_in_no_one_without_their_credentials(state_dir: Path) -> None:
+    """What a process of another account on the host (or of the servers' own)
+    meets: no trust, no default user; the secrets readable by the daemon alone."""
+    run_as = RunAs.resolve(EMBEDDED_ACCOUNT)
+    pg = EmbeddedPostgres(state_dir, run_as=run_as, server_options=FAST_PG)
+    vk = EmbeddedValkey(state_dir, run_as=run_as, appendonly=False)
+    await pg.start()
+    await vk.start()
+    try:
+        assert pg.proc is not None
+        assert vk.proc is not None
+        if os.geteuid() == 0:
+            for proc in (pg.proc, vk.proc):
+                assert os.stat(f"/proc/{proc.pid}").st_uid == run_as.uid
+        no_password = pg.dsn.replace(f":{quote(pg.password, safe='')}@", "@")
+        for dsn in (no_password, pg.dsn.replace(quote(pg.password, safe=""), "wrong")):
+            with pytest.raises(asyncpg.InvalidPasswordError):
+                await asyncpg.connect(dsn, timeout=5)
+        anonymous = aioredis.Redis(unix_socket_path=str(vk.socket_path), socket_timeout=2)
+        with pytest.raises(RedisError):
+            await anonymous.get("anything")
+        await anonymous.aclose()
+        folder = state_dir / "secrets"
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        for name in ("postgres-password", "valkey-password"):
+            assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600
+            assert (folder / name).stat().st_uid == os.geteuid()
+        client = aioredis.Redis.from_url(vk.url)
+        assert await client.acl_whoami() == "jarvisd"
+        await client.aclose()
+    finally:
+        await vk.stop()
+        await pg.stop()
+
+
+async def test_a_cluster_an_older_version_made_to_trust_everyone_gets_a_password(
+    state_dir: Path,
+) -> None:
+    run_as = RunAs.resolve(EMBEDDED_ACCOUNT)
+    pg = EmbeddedPostgres(state_dir, run_as=run_as, server_options=FAST_PG)
+    await pg.start()
+    await pg.stop()
+    hba = pg.data_dir / "pg_hba.conf"
+    hba.write_text("local all all trust\n")  # as initdb --auth=trust left it
+    again = EmbeddedPostgres(state_dir, run_as=run_as, server_options=FAST_PG)
+    await again.start()
+    try:
+        assert "trust" not in hba.read_text()
+        no_password = again.dsn.replace(f":{quote(again.password, safe='')}@", "@")
+        with pytest.raises(asyncpg.InvalidPasswordError):
+            await asyncpg.connect(no_password, timeout=5)
+        conn = await asyncpg.connect(again.dsn)
+        await conn.close()
+    finally:
+        await again.stop()

@@ -45,6 +45,7 @@ __all__ = [
     "forget",
     "known",
     "peer_uid",
+    "principal_of",
     "require",
 ]
 
@@ -117,18 +118,23 @@ async def authenticate(request: web.Request) -> Principal | None:
     rt = request.app[RUNTIME]
     token = bearer(request)
     if token is not None:
-        key = bearer_key(token)
-        cache = rt.principals
-        entry = cache.get(key)
-        if entry is not None:
-            if entry.principal.via == "session":
-                await _slide(rt, token, key, entry)
-            return entry.principal
-        return await _lookup_once(rt, token, key)
+        return await principal_of(rt, token)
     uid = peer_uid(request)
     if uid is not None and uid in (0, os.geteuid()):
         return Principal(user_id=None, role="admin", name=f"uid:{uid}", via="peer")
     return None
+
+
+async def principal_of(rt: Runtime, token: str) -> Principal:
+    """Who a bearer token is now (the caller cache, else one lookup); 401 for
+    a token or session that is not (or no longer) valid."""
+    key = bearer_key(token)
+    entry = rt.principals.get(key)
+    if entry is not None:
+        if entry.principal.via == "session":
+            await _slide(rt, token, key, entry)
+        return entry.principal
+    return await _lookup_once(rt, token, key)
 
 
 async def _lookup_once(rt: Runtime, token: str, key: str) -> Principal:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from jarvisd.http.followers import Followers
 from jarvisd.http.metrics import HttpMetrics
 from jarvisd.runtime import Runtime
 
 RUNTIME = web.AppKey("runtime", Runtime)
 HTTP_METRICS = web.AppKey("http_metrics", HttpMetrics)
+# Open WebSockets, by the credential they follow.
+FOLLOWERS = web.AppKey("followers", Followers)
 # Set on a request counted against http.max_in_flight, until it gives its place back.
 ADMITTED = web.RequestKey("admitted", bool)
 

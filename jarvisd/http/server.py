@@ -32,7 +32,8 @@ from jarvisd.http import api, health, openapi
 from jarvisd.http.auth import Unauthorized, authenticate, known
 from jarvisd.http.common import ClientGone
 from jarvisd.http.errors import ProblemError, problem
-from jarvisd.http.keys import ADMITTED, HTTP_METRICS, RUNTIME
+from jarvisd.http.followers import Followers
+from jarvisd.http.keys import ADMITTED, FOLLOWERS, HTTP_METRICS, RUNTIME
 from jarvisd.http.metrics import HttpMetrics
 from jarvisd.lists import ListCache
 from jarvisd.principals import PrincipalCache, internal_channel
@@ -191,6 +192,7 @@ def build_app(runtime: Runtime) -> web.Application:
     app = web.Application(middlewares=[_observe], client_max_size=BODY_CEILING)
     app[RUNTIME] = runtime
     app[HTTP_METRICS] = HttpMetrics()
+    app[FOLLOWERS] = Followers(runtime.principals)
     health.add_routes(app)
     api.add_routes(app)
     openapi.add_routes(app)
