@@ -77,6 +77,9 @@ async def bench_daemon(
         JARVISD_REDIS__URL=redis_url,
         JARVISD_REDIS__PREFIX=prefix,
         JARVISD_BUS__STREAM=f"{prefix}inbox",
+        # The shared inbox: one stream, read as an agent's own inbox is (the
+        # same XREADGROUP); the producers write it as the daemon's own user.
+        JARVISD_BUS__SHARED_INBOX="true",
         JARVISD_DAEMON__STATE_DIR=folder,
         JARVISD_HTTP__PORT=str(port),
         JARVISD_DAEMON__LOG_LEVEL="warning",

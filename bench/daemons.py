@@ -68,6 +68,7 @@ async def ingest(pg_admin: str, redis_url: str, daemons: int, n: int) -> float:
                 "JARVISD_REDIS__URL": redis_url,
                 "JARVISD_REDIS__PREFIX": prefix,
                 "JARVISD_BUS__STREAM": stream,
+                "JARVISD_BUS__SHARED_INBOX": "true",
                 "JARVISD_DAEMON__STATE_DIR": folder,
                 "JARVISD_DAEMON__NAME": f"d{i}",
                 "JARVISD_DAEMON__LOG_LEVEL": "warning",

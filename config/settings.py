@@ -70,6 +70,14 @@ class HttpSettings(_Section, frozen=True):
     max_in_flight: PositiveInt = 1024
     # WebSocket clients at once; past it an upgrade is answered 503.
     max_websockets: PositiveInt = 5000
+    # WebSockets one user may hold at once (the local admin counts as one); past it, 429.
+    max_websockets_per_principal: PositiveInt = 100
+    # WebSockets one client address may hold while they have yet to send
+    # their first-frame credentials; past it, 429.
+    max_unauthenticated_per_address: PositiveInt = 10
+    # Proxies in front of jarvisd (their addresses) whose X-Forwarded-For is
+    # believed: the client's address is the nearest one that is not a proxy.
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
 
 
 class PostgresSettings(_Section, frozen=True):
@@ -170,6 +178,12 @@ class PubSubSettings(_Section, frozen=True):
     channels: list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:@/*?-]{1,200}$")]] = (
         msgspec.field(default_factory=lambda: ["user_activity"])
     )
+    # Over all of one user's WebSockets: channels and patterns subscribed at once.
+    max_subscriptions_per_principal: PositiveInt = 1000
+    max_patterns_per_principal: PositiveInt = 20
+    # Distinct patterns the daemon holds on Redis at once: each one costs every
+    # PUBLISH on the Redis server, for every database and tenant on it.
+    max_patterns: PositiveInt = 1000
 
 
 class BusSettings(_Section, frozen=True):
@@ -259,8 +273,10 @@ class ApprovalSettings(_Section, frozen=True):
     warn_before: PositiveFloat = 60.0
     # How often the sweeper (one daemon at a time) warns and expires.
     sweep_interval: PositiveFloat = 5.0
-    # GET /approvals/{id}?wait=N callers waiting at once, per daemon; past it, 503.
+    # GET /approvals/{id}?wait=N callers waiting at once, per daemon and per
+    # user; past either, a long-poll is answered at once with the current state.
     max_waiters: PositiveInt = 10_000
+    max_waiters_per_principal: PositiveInt = 100
 
     def score(self, action: str) -> int:
         """The policy's score for ``action``: the first matching rule's, else the default."""

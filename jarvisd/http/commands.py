@@ -54,7 +54,8 @@ from jarvisd.http.common import (
     reply,
 )
 from jarvisd.http.errors import ProblemError, reject_unknown_params
-from jarvisd.http.keys import RUNTIME, release_admission
+from jarvisd.http.keys import RUNTIME, SHARES, release_admission
+from jarvisd.http.shares import Full, principal_key
 
 __all__ = ["ROUTES"]
 
@@ -191,6 +192,26 @@ async def get_approval(request: web.Request, who: Principal) -> web.Response:
     approval = await _visible_approval(request, who, approval_id)
     if approval.status != "pending" or wait == 0:
         return reply(approval)
+    settings = request.app[RUNTIME].settings.approvals
+    shares = request.app[SHARES]
+    try:
+        with shares.hold(
+            shares.waiters,
+            principal_key(who),
+            settings.max_waiters_per_principal,
+            "approvals.max_waiters_per_principal",
+        ):
+            return await _long_poll(request, who, approval, wait)
+    except Full:
+        # Past the caller's share: the state now, at once (a long-poll may
+        # always answer early; the caller asks again).
+        return reply(approval, headers={"Jarvisd-Wait": "declined"})
+
+
+async def _long_poll(
+    request: web.Request, who: Principal, approval: Approval, wait: int
+) -> web.Response:
+    approval_id = approval.id
     deadline = asyncio.get_running_loop().time() + wait
     release_admission(request)  # waiting: capped by approvals.max_waiters instead
     approvals = request.app[RUNTIME].actor("approvals")
@@ -200,7 +221,10 @@ async def get_approval(request: web.Request, who: Principal) -> web.Response:
             return reply(approval)
         try:
             woken = await approvals.ask(Watch(approval_id), timeout=5)
-        except (ActorError, WatchersFull):
+        except WatchersFull:
+            # The daemon's waiters are all taken: the state now, at once.
+            return reply(approval, headers={"Jarvisd-Wait": "declined"})
+        except ActorError:
             if approval.status == "pending" and not request.app[RUNTIME].draining:
                 raise
             return reply(approval)

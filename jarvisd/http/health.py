@@ -21,7 +21,7 @@ from actors import ActorError
 from actors.cache import CacheStatsQuery
 from actors.redis_link import RedisInfo, RedisUnavailable
 from jarvisd.http.errors import problem, reject_unknown_params
-from jarvisd.http.keys import HTTP_METRICS, RUNTIME
+from jarvisd.http.keys import HTTP_METRICS, RUNTIME, SHARES
 from jarvisd.http.metrics import CONTENT_TYPE, MetricsWriter, process_metrics
 from jarvisd.runtime import Runtime
 
@@ -184,6 +184,7 @@ async def stats(request: web.Request) -> web.Response:
     doc = stats_document(rt)
     doc["cache"] = await cache_stats(rt)
     doc["principals"] = rt.principals.stats()
+    doc["shares"] = {"refused": request.app[SHARES].refused}
     doc["lists"] = rt.lists.stats()
     return web.Response(body=msgspec.json.encode(doc), content_type="application/json")
 

@@ -6,12 +6,15 @@ from aiohttp import web
 
 from jarvisd.http.followers import Followers
 from jarvisd.http.metrics import HttpMetrics
+from jarvisd.http.shares import Shares
 from jarvisd.runtime import Runtime
 
 RUNTIME = web.AppKey("runtime", Runtime)
 HTTP_METRICS = web.AppKey("http_metrics", HttpMetrics)
 # Open WebSockets, by the credential they follow.
 FOLLOWERS = web.AppKey("followers", Followers)
+# Per-user and per-address shares of sockets, subscriptions and long-polls.
+SHARES = web.AppKey("shares", Shares)
 # Set on a request counted against http.max_in_flight, until it gives its place back.
 ADMITTED = web.RequestKey("admitted", bool)
 

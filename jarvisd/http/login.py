@@ -23,6 +23,8 @@ from actors.sessions import SessionCreate, SessionDelete, SessionGet, SessionNot
 from jarvisd.http.auth import Unauthorized, bearer, forget
 from jarvisd.http.common import RouteDoc, ask, body, reply
 from jarvisd.http.errors import ProblemError, reject_unknown_params
+from jarvisd.http.keys import RUNTIME
+from jarvisd.http.shares import client_address
 from jarvisd.principals import Invalidation, bearer_key
 
 __all__ = ["ROUTES"]
@@ -39,17 +41,12 @@ class LoginReply(msgspec.Struct, frozen=True, rename="camel"):
     user: User
 
 
-def client_address(request: web.Request) -> str:
-    """The peer's address; every Unix-socket client counts as one address."""
-    return request.remote or "unix"
-
-
 async def login(request: web.Request) -> web.Response:
     """Password in, session token out. A session token presented with the
     request is rotated (same session, new id) rather than kept: no fixation."""
     reject_unknown_params(request, ())
     creds = await body(request, Login)
-    address = client_address(request)
+    address = client_address(request, request.app[RUNTIME].settings.http)
     # Counted before the password is checked: of many attempts at once, only
     # the first auth.login_failures_* are checked at all.
     wait = await ask(request, "logins", LoginAttempt(creds.username, address))

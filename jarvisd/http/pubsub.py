@@ -5,6 +5,7 @@ Who may publish and see what: ``channels``; one WebSocket client: ``ws_session``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import msgspec
@@ -17,7 +18,8 @@ from jarvisd.http.auth import Unauthorized, authenticate, bearer, forbidden, req
 from jarvisd.http.channels import Channel, Rules
 from jarvisd.http.common import RouteDoc, ask, body, reply
 from jarvisd.http.errors import ProblemError, reject_unknown_params
-from jarvisd.http.keys import HTTP_METRICS, RUNTIME
+from jarvisd.http.keys import HTTP_METRICS, RUNTIME, SHARES
+from jarvisd.http.shares import Full, Shares, client_address, principal_key
 from jarvisd.http.ws_session import WS_POLICY, Session, encoder, op_decoder
 
 __all__ = ["ROUTES", "websocket"]
@@ -81,38 +83,88 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         )
     metrics.websockets += 1
     try:
-        who = await authenticate(request)  # 401 for bad credentials; none: an auth op first
-        token = bearer(request)
-        if who is None:
-            # Those still to send their credentials hold a place without
-            # having shown any: at most a tenth of the places.
-            waiting = max(1, limit // 10)
-            if metrics.websockets_unauthenticated >= waiting:
-                metrics.refused += 1
-                raise ProblemError(
-                    503,
-                    "Overloaded",
-                    f"{waiting} WebSocket clients are waiting to authenticate "
-                    "(a tenth of http.max_websockets); send credentials with the upgrade "
-                    "or try again shortly",
-                    headers={"Retry-After": "5"},
-                )
-            metrics.websockets_unauthenticated += 1
-            try:
-                await ws.prepare(request)
-                authed = await _first_auth(request, ws)
-            finally:
-                metrics.websockets_unauthenticated -= 1
-            if authed is None:
-                return ws
-            who, token = authed
-        else:
-            await ws.prepare(request)
-        session = Session(rt, request, ws, who, token)
-        await session.run()
-        return ws
+        with contextlib.ExitStack() as held:
+            return await _serve(request, ws, held)
     finally:
         metrics.websockets -= 1
+
+
+async def _serve(
+    request: web.Request, ws: web.WebSocketResponse, held: contextlib.ExitStack
+) -> web.StreamResponse:
+    """Authenticate (the upgrade's header, else the first frame), take the
+    caller's place, then serve the socket; ``held`` gives the places back."""
+    rt = request.app[RUNTIME]
+    shares, http = request.app[SHARES], rt.settings.http
+    who = await authenticate(request)  # 401 for bad credentials; none: an auth op first
+    token = bearer(request)
+    if who is not None:
+        try:
+            held.enter_context(_place(shares, who, http.max_websockets_per_principal))
+        except Full as exc:
+            raise _too_many(exc) from None
+        await ws.prepare(request)
+    else:
+        try:
+            authed = await _wait_for_auth(request, ws)
+        except Full as exc:
+            raise _too_many(exc) from None
+        if authed is None:
+            return ws
+        who, token = authed
+        try:
+            held.enter_context(_place(shares, who, http.max_websockets_per_principal))
+        except Full as exc:
+            await ws.close(code=WS_POLICY, message=str(exc).encode()[:120])
+            return ws
+        try:
+            await ws.send_str(encoder.encode({"type": "authenticated", "user": who.name}).decode())
+        except ConnectionResetError:
+            return ws  # gone right after authenticating
+    await Session(rt, request, ws, who, token).run()
+    return ws
+
+
+async def _wait_for_auth(
+    request: web.Request, ws: web.WebSocketResponse
+) -> tuple[Principal, str] | None:
+    """A socket without credentials holds a place until its first frame: at
+    most a tenth of all places, and a share of them per client address."""
+    rt = request.app[RUNTIME]
+    metrics, shares, http = request.app[HTTP_METRICS], request.app[SHARES], rt.settings.http
+    waiting = max(1, http.max_websockets // 10)
+    if metrics.websockets_unauthenticated >= waiting:
+        metrics.refused += 1
+        raise ProblemError(
+            503,
+            "Overloaded",
+            f"{waiting} WebSocket clients are waiting to authenticate "
+            "(a tenth of http.max_websockets); send credentials with the upgrade "
+            "or try again shortly",
+            headers={"Retry-After": "5"},
+        )
+    with shares.hold(
+        shares.unauthenticated,
+        client_address(request, http),
+        http.max_unauthenticated_per_address,
+        "http.max_unauthenticated_per_address",
+    ):
+        metrics.websockets_unauthenticated += 1
+        try:
+            await ws.prepare(request)
+            return await _first_auth(request, ws)
+        finally:
+            metrics.websockets_unauthenticated -= 1
+
+
+def _too_many(exc: Full) -> ProblemError:
+    return ProblemError(429, "Too many requests", str(exc), headers={"Retry-After": "5"})
+
+
+def _place(shares: Shares, who: Principal, limit: int) -> contextlib.AbstractContextManager[None]:
+    return shares.hold(
+        shares.websockets, principal_key(who), limit, "http.max_websockets_per_principal"
+    )
 
 
 async def _first_auth(
@@ -136,10 +188,6 @@ async def _first_auth(
         reason = exc.detail if isinstance(exc, Unauthorized) else "authenticate first"
         await ws.close(code=WS_POLICY, message=reason.encode()[:120])
         return None
-    try:
-        await ws.send_str(encoder.encode({"type": "authenticated", "user": who.name}).decode())
-    except ConnectionResetError:
-        return None  # gone right after authenticating
     return who, op.token
 
 

@@ -33,8 +33,9 @@ from jarvisd.http.auth import Unauthorized, authenticate, known
 from jarvisd.http.common import ClientGone
 from jarvisd.http.errors import ProblemError, problem
 from jarvisd.http.followers import Followers
-from jarvisd.http.keys import ADMITTED, FOLLOWERS, HTTP_METRICS, RUNTIME
+from jarvisd.http.keys import ADMITTED, FOLLOWERS, HTTP_METRICS, RUNTIME, SHARES
 from jarvisd.http.metrics import HttpMetrics
+from jarvisd.http.shares import Shares
 from jarvisd.lists import ListCache
 from jarvisd.principals import PrincipalCache, internal_channel
 from jarvisd.runtime import Runtime
@@ -193,6 +194,7 @@ def build_app(runtime: Runtime) -> web.Application:
     app[RUNTIME] = runtime
     app[HTTP_METRICS] = HttpMetrics()
     app[FOLLOWERS] = Followers(runtime.principals)
+    app[SHARES] = Shares()
     health.add_routes(app)
     api.add_routes(app)
     openapi.add_routes(app)

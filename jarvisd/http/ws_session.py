@@ -22,7 +22,8 @@ from actors.data.model import Principal
 from actors.pubsub import Delivery, Detach, Subscribe, Subscriber, Unsubscribe
 from jarvisd.http.auth import Unauthorized, principal_of
 from jarvisd.http.channels import Channel, Pattern, Rules
-from jarvisd.http.keys import FOLLOWERS
+from jarvisd.http.keys import FOLLOWERS, SHARES
+from jarvisd.http.shares import principal_key
 from jarvisd.principals import bearer_key
 from jarvisd.runtime import Runtime
 
@@ -124,6 +125,27 @@ class Session:
         # Frames delivered in one turn of the event loop go out in one write.
         self.out: list[bytes] = []
         self.out_bytes = 0
+        # What this socket counts against its user's share of subscriptions.
+        self.shares = request.app[SHARES]
+        self.share_key = principal_key(who)
+        self.held_channels: set[str] = set()
+        self.held_patterns: set[str] = set()
+
+    def _take(self, channels: tuple[str, ...], patterns: tuple[str, ...]) -> str | None:
+        new_c = [c for c in channels if c not in self.held_channels]
+        new_p = [p for p in patterns if p not in self.held_patterns]
+        why = self.shares.take_subscriptions(self.share_key, new_c, new_p, self.rt.settings.pubsub)
+        if why is None:
+            self.held_channels.update(new_c)
+            self.held_patterns.update(new_p)
+        return why
+
+    def _give_back(self, channels: tuple[str, ...], patterns: tuple[str, ...]) -> None:
+        gone_c = [c for c in channels if c in self.held_channels]
+        gone_p = [p for p in patterns if p in self.held_patterns]
+        self.held_channels.difference_update(gone_c)
+        self.held_patterns.difference_update(gone_p)
+        self.shares.give_back_subscriptions(self.share_key, gone_c, gone_p)
 
     def _deliver(self, item: Delivery) -> bool:
         if item.kind == "down" or (
@@ -196,6 +218,7 @@ class Session:
         channels = tuple(c for c in self.sub.channels if not self.rules.may_subscribe(who, c))
         patterns = tuple(p for p in self.sub.patterns if not self.rules.may_pattern(who, p))
         if channels or patterns:
+            self._give_back(channels, patterns)
             await self.pubsub.ask(Unsubscribe(self.sub, channels, patterns), timeout=10)
             await self._send(
                 {
@@ -229,6 +252,7 @@ class Session:
             log.info("ws_client_gone", user=self.who.name)
         finally:
             followers.remove(self)
+            self._give_back(tuple(self.held_channels), tuple(self.held_patterns))
             if self._recheck is not None:
                 self._recheck.cancel()
                 await asyncio.gather(self._recheck, return_exceptions=True)
@@ -280,12 +304,18 @@ class Session:
                     }
                 )
                 return
+            why = self._take(channels, patterns)
+            if why is not None:
+                await self._send({"type": "error", "op": "subscribe", "error": why})
+                return
             try:
                 await self.pubsub.ask(Subscribe(self.sub, channels, patterns), timeout=10)
             except Exception as exc:  # Redis unreachable: say so, keep the socket
+                self._give_back(channels, patterns)
                 await self._send({"type": "error", "op": "subscribe", "error": str(exc)})
                 return
             await self._send({"type": "subscribed", "channels": channels, "patterns": patterns})
         else:
+            self._give_back(channels, patterns)
             await self.pubsub.ask(Unsubscribe(self.sub, channels, patterns), timeout=10)
             await self._send({"type": "unsubscribed", "channels": channels, "patterns": patterns})
