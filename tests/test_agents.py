@@ -9,6 +9,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -24,7 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from actors.redis_link import RedisClient, connect_redis
 from config import LoadedConfig
-from tests.servers import SINGLE_AND_CLUSTER, redis_url_for
+from tests.servers import SINGLE_AND_CLUSTER, delete_acl_users, redis_url_for, unlink_prefix
 from tests.test_api import Api
 from tests.test_bus import eventually
 from tests.test_http import start_daemon
@@ -357,3 +358,58 @@ async def test_agent_names_ids_and_roles_are_checked(api: Api, agents: Any) -> N
     for bad in ("", "has space", "x" * 65, "a:b", "*"):
         assert (await api.call("POST", "/agents", local=True, json={"name": bad}))[0] == 400
     assert (await api.call("DELETE", "/agents/nobody", local=True))[0] == 404
+
+
+async def test_an_agent_of_one_instance_cannot_reach_another_on_the_same_redis(
+    api: Api,
+    agents: Any,
+    make_config: Callable[..., LoadedConfig],
+    db_factory: Any,
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    mine = await agents("a-agent")
+    prefix = api.r.daemon.settings.redis.prefix
+    other_prefix = f"jt:{uuid.uuid4().hex[:10]}:"
+    other_dsn = await db_factory.create()
+    loaded = make_config(
+        redis={"prefix": other_prefix},
+        postgres={"dsn": other_dsn},
+        daemon={"state_dir": str(tmp_path / "other")},
+        http={"unix_socket": str(tmp_path / "other.sock")},
+        bus=FAST,
+    )
+    try:
+        async for other in start_daemon(loaded):
+            await other.wait_ready()
+            other_api = Api(other, str(tmp_path / "other.sock"))
+            try:
+                status, _h, made = await other_api.call(
+                    "POST", "/agents", local=True, json={"name": "b-agent"}
+                )
+                assert status == 201, made
+                theirs = Agent(made)
+                client = theirs.client()
+                for stream in (mine.inbox, api.r.daemon.settings.inbox):
+                    with pytest.raises(NoPermissionError):
+                        await client.xadd(stream, {"envelope": envelope("cross")})
+                for channel in (
+                    f"{prefix}events",
+                    f"{prefix}internal:principals",
+                    f"{prefix}internal:agents",
+                    mine.inbox,
+                ):
+                    with pytest.raises(NoPermissionError):
+                        await client.publish(channel, envelope("cross"))
+                listener = await subscriber(client)
+                await listener.subscribe(f"{prefix}approvals")
+                with pytest.raises(NoPermissionError):
+                    await confirmations(listener, 1)
+                await listener.aclose()
+                await theirs.close()
+            finally:
+                await other_api.unix.close()
+    finally:
+        await unlink_prefix(redis_url, other_prefix)
+        await delete_acl_users(redis_url, other_prefix)
+        await db_factory.drop(other_dsn)

@@ -152,3 +152,32 @@ async def test_a_websocket_client_that_leaves_mid_operation_is_no_server_error(
     async with api.r.session.get(api.base + "/metrics") as resp:
         metrics = await resp.text()
     assert 'status="500"' not in metrics
+
+
+async def test_an_agent_reports_only_on_the_commands_it_sent(api: Api) -> None:
+    _a, agent = await api.user("reporting-agent", "agent")
+    _b, other_agent = await api.user("other-agent", "agent")
+    uid, user = await api.user("commander")
+    _s, _h, theirs = await api.call(
+        "POST", "/commands", token=user, json={"action": "transfer_funds"}
+    )
+    _s, _h, others = await api.call("POST", "/commands", token=other_agent, json={"action": "x"})
+    _s, _h, mine = await api.call(
+        "POST", "/commands", token=agent, json={"action": "x", "userId": uid}
+    )
+    for cmd in (theirs, others):
+        for status in ("running", "cancelled"):
+            code, _h, problem = await api.call(
+                "PUT", f"/commands/{cmd['id']}", token=agent, json={"status": status}
+            )
+            assert code == 403, problem
+            assert "commands it sent" in problem["detail"]
+    _s, _h, approval = await api.call("GET", f"/approvals/{theirs['approvalId']}", local=True)
+    assert approval["status"] == "pending"
+    code, _h, running = await api.call(
+        "PUT", f"/commands/{mine['id']}", token=agent, json={"status": "running"}
+    )
+    assert (code, running["status"]) == (200, "running")
+    assert (await api.call("PUT", "/commands/999999", token=agent, json={"status": "running"}))[
+        0
+    ] == 404

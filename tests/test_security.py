@@ -201,10 +201,13 @@ async def test_a_standalone_request_cannot_attach_to_someone_elses_critical_comm
 
 
 async def test_an_agent_status_report_cannot_approve_a_waiting_command(api: Api) -> None:
-    _u, user = await api.user("asker")
+    uid, _user = await api.user("asker")
     _a, agent = await api.user("reporter", "agent")
     _, _, cmd = await api.call(
-        "POST", "/commands", token=user, json={"action": "transfer", "riskScore": 80}
+        "POST",
+        "/commands",
+        token=agent,
+        json={"action": "transfer", "riskScore": 80, "userId": uid},
     )
     url = f"/commands/{cmd['id']}"
     for status_name in ("approved", "rejected", "expired", "awaiting_approval", "pending"):
@@ -217,11 +220,14 @@ async def test_an_agent_status_report_cannot_approve_a_waiting_command(api: Api)
 
 
 async def test_cancelling_a_waiting_command_cancels_its_approval_request(api: Api) -> None:
-    _u, user = await api.user("canceller")
+    uid, _user = await api.user("canceller")
     _a, agent = await api.user("runner-agent", "agent")
     _p, approver = await api.user("approver-2", "approver")
     _, _, cmd = await api.call(
-        "POST", "/commands", token=user, json={"action": "transfer", "riskScore": 80}
+        "POST",
+        "/commands",
+        token=agent,
+        json={"action": "transfer", "riskScore": 80, "userId": uid},
     )
     status, _h, cancelled = await api.call(
         "PUT", f"/commands/{cmd['id']}", token=agent, json={"status": "cancelled"}
@@ -817,12 +823,15 @@ async def test_a_request_id_belongs_to_its_sender_and_tells_nothing_of_the_other
 
 
 async def test_deciding_while_the_command_is_cancelled_never_deadlocks(api: Api) -> None:
-    _u, user = await api.user("racer")
+    uid, _user = await api.user("racer")
     _p, approver = await api.user("racer-approver", "approver")
     _a, agent = await api.user("racer-agent", "agent")
     for _ in range(15):
         _, _, cmd = await api.call(
-            "POST", "/commands", token=user, json={"action": "x", "riskScore": 80}
+            "POST",
+            "/commands",
+            token=agent,
+            json={"action": "x", "riskScore": 80, "userId": uid},
         )
         results = await asyncio.gather(
             api.call("PUT", f"/approvals/{cmd['approvalId']}/approve", token=approver),

@@ -134,6 +134,7 @@ class UpdateCommandStatus(_Msg, frozen=True):
     change: CommandStatusUpdate
     actor_id: int | None
     actor_name: str = "jarvisd"
+    sent_by: int | None = None  # set: only a command this user sent (Forbidden otherwise)
 
 
 class IngestCommands(_Msg, frozen=True):

@@ -74,6 +74,15 @@ class WorkflowHandlers:
 
     @handles(m.UpdateCommandStatus)
     async def _update_command_status(self, msg: m.UpdateCommandStatus) -> Command:
+        if msg.sent_by is not None:
+            async with self._pool().acquire() as conn:
+                row = await conn.fetchrow(
+                    "SELECT created_by FROM commands WHERE id = $1", msg.command_id
+                )
+            if row is None:
+                raise repo.NotFound(f"no command {msg.command_id}")
+            if row["created_by"] != msg.sent_by:
+                raise repo.Forbidden("an agent reports only on the commands it sent")
         return await self._report(
             msg.command_id, None, msg.change, msg.actor_id, None, msg.actor_name
         )

@@ -4,7 +4,7 @@
 |---|---|---|---|---|
 | POST /commands | for anyone | for anyone | for self | for anyone |
 | GET /commands, /commands/{id} | all | all | own | all |
-| PUT /commands/{id} (running, succeeded, failed, cancelled) | yes | - | - | yes |
+| PUT /commands/{id} (running, succeeded, failed, cancelled) | yes | - | - | the commands it sent |
 | POST /approvals (standalone) | yes | yes | yes | yes |
 | GET /approvals, /approvals/{id} | all | all | own | all |
 | approve, reject (reason required) | yes | not own, not CRITICAL | - | - |
@@ -151,7 +151,12 @@ async def update_command(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ())
     change = await body(request, CommandStatusUpdate)
     msg = m.UpdateCommandStatus(
-        command_id=path_id(request), change=change, actor_id=who.user_id, actor_name=who.name
+        command_id=path_id(request),
+        change=change,
+        actor_id=who.user_id,
+        actor_name=who.name,
+        # An agent speaks only for itself: it reports on the commands it sent.
+        sent_by=who.user_id if who.role == "agent" else None,
     )
     updated = await ask(request, "persistence", msg)
     _changed(request)
