@@ -147,3 +147,32 @@ async def api(make_config: Callable[..., LoadedConfig]) -> AsyncIterator[Api]:
             yield client
         finally:
             await client.unix.close()
+
+
+@pytest.fixture
+async def short_sessions(make_config: Callable[..., LoadedConfig]) -> AsyncIterator[Api]:
+    loaded = make_config(
+        pubsub={"channels": CHANNELS},
+        sessions={"absolute_ttl": 2, "idle_ttl": 2},
+        auth={"cache_ttl": 0.5},
+    )
+    async for running in start_daemon(loaded):
+        await running.wait_ready()
+        client = Api(running, str(loaded.settings.http.unix_socket))
+        try:
+            yield client
+        finally:
+            await client.unix.close()
+
+
+async def test_a_socket_ends_with_its_session_when_the_session_runs_out(
+    short_sessions: Api,
+) -> None:
+    api = short_sessions
+    await api.user("short-lived", password="short-lived password")
+    session = await login(api, "short-lived", "short-lived password")
+    async with aiohttp.ClientSession() as s:
+        ws = await connect(api, session, s)
+        assert (await subscribe(ws, (f"{prefix_of(api)}events",)))["type"] == "subscribed"
+        assert await closed_with(ws, within=4.0) == 1008
+    assert (await api.call("GET", "/commands", token=session))[0] == 401

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import struct
+import time
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -212,6 +213,17 @@ class Session:
             if not self._again:
                 return
 
+    async def _watch_time(self) -> None:
+        """A credential also ends by time — a token's expiry, a login
+        session's deadline or idle timeout: checked at its deadline, and
+        every auth.cache_ttl seconds (which also keeps a used session alive)."""
+        while True:
+            wait = self.rt.settings.auth.cache_ttl
+            if self.who.expires_at is not None:
+                wait = min(wait, max(self.who.expires_at - time.time(), 0.0) + 0.05)
+            await asyncio.sleep(wait)
+            self.recheck_soon()
+
     async def _new_role(self, who: Principal) -> None:
         """The user's role changed: what it may no longer see goes."""
         self.who = who
@@ -244,6 +256,9 @@ class Session:
     async def run(self) -> None:
         followers = self.request.app[FOLLOWERS]
         followers.add(self)
+        timer = None
+        if self.token is not None:
+            timer = asyncio.get_running_loop().create_task(self._watch_time())
         try:
             await self._read()
         except ConnectionResetError:
@@ -252,6 +267,9 @@ class Session:
             log.info("ws_client_gone", user=self.who.name)
         finally:
             followers.remove(self)
+            if timer is not None:
+                timer.cancel()
+                await asyncio.gather(timer, return_exceptions=True)
             self._give_back(tuple(self.held_channels), tuple(self.held_patterns))
             if self._recheck is not None:
                 self._recheck.cancel()
