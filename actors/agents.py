@@ -37,13 +37,14 @@ __all__ = [
 ]
 
 # What any Redis client needs to connect, name itself and find a cluster's slots.
+# (No SELECT unless the daemon's database is not 0: in another database an
+# agent's inbox key would be nobody's, never read nor trimmed.)
 _CONNECT = (
     "+ping",
     "+echo",
     "+hello",
     "+auth",
     "+quit",
-    "+select",
     "+command",
     "+client|setname",
     "+client|id",
@@ -86,6 +87,7 @@ def acl_rules(
     secret_hash: str,
     channels: list[str],
     setinfo: bool = True,
+    select: bool = False,
 ) -> list[str]:
     """The arguments of ``ACL SETUSER <user> …`` for an agent (Redis 7 selectors:
     the root rule subscribes; one selector appends to the inbox, one publishes)."""
@@ -101,6 +103,7 @@ def acl_rules(
         "-@all",
         *_CONNECT,
         *(("+client|setinfo",) if setinfo else ()),
+        *(("+select",) if select else ()),
         "+subscribe",
         "+unsubscribe",
         *(f"&{c}" for c in (*events, replies, *channels)),

@@ -215,8 +215,13 @@ class Bus(RedisClientActor):
                 await _discard(running.popleft())
 
     async def _refresh_inboxes(self) -> bool:
-        """Read the agents again; True when inboxes were added."""
-        added, removed = await self.registry.refresh(self._client())
+        """Read the agents again; True when inboxes were added. While the
+        database does not answer (at start, say), it is asked again each second."""
+        changed = await self.registry.refresh(self._client())
+        if changed is None:
+            self._next_agents = min(self._next_agents, time.monotonic() + 1.0)
+            return False
+        added, removed = changed
         if added:
             await self._ensure_groups(added)
         self._grouped.difference_update(removed)

@@ -14,6 +14,7 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 from redis.asyncio.cluster import RedisCluster
@@ -93,16 +94,16 @@ class Registry:
         self.applied.clear()
         self.deleted.clear()
 
-    async def refresh(self, client: Any) -> tuple[list[str], list[str]]:
+    async def refresh(self, client: Any) -> tuple[list[str], list[str]] | None:
         """Read the agents, apply their ACL users, and update the inboxes;
-        returns the streams added and removed. A database that does not
-        answer keeps the inboxes as they are."""
+        returns the streams added and removed, or None when the database did
+        not answer (the inboxes stay as they are; try again soon)."""
         async with self.lock:
             try:
                 agents = await self.persistence.ask(ListAgents(), timeout=10)
             except Exception as exc:
                 self.log.debug("bus_agents_not_read", error=repr(exc))
-                return [], []
+                return None
             if not self.probed:
                 self.setinfo = _version(await client.info("server")) >= (7, 2)
                 self.probed = True
@@ -173,6 +174,7 @@ class Registry:
             secret_hash=agent.secret_hash,
             channels=self.channels,
             setinfo=self.setinfo,
+            select=database_of(self.url) != 0,
         )
 
     async def _setuser(self, client: Any, user: str, agent: Any) -> None:
@@ -198,6 +200,13 @@ class Registry:
         except ResponseError as exc:
             if "ACL file" not in str(exc) and "aclfile" not in str(exc).lower():
                 self.log.warning("bus_acl_save_failed", error=str(exc))
+
+
+def database_of(url: str) -> int:
+    """The database number a Redis URL names (0 when none)."""
+    parts = urlsplit(url)
+    found = parse_qs(parts.query).get("db", [""])[0] or parts.path.strip("/")
+    return int(found) if found.isdigit() else 0
 
 
 def _version(info: Any) -> tuple[int, ...]:

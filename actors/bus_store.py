@@ -36,9 +36,15 @@ class Dead(msgspec.Struct, frozen=True):
     id: str = ""  # the envelope's id, where it could be read
 
 
+# A dead letter keeps the envelope's first bytes (the reason is the record;
+# the envelope is its sender's own): an agent filling the dead-letter stream
+# with large envelopes costs at most bus.dead_max_length times this.
+DEAD_ENVELOPE_BYTES = 8192
+
+
 def dead_fields(d: Dead, path: str, consumer: str) -> dict[Any, Any]:
     return {
-        "envelope": d.raw[:65_536],
+        "envelope": d.raw[:DEAD_ENVELOPE_BYTES],
         "reason": d.reason[:1000],
         "deliveries": d.count,
         "entry": d.entry,

@@ -44,6 +44,7 @@ from actors.redis_link import REDIS_FAILURES, RedisClientActor, RedisUnavailable
 from config import PubSubSettings, RedisSettings
 
 __all__ = [
+    "CLIENTS_PUBSUB",
     "Delivery",
     "Detach",
     "PubSub",
@@ -54,6 +55,9 @@ __all__ = [
     "Unsubscribe",
 ]
 
+# The name of the second pub/sub actor: the channels agents and clients can
+# publish on, and WebSocket clients (the daemon's own channels are on "pubsub").
+CLIENTS_PUBSUB = "pubsub-clients"
 Overflow = Literal["close", "drop"]
 # What ends a listener connection: Redis failing, an unanswered PING, a closed client.
 _LISTENER_FAILURES: tuple[type[BaseException], ...] = (*REDIS_FAILURES, TimeoutError, RuntimeError)

@@ -114,6 +114,12 @@ class EmbeddedSettings(_Section, frozen=True):
     # and the valkey-server or redis-server executable).
     postgres_bin_dir: str | None = None
     valkey_bin: str | None = None
+    # The embedded Valkey's memory, and the largest value one command may
+    # carry (agents write to it: neither a flood nor one huge entry takes
+    # the host's memory; past them, writes are refused). cache.max_value_bytes
+    # must stay below valkey_max_value.
+    valkey_max_memory: Annotated[str, msgspec.Meta(pattern=r"^[0-9]+(kb|mb|gb)?$")] = "1gb"
+    valkey_max_value: Annotated[str, msgspec.Meta(pattern=r"^[0-9]+(kb|mb|gb)?$")] = "2mb"
     start_timeout: PositiveFloat = 60.0
 
 
@@ -219,7 +225,7 @@ class BusSettings(_Section, frozen=True):
     # The stream is trimmed to what is not yet processed; past max_length
     # entries (a backlog nobody consumes) the oldest go anyway.
     max_length: PositiveInt = 1_000_000
-    dead_max_length: PositiveInt = 100_000
+    dead_max_length: PositiveInt = 10_000
     trim_interval: PositiveFloat = 10.0
 
 

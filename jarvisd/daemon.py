@@ -31,7 +31,7 @@ from actors.data.messages import EnsureAdmin
 from actors.embedded import EmbeddedPostgres, EmbeddedValkey, RunAs
 from actors.logins import Logins
 from actors.persistence import Persistence
-from actors.pubsub import PubSub
+from actors.pubsub import CLIENTS_PUBSUB, PubSub
 from actors.redis_link import RedisLink
 from actors.sessions import Sessions
 from config import ConfigError, LoadedConfig, Settings, load_settings
@@ -83,6 +83,8 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
             run_as=run_as,
             binary=settings.embedded.valkey_bin,
             start_timeout=settings.embedded.start_timeout,
+            max_memory=settings.embedded.valkey_max_memory,
+            max_value=settings.embedded.valkey_max_value,
         )
         vk.health_interval = interval
         actors.append(vk)
@@ -107,6 +109,17 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
         key_source=persistence,  # login sessions are signed under a key kept in PostgreSQL
     )
     pubsub = PubSub(settings.redis, settings.pubsub, redis_url, health_interval=interval)
+    # A connection of its own for what agents and clients can publish on (the
+    # inboxes' channels, pubsub.channels) and for WebSocket clients: a flood
+    # of big messages there can cost those a gap, never the daemon's own
+    # channels (caller invalidations, events for its caches, approval waiters).
+    clients = PubSub(
+        settings.redis,
+        settings.pubsub,
+        redis_url,
+        name=CLIENTS_PUBSUB,
+        health_interval=interval,
+    )
     persistence.events = pubsub  # committed changes are announced on Redis
     approvals = Approvals(
         settings.approvals,
@@ -125,15 +138,16 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
         consumer=consumer_name(settings),
         persistence=persistence,
         cache=cache,
-        pubsub=pubsub,
+        pubsub=clients,
         pubsub_settings=settings.pubsub,
         health_interval=interval,
     )
-    actors += [persistence, redis, cache, sessions, logins, pubsub, approvals, bus]
+    actors += [persistence, redis, cache, sessions, logins, pubsub, clients, approvals, bus]
     checks = [
         Check("postgres", persistence, "datastore"),
         Check("redis", redis, "datastore"),
         Check("pubsub", pubsub, "component"),
+        Check(CLIENTS_PUBSUB, clients, "component", critical=False),
         Check("bus", bus, "component", critical=False),
         Check("approvals", approvals, "component", critical=False),
         *checks,

@@ -6,6 +6,7 @@ credentials against the real Redis (or Redis Cluster), and refused."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -413,3 +414,47 @@ async def test_an_agent_of_one_instance_cannot_reach_another_on_the_same_redis(
         await unlink_prefix(redis_url, other_prefix)
         await delete_acl_users(redis_url, other_prefix)
         await db_factory.drop(other_dsn)
+
+
+async def test_an_agent_flooding_its_channel_costs_the_daemons_own_channels_nothing(
+    api: Api, agents: Any
+) -> None:
+    """Big messages on what agents can publish on may cost clients a gap (a
+    connection of their own), never the daemon's own channels: the caller
+    cache's invalidations, the events its caches follow."""
+    pc = await agents("flooder")
+    client = pc.client()
+    main = api.r.daemon.supervisor.get("pubsub")
+    before = main.snapshot()["pubsub"]["reconnects"]
+    big = b"A" * 3_000_000
+    for _ in range(20):
+        # (The embedded Valkey takes no value over embedded.valkey_max_value.)
+        with contextlib.suppress(RedisConnectionError, ResponseError):
+            await client.publish(pc.inbox, big)
+    await asyncio.sleep(1.0)
+    assert main.snapshot()["pubsub"]["reconnects"] == before
+    assert api.r.daemon.runtime.principals.enabled
+    assert api.r.daemon.supervisor.get("bus").snapshot()["crashes"] == 0
+
+
+async def test_agents_added_before_a_restart_are_read_from_the_start(
+    make_config: Callable[..., LoadedConfig], db: asyncpg.Connection
+) -> None:
+    loaded = make_config(bus=FAST)
+    sock = str(loaded.settings.http.unix_socket)
+    async for running in start_daemon(loaded):
+        await running.wait_ready()
+        first = Api(running, sock)
+        status, _h, made = await first.call("POST", "/agents", local=True, json={"name": "early"})
+        assert status == 201, made
+        await first.unix.close()
+    agent = Agent(made)
+    async for _running in start_daemon(loaded):
+        client = agent.client()
+        await client.xadd(agent.inbox, {"envelope": envelope("after-restart")})
+
+        async def read() -> bool:
+            return len(await commands(db)) == 1
+
+        await eventually(read, timeout=10)
+        await agent.close()

@@ -324,9 +324,11 @@ async def test_users_see_only_their_own_commands(api: Api) -> None:
 
 
 async def test_status_reports_follow_the_state_machine(api: Api) -> None:
-    _u, user = await api.user("jim")
+    uid, user = await api.user("jim")
     _a, agent = await api.user("runner", "agent")
-    _, _, cmd = await api.call("POST", "/commands", token=user, json={"action": "play_music"})
+    _, _, cmd = await api.call(
+        "POST", "/commands", token=agent, json={"action": "play_music", "userId": uid}
+    )
     url = f"/commands/{cmd['id']}"
     assert (await api.call("PUT", url, token=user, json={"status": "running"}))[0] == 403
     status, _h, running = await api.call("PUT", url, token=agent, json={"status": "running"})

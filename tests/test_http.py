@@ -92,6 +92,7 @@ async def test_ready_passes_with_postgres_and_redis_checks(running: Running) -> 
         "sessions",
         "logins",
         "pubsub",
+        "pubsub-clients",
         "approvals",
         "bus",
     }

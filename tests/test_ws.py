@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from actors.pubsub import Publish
+from actors.pubsub import CLIENTS_PUBSUB, Publish
 from config import LoadedConfig
 from tests.servers import SINGLE_AND_CLUSTER, redis_url_for
 from tests.test_api import Api
@@ -252,7 +252,7 @@ async def test_one_stalled_client_is_dropped_with_1013_and_never_delays_the_othe
         readers = [await connect(api, agent, s) for _ in range(5)]
         for ws in readers:
             await subscribe(ws, ("firehose",))
-        pubsub = api.r.daemon.supervisor.get("pubsub")
+        pubsub = api.r.daemon.supervisor.get(CLIENTS_PUBSUB)
 
         async def read_all(ws: aiohttp.ClientWebSocketResponse) -> int:
             return len(await messages(ws, 300, timeout=30))
@@ -282,7 +282,7 @@ async def test_one_stalled_client_is_dropped_with_1013_and_never_delays_the_othe
         for ws in readers:
             await ws.close()
     _s, _h, stats = await api.call("GET", "/stats", local=True)
-    assert stats["actors"]["pubsub"]["pubsub"]["droppedSubscribers"] == 1
+    assert stats["actors"][CLIENTS_PUBSUB]["pubsub"]["droppedSubscribers"] == 1
 
 
 async def test_a_redis_restart_gives_subscribed_clients_a_gap_then_new_messages(

@@ -51,11 +51,17 @@ class EmbeddedValkey(ChildServer):
         binary: str | None = None,
         start_timeout: float = 30.0,
         appendonly: bool = True,
+        max_memory: str = "1gb",
+        max_value: str = "2mb",
         name: str = "embedded-valkey",
     ) -> None:
         super().__init__(name, state_dir, run_as, start_timeout=start_timeout)
         self.binary_override = binary
         self.appendonly = appendonly
+        # Agents write to this server: no one value, and not all of them
+        # together, may take the host's memory (writes past it are refused).
+        self.max_memory = max_memory
+        self.max_value = max_value
         self.root = embedded_home(state_dir, run_as) / "valkey"
         self.socket_dir = runtime_dir(state_dir, run_as) / "valkey"
         self.socket_path = self.socket_dir / "valkey.sock"
@@ -121,6 +127,12 @@ class EmbeddedValkey(ChildServer):
             "",
             "--aclfile",
             str(self.acl_file),
+            "--maxmemory",
+            self.max_memory,
+            "--maxmemory-policy",
+            "noeviction",
+            "--proto-max-bulk-len",
+            self.max_value,
         ]
         await self.spawn(argv, cwd=self.root, log_path=self.root / "valkey.log")
         await self._wait_ready()

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from actors.agents import acl_lines, acl_rules, acl_user, agent_inbox, agent_replies, agent_url
 from actors.bus import AclState, ApplyAgents
-from actors.bus_agents import agents_channel
+from actors.bus_agents import agents_channel, database_of
 from actors.data import messages as m
 from actors.data.model import Principal, Username
 from actors.data.repo import Agent, NotFound
@@ -91,6 +91,7 @@ async def create_agent(request: web.Request, _who: Principal) -> web.Response:
             secret_hash=agent.secret_hash,
             channels=list(s.pubsub.channels),
             setinfo=state.setinfo,
+            select=database_of(state.redis_url) != 0,
         )
         lines = acl_lines(user, rules)
     created = AgentCreated(

@@ -20,7 +20,7 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from actors.data.model import Principal
-from actors.pubsub import Delivery, Detach, Subscribe, Subscriber, Unsubscribe
+from actors.pubsub import CLIENTS_PUBSUB, Delivery, Detach, Subscribe, Subscriber, Unsubscribe
 from jarvisd.http.auth import Unauthorized, principal_of
 from jarvisd.http.channels import Channel, Pattern, Rules
 from jarvisd.http.keys import FOLLOWERS, SHARES
@@ -119,7 +119,7 @@ class Session:
         self._recheck: asyncio.Task[None] | None = None
         self._again = False
         self.rules = Rules(rt)
-        self.pubsub = rt.actor("pubsub")
+        self.pubsub = rt.actor(CLIENTS_PUBSUB)
         self.limit = rt.settings.pubsub.client_buffer_bytes
         self.closing: asyncio.Task[None] | None = None
         self.sub = Subscriber(f"ws:{who.name}", sink=self._deliver, on_close=self._closed)
