@@ -250,7 +250,7 @@ DEFAULT_RULES: tuple[RiskRule, ...] = (
     RiskRule(action="format*", score=95),
     RiskRule(action="wipe*", score=95),
     RiskRule(action="rm", score=90),
-    RiskRule(action="rm_*", score=90),
+    RiskRule(action="rm[_.:-]*", score=90),
     RiskRule(action="transfer*", score=85),
     RiskRule(action="pay*", score=85),
     RiskRule(action="purchase*", score=85),
@@ -285,7 +285,10 @@ class ApprovalSettings(_Section, frozen=True):
     max_waiters_per_principal: PositiveInt = 100
 
     def score(self, action: str) -> int:
-        """The policy's score for ``action``: the first matching rule's, else the default."""
+        """The policy's score for ``action``: the first matching rule's, else
+        the default. A name made of parts (``agent:shell_exec``, ``rm-rf``,
+        ``files.delete``) is scored as its whole and as each part onward, and
+        the highest score counts: no prefix hides a risky verb."""
         rules = tuple((r.action, r.score) for r in self.rules)
         return _score(rules, self.default_score, action)
 
@@ -300,11 +303,21 @@ def _policy(rules: tuple[tuple[str, int], ...]) -> re.Pattern[str]:
     return re.compile("|".join(parts) or "(?!)")
 
 
+_PARTS = re.compile(r"[:._-]")
+
+
 @functools.lru_cache(maxsize=4096)
 def _score(rules: tuple[tuple[str, int], ...], default: int, action: str) -> int:
-    found = _policy(rules).match(action.casefold())
+    name = action.casefold()
+    tails = [name, *(name[m.end() :] for m in _PARTS.finditer(name))]
+    scores = [s for s in (_first(rules, tail) for tail in tails if tail) if s is not None]
+    return max(scores) if scores else default
+
+
+def _first(rules: tuple[tuple[str, int], ...], name: str) -> int | None:
+    found = _policy(rules).match(name)
     if found is None:
-        return default
+        return None
     # fnmatch's own groups may nest inside: the rule is the r<i> group that matched.
     return next(rules[i][1] for i in range(len(rules)) if found.group(f"r{i}") is not None)
 

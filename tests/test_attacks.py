@@ -181,3 +181,32 @@ async def test_an_agent_reports_only_on_the_commands_it_sent(api: Api) -> None:
     assert (await api.call("PUT", "/commands/999999", token=agent, json={"status": "running"}))[
         0
     ] == 404
+
+
+@pytest.mark.parametrize(
+    ("action", "score"),
+    [("rm-rf", 90), ("rm.rf", 90), ("agent:shell_exec", 95), ("files.delete", 80)],
+)
+async def test_no_prefix_or_separator_hides_a_risky_verb_from_the_policy(
+    api: Api, action: str, score: int
+) -> None:
+    _uid, agent = await api.user("parts-agent", "agent")
+    status, _h, command = await api.call("POST", "/commands", token=agent, json={"action": action})
+    assert status == 201, command
+    assert (command["riskScore"], command["status"]) == (score, "awaiting_approval")
+
+
+async def test_nul_in_what_postgresql_stores_is_refused_with_where_it_is(api: Api) -> None:
+    _uid, agent = await api.user("nul-agent", "agent")
+    status, _h, problem = await api.call(
+        "POST", "/commands", token=agent, json={"action": "x", "parameters": {"a": ["b\u0000"]}}
+    )
+    assert status == 400
+    assert "NUL" in problem["detail"]
+    assert "$.parameters.a[0]" in problem["detail"]
+    # Redis holds it well: a cache value may carry one.
+    status, _h, _b = await api.call(
+        "POST", "/cache/set", token=agent, json={"key": "k", "value": "b\u0000"}
+    )
+    assert status == 200
+    assert (await api.call("DELETE", "/agents/a%00b", local=True))[0] == 404

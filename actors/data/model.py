@@ -154,7 +154,10 @@ class _Wire(msgspec.Struct, rename="camel", kw_only=True, frozen=True):
 
 
 class _Input(msgspec.Struct, rename="camel", kw_only=True, frozen=True, forbid_unknown_fields=True):
-    pass
+    """A body whose values are stored in PostgreSQL (which refuses NUL)."""
+
+
+StoredInput = _Input
 
 
 # -- users and tokens ----------------------------------------------------------------

@@ -12,6 +12,7 @@ operator applies on every Redis node.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 
 import msgspec
@@ -115,7 +116,7 @@ async def list_agents(request: web.Request, _who: Principal) -> web.Response:
 async def revoke_agent(request: web.Request, _who: Principal) -> web.Response:
     reject_unknown_params(request, ())
     name = request.match_info["name"]
-    if len(name) > 64:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", name):
         raise ProblemError(404, "Not found", "no such agent")
     try:
         agent = await ask(request, "persistence", m.RevokeAgent(name=name))

@@ -16,6 +16,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from actors.data.listing import ListError, ListSpec, parse_integer, parse_list
+from actors.data.model import StoredInput, nul_path
 from jarvisd.http.errors import ProblemError
 from jarvisd.http.keys import RUNTIME
 
@@ -150,7 +151,17 @@ async def body(request: web.Request, typ: type[T]) -> T:
             raise ProblemError(
                 400, "Invalid JSON", f"JSON nested deeper than {MAX_JSON_DEPTH} levels"
             )
-        return _decode(raw, typ)
+        decoded = _decode(raw, typ)
+        if b"\\u0000" in raw and isinstance(typ, type) and issubclass(typ, StoredInput):
+            # PostgreSQL stores no NUL in text or jsonb: say where, before it refuses.
+            where = nul_path(msgspec.json.decode(raw))
+            if where is not None:
+                raise ProblemError(
+                    400,
+                    "Invalid body",
+                    f"NUL character (\\u0000) at {where[:200]}: it cannot be stored",
+                )
+        return decoded
     except msgspec.ValidationError as exc:
         raise ProblemError(400, "Invalid body", str(exc)) from None
     except msgspec.DecodeError as exc:
