@@ -80,6 +80,8 @@ async def bench_daemon(
         # The shared inbox: one stream, read as an agent's own inbox is (the
         # same XREADGROUP); the producers write it as the daemon's own user.
         JARVISD_BUS__SHARED_INBOX="true",
+        # The fan-out benchmark's channels pass through (pubsub.channels).
+        JARVISD_PUBSUB__CHANNELS='["user_activity", "bench-*"]',
         JARVISD_DAEMON__STATE_DIR=folder,
         JARVISD_HTTP__PORT=str(port),
         JARVISD_DAEMON__LOG_LEVEL="warning",

@@ -89,6 +89,13 @@ def _check_value(
     ftype = _field_types(SECTION_TYPES[section])[key]
     if from_env and isinstance(value, str) and value == "" and _optional(ftype):
         return None
+    if from_env and isinstance(value, str) and value.lstrip().startswith("["):
+        # A list in a variable is written as JSON: JARVISD_PUBSUB__CHANNELS='["a", "b*"]'.
+        try:
+            value = msgspec.json.decode(value)
+        except msgspec.DecodeError as exc:
+            issues.append(ConfigIssue(source, f"{section}.{key}", f"invalid JSON list: {exc}"))
+            return msgspec.UNSET
     try:
         return msgspec.convert(value, ftype, strict=not from_env)
     except msgspec.ValidationError as exc:

@@ -299,3 +299,12 @@ def test_cluster_settings_that_cannot_work_are_refused() -> None:
         ("redis.url", "a Redis Cluster is reached over TCP, not unix://"),
         ("redis.prefix", "must not contain { or }"),
     ]
+
+
+def test_a_list_in_an_environment_variable_is_written_as_json(tmp_path: Path) -> None:
+    cfg = tmp_path / "jarvisd.toml"
+    cfg.write_text("[embedded]\nenabled = true\n")
+    loaded = load_settings(cfg, env={"JARVISD_PUBSUB__CHANNELS": '["user_activity", "bench-*"]'})
+    assert loaded.settings.pubsub.channels == ["user_activity", "bench-*"]
+    with pytest.raises(ConfigError, match=r"pubsub\.channels"):
+        load_settings(cfg, env={"JARVISD_PUBSUB__CHANNELS": '["unterminated'})
