@@ -107,6 +107,7 @@ class Registry:
             if not self.probed:
                 self.setinfo = _version(await client.info("server")) >= (7, 2)
                 self.probed = True
+                await self._warn_if_open(client)
             await self._apply(client, agents)
             wanted: dict[str, Inbox] = {}
             if self.shared:
@@ -123,6 +124,26 @@ class Registry:
             removed = [s for s in self.inboxes if s not in wanted]
             self.inboxes = wanted
             return added, removed
+
+    async def _warn_if_open(self, client: Any) -> None:
+        """An open default user (no password) lets anyone who reaches the
+        Redis act as the daemon: agents' own users then protect nothing."""
+        try:
+            found: Any = await self._acl(client, "GETUSER", "default")
+        except ResponseError:
+            return  # not ours to read: the operator set the server up
+        if isinstance(found, dict) and "flags" not in found and b"flags" not in found:
+            found = next(iter(found.values()), None)  # a cluster: one node's answer
+        if isinstance(found, list):  # unparsed: field, value, field, value, …
+            found = dict(zip(found[::2], found[1::2], strict=False))
+        found = {_text(k): v for k, v in (found or {}).items()}
+        flags = {_text(f) for f in found.get("flags") or []}
+        if {"on", "nopass"} <= flags:
+            self.log.warning(
+                "redis_default_user_open",
+                hint="anyone who can reach this Redis acts as the daemon; give the daemon a "
+                "user of its own and turn the default user off (README, Trust model)",
+            )
 
     # -- ACL users ------------------------------------------------------------------------
     async def _apply(self, client: Any, agents: list[Any]) -> None:
@@ -218,3 +239,7 @@ def _version(info: Any) -> tuple[int, ...]:
         return tuple(int(p) for p in str(info.get("redis_version", "0")).split(".")[:2])
     except ValueError:
         return (0,)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

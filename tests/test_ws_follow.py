@@ -56,7 +56,9 @@ async def closed_with(ws: aiohttp.ClientWebSocketResponse, within: float = 1.0) 
             msg = await ws.receive()
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSED, WSMsgType.CLOSING):
                 assert time.monotonic() - started <= within
-                return ws.close_code
+                # The code in the daemon's close frame (the connection may be
+                # cut just after it, which the client's own close_code reports).
+                return int(msg.data) if msg.type == WSMsgType.CLOSE else ws.close_code
 
 
 async def token_id(api: Api, user_id: int) -> int:

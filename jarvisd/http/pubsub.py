@@ -96,6 +96,9 @@ async def _serve(
     caller's place, then serve the socket; ``held`` gives the places back."""
     rt = request.app[RUNTIME]
     shares, http = request.app[SHARES], rt.settings.http
+    # Invalidations from here on, before the socket follows its credential,
+    # are not missed: the session checks again if any came (``since``).
+    since = rt.principals.generation
     who = await authenticate(request)  # 401 for bad credentials; none: an auth op first
     token = bearer(request)
     if who is not None:
@@ -121,7 +124,7 @@ async def _serve(
             await ws.send_str(encoder.encode({"type": "authenticated", "user": who.name}).decode())
         except ConnectionResetError:
             return ws  # gone right after authenticating
-    await Session(rt, request, ws, who, token).run()
+    await Session(rt, request, ws, who, token).run(since)
     return ws
 
 

@@ -253,9 +253,13 @@ class Session:
             if transport is not None and not transport.is_closing():
                 transport.abort()
 
-    async def run(self) -> None:
+    async def run(self, since: int) -> None:
+        """Serve the socket; ``since``: the caller cache's generation when
+        the credential was checked (anything invalidated after, checked again)."""
         followers = self.request.app[FOLLOWERS]
         followers.add(self)
+        if self.rt.principals.generation != since:
+            self.recheck_soon()
         timer = None
         if self.token is not None:
             timer = asyncio.get_running_loop().create_task(self._watch_time())
