@@ -162,7 +162,7 @@ class Registry:
         try:
             for agent in agents:
                 user = acl_user(self.prefix, agent.name)
-                if agent.revoked_at is not None:
+                if not agent.active:  # revoked, disabled, no longer an agent
                     if user not in self.deleted:
                         # Its connections go with it (Redis disconnects them).
                         await self._acl(client, "DELUSER", user)
@@ -175,6 +175,7 @@ class Registry:
                 if self.applied.get(user) != rules:
                     await self._setuser(client, user, agent)
                     changed = True
+            changed |= await self._remove_unknown(client, agents)
             if changed:
                 await self._save(client)
         except ResponseError as exc:
@@ -186,6 +187,19 @@ class Registry:
                 return
             raise
         self.managed, self.error = True, ""
+
+    async def _remove_unknown(self, client: Any, agents: list[Any]) -> bool:
+        """Agents' Redis users of this prefix that no agent has any more (its
+        user was deleted): removed, with their connections."""
+        known = {acl_user(self.prefix, a.name) for a in agents}
+        found: Any = await self._acl(client, "USERS")
+        names = found if isinstance(found, list) else [n for v in found.values() for n in v]
+        mine = {_text(n) for n in names} - known
+        stale = sorted(n for n in mine if n.startswith(acl_user(self.prefix, "")))
+        if stale:
+            await self._acl(client, "DELUSER", *stale)
+            self.log.info("bus_agents_removed", users=stale)
+        return bool(stale)
 
     def _rules(self, agent: Any) -> list[str]:
         return acl_rules(

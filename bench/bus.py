@@ -85,7 +85,8 @@ async def raw_floor(pg_admin_dsn: str, rows: int) -> float:
             async with conn.transaction():
                 await conn.executemany(
                     "INSERT INTO commands (request_id, source, type, action, parameters, description, "
-                    "status, risk_score, risk_category) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9)",
+                    "status, risk_score, risk_category, sender) "
+                    "VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9, 'inbox')",
                     batch,
                 )
         return rows / (time.perf_counter() - started)

@@ -74,7 +74,7 @@ async def ingest(dsn: str, actor: Persistence, total: int, report: Report) -> No
     await init_connection(conn)
     sql = (
         "INSERT INTO commands (request_id, user_id, source, type, action, parameters, description, status, "
-        "risk_score, risk_category) VALUES ($1, NULL, '', $2, $3, $4, $5, 'approved', $6, 'LOW')"
+        "risk_score, risk_category, sender) VALUES ($1, NULL, '', $2, $3, $4, $5, 'approved', $6, 'LOW', 'inbox')"
     )
     raw_rates, actor_rates = [], []
     batch = 1000
@@ -107,12 +107,13 @@ async def ingest(dsn: str, actor: Persistence, total: int, report: Report) -> No
         ]
         started = time.perf_counter()
         for i in range(0, total, batch):
-            chunk = tuple((row, None) for row in mine[i : i + batch])
+            chunk = tuple((row, None, None, "inbox") for row in mine[i : i + batch])
             await actor.ask(m.IngestCommands(rows=chunk), timeout=120)
         actor_rates.append(total / (time.perf_counter() - started))
     # Idempotency: the same batch again inserts nothing and says so.
     again = await actor.ask(
-        m.IngestCommands(rows=tuple((row, None) for row in mine[:batch])), timeout=120
+        m.IngestCommands(rows=tuple((row, None, None, "inbox") for row in mine[:batch])),
+        timeout=120,
     )
     assert all(done.outcome == "exists" for done in again)
     await conn.close()
@@ -140,12 +141,12 @@ async def load(dsn: str, rows: int, report: Report) -> None:
         await conn.execute(f'DROP INDEX "{ix["indexname"]}"')
     await conn.execute(
         "INSERT INTO commands (request_id, user_id, source, type, action, parameters, description, status, "
-        "risk_score, risk_category, created_at) "
+        "risk_score, risk_category, created_at, sender) "
         "SELECT 'load-' || g, NULL, 'bench', (ARRAY['voice','text','api','agent'])[1 + g % 4], 'act_' || (g % 50), "
         "jsonb_build_object('i', g), 'loaded command number ' || g, "
         "(ARRAY['approved','succeeded','failed','awaiting_approval'])[1 + g % 4], g % 100, "
         "CASE WHEN g % 100 < 40 THEN 'LOW' WHEN g % 100 < 70 THEN 'MEDIUM' WHEN g % 100 < 90 THEN 'HIGH' "
-        "ELSE 'CRITICAL' END, now() - make_interval(secs => ($1 - g) / 100.0) "
+        "ELSE 'CRITICAL' END, now() - make_interval(secs => ($1 - g) / 100.0), 'inbox' "
         "FROM generate_series(1, $1) AS g",
         rows,
     )

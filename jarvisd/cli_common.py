@@ -92,10 +92,12 @@ def redis_url(loaded: LoadedConfig) -> str:
 
 async def tell_daemons(loaded: LoadedConfig, what: Any) -> None:
     """Tell every daemon on the configured Redis that a caller changed (the
-    CLI changed a user or a token), so that none trusts a cached identity.
+    CLI changed a user or a token), so that none trusts a cached identity,
+    and that they read the agents again (a user disabled may be an agent).
     No Redis answering means no daemon runs: nothing to tell."""
     import sys
 
+    from actors.bus_agents import agents_channel
     from actors.redis_link import REDIS_FAILURES, connect_redis
     from jarvisd.principals import encode_invalidation, internal_channel
 
@@ -103,6 +105,7 @@ async def tell_daemons(loaded: LoadedConfig, what: Any) -> None:
     client = connect_redis(redis_url(loaded), s.redis, name="jarvisd-cli", timeout=2)
     try:
         await client.publish(internal_channel(s.redis.prefix), encode_invalidation(what))
+        await client.publish(agents_channel(s.redis.prefix), b"changed")
     except REDIS_FAILURES as exc:
         if not s.embedded_redis:
             print(f"jarvisd: could not tell running daemons ({exc})", file=sys.stderr)

@@ -458,3 +458,18 @@ async def test_agents_added_before_a_restart_are_read_from_the_start(
 
         await eventually(read, timeout=10)
         await agent.close()
+
+
+async def test_an_agent_disabled_demoted_or_deleted_loses_its_redis_user(
+    api: Api, agents: Any
+) -> None:
+    for change in ({"disabled": True}, {"role": "user"}, None):
+        pc = await agents(f"gone-{len(str(change))}")
+        assert await pc.client().ping()
+        uid = pc.made["agent"]["userId"]
+        if change is None:
+            assert (await api.call("DELETE", f"/users/{uid}", local=True))[0] == 204
+        else:
+            assert (await api.call("PUT", f"/users/{uid}", local=True, json=change))[0] == 200
+        with pytest.raises(REFUSED):
+            await ping(pc.url)

@@ -31,7 +31,7 @@ from jarvisd.http.common import RouteDoc, ask, body, reply
 from jarvisd.http.errors import ProblemError, reject_unknown_params
 from jarvisd.http.keys import RUNTIME
 
-__all__ = ["ROUTES"]
+__all__ = ["ROUTES", "apply_agents"]
 
 log = structlog.get_logger("jarvisd", actor="http")
 
@@ -80,7 +80,7 @@ async def create_agent(request: web.Request, _who: Principal) -> web.Response:
     reject_unknown_params(request, ())
     new = await body(request, AgentCreate)
     agent, password = await ask(request, "persistence", m.CreateAgent(name=new.name))
-    state = await _apply(request)
+    state = await apply_agents(request)
     s = request.app[RUNTIME].settings
     user = acl_user(s.redis.prefix, agent.name)
     lines: list[str] = []
@@ -122,11 +122,11 @@ async def revoke_agent(request: web.Request, _who: Principal) -> web.Response:
         agent = await ask(request, "persistence", m.RevokeAgent(name=name))
     except NotFound:
         raise ProblemError(404, "Not found", f"no agent {name[:64]!r}") from None
-    await _apply(request)
+    await apply_agents(request)
     return reply(_info(request, agent))
 
 
-async def _apply(request: web.Request) -> AclState:
+async def apply_agents(request: web.Request) -> AclState:
     """Apply the agents to Redis now, here; and tell the other daemons."""
     state: AclState = await ask(request, "bus", ApplyAgents())
     prefix = request.app[RUNTIME].settings.redis.prefix

@@ -31,6 +31,7 @@ from actors.data.model import (
 )
 from actors.data.repo import USERS
 from actors.sessions import Session, SessionList, SessionRevokeAll
+from jarvisd.http.agents import apply_agents
 from jarvisd.http.auth import forbidden, forget, require
 from jarvisd.http.common import RouteDoc, ask, body, list_query, listed, path_id, reply
 from jarvisd.http.errors import reject_unknown_params
@@ -96,6 +97,8 @@ async def update_user(request: web.Request, who: Principal) -> web.Response:
         await ask(request, "logins", SessionRevokeAll(user_id))
     if any(v is not msgspec.UNSET for v in (change.role, change.disabled, change.password)):
         await forget(request, Invalidation(kind="user", user_id=user_id))
+    if change.role is not msgspec.UNSET or change.disabled is not msgspec.UNSET:
+        await apply_agents(request)  # an agent disabled or demoted: its Redis user goes too
     return reply(user)
 
 
@@ -108,6 +111,7 @@ async def delete_user(request: web.Request, who: Principal) -> web.Response:
     await forget(request, Invalidation(kind="user", user_id=user_id))
     for store in SESSION_STORES:
         await ask(request, store, SessionRevokeAll(user_id))
+    await apply_agents(request)  # an agent's Redis user goes with it
     return web.Response(status=204)
 
 

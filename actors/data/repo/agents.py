@@ -25,9 +25,14 @@ class Agent(_Wire, frozen=True):
     created_at: datetime
     revoked_at: datetime | None
     secret_hash: str = msgspec.field(default="")
+    # Its Redis user may be used: not revoked, and its user enabled and still an agent.
+    active: bool = True
 
 
-_COLUMNS = "u.username AS name, a.user_id, a.created_at, a.revoked_at, a.secret_hash"
+_COLUMNS = (
+    "u.username AS name, a.user_id, a.created_at, a.revoked_at, a.secret_hash, "
+    "(a.revoked_at IS NULL AND NOT u.disabled AND u.role = 'agent') AS active"
+)
 
 
 async def create_agent(conn: asyncpg.Connection, name: str) -> tuple[Agent, str]:
