@@ -37,17 +37,16 @@ import asyncio
 import collections
 import random
 import time
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from redis.exceptions import ResponseError
 
 from actors.bus_agents import AclState, ApplyAgents, Inbox, Registry, agents_channel
+from actors.bus_published import PublishedReader
 from actors.bus_routes import DependencyDown, Item, Outcome, Router
-from actors.bus_store import Dead, dead_fields, refusal, stream_id, text, xtrim
+from actors.bus_store import BusStats, Dead, Settler, text
 from actors.envelope import CommandRequested, Malformed, parse
 from actors.kernel import Actor, Health, handles
-from actors.pubsub import Delivery, Detach, Subscribe, Subscriber, Unsubscribe
 from actors.redis_link import REDIS_FAILURES, RedisClientActor
 from config import BusSettings, PubSubSettings, RedisSettings
 
@@ -55,23 +54,6 @@ __all__ = ["AclState", "ApplyAgents", "Bus", "BusStats"]
 
 # (stream, entry id, fields)
 Entry = tuple[str, str, dict[bytes, bytes]]
-
-
-@dataclass
-class BusStats:
-    read: int = 0
-    acked: int = 0
-    dead: int = 0
-    retried: int = 0
-    claimed: int = 0
-    published_in: int = 0
-    trimmed: int = 0
-    over_max_length: int = 0
-    outages: int = 0
-    untold: int = 0  # refusals that could not be told on an agent's replies channel
-    pending: int | None = None
-    lag: int | None = None
-    last_error: str = ""
 
 
 def key_of(stream: str, entry_id: str) -> str:
@@ -116,12 +98,38 @@ class Bus(RedisClientActor):
             log=self.log,
         )
         self.bus_stats = BusStats()
+        self.settler = Settler(
+            client=self._client,
+            cluster=self.cluster,
+            settings=lambda: self.settings,
+            inboxes=lambda: self.inboxes,
+            stats=self.bus_stats,
+            log=self.log,
+            dead_stream=f"{stream}:dead",
+            consumer=consumer,
+        )
         self._grouped: set[str] = set()
         self._next_claim = 0.0
         self._next_trim = 0.0
         self._next_agents = 0.0
         self._ready = False
-        self._published: Subscriber | None = None
+        self.published = (
+            PublishedReader(
+                pubsub=pubsub,
+                name=f"{name}:published",
+                inboxes=lambda: self.inboxes,
+                settings=lambda: self.settings,
+                route=self._route_until_done,
+                settler=self.settler,
+                stats=self.bus_stats,
+                log=self.log,
+                halting=self.halting,
+                agents_channel=agents_channel(redis_settings.prefix),
+                on_agents_notice=self._read_agents_soon,
+            )
+            if pubsub is not None
+            else None
+        )
 
     @property
     def dead_stream(self) -> str:
@@ -152,8 +160,8 @@ class Bus(RedisClientActor):
         # crash (the supervisor restarts both), never a reader gone silently.
         async with asyncio.TaskGroup() as readers:
             readers.create_task(self._stream_loop(), name=f"{self.name}.stream")
-            if self.pubsub is not None:
-                readers.create_task(self._published_loop(), name=f"{self.name}.published")
+            if self.published is not None:
+                readers.create_task(self.published.run(), name=f"{self.name}.published")
 
     async def _stream_loop(self) -> None:
         delay = 0.1
@@ -184,7 +192,8 @@ class Bus(RedisClientActor):
                         await self._claim()
                     if now >= self._next_trim:
                         self._next_trim = now + self.settings.trim_interval
-                        await self._trim()
+                        streams = [s for s in self.inboxes if s in self._grouped]
+                        await self.settler.trim(streams)
                     entries = await (prefetch or self._read_new())
                     prefetch = None
                     if entries:
@@ -225,14 +234,13 @@ class Bus(RedisClientActor):
         if added:
             await self._ensure_groups(added)
         self._grouped.difference_update(removed)
-        if self._published is not None and self.pubsub is not None and (added or removed):
-            if added:
-                await self.pubsub.ask(Subscribe(self._published, channels=tuple(added)), timeout=10)
-            if removed:
-                await self.pubsub.ask(
-                    Unsubscribe(self._published, channels=tuple(removed)), timeout=10
-                )
+        if self.published is not None and (added or removed):
+            await self.published.follow(added, removed)
         return bool(added)
+
+    def _read_agents_soon(self) -> None:
+        """An agent was added or revoked somewhere (or that news may have been missed)."""
+        self._next_agents = 0.0
 
     @handles(ApplyAgents)
     async def _apply_agents(self, _msg: ApplyAgents) -> AclState:
@@ -381,7 +389,7 @@ class Bus(RedisClientActor):
                 acked.append((stream, entry_id))
             else:
                 self.bus_stats.retried += 1  # left pending: claimed again after claim_idle
-        await self._settle(acked, dead)
+        await self.settler.settle(acked, dead)
 
     async def _route_until_done(self, items: list[Item]) -> dict[str, Outcome]:
         """Route the batch; while a dependency is down, wait and try the same
@@ -399,194 +407,7 @@ class Bus(RedisClientActor):
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    async def _settle(self, acked: list[tuple[str, str]], dead: list[Dead]) -> None:
-        """Dead-letter (and tell the agents), then acknowledge."""
-        if not acked:
-            return
-        client = self._client()
-        by_stream: dict[str, list[str]] = {}
-        for stream, entry_id in acked:
-            by_stream.setdefault(stream, []).append(entry_id)
-        if self.cluster:
-            # The dead-letter stream sits in another slot: the dead letters
-            # first, acknowledged by Redis, then the acknowledgement (a crash
-            # between them at worst dead-letters an entry twice; never loses one).
-            if dead:
-                async with client.pipeline(transaction=False) as pipe:
-                    self._queue_dead(pipe, dead, "stream")
-                    await pipe.execute()
-            for stream, ids in by_stream.items():
-                await client.xack(stream, self.settings.group, *ids)
-        else:  # one transaction
-            async with client.pipeline(transaction=True) as pipe:
-                self._queue_dead(pipe, dead, "stream")
-                for stream, ids in by_stream.items():
-                    pipe.xack(stream, self.settings.group, *ids)
-                await pipe.execute()
-        self.bus_stats.acked += len(acked)
-        self._count_dead(dead)
-        await self._tell_refused(dead, "stream")
-
-    def _count_dead(self, dead: list[Dead]) -> None:
-        self.bus_stats.dead += len(dead)
-        for d in dead:
-            self.log.warning(
-                "bus_dead_letter",
-                inbox=d.stream,
-                entry=d.entry,
-                reason=d.reason,
-                deliveries=d.count,
-            )
-
-    def _queue_dead(self, pipe: Any, dead: list[Dead], path: str) -> None:
-        for d in dead:
-            pipe.xadd(
-                self.dead_stream,
-                dead_fields(d, path, self.consumer),
-                maxlen=self.settings.dead_max_length,
-                approximate=True,
-            )
-
-    async def _tell_refused(self, dead: list[Dead], path: str) -> None:
-        """Tell each agent why its envelopes were refused, on its replies
-        channel. A notification: the dead letter is the record; one that
-        cannot be told is counted, never retried."""
-        told = [
-            (inbox.replies, refusal(d, path))
-            for d in dead
-            if (inbox := self.inboxes.get(d.stream)) is not None and inbox.replies is not None
-        ]
-        if not told:
-            return
-        try:
-            if self.cluster:  # a cluster pipeline cannot route PUBLISH (no key)
-                for channel, message in told:
-                    await self._client().publish(channel, message)
-            else:
-                async with self._client().pipeline(transaction=False) as pipe:
-                    for channel, message in told:
-                        pipe.publish(channel, message)
-                    await pipe.execute()
-        except REDIS_FAILURES as exc:
-            self.bus_stats.untold += len(told)
-            self.log.warning("bus_refusals_not_told", count=len(told), error=repr(exc))
-
-    # -- the fire-and-forget path --------------------------------------------------------------
-    def _new_subscriber(self) -> Subscriber:
-        sub = Subscriber(f"{self.name}:published", queue_size=10_000, overflow="drop")
-        self._published = sub
-        return sub
-
-    async def _published_loop(self) -> None:
-        assert self.pubsub is not None
-        sub = self._new_subscriber()
-        try:
-            await self._subscribe(sub)
-            while not self.halting():
-                first = await sub.next()
-                if first is None:  # the pubsub actor let it go (stopping): subscribe again
-                    sub = self._new_subscriber()
-                    await self._subscribe(sub)
-                    continue
-                batch = [first]
-                while len(batch) < self.settings.batch_size and not sub.queue.empty():
-                    batch.append(sub.queue.get_nowait())
-                await self._handle_published(batch)
-        finally:
-            self._published = None
-            try:
-                await self.pubsub.ask(Detach(sub), timeout=2)
-            except Exception as exc:  # stopping: the pubsub actor may be gone already
-                self.log.debug("bus_detach_failed", error=repr(exc))
-
-    async def _subscribe(self, sub: Subscriber) -> None:
-        assert self.pubsub is not None
-        delay = 0.1
-        while not self.halting():
-            try:
-                # Every inbox's channel (inboxes added later are subscribed
-                # as they come), and the news of agents added or revoked.
-                channels = (self.agents_channel, *self.inboxes)
-                await self.pubsub.ask(Subscribe(sub, channels=channels), timeout=10)
-                return
-            except Exception as exc:  # not connected yet: try again
-                self.log.debug("bus_subscribe_retry", error=repr(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    async def _handle_published(self, batch: list[Delivery]) -> None:
-        dead: list[Dead] = []
-        good: list[Item] = []
-        raws: dict[str, tuple[str, bytes]] = {}
-        for n, item in enumerate(batch):
-            if item.kind != "message":  # down, then gap: envelopes PUBLISHed meanwhile are lost
-                self.log.warning(
-                    f"bus_published_{item.kind}", detail=item.data.decode(errors="replace")
-                )
-                self._next_agents = 0.0  # an agents notice may have been missed too
-                continue
-            if item.channel == self.agents_channel:
-                self._next_agents = 0.0  # read the agents again at the loop's next turn
-                continue
-            inbox = self.inboxes.get(item.channel)
-            if inbox is None:
-                continue  # an inbox no longer read (a Redis user of the daemon's wrote it)
-            self.bus_stats.published_in += 1
-            key = f"published-{n}"
-            raws[key] = (item.channel, item.data)
-            parsed = parse(item.data, self.settings.max_envelope_bytes)
-            if isinstance(parsed, Malformed):
-                dead.append(Dead(item.channel, "", item.data, parsed.reason, 1, parsed.id))
-            else:
-                good.append((key, parsed, inbox.sender))
-        outcomes = await self._route_until_done(good)
-        for key, env, _sender in good:
-            outcome = outcomes[key]
-            if outcome.kind != "done":  # at most once: nothing is retried
-                channel, raw = raws[key]
-                dead.append(Dead(channel, "", raw, outcome.reason, 1, env.id))
-        if dead:
-            try:
-                async with self._client().pipeline(transaction=False) as pipe:
-                    self._queue_dead(pipe, dead, "publish")
-                    await pipe.execute()
-            except REDIS_FAILURES as exc:
-                self.log.warning("bus_dead_letter_failed", count=len(dead), error=repr(exc))
-            self._count_dead(dead)
-            await self._tell_refused(dead, "publish")
-
-    # -- trimming and health -------------------------------------------------------------------
-    async def _trim(self) -> None:
-        """Drop what the group has finished; cap the rest at max_length."""
-        client = self._client()
-        pending = lag = 0
-        for stream in list(self.inboxes):
-            if stream not in self._grouped:
-                continue
-            groups = await client.xinfo_groups(stream)
-            mine = next((g for g in groups if text(g["name"]) == self.settings.group), None)
-            if mine is None:
-                continue
-            pending += int(mine.get("pending") or 0)
-            lag += int(mine.get("lag") or 0)
-            floor = text(mine["last-delivered-id"])
-            summary = await client.xpending(stream, self.settings.group)
-            if summary and summary.get("pending") and summary.get("min"):
-                floor = min(floor, text(summary["min"]), key=stream_id)
-            trimmed = await xtrim(client, stream, minid=floor)
-            length = int(await client.xlen(stream))
-            if length > self.settings.max_length:
-                self.bus_stats.over_max_length += 1
-                self.log.warning(
-                    "bus_stream_over_max_length",
-                    stream=stream,
-                    length=length,
-                    max_length=self.settings.max_length,
-                )
-                trimmed += await xtrim(client, stream, maxlen=self.settings.max_length)
-            self.bus_stats.trimmed += trimmed
-        self.bus_stats.pending, self.bus_stats.lag = pending, lag
-
+    # -- health -------------------------------------------------------------------------------
     async def check(self) -> Health | None:
         health = await super().check()
         if health is None or health.status != "pass":

@@ -1,12 +1,17 @@
-"""What the bus writes beside the commands: dead letters, refusals told to
-agents, and trimmed streams (DESIGN §5)."""
+"""What the bus writes beside the commands (DESIGN §5): acknowledgements,
+dead letters, refusals told to agents, and trimmed streams."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+
+from actors.redis_link import REDIS_FAILURES
+from config import BusSettings
 
 __all__ = [
     "TRIM_ROUND",
@@ -23,6 +28,23 @@ __all__ = [
 # the reading loop; 1,000,000 per bus.trim_interval is far above any ingest).
 TRIM_STEP = 50_000
 TRIM_ROUND = 1_000_000
+
+
+@dataclass
+class BusStats:
+    read: int = 0
+    acked: int = 0
+    dead: int = 0
+    retried: int = 0
+    claimed: int = 0
+    published_in: int = 0
+    trimmed: int = 0
+    over_max_length: int = 0
+    outages: int = 0
+    untold: int = 0  # refusals that could not be told on an agent's replies channel
+    pending: int | None = None
+    lag: int | None = None
+    last_error: str = ""
 
 
 class Dead(msgspec.Struct, frozen=True):
@@ -97,3 +119,144 @@ def stream_id(value: str) -> tuple[int, int]:
 
 def text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class Settler:
+    """Settles what the bus read: acknowledges entries and dead-letters the
+    ones that can never be handled (in one transaction on one server), tells
+    each agent why on its replies channel, and trims the inboxes."""
+
+    def __init__(
+        self,
+        *,
+        client: Callable[[], Any],
+        cluster: bool,
+        settings: Callable[[], BusSettings],
+        inboxes: Callable[[], dict[str, Any]],
+        stats: BusStats,
+        log: Any,
+        dead_stream: str,
+        consumer: str,
+    ) -> None:
+        self._client = client
+        self.cluster = cluster
+        self._settings = settings  # read each time: SIGHUP may change them
+        self._inboxes = inboxes
+        self.stats = stats
+        self.log = log
+        self.dead_stream = dead_stream
+        self.consumer = consumer
+
+    async def settle(self, acked: list[tuple[str, str]], dead: list[Dead]) -> None:
+        """Dead-letter, then acknowledge; then tell the agents."""
+        if not acked:
+            return
+        client, group = self._client(), self._settings().group
+        by_stream: dict[str, list[str]] = {}
+        for stream, entry_id in acked:
+            by_stream.setdefault(stream, []).append(entry_id)
+        if self.cluster:
+            # The dead-letter stream sits in another slot: the dead letters
+            # first, acknowledged by Redis, then the acknowledgement (a crash
+            # between them at worst dead-letters an entry twice; never loses one).
+            if dead:
+                async with client.pipeline(transaction=False) as pipe:
+                    self._queue(pipe, dead, "stream")
+                    await pipe.execute()
+            for stream, ids in by_stream.items():
+                await client.xack(stream, group, *ids)
+        else:  # one transaction
+            async with client.pipeline(transaction=True) as pipe:
+                self._queue(pipe, dead, "stream")
+                for stream, ids in by_stream.items():
+                    pipe.xack(stream, group, *ids)
+                await pipe.execute()
+        self.stats.acked += len(acked)
+        self._count(dead)
+        await self._tell(dead, "stream")
+
+    async def dead_letter_published(self, dead: list[Dead]) -> None:
+        """The fire-and-forget path's refusals: nothing to acknowledge, and
+        a dead letter that cannot be written is logged, never retried."""
+        try:
+            async with self._client().pipeline(transaction=False) as pipe:
+                self._queue(pipe, dead, "publish")
+                await pipe.execute()
+        except REDIS_FAILURES as exc:
+            self.log.warning("bus_dead_letter_failed", count=len(dead), error=repr(exc))
+        self._count(dead)
+        await self._tell(dead, "publish")
+
+    def _count(self, dead: list[Dead]) -> None:
+        self.stats.dead += len(dead)
+        for d in dead:
+            self.log.warning(
+                "bus_dead_letter",
+                inbox=d.stream,
+                entry=d.entry,
+                reason=d.reason,
+                deliveries=d.count,
+            )
+
+    def _queue(self, pipe: Any, dead: list[Dead], path: str) -> None:
+        for d in dead:
+            pipe.xadd(
+                self.dead_stream,
+                dead_fields(d, path, self.consumer),
+                maxlen=self._settings().dead_max_length,
+                approximate=True,
+            )
+
+    async def _tell(self, dead: list[Dead], path: str) -> None:
+        """Tell each agent why its envelopes were refused, on its replies
+        channel. A notification: the dead letter is the record; one that
+        cannot be told is counted, never retried."""
+        inboxes = self._inboxes()
+        told = [
+            (inbox.replies, refusal(d, path))
+            for d in dead
+            if (inbox := inboxes.get(d.stream)) is not None and inbox.replies is not None
+        ]
+        if not told:
+            return
+        try:
+            if self.cluster:  # a cluster pipeline cannot route PUBLISH (no key)
+                for channel, message in told:
+                    await self._client().publish(channel, message)
+            else:
+                async with self._client().pipeline(transaction=False) as pipe:
+                    for channel, message in told:
+                        pipe.publish(channel, message)
+                    await pipe.execute()
+        except REDIS_FAILURES as exc:
+            self.stats.untold += len(told)
+            self.log.warning("bus_refusals_not_told", count=len(told), error=repr(exc))
+
+    async def trim(self, streams: list[str]) -> None:
+        """Drop what the group has finished; cap the rest at max_length."""
+        client, settings = self._client(), self._settings()
+        pending = lag = 0
+        for stream in streams:
+            groups = await client.xinfo_groups(stream)
+            mine = next((g for g in groups if text(g["name"]) == settings.group), None)
+            if mine is None:
+                continue
+            pending += int(mine.get("pending") or 0)
+            lag += int(mine.get("lag") or 0)
+            floor = text(mine["last-delivered-id"])
+            summary = await client.xpending(stream, settings.group)
+            if summary and summary.get("pending") and summary.get("min"):
+                floor = min(floor, text(summary["min"]), key=stream_id)
+            trimmed = await xtrim(client, stream, minid=floor)
+            length = int(await client.xlen(stream))
+            if length > settings.max_length:
+                self.stats.over_max_length += 1
+                self.log.warning(
+                    "bus_stream_over_max_length",
+                    stream=stream,
+                    length=length,
+                    max_length=settings.max_length,
+                )
+                trimmed += await xtrim(client, stream, maxlen=settings.max_length)
+            self.stats.trimmed += trimmed
+        self.stats.pending, self.stats.lag = pending, lag

@@ -139,7 +139,7 @@ async def test_a_reader_that_fails_is_a_crash_the_supervisor_restarts_never_sile
     bus: Any = daemon.daemon.supervisor.get("bus")
     stream = stream_of(daemon)
     await eventually(lambda: subscribed(raw, stream))
-    real = bus._handle_published
+    real = bus.published._handle
     failures = [RuntimeError("the fire-and-forget reader broke")]
 
     async def breaks_once(batch: Any) -> None:
@@ -147,7 +147,7 @@ async def test_a_reader_that_fails_is_a_crash_the_supervisor_restarts_never_sile
             raise failures.pop()
         await real(batch)
 
-    bus._handle_published = breaks_once
+    bus.published._handle = breaks_once
     await raw.publish(stream, requested("lost-in-the-crash"))
 
     async def restarted() -> bool:
