@@ -210,3 +210,37 @@ async def test_nul_in_what_postgresql_stores_is_refused_with_where_it_is(api: Ap
     )
     assert status == 200
     assert (await api.call("DELETE", "/agents/a%00b", local=True))[0] == 404
+
+
+async def test_a_request_id_twice_in_one_batch_makes_one_command_with_its_own_request(
+    api: Api,
+) -> None:
+    """The first row is the command; a second row with the same requestId and
+    a harmless action can neither become its approval request nor add one."""
+    from actors.data import messages as m
+    from actors.data.model import CommandCreate
+
+    uid, _t = await api.user("batch-agent", "agent")
+    rows = (
+        (
+            CommandCreate(action="shell_exec", request_id="x", parameters={"p": 1}),
+            None,
+            uid,
+            "agent:batch-agent",
+        ),
+        (
+            CommandCreate(
+                action="open_app", request_id="x", description="Open mail", parameters={"p": 1}
+            ),
+            None,
+            uid,
+            "agent:batch-agent",
+        ),
+    )
+    persistence = api.r.daemon.supervisor.get("persistence")
+    done = await persistence.ask(m.IngestCommands(rows=rows), timeout=10)
+    assert [d.outcome for d in done] == ["created", "conflict"]
+    _s, _h, listed = await api.call("GET", "/approvals?status=pending", local=True)
+    (request,) = listed["items"]
+    assert (request["action"], request["riskCategory"]) == ("shell_exec", "CRITICAL")
+    assert request["commandId"] == done[0].command_id

@@ -34,24 +34,29 @@ class Ingested(msgspec.Struct, frozen=True):
     user_id: int | None = None
 
 
+# A requestId given twice in one batch is inserted once, from its first row
+# (DISTINCT ON … ORDER BY the row's place); the approval request is made from
+# the command row as stored, never from another row of the batch.
 _INGEST = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
                          $7::text[], $8::text[], $9::smallint[], $10::text[], $12::bigint[],
-                         $13::text[])
+                         $13::text[]) WITH ORDINALITY
         AS t(request_id, user_id, source, type, action, parameters, description, status,
-             risk_score, risk_category, created_by, sender)
+             risk_score, risk_category, created_by, sender, n)
 ),
 ins AS (
     INSERT INTO commands (request_id, user_id, source, type, action, parameters, description,
                           status, risk_score, risk_category, created_by, sender)
-    SELECT request_id, user_id, source, type, action, parameters, description, status,
-           risk_score, risk_category, created_by, sender
+    SELECT DISTINCT ON (sender, request_id) request_id, user_id, source, type, action,
+           parameters, description, status, risk_score, risk_category, created_by, sender
     FROM input
     WHERE (input.user_id IS NULL OR EXISTS (SELECT 1 FROM users u WHERE u.id = input.user_id))
       AND (input.created_by IS NULL OR EXISTS (SELECT 1 FROM users u WHERE u.id = input.created_by))
+    ORDER BY sender, request_id, n
     ON CONFLICT (sender, request_id) DO NOTHING
-    RETURNING id, request_id, status, user_id, created_by, sender
+    RETURNING id, request_id, status, user_id, created_by, sender, action, description,
+              parameters, risk_score, risk_category
 ),
 events AS (
     INSERT INTO command_events (command_id, from_status, to_status, actor_id)
@@ -60,9 +65,9 @@ events AS (
 approvals AS (
     INSERT INTO approval_requests (command_id, requester_id, created_by, action, description,
                                    parameters_digest, risk_score, risk_category, status, expires_at)
-    SELECT ins.id, ins.user_id, ins.created_by, input.action, input.description, DIGEST,
-           input.risk_score, input.risk_category, 'pending', now() + make_interval(secs => $11)
-    FROM ins JOIN input USING (sender, request_id)
+    SELECT ins.id, ins.user_id, ins.created_by, ins.action, ins.description, DIGEST,
+           ins.risk_score, ins.risk_category, 'pending', now() + make_interval(secs => $11)
+    FROM ins
     WHERE ins.status = 'awaiting_approval'
     RETURNING id, command_id, created_by
 ),
@@ -73,7 +78,7 @@ approval_audit AS (
 SELECT ins.id, ins.request_id, ins.sender, ins.status, ins.user_id,
        approvals.id AS approval_id
 FROM ins LEFT JOIN approvals ON approvals.command_id = ins.id
-""".replace("DIGEST", digest_sql("input.parameters"))
+""".replace("DIGEST", digest_sql("ins.parameters"))
 
 # The rows already there for request ids that were not inserted, with whether
 # the parameters are the same as PostgreSQL stores them (jsonb equality).
