@@ -12,6 +12,7 @@ was expected.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -248,6 +249,32 @@ def _cross_checks(settings: Settings, source: str, issues: list[ConfigIssue]) ->
         issues.append(
             ConfigIssue(source, "supervisor.backoff_initial", "must be <= supervisor.backoff_max")
         )
+    _check_channels(settings, source, issues)
+
+
+_GLOB = re.compile(r"[*?\[\]\\]")
+
+
+def _check_channels(settings: Settings, source: str, issues: list[ConfigIssue]) -> None:
+    """A pass-through channel (or glob) may never reach the daemon's own
+    channels or an inbox: it goes into every agent's Redis ACL as it is."""
+    owned = (settings.redis.prefix, settings.inbox)
+    for i, name in enumerate(settings.pubsub.channels):
+        glob = _GLOB.search(name)
+        head = name[: glob.start()] if glob else name
+        reaches = any(
+            head.startswith(own) or (glob is not None and own.startswith(head)) for own in owned
+        )
+        if reaches or (glob is not None and not head):
+            issues.append(
+                ConfigIssue(
+                    source,
+                    f"pubsub.channels[{i}]",
+                    f"{name!r} could match the daemon's own channels or an agent's inbox "
+                    f"({settings.redis.prefix}…, {settings.inbox}…); name channels outside them, "
+                    "with a literal start before any glob character",
+                )
+            )
 
 
 def _check_redis(settings: Settings, source: str, issues: list[ConfigIssue]) -> None:

@@ -308,3 +308,15 @@ def test_a_list_in_an_environment_variable_is_written_as_json(tmp_path: Path) ->
     assert loaded.settings.pubsub.channels == ["user_activity", "bench-*"]
     with pytest.raises(ConfigError, match=r"pubsub\.channels"):
         load_settings(cfg, env={"JARVISD_PUBSUB__CHANNELS": '["unterminated'})
+
+
+@pytest.mark.parametrize("channel", ["*", "j*", "jarvis:events", "jarvis:*", "?x", "[a-z]*"])
+def test_a_pass_through_channel_may_never_reach_the_daemons_channels_or_an_inbox(
+    tmp_path: Path, channel: str
+) -> None:
+    cfg = tmp_path / "jarvisd.toml"
+    cfg.write_text(
+        f"[embedded]\nenabled = true\n[pubsub]\nchannels = [{channel!r}]\n".replace("'", '"')
+    )
+    with pytest.raises(ConfigError, match=r"pubsub\.channels\[0\]"):
+        load_settings(cfg)

@@ -44,6 +44,7 @@ class Rules:
         prefix = rt.settings.redis.prefix
         self.prefix = prefix
         self.internal = f"{prefix}internal:"
+        self.inbox = rt.settings.inbox
         self.event_channels = frozenset(f"{prefix}{k}" for k in ("events", "commands", "approvals"))
         self.allowlist = tuple(rt.settings.pubsub.channels)
         # A pattern that starts with the prefix matches only the daemon's
@@ -51,8 +52,10 @@ class Rules:
         self.literal_prefix = not any(ch in prefix for ch in "*?[]\\")
 
     def allowed(self, channel: str) -> bool:
-        return not channel.startswith(self.prefix) and any(
-            fnmatch.fnmatchcase(channel, glob) for glob in self.allowlist
+        return (
+            not channel.startswith(self.prefix)
+            and not channel.startswith(self.inbox)
+            and any(fnmatch.fnmatchcase(channel, glob) for glob in self.allowlist)
         )
 
     def may_publish(self, who: Principal, channel: str) -> bool:
