@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
+from redis.exceptions import ResponseError
 
 from actors.redis_link import REDIS_FAILURES
 from config import BusSettings
@@ -41,6 +42,7 @@ class BusStats:
     trimmed: int = 0
     over_max_length: int = 0
     outages: int = 0
+    dead_lost: int = 0  # dead letters Redis refused (out of memory): the log has them
     untold: int = 0  # refusals that could not be told on an agent's replies channel
     pending: int | None = None
     lag: int | None = None
@@ -148,32 +150,66 @@ class Settler:
         self.consumer = consumer
 
     async def settle(self, acked: list[tuple[str, str]], dead: list[Dead]) -> None:
-        """Dead-letter, then acknowledge; then tell the agents."""
+        """Dead-letter, then acknowledge; then tell the agents. A dead entry
+        is also deleted from its inbox at once (its dead letter keeps what
+        matters): an agent's refused envelopes do not wait for the trim."""
         if not acked:
             return
         client, group = self._client(), self._settings().group
         by_stream: dict[str, list[str]] = {}
         for stream, entry_id in acked:
             by_stream.setdefault(stream, []).append(entry_id)
+        gone: dict[str, list[str]] = {}
+        for d in dead:
+            gone.setdefault(d.stream, []).append(d.entry)
         if self.cluster:
             # The dead-letter stream sits in another slot: the dead letters
             # first, acknowledged by Redis, then the acknowledgement (a crash
             # between them at worst dead-letters an entry twice; never loses one).
             if dead:
-                async with client.pipeline(transaction=False) as pipe:
-                    self._queue(pipe, dead, "stream")
-                    await pipe.execute()
+                await self._dead_letters(client, dead)
             for stream, ids in by_stream.items():
                 await client.xack(stream, group, *ids)
+                if gone.get(stream):
+                    await client.xdel(stream, *gone[stream])
         else:  # one transaction
-            async with client.pipeline(transaction=True) as pipe:
-                self._queue(pipe, dead, "stream")
-                for stream, ids in by_stream.items():
-                    pipe.xack(stream, group, *ids)
-                await pipe.execute()
+            try:
+                async with client.pipeline(transaction=True) as pipe:
+                    self._queue(pipe, dead, "stream")
+                    self._ack(pipe, by_stream, gone, group)
+                    await pipe.execute()
+            except ResponseError as exc:
+                if not dead:
+                    raise
+                # Redis refused a dead letter (out of memory, say): what
+                # cannot be handled must still leave the inbox, or it waits
+                # there for ever; the reasons stay in the log.
+                self.stats.dead_lost += len(dead)
+                self.log.error("bus_dead_letters_lost", count=len(dead), error=str(exc)[:200])
+                async with client.pipeline(transaction=True) as pipe:
+                    self._ack(pipe, by_stream, gone, group)
+                    await pipe.execute()
         self.stats.acked += len(acked)
         self._count(dead)
         await self._tell(dead, "stream")
+
+    @staticmethod
+    def _ack(
+        pipe: Any, acked: dict[str, list[str]], gone: dict[str, list[str]], group: str
+    ) -> None:
+        for stream, ids in acked.items():
+            pipe.xack(stream, group, *ids)
+            if gone.get(stream):
+                pipe.xdel(stream, *gone[stream])
+
+    async def _dead_letters(self, client: Any, dead: list[Dead]) -> None:
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                self._queue(pipe, dead, "stream")
+                await pipe.execute()
+        except ResponseError as exc:  # refused (out of memory): see settle
+            self.stats.dead_lost += len(dead)
+            self.log.error("bus_dead_letters_lost", count=len(dead), error=str(exc)[:200])
 
     async def dead_letter_published(self, dead: list[Dead]) -> None:
         """The fire-and-forget path's refusals: nothing to acknowledge, and

@@ -119,7 +119,7 @@ class EmbeddedSettings(_Section, frozen=True):
     # the host's memory; past them, writes are refused). cache.max_value_bytes
     # must stay below valkey_max_value.
     valkey_max_memory: Annotated[str, msgspec.Meta(pattern=r"^[0-9]+(kb|mb|gb)?$")] = "1gb"
-    valkey_max_value: Annotated[str, msgspec.Meta(pattern=r"^[0-9]+(kb|mb|gb)?$")] = "2mb"
+    valkey_max_value: Annotated[str, msgspec.Meta(pattern=r"^[0-9]+(kb|mb|gb)?$")] = "1mb"
     start_timeout: PositiveFloat = 60.0
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -13,8 +14,12 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 import structlog
+from redis.exceptions import OutOfMemoryError
 
+from actors.embedded import EMBEDDED_ACCOUNT, EmbeddedValkey, RunAs
+from actors.redis_link import connect_redis
 from config import LoadedConfig
+from tests.servers import make_state_dir
 from tests.test_bus import BUS, dead_letters, drained, eventually, requested, stream_of
 from tests.test_http import Running, start_daemon
 
@@ -59,6 +64,8 @@ async def test_nul_in_parameters_is_dead_lettered_once_on_first_delivery_and_the
     letters = await dead_letters(raw, daemon)
     assert [letter["deliveries"] for letter in letters] == ["1", "1", "1"]
     assert all("NUL" in letter["reason"] for letter in letters), letters
+    for letter in letters:  # deleted from the inbox at once, not left for the trim
+        assert await raw.xrange(stream, letter["entry"], letter["entry"]) == []
     assert "$.data.parameters.path" in letters[0]["reason"]
     assert await db.fetchval("SELECT array_agg(request_id) FROM commands") == ["after-nul"]
     assert bus_counters(daemon) == (0, 0)
@@ -163,3 +170,41 @@ async def test_a_reader_that_fails_is_a_crash_the_supervisor_restarts_never_sile
     await eventually(committed)
     assert not daemon.task.done()
     await asyncio.sleep(0)
+
+
+async def test_when_redis_refuses_dead_letters_for_memory_the_entries_still_leave_the_inbox(
+    make_config: Callable[..., LoadedConfig], db: asyncpg.Connection
+) -> None:
+    """Out of memory (noeviction), a dead letter cannot be written: the bad
+    entries are still acknowledged and deleted, or they would hold the
+    memory for ever and every write after them would fail."""
+    folder = make_state_dir("jarvisd-oom-")
+    small = EmbeddedValkey(folder, run_as=RunAs.resolve(EMBEDDED_ACCOUNT), appendonly=False)
+    await small.start()
+    raw = connect_redis(small.url, name="oom-test")
+    try:
+        loaded = make_config(redis={"url": small.url}, bus={**BUS, "shared_inbox": True})
+        stream = loaded.settings.inbox
+        await raw.xgroup_create(stream, "jarvisd", id="0", mkstream=True)
+        for n in range(5):
+            await raw.xadd(stream, {"envelope": requested(f"oom-{n}", parameters=NUL_PARAMETERS)})
+        # Memory full: from here on Redis refuses what grows it (a dead letter's
+        # XADD), and takes what frees it (XACK, XDEL).
+        await raw.config_set("maxmemory", "1")
+        with pytest.raises(OutOfMemoryError):
+            await raw.xadd(f"{stream}:probe", {"x": "y"})
+        async for running in start_daemon(loaded):
+
+            async def gone() -> bool:
+                return int(await raw.xlen(stream)) == 0
+
+            await eventually(gone)
+            bus = running.daemon.supervisor.get("bus").snapshot()
+            assert bus["bus"]["deadLost"] == 5
+            assert bus["crashes"] == 0
+            groups = await raw.xinfo_groups(stream)
+            assert groups[0]["pending"] == 0
+    finally:
+        await raw.aclose()
+        await small.stop()
+        shutil.rmtree(folder, ignore_errors=True)

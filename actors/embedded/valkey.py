@@ -52,7 +52,7 @@ class EmbeddedValkey(ChildServer):
         start_timeout: float = 30.0,
         appendonly: bool = True,
         max_memory: str = "1gb",
-        max_value: str = "2mb",
+        max_value: str = "1mb",
         name: str = "embedded-valkey",
     ) -> None:
         super().__init__(name, state_dir, run_as, start_timeout=start_timeout)
