@@ -316,6 +316,11 @@ async def test_the_servers_let_in_no_one_without_their_credentials(state_dir: Pa
         for dsn in (no_password, pg.dsn.replace(quote(pg.password, safe=""), "wrong")):
             with pytest.raises(asyncpg.InvalidPasswordError):
                 await asyncpg.connect(dsn, timeout=5)
+        # Valkey's socket is reachable by any local account (agents run as their
+        # own), which must still log in; PostgreSQL's is the servers' alone.
+        assert stat.S_IMODE(vk.socket_path.stat().st_mode) & 0o006 == 0o006
+        assert stat.S_IMODE(vk.socket_dir.stat().st_mode) == 0o711
+        assert stat.S_IMODE(pg.socket_dir.stat().st_mode) == 0o700
         anonymous = aioredis.Redis(unix_socket_path=str(vk.socket_path), socket_timeout=2)
         with pytest.raises(RedisError):
             await anonymous.get("anything")

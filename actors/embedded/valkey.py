@@ -100,7 +100,10 @@ class EmbeddedValkey(ChildServer):
         adopt(self.root, self.run_as)
         make_private_dir(self.root, self.run_as)
         make_private_dir(self.socket_dir.parent, RunAs.current(), 0o755)
-        make_private_dir(self.socket_dir, self.run_as)
+        # Agents connect as accounts of their own (never the daemon's: it can
+        # read the secrets): the socket is open to every local account, which
+        # must still log in; the default user is off.
+        make_private_dir(self.socket_dir, self.run_as, 0o711)
         await self._stop_orphan()
         self._write_acl_file()
         argv = [
@@ -110,7 +113,7 @@ class EmbeddedValkey(ChildServer):
             "--unixsocket",
             str(self.socket_path),
             "--unixsocketperm",
-            "700",
+            "666",
             "--dir",
             str(self.root),
             "--pidfile",
