@@ -42,7 +42,7 @@ from typing import Any, ClassVar
 
 from redis.exceptions import ResponseError
 
-from actors.bus_agents import AclState, ApplyAgents, Inbox, Registry, agents_channel
+from actors.bus_agents import AclState, ApplyAgents, GetAclState, Inbox, Registry, agents_channel
 from actors.bus_published import PublishedReader
 from actors.bus_routes import DependencyDown, Item, Outcome, Router
 from actors.bus_store import BusStats, Dead, Settler, text
@@ -51,7 +51,7 @@ from actors.kernel import Actor, Health, handles
 from actors.redis_link import REDIS_FAILURES, RedisClientActor
 from config import BusSettings, PubSubSettings, RedisSettings
 
-__all__ = ["AclState", "ApplyAgents", "Bus", "BusStats"]
+__all__ = ["AclState", "ApplyAgents", "Bus", "BusStats", "GetAclState"]
 
 # (stream, entry id, fields)
 Entry = tuple[str, str, dict[bytes, bytes]]
@@ -243,6 +243,10 @@ class Bus(RedisClientActor):
         """An agent was added or revoked somewhere (or that news may have been missed)."""
         self._next_agents = 0.0
 
+    @handles(GetAclState)
+    async def _acl_state(self, _msg: GetAclState) -> AclState:
+        return self.registry.state()
+
     @handles(ApplyAgents)
     async def _apply_agents(self, _msg: ApplyAgents) -> AclState:
         """Agents changed here: apply them now rather than at the next round."""
@@ -425,7 +429,7 @@ class Bus(RedisClientActor):
             f"consumer {self.consumer}, {len(self.inboxes)} inboxes, pending {st.pending}, "
             f"lag {st.lag}"
         )
-        if not self.registry.managed and self.registry.error:
+        if self.registry.manage and not self.registry.managed:
             return Health(
                 status="warn",
                 detail=f"{detail}; agents' Redis users not managed: {self.registry.error}",

@@ -25,7 +25,7 @@ from actors.bus_routes import SHARED, Sender
 from actors.data.messages import ListAgents
 from actors.kernel import Actor
 
-__all__ = ["AclState", "ApplyAgents", "Inbox", "Registry", "agents_channel"]
+__all__ = ["AclState", "ApplyAgents", "GetAclState", "Inbox", "Registry", "agents_channel"]
 
 # Applied again this often even when nothing changed (a Redis restart forgets ACLs).
 REAPPLY = 60.0
@@ -47,6 +47,10 @@ class Inbox:
 
 class ApplyAgents(msgspec.Struct, frozen=True):
     """Read the agents again and apply them to Redis now; replies AclState."""
+
+
+class GetAclState(msgspec.Struct, frozen=True):
+    """Replies the AclState as it is (no Redis, no database)."""
 
 
 class AclState(msgspec.Struct, frozen=True, rename="camel"):
@@ -113,7 +117,12 @@ class Registry:
             if self.shared:
                 wanted[self.inbox] = self.inboxes.get(self.inbox) or Inbox(self.inbox, SHARED)
             for agent in agents:
-                # A revoked agent's inbox is still read: what it sent before is handled.
+                # A revoked agent's inbox is still read while Redis itself
+                # refuses its writes (its user is gone): what it sent before is
+                # handled. Where the operator manages the users, the daemon
+                # cannot know that: the inbox is no longer read.
+                if not agent.active and not self.managed:
+                    continue
                 stream = agent_inbox(self.inbox, agent.name)
                 wanted[stream] = self.inboxes.get(stream) or Inbox(
                     stream,
@@ -179,13 +188,13 @@ class Registry:
             if changed:
                 await self._save(client)
         except ResponseError as exc:
+            # Any refusal (NOPERM, no ACL command, a server before selectors):
+            # the agents' users are the operator's to apply; the bus goes on.
             text = str(exc)
-            if "NOPERM" in text or "unknown command" in text.lower():
-                if self.managed:
-                    self.log.error("bus_acls_not_managed", error=text)
-                self.managed, self.error = False, f"Redis refused ACL changes: {text}"
-                return
-            raise
+            if self.managed:
+                self.log.error("bus_acls_not_managed", error=text)
+            self.managed, self.error = False, f"Redis refused ACL changes: {text}"
+            return
         self.managed, self.error = True, ""
 
     async def _remove_unknown(self, client: Any, agents: list[Any]) -> bool:

@@ -58,10 +58,15 @@ class PublishedReader:
         """Inboxes came or went: their channels too."""
         if self.sub is None:
             return  # subscribing: it takes every inbox there is then
-        if added:
-            await self.pubsub.ask(Subscribe(self.sub, channels=tuple(added)), timeout=10)
-        if removed:
-            await self.pubsub.ask(Unsubscribe(self.sub, channels=tuple(removed)), timeout=10)
+        try:
+            if added:
+                await self.pubsub.ask(Subscribe(self.sub, channels=tuple(added)), timeout=10)
+            if removed:
+                await self.pubsub.ask(Unsubscribe(self.sub, channels=tuple(removed)), timeout=10)
+        except Exception as exc:
+            # Not connected now: the pub/sub actor keeps what is wanted and
+            # subscribes to it when it connects again.
+            self.log.info("bus_published_follow_later", error=repr(exc))
 
     async def run(self) -> None:
         sub = self._new_subscriber()

@@ -59,8 +59,18 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_revoke(args: argparse.Namespace) -> int:
     async def work() -> int:
-        agent = await call_daemon(args, "DELETE", f"/agents/{args.name}")
-        print(f"agent {agent['name']}: Redis credentials revoked, its connections closed")
+        done = await call_daemon(args, "DELETE", f"/agents/{args.name}")
+        name = done["agent"]["name"]
+        if done["aclsManaged"]:
+            print(f"agent {name}: Redis credentials revoked, its connections closed")
+            return 0
+        print(f"agent {name}: revoked; its inbox is no longer read")
+        print(
+            "jarvisd does not manage Redis' ACL here: remove its user on every Redis node:",
+            file=sys.stderr,
+        )
+        for line in done["acl"]:
+            print(f"  {line}", file=sys.stderr)
         return 0
 
     return run_call("agent revoke", work)

@@ -288,7 +288,8 @@ async def test_a_revoked_agent_is_disconnected_and_cannot_come_back(
     await listener.subscribe(pc.replies)
     status, _h, revoked = await api.call("DELETE", "/agents/pc-agent", local=True)
     assert status == 200, revoked
-    assert revoked["revokedAt"] is not None
+    assert revoked["agent"]["revokedAt"] is not None
+    assert revoked["aclsManaged"] is True
     with pytest.raises(REFUSED):
         await ping(pc.url)
     # What it sent before was still handled.
@@ -343,6 +344,15 @@ async def test_where_the_daemon_may_not_manage_acls_it_prints_the_lines_that_wor
     await eventually(in_)
     with pytest.raises(NoPermissionError):
         await client.get("anything")
+    # Revoked where the operator manages the users: the daemon stops reading
+    # its inbox, and says which line removes the user.
+    status, _h, revoked = await api.call("DELETE", "/agents/by-hand", local=True)
+    assert status == 200
+    assert revoked["aclsManaged"] is False
+    assert revoked["acl"] == [f"ACL DELUSER '{pc.made['agent']['redisUser']}'"]
+    await client.xadd(pc.inbox, {"envelope": envelope("after-revoke")})
+    await asyncio.sleep(1.0)
+    assert [r["request_id"] for r in await commands(db)] == ["by-hand-1"]
 
 
 async def test_agent_names_ids_and_roles_are_checked(api: Api, agents: Any) -> None:
@@ -473,3 +483,8 @@ async def test_an_agent_disabled_demoted_or_deleted_loses_its_redis_user(
             assert (await api.call("PUT", f"/users/{uid}", local=True, json=change))[0] == 200
         with pytest.raises(REFUSED):
             await ping(pc.url)
+        if change is not None:  # enabled, or an agent again: the old password stays dead
+            undo = {"disabled": False} if "disabled" in change else {"role": "agent"}
+            assert (await api.call("PUT", f"/users/{uid}", local=True, json=undo))[0] == 200
+            with pytest.raises(REFUSED):
+                await ping(pc.url)

@@ -20,7 +20,7 @@ import structlog
 from aiohttp import web
 
 from actors.agents import acl_lines, acl_rules, acl_user, agent_inbox, agent_replies, agent_url
-from actors.bus import AclState, ApplyAgents
+from actors.bus import AclState, ApplyAgents, GetAclState
 from actors.bus_agents import agents_channel, database_of
 from actors.data import messages as m
 from actors.data.model import Principal, Username
@@ -49,6 +49,14 @@ class AgentInfo(msgspec.Struct, frozen=True, rename="camel"):
     redis_user: str
     inbox: str  # XADD <inbox> * envelope <json>, or PUBLISH <inbox> <json>
     replies: str  # SUBSCRIBE: why an envelope was refused
+
+
+class AgentRevoked(msgspec.Struct, frozen=True, rename="camel"):
+    agent: AgentInfo
+    acls_managed: bool
+    # Where the daemon does not manage Redis' ACL: apply on every node (its
+    # inbox is no longer read meanwhile).
+    acl: list[str]
 
 
 class AgentCreated(msgspec.Struct, frozen=True, rename="camel"):
@@ -80,7 +88,15 @@ async def create_agent(request: web.Request, _who: Principal) -> web.Response:
     reject_unknown_params(request, ())
     new = await body(request, AgentCreate)
     agent, password = await ask(request, "persistence", m.CreateAgent(name=new.name))
-    state = await apply_agents(request)
+    try:
+        state = await apply_agents(request)
+    except Exception as exc:
+        # The agent exists and its password is shown only here: answer with
+        # it, and say the Redis user is not there yet (the bus applies it at
+        # its next round).
+        log.warning("agent_not_applied", agent=agent.name, error=repr(exc))
+        known: AclState = await ask(request, "bus", GetAclState())
+        state = msgspec.structs.replace(known, managed=False, error=f"not applied yet: {exc}")
     s = request.app[RUNTIME].settings
     user = acl_user(s.redis.prefix, agent.name)
     lines: list[str] = []
@@ -122,8 +138,10 @@ async def revoke_agent(request: web.Request, _who: Principal) -> web.Response:
         agent = await ask(request, "persistence", m.RevokeAgent(name=name))
     except NotFound:
         raise ProblemError(404, "Not found", f"no agent {name[:64]!r}") from None
-    await apply_agents(request)
-    return reply(_info(request, agent))
+    state = await apply_agents(request)
+    user = acl_user(request.app[RUNTIME].settings.redis.prefix, agent.name)
+    lines = [] if state.managed else [f"ACL DELUSER '{user}'"]
+    return reply(AgentRevoked(agent=_info(request, agent), acls_managed=state.managed, acl=lines))
 
 
 async def apply_agents(request: web.Request) -> AclState:
@@ -153,6 +171,6 @@ ROUTES: list[RouteDoc] = [
         "/agents/{name}",
         revoke_agent,
         "Revoke an agent's Redis credentials (its connections close)",
-        response=AgentInfo,
+        response=AgentRevoked,
     ),
 ]

@@ -93,6 +93,13 @@ async def update_user(
         )
         if row is None:
             raise NotFound(f"no user {user_id}")
+        if change.disabled is True or (change.role not in (msgspec.UNSET, "agent")):
+            # An agent disabled or given another role loses its Redis
+            # credentials for good: enabling it again revives none.
+            await conn.execute(
+                "UPDATE agents SET revoked_at = coalesce(revoked_at, now()) WHERE user_id = $1",
+                user_id,
+            )
         if change.role is not msgspec.UNSET or change.disabled is not msgspec.UNSET:
             await _keep_an_admin(conn)
     return _user(row)
