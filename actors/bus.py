@@ -166,7 +166,10 @@ class Bus(RedisClientActor):
 
     async def _stream_loop(self) -> None:
         delay = 0.1
-        own_pending = True
+        # Inboxes whose pending entries of this consumer are to be read first:
+        # every one when (again) ready (nothing is in flight then), only the
+        # new ones when inboxes are added (batches may be in flight).
+        drain: list[str] = []
         # The next batch is read while this one is handled, and two batches
         # may be handled at once: Redis, Python and PostgreSQL work side by
         # side. A batch with anything but new commands waits for the one
@@ -179,15 +182,14 @@ class Bus(RedisClientActor):
                     now = time.monotonic()
                     if now >= self._next_agents or not self._ready:
                         self._next_agents = now + self.settings.agents_interval
-                        if await self._refresh_inboxes():
-                            own_pending = True
+                        drain += await self._refresh_inboxes()
                     if not self._ready:
                         await self._ensure_groups(list(self.inboxes))
                         self._ready = True
-                        own_pending = True
-                    if own_pending:
-                        await self._drain_own_pending()
-                        own_pending = False
+                        drain = list(self.inboxes)
+                    if drain:
+                        await self._drain_own_pending(drain)
+                        drain = []
                     if now >= self._next_claim:
                         self._next_claim = now + self.settings.claim_interval
                         await self._claim()
@@ -224,20 +226,23 @@ class Bus(RedisClientActor):
             while running:
                 await _discard(running.popleft())
 
-    async def _refresh_inboxes(self) -> bool:
-        """Read the agents again; True when inboxes were added. While the
+    async def _refresh_inboxes(self) -> list[str]:
+        """Read the agents again; returns the inboxes added. While the
         database does not answer (at start, say), it is asked again each second."""
         changed = await self.registry.refresh(self._client())
         if changed is None:
             self._next_agents = min(self._next_agents, time.monotonic() + 1.0)
-            return False
+            return []
         added, removed = changed
         if added:
             await self._ensure_groups(added)
         self._grouped.difference_update(removed)
         if self.published is not None and (added or removed):
             await self.published.follow(added, removed)
-        return bool(added)
+        if removed:
+            # A deleted agent's inbox is nobody's now: what is in it goes too.
+            await self._client().delete(*removed)
+        return added
 
     def _read_agents_soon(self) -> None:
         """An agent was added or revoked somewhere (or that news may have been missed)."""
@@ -298,9 +303,11 @@ class Bus(RedisClientActor):
                 entries.append((name, text(entry_id), fields or {}))
         return entries
 
-    async def _drain_own_pending(self) -> None:
+    async def _drain_own_pending(self, streams: list[str]) -> None:
         """This consumer's entries delivered before and never acknowledged."""
-        for stream in list(self.inboxes):
+        for stream in streams:
+            if stream not in self.inboxes:
+                continue
             after = "0"
             while not self.halting():
                 entries = await self._read({stream: after})

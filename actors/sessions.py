@@ -301,6 +301,7 @@ class Sessions(RedisClientActor):
         self.unreplicated = 0
         # Where the signing key comes from (the persistence actor); None: records are unsigned.
         self.key_source = key_source
+        self._last_key: bytes | None = None
         self.forged = 0  # records that did not verify
 
     @property
@@ -411,7 +412,13 @@ class Sessions(RedisClientActor):
         try:
             key: bytes = await self.key_source.ask(SessionKey(), timeout=10)
         except Exception as exc:
+            # PostgreSQL away: the key last read still proves what it signed
+            # (a rotation, which needs the database, cannot have happened
+            # unseen by it for long); none read yet: 503.
+            if self._last_key is not None:
+                return self._last_key
             raise self.unavailable(f"the login session key cannot be read: {exc}") from exc
+        self._last_key = key
         return key
 
     def _mac(

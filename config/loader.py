@@ -90,7 +90,7 @@ def _check_value(
     ftype = _field_types(SECTION_TYPES[section])[key]
     if from_env and isinstance(value, str) and value == "" and _optional(ftype):
         return None
-    if from_env and isinstance(value, str) and value.lstrip().startswith("["):
+    if from_env and isinstance(value, str) and _is_list(ftype):
         # A list in a variable is written as JSON: JARVISD_PUBSUB__CHANNELS='["a", "b*"]'.
         try:
             value = msgspec.json.decode(value)
@@ -103,6 +103,10 @@ def _check_value(
         problem, inside = _describe(exc)
         issues.append(ConfigIssue(source, f"{section}.{key}{inside}", problem))
         return msgspec.UNSET
+
+
+def _is_list(ftype: Any) -> bool:
+    return getattr(ftype, "__origin__", None) is list or ftype is list
 
 
 def _optional(ftype: Any) -> bool:

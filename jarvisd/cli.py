@@ -157,8 +157,9 @@ def cmd_redis_cli(args: argparse.Namespace) -> int:  # noqa: RET503 - execv does
         parts = urlsplit(url)
         where = ["-s", parts.path]
         if parts.username:
-            where += ["--user", unquote(parts.username), "--pass", unquote(parts.password or "")]
-            where.append("--no-auth-warning")
+            # The password by the environment, never in the argument list (/proc).
+            where += ["--user", unquote(parts.username)]
+            os.environ["REDISCLI_AUTH"] = unquote(parts.password or "")
     else:
         where = ["-u", url]
     argv = [str(binary), *where, *args.args]

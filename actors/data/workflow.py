@@ -111,7 +111,9 @@ class WorkflowHandlers:
         async with self._pool().acquire() as conn:
             if sender_ref is not None:
                 sender, request_id = sender_ref
-                command_id = await repo.command_id_of(conn, sender, request_id, command_id)
+                command_id = await repo.command_id_of(
+                    conn, sender, request_id, command_id, actor_id
+                )
             assert command_id is not None
             command, previous = await repo.update_command_status(
                 conn, command_id, change, actor_id, duration_ms=duration_ms, actor_name=actor_name

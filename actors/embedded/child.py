@@ -41,6 +41,7 @@ __all__ = [
     "ensure_account",
     "runtime_dir",
     "secret",
+    "write_private",
 ]
 
 # The system account the embedded servers run as when jarvisd runs as root.
@@ -178,12 +179,28 @@ def secret(state_dir: Path, name: str) -> str:
     return value
 
 
+def write_private(path: Path, data: bytes, owner: RunAs) -> None:
+    """Write ``path`` (0600, owned by ``owner``) in a folder ``owner`` may
+    write to: whatever is there is unlinked first and the file made anew
+    without following links, so the account cannot have root write (or
+    chown) a file elsewhere through a planted symlink."""
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        if not owner.is_self:
+            os.fchown(fd, owner.uid, owner.gid)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def adopt(path: Path, owner: RunAs) -> None:
     """Give ``path`` and everything under it to ``owner`` (data an older
     version kept under another account, such as ``nobody``)."""
     if os.geteuid() != 0 or not path.exists() or path.lstat().st_uid == owner.uid:
         return
-    for dirpath, dirnames, filenames in os.walk(path):
+    for dirpath, dirnames, filenames in os.walk(path):  # never follows links
         for entry in (dirpath, *(os.path.join(dirpath, n) for n in (*dirnames, *filenames))):
             os.lchown(entry, owner.uid, owner.gid)
 

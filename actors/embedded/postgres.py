@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import signal
 import time
@@ -29,6 +28,7 @@ from actors.embedded.child import (
     reachable_install,
     runtime_dir,
     secret,
+    write_private,
 )
 from actors.kernel import Health
 
@@ -146,13 +146,7 @@ class EmbeddedPostgres(ChildServer):
         self.log.info("initdb", data_dir=str(self.data_dir))
         # The password reaches initdb in a file only the server account reads.
         pwfile = self.root / ".pwfile"
-        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, (self.password + "\n").encode())
-        finally:
-            os.close(fd)
-        if not self.run_as.is_self:
-            os.chown(pwfile, self.run_as.uid, self.run_as.gid)
+        write_private(pwfile, (self.password + "\n").encode(), self.run_as)
         try:
             await self.run_tool(
                 [
@@ -190,8 +184,10 @@ class EmbeddedPostgres(ChildServer):
         try:
             await conn.execute("SET password_encryption = 'scram-sha-256'")
             await conn.execute(f"ALTER ROLE {SUPERUSER} PASSWORD '{self.password}'")
-            hba.write_text(
-                "# jarvisd: the superuser alone, with its password\nlocal all all scram-sha-256\n"
+            write_private(
+                hba,
+                b"# jarvisd: the superuser alone, with its password\nlocal all all scram-sha-256\n",
+                self.run_as,
             )
             await conn.execute("SELECT pg_reload_conf()")
         finally:

@@ -7,6 +7,7 @@ that the bus creates (``actors.agents``), kept in the server's ACL file."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import signal
@@ -31,6 +32,7 @@ from actors.embedded.child import (
     reachable_install,
     runtime_dir,
     secret,
+    write_private,
 )
 
 __all__ = ["DAEMON_USER", "EmbeddedValkey"]
@@ -84,13 +86,14 @@ class EmbeddedValkey(ChildServer):
         users follow from PostgreSQL; the bus applies them as it connects.)"""
         digest = hashlib.sha256(self.password.encode()).hexdigest()
         lines = ["user default off", f"user {DAEMON_USER} on #{digest} ~* &* +@all"]
-        fd = os.open(self.acl_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.write(fd, ("\n".join(lines) + "\n").encode())
-        finally:
-            os.close(fd)
-        if not self.run_as.is_self:
-            os.chown(self.acl_file, self.run_as.uid, self.run_as.gid)
+        # The agents' users the last ACL SAVE kept: they work from the start
+        # (the bus applies them again, and removes any it no longer knows).
+        with contextlib.suppress(OSError):
+            for line in self.acl_file.read_text().splitlines():
+                name = line.split(" ", 2)[1] if line.startswith("user ") else ""
+                if name and name not in ("default", DAEMON_USER):
+                    lines.append(line)
+        write_private(self.acl_file, ("\n".join(lines) + "\n").encode(), self.run_as)
 
     async def on_start(self) -> None:
         binary = reachable_install(find_valkey_server(self.binary_override), self.run_as)

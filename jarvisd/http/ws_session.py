@@ -132,14 +132,21 @@ class Session:
         self.held_channels: set[str] = set()
         self.held_patterns: set[str] = set()
 
-    def _take(self, channels: tuple[str, ...], patterns: tuple[str, ...]) -> str | None:
-        new_c = [c for c in channels if c not in self.held_channels]
-        new_p = [p for p in patterns if p not in self.held_patterns]
-        why = self.shares.take_subscriptions(self.share_key, new_c, new_p, self.rt.settings.pubsub)
-        if why is None:
-            self.held_channels.update(new_c)
-            self.held_patterns.update(new_p)
-        return why
+    def _take(
+        self, channels: tuple[str, ...], patterns: tuple[str, ...]
+    ) -> tuple[tuple[str, ...], tuple[str, ...]] | str:
+        """Count what is new in ``channels`` and ``patterns`` against the
+        shares; returns exactly what was counted, or why nothing was."""
+        new_c = tuple(c for c in channels if c not in self.held_channels)
+        new_p = tuple(p for p in patterns if p not in self.held_patterns)
+        why = self.shares.take_subscriptions(
+            self.share_key, list(new_c), list(new_p), self.rt.settings.pubsub
+        )
+        if why is not None:
+            return why
+        self.held_channels.update(new_c)
+        self.held_patterns.update(new_p)
+        return new_c, new_p
 
     def _give_back(self, channels: tuple[str, ...], patterns: tuple[str, ...]) -> None:
         gone_c = [c for c in channels if c in self.held_channels]
@@ -230,8 +237,8 @@ class Session:
         channels = tuple(c for c in self.sub.channels if not self.rules.may_subscribe(who, c))
         patterns = tuple(p for p in self.sub.patterns if not self.rules.may_pattern(who, p))
         if channels or patterns:
-            self._give_back(channels, patterns)
             await self.pubsub.ask(Unsubscribe(self.sub, channels, patterns), timeout=10)
+            self._give_back(channels, patterns)
             await self._send(
                 {
                     "type": "unsubscribed",
@@ -326,14 +333,18 @@ class Session:
                     }
                 )
                 return
-            why = self._take(channels, patterns)
-            if why is not None:
-                await self._send({"type": "error", "op": "subscribe", "error": why})
+            taken = self._take(channels, patterns)
+            if isinstance(taken, str):
+                await self._send({"type": "error", "op": "subscribe", "error": taken})
                 return
             try:
                 await self.pubsub.ask(Subscribe(self.sub, channels, patterns), timeout=10)
             except Exception as exc:  # Redis unreachable: say so, keep the socket
-                self._give_back(channels, patterns)
+                # Only what this op took goes back, and the pub/sub actor,
+                # which kept it as wanted, lets go of it too.
+                self._give_back(*taken)
+                with contextlib.suppress(Exception):
+                    await self.pubsub.ask(Unsubscribe(self.sub, *taken), timeout=10)
                 await self._send({"type": "error", "op": "subscribe", "error": str(exc)})
                 return
             await self._send({"type": "subscribed", "channels": channels, "patterns": patterns})

@@ -152,16 +152,23 @@ async def get_command(conn: asyncpg.Connection, command_id: int) -> Command:
 
 
 async def command_id_of(
-    conn: asyncpg.Connection, sender: str, request_id: str | None, command_id: int | None
+    conn: asyncpg.Connection,
+    sender: str,
+    request_id: str | None,
+    command_id: int | None,
+    created_by: int | None = None,
 ) -> int:
     """The id of ``sender``'s command named by its requestId or id; another
-    sender's command is not found, as if it did not exist."""
+    sender's command is not found, as if it did not exist. ``created_by``:
+    the sender's user (an agent deleted and made again under its name is
+    another sender)."""
     found = await conn.fetchval(
-        "SELECT id FROM commands WHERE sender = $1 "
+        "SELECT id FROM commands WHERE sender = $1 AND created_by IS NOT DISTINCT FROM $4 "
         "AND ($2::text IS NULL OR request_id = $2) AND ($3::bigint IS NULL OR id = $3)",
         sender,
         request_id,
         command_id,
+        created_by,
     )
     if found is None:
         what = f"requestId {request_id!r}" if request_id is not None else f"id {command_id}"
