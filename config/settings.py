@@ -179,7 +179,8 @@ class PubSubSettings(_Section, frozen=True):
     # WebSocket clients are pinged this often; one that does not answer is closed.
     ws_heartbeat: PositiveFloat = 30.0
     # Channels outside the daemon's own (redis.prefix) that POST /publish, /ws
-    # and agents on Redis may use (names, or globs such as "user_*"); the
+    # and agents on Redis may use (names, or globs with a literal start such
+    # as "user_*", never one that could reach redis.prefix or bus.stream); the
     # rest of the Redis server's channels are not reachable through jarvisd.
     channels: list[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:@/*?-]{1,200}$")]] = (
         msgspec.field(default_factory=lambda: ["user_activity"])
