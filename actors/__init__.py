@@ -1,4 +1,5 @@
-"""jarvisd actors: the kernel (mailbox, tell/ask, supervisor) and every actor."""
+"""jarvisd actors: the kernel (messages, mailboxes, typed references,
+supervisor) and every actor."""
 
 from actors.kernel import (
     Actor,
@@ -9,7 +10,11 @@ from actors.kernel import (
     AskTimeout,
     FatalActorError,
     Health,
+    LaneSpec,
     MailboxFull,
+    Message,
+    Ref,
+    Room,
     UnknownMessage,
     handles,
 )
@@ -25,7 +30,11 @@ __all__ = [
     "Escalation",
     "FatalActorError",
     "Health",
+    "LaneSpec",
     "MailboxFull",
+    "Message",
+    "Ref",
+    "Room",
     "Supervisor",
     "UnknownMessage",
     "handles",

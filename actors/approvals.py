@@ -1,13 +1,14 @@
-"""The approvals actor: the expiry sweeper and the waiters of decisions
-(DESIGN §3, §6).
+"""The approvals actor: who sweeps, and the waiters of decisions (DESIGN §3, §6).
 
-- Sweeper: one daemon at a time (a PostgreSQL session advisory lock held on
-  this actor's own connection; when that daemon dies its connection goes and
-  the next one to try takes the lock). Every ``approvals.sweep_interval`` it
-  announces ``approval.warning`` for pending requests near their deadline
-  (once each) and expires the ones past it: a rejection of the request and of
-  its command, with their audit events, announced as ``approval.expired`` and
-  ``command.rejected``.
+- Sweeper: one daemon at a time leads, by a PostgreSQL session advisory lock
+  held on a connection of this actor's own. Leadership belongs to that
+  connection: a new connection (after a drop, even an idle one) leads only
+  once it has taken the lock itself, and the lock is proved on the
+  connection before every sweep; when the leading daemon dies its
+  connection goes, and the next one to try takes the lock. The leader asks
+  the persistence actor to sweep every ``approvals.sweep_interval``
+  (``SweepApprovals``): the warnings, the expiries and their events are the
+  persistence actor's to write, as every other change is.
 - Waiters: ``Watch(approval_id)`` answers a future that completes when a
   decision on that request is announced on ``{prefix}approvals`` (by any
   daemon), so that thousands of long-polls cost no database polling. The
@@ -23,33 +24,40 @@ import contextlib
 import functools
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 import msgspec
 
-from actors.data import events, repo
 from actors.data.repo import init_connection
-from actors.envelope import Event, EventKind
-from actors.kernel import Actor, ActorError, Health, handles
-from actors.pubsub import Delivery, Detach, PublishEvents, Subscribe, Subscriber
+from actors.kernel import Actor, Health, Message, Ref, handles
+from actors.persistence import PersistenceRef, SweepApprovals, Unavailable
+from actors.pubsub import Delivery, PubSubRef, Subscription
 from config import ApprovalSettings, PostgresSettings
 
-__all__ = ["Approvals", "Watch", "WatchersFull"]
+__all__ = ["Approvals", "ApprovalsRef", "Watch", "WatchersFull"]
 
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)  # a message of a reply type is one of any wider type
 # pg_try_advisory_lock key of the sweeper: a stable 63-bit number.
 SWEEPER_LOCK = int.from_bytes(hashlib.sha256(b"jarvisd.approvals-sweeper").digest()[:8], "big") >> 1
 SWEEP_BATCH = 500
 POLL_WHEN_BLIND = 1.0
+# Errors of the lock's connection that mean "lost it": whatever it held is gone.
+_CONNECTION_LOST = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 class WatchersFull(Exception):
     """approvals.max_waiters callers are waiting already (HTTP 503)."""
 
 
-class Watch(msgspec.Struct, frozen=True):
-    """Replies an asyncio.Future completed when ``approval_id`` may have been
-    decided (read it again to know)."""
+class ApprovalsMessage(Message[R_co], frozen=True):
+    """A message the approvals actor answers with ``R``."""
+
+
+class Watch(ApprovalsMessage[asyncio.Future[None]], frozen=True):
+    """Replies a future completed when ``approval_id`` may have been decided
+    (read it again to know)."""
 
     approval_id: int
 
@@ -78,8 +86,8 @@ class Approvals(Actor):
         postgres: PostgresSettings,
         dsn: str,
         *,
-        persistence: Actor,
-        pubsub: Actor,
+        persistence: PersistenceRef,
+        pubsub: PubSubRef,
         channel: str,
         name: str = "approvals",
         health_interval: float = 2.0,
@@ -92,10 +100,18 @@ class Approvals(Actor):
         self.pubsub = pubsub
         self.channel = channel
         self.sweep_stats = SweepStats()
-        self._conn: asyncpg.Connection | None = None
+        self._conn: asyncpg.Connection | None = None  # the lock's, while leading or trying
         self._waiters: dict[int, set[asyncio.Future[None]]] = {}
         self._waiting = 0  # futures in _waiters
         self._watching = False  # subscribed to the announcements
+        self.decisions = Subscription(
+            pubsub,
+            f"{name}:decisions",
+            sink=self._on_delivery,
+            channels=lambda: (self.channel,),
+            on_up=self._heard,
+            on_down=self._deafened,
+        )
 
     # -- waiters ---------------------------------------------------------------------------
     @handles(Watch)
@@ -128,6 +144,14 @@ class Approvals(Actor):
             for fut in list(waiters):
                 _wake(fut)
 
+    def _heard(self) -> None:
+        self._watching = True
+        self._wake_all()  # whatever was announced before now: read again
+
+    def _deafened(self) -> None:
+        self._watching = False
+        self._wake_all()
+
     def _on_delivery(self, item: Delivery) -> bool:
         if item.kind != "message":
             # down: announcements may be missed; gap: some were. Read again.
@@ -148,97 +172,81 @@ class Approvals(Actor):
 
     # -- the loops -------------------------------------------------------------------------------
     async def run(self) -> None:
-        await asyncio.gather(self._listen(), self._sweep_loop())
-
-    async def _listen(self) -> None:
-        while not self.halting():
-            lost = asyncio.Event()
-            sub = Subscriber(
-                f"{self.name}:decisions", sink=self._on_delivery, on_close=_setter(lost)
-            )
-            try:
-                await self.pubsub.ask(Subscribe(sub, channels=(self.channel,)), timeout=10)
-            except Exception as exc:  # pub/sub not connected yet
-                self.log.debug("approvals_subscribe_retry", error=repr(exc))
-                with contextlib.suppress(Exception):
-                    await self.pubsub.ask(Detach(sub), timeout=2)
-                await asyncio.sleep(0.5)
-                continue
-            self._watching = True
-            self._wake_all()  # whatever was announced before now: read again
-            try:
-                await lost.wait()
-            finally:
-                self._watching = False
+        self.spawn(self.decisions.keep(), "decisions")
+        await self._sweep_loop()
 
     async def _sweep_loop(self) -> None:
         while not self.halting():
             try:
-                await self._sweep()
-            except asyncpg.UndefinedTableError:
-                # A new database whose migrations the persistence actor is applying now.
-                self.log.debug("sweep_waiting_for_migrations")
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                if await self._leading():
+                    await self._sweep()
+            except _CONNECTION_LOST as exc:
                 self.sweep_stats.last_error = f"{type(exc).__name__}: {exc}"
-                self.sweep_stats.leader = False
                 self.log.warning("sweep_failed", error=self.sweep_stats.last_error)
                 await self._drop_connection()
+            except Unavailable as exc:  # the database is not there (yet): next turn
+                self.log.debug("sweep_waiting", error=str(exc))
+            except Exception as exc:  # the persistence actor's answer: try again next turn
+                self.sweep_stats.last_error = f"{type(exc).__name__}: {exc}"
+                self.log.warning("sweep_failed", error=self.sweep_stats.last_error)
             await asyncio.sleep(self.settings.sweep_interval)
 
-    async def _connection(self) -> asyncpg.Connection:
-        if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(
+    async def _leading(self) -> bool:
+        """Whether this daemon leads now, proved on the lock's connection:
+        a connection that is new, or that was lost while idle, leads only
+        after taking the lock itself."""
+        conn = self._conn
+        if conn is not None and conn.is_closed():
+            await self._drop_connection()
+            conn = None
+        if conn is None:
+            conn = await asyncpg.connect(
                 self.dsn,
                 timeout=self.postgres.connect_timeout,
                 command_timeout=self.postgres.command_timeout,
             )
-            await init_connection(self._conn)
-        return self._conn
+            await init_connection(conn)
+            self._conn = conn
+        if self.sweep_stats.leader:
+            # Still ours? A round trip on the very connection that holds it.
+            held = await conn.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND pid = pg_backend_pid() AND objsubid = 1 "
+                "AND classid = ($1::bigint >> 32)::oid AND objid = ($1::bigint & 4294967295)::oid",
+                SWEEPER_LOCK,
+            )
+            if held:
+                return True
+            self._lead(False)
+        # Held as long as this connection lives: one sweeper at a time.
+        self._lead(bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", SWEEPER_LOCK)))
+        return self.sweep_stats.leader
+
+    def _lead(self, leading: bool) -> None:
+        if leading != self.sweep_stats.leader:
+            self.log.info("sweeper_leading" if leading else "sweeper_standing_by")
+        self.sweep_stats.leader = leading
+
+    async def _sweep(self) -> None:
+        swept = await self.persistence.ask(
+            SweepApprovals(warn_before=self.settings.warn_before, limit=SWEEP_BATCH), timeout=60
+        )
+        self.sweep_stats.sweeps += 1
+        self.sweep_stats.warned += swept.warned
+        self.sweep_stats.expired += swept.expired
+        if swept.expired:
+            self.log.info("approvals_expired", count=swept.expired)
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
+        self._lead(False)  # the lock goes with the connection
         if conn is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(conn.close(), 2)
 
-    async def _sweep(self) -> None:
-        conn = await self._connection()
-        if not self.sweep_stats.leader:
-            # Held as long as this connection lives: one sweeper at a time.
-            self.sweep_stats.leader = bool(
-                await conn.fetchval("SELECT pg_try_advisory_lock($1)", SWEEPER_LOCK)
-            )
-            if self.sweep_stats.leader:
-                self.log.info("sweeper_leading")
-        if not self.sweep_stats.leader:
-            return
-        self.sweep_stats.sweeps += 1
-        warned = await repo.warn_due(conn, self.settings.warn_before, SWEEP_BATCH)
-        expired = await repo.expire_due(conn, SWEEP_BATCH)
-        out: list[tuple[EventKind, Event]] = [events.approval_warning(a, r) for a, r in warned]
-        for approval in expired:
-            command = None
-            if approval.command_id is not None:
-                with contextlib.suppress(repo.NotFound):
-                    command = await repo.get_command(conn, approval.command_id)
-            ref = (command.request_id, command.sender) if command is not None else None
-            out.append(events.approval_decided(approval, ref, approval.requester_id))
-            if command is not None and command.status == "expired":
-                out.append(events.command_decided(command))
-        self.sweep_stats.warned += len(warned)
-        self.sweep_stats.expired += len(expired)
-        if out:
-            try:
-                self.pubsub.tell_nowait(PublishEvents(tuple(out)))
-            except ActorError as exc:  # notifications: the state is committed
-                self.log.warning("sweep_events_dropped", count=len(out), error=repr(exc))
-        if expired:
-            self.log.info("approvals_expired", count=len(expired))
-
     async def on_stop(self) -> None:
         self._wake_all()  # waiters read the request again and answer
-        await self._drop_connection()  # the lock goes with it
-        self.sweep_stats.leader = False
+        await self._drop_connection()
 
     # -- health ---------------------------------------------------------------------------------
     async def check(self) -> Health | None:
@@ -263,11 +271,11 @@ class Approvals(Actor):
         return data
 
 
-def _setter(event: asyncio.Event) -> Any:
-    def on_close(_reason: str) -> None:
-        event.set()
+class ApprovalsRef(Ref):
+    """The approvals actor: the waiters of decisions."""
 
-    return on_close
+    async def ask(self, msg: ApprovalsMessage[R], timeout: float | None = None) -> R:
+        return await self._ask(msg, timeout)
 
 
 def _wake(fut: asyncio.Future[None]) -> None:

@@ -1,20 +1,14 @@
-"""The agent protocol's envelopes (DESIGN §5), in and out.
-
-In: what agents publish on ``bus.stream`` (XADD ``envelope`` field, or PUBLISH
+"""The agent protocol's envelopes (DESIGN §5): what agents publish on ``bus.stream`` (XADD ``envelope`` field, or PUBLISH
 on the channel of the same name). One JSON object, camelCase, a tagged union
 on ``type``. ``parse`` never raises: it returns the envelope or the reason it
 is not one, which goes to the dead-letter stream.
 
-Out: the events the daemon publishes on ``{prefix}events`` and per kind
-(``{prefix}commands``, ``{prefix}approvals``), in the same envelope shape.
+What the daemon sends back (events, refusals) is in ``actors.events``.
 """
 
 from __future__ import annotations
 
-import itertools
-import secrets
-import time
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -42,11 +36,7 @@ __all__ = [
     "CommandRequested",
     "CommandStarted",
     "Envelope",
-    "Event",
-    "EventKind",
     "Malformed",
-    "StatusEnvelope",
-    "event",
     "parse",
     "type_of",
 ]
@@ -141,8 +131,14 @@ class CacheInvalidate(_Envelope, frozen=True, tag="cache.invalidate"):
     data: CacheInvalidateData
 
 
-StatusEnvelope = CommandStarted | CommandCompleted | CommandFailed | CommandCancelled
-Envelope = CommandRequested | StatusEnvelope | CacheInvalidate
+Envelope = (
+    CommandRequested
+    | CommandStarted
+    | CommandCompleted
+    | CommandFailed
+    | CommandCancelled
+    | CacheInvalidate
+)
 TYPES = frozenset(
     {
         "command.requested",
@@ -222,53 +218,4 @@ def _describe(data: bytes) -> tuple[str, str]:
     return (
         kind if isinstance(kind, str) else "",
         ident[:200] if isinstance(ident, str) else "",
-    )
-
-
-# -- out ----------------------------------------------------------------------------------
-EventKind = Literal["commands", "approvals"]
-
-
-class Event(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
-    """An event the daemon publishes, in the envelope shape agents know. It
-    goes to ``{prefix}events`` and to the channel of its kind."""
-
-    v: int = 1
-    id: str
-    type: str
-    source: str = "jarvisd"
-    ts: str
-    user_id: int | None = None
-    data: dict[str, Any]
-
-
-_last_ts: tuple[int, str] = (0, "")
-
-
-def _now() -> str:
-    """The time as ISO 8601 to the millisecond (formatted once per millisecond)."""
-    global _last_ts
-    ms = time.time_ns() // 1_000_000
-    if ms != _last_ts[0]:
-        when = datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
-        _last_ts = (ms, when.replace("+00:00", "Z"))
-    return _last_ts[1]
-
-
-# Event ids: random per process, then a counter: unique, and cheap to make.
-_ID_PREFIX = secrets.token_hex(8)
-_ids = itertools.count(1)
-
-
-def event(
-    kind: EventKind, name: str, user_id: int | None, /, **data: Any
-) -> tuple[EventKind, Event]:
-    """A new event ``name`` with the kind (channel) it belongs to. Fields
-    whose value is None are left out."""
-    return kind, Event(
-        id=f"{_ID_PREFIX}-{next(_ids):x}",
-        type=name,
-        ts=_now(),
-        user_id=user_id,
-        data={k: v for k, v in data.items() if v is not None},
     )

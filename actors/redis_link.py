@@ -9,17 +9,16 @@ needs no action here beyond the next check.
 from __future__ import annotations
 
 import time
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
-from actors.kernel import Actor, Health, handles
+from actors.kernel import Actor, Health, Message, Ref, handles
 from config import RedisSettings
 
 __all__ = [
@@ -28,7 +27,9 @@ __all__ = [
     "RedisClientActor",
     "RedisInfo",
     "RedisLink",
+    "RedisMessage",
     "RedisPing",
+    "RedisRef",
     "RedisUnavailable",
     "cluster_seeds",
     "connect_redis",
@@ -36,6 +37,8 @@ __all__ = [
     "node_url",
 ]
 
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)  # a message of a reply type is one of any wider type
 # One server or a cluster: the actors use what both answer alike.
 RedisClient = aioredis.Redis | RedisCluster
 # "Redis cannot serve this now": the cluster client raises some of it (no node
@@ -47,12 +50,16 @@ class RedisUnavailable(Exception):
     """Redis cannot be reached right now (HTTP maps this to 503)."""
 
 
-class RedisPing(msgspec.Struct, frozen=True):
+class RedisMessage(Message[R_co], frozen=True):
+    """A message the Redis health actor answers with ``R``."""
+
+
+class RedisPing(RedisMessage[float], frozen=True):
     """PING; replies with the latency in ms."""
 
 
-class RedisInfo(msgspec.Struct, frozen=True):
-    """Replies with a few INFO fields (version, memory, clients, keys)."""
+class RedisInfo(RedisMessage[dict[str, Any]], frozen=True):
+    """A few INFO fields (version, memory, clients, keys)."""
 
 
 def is_cluster(url: str, settings: RedisSettings | None = None) -> bool:
@@ -98,16 +105,20 @@ def connect_redis(
     *,
     name: str = "jarvisd",
     timeout: float | None = None,
+    read_timeout: float | None = None,
 ) -> RedisClient:
     """A client for ``url``: one server, or a Redis Cluster (``is_cluster``)
     through redis-py's cluster client, which follows MOVED/ASK and finds the
-    new primary after a failover by itself."""
+    new primary after a failover by itself. ``timeout`` bounds connecting and
+    each reply; ``read_timeout``, if given, each reply instead (a client for
+    blocking reads waits longer than it takes to connect)."""
     wait = timeout if timeout is not None else (settings.connect_timeout if settings else 5.0)
+    reply_wait = read_timeout if read_timeout is not None else wait
     if not is_cluster(url, settings):
         return aioredis.Redis.from_url(
             url,
             socket_connect_timeout=wait,
-            socket_timeout=wait,
+            socket_timeout=reply_wait,
             health_check_interval=30,
             client_name=name,
         )
@@ -117,7 +128,7 @@ def connect_redis(
         plain,
         startup_nodes=nodes or None,
         socket_connect_timeout=wait,
-        socket_timeout=wait,
+        socket_timeout=reply_wait,
         client_name=name,
         # Tries again at once after a connection error or a cluster in
         # failover, reading the slot map again before each try; what still
@@ -230,3 +241,10 @@ class RedisLink(RedisClientActor):
             "keys": keys,
             "prefix": self.redis_settings.prefix,
         }
+
+
+class RedisRef(Ref):
+    """The Redis health actor: PING and INFO for /health and /redis/*."""
+
+    async def ask(self, msg: RedisMessage[R], timeout: float | None = None) -> R:
+        return await self._ask(msg, timeout)

@@ -42,6 +42,15 @@ class Supervisor:
         self._started: list[Actor] = []
         self._stopping = False
 
+    def add(self, actor: Actor) -> None:
+        """One more actor, started after (and stopped before) the others."""
+        if self._started or self.escalated.is_set():
+            raise RuntimeError("actors are added before the supervisor starts")
+        if any(a.name == actor.name for a in self.actors):
+            raise ValueError(f"actor names must be unique: {actor.name}")
+        self.actors.append(actor)
+        self._history[actor.name] = deque()
+
     def get(self, name: str) -> Actor:
         for actor in self.actors:
             if actor.name == name:

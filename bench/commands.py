@@ -26,7 +26,7 @@ from typing import Any
 import asyncpg
 
 from actors import migrate as migrations
-from actors.data import messages as m
+from actors import persistence as m
 from actors.data.listing import MAX_OFFSET_PARAM, ListError, encode_cursor, parse_list
 from actors.data.model import CommandCreate
 from actors.data.repo import COMMANDS, init_connection

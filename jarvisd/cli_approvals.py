@@ -3,7 +3,7 @@ person at the host, through the running daemon's API (the same rules as the
 routes: no self-approval, CRITICAL needs an admin, a decided request is 409).
 
 On the daemon's Unix socket the caller is the local admin (recorded as the
-decider ``local``); with ``--token`` or ``$JARVISD_TOKEN`` the caller is that
+decider ``uid:<uid>``); with ``--token`` or ``$JARVISD_TOKEN`` the caller is that
 token's user, which is what the audit trail will name. Exit 0 on success,
 1 when the daemon refuses (the reason on stderr) or cannot be reached.
 """

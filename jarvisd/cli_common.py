@@ -97,7 +97,7 @@ async def tell_daemons(loaded: LoadedConfig, what: Any) -> None:
     No Redis answering means no daemon runs: nothing to tell."""
     import sys
 
-    from actors.bus_agents import agents_channel
+    from actors.bus import agents_channel
     from actors.redis_link import REDIS_FAILURES, connect_redis
     from jarvisd.principals import encode_invalidation, internal_channel
 

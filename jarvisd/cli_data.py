@@ -18,9 +18,9 @@ from typing import Any
 
 import msgspec
 
-from actors.data import messages as m
+from actors import persistence as m
 from actors.data.listing import parse_list
-from actors.data.model import TokenCreate, User, UserCreate, UserUpdate
+from actors.data.model import Page, TokenCreate, User, UserCreate, UserUpdate
 from actors.data.repo import USERS, Conflict, NotFound
 from actors.persistence import Persistence
 from config import LoadedConfig
@@ -106,6 +106,7 @@ def cmd_user_list(args: argparse.Namespace) -> int:
     async def work(actor: Persistence) -> int:
         lq = parse_list(USERS, {"limit": ["200"]})
         page = await actor.ask(m.ListUsers(query=lq), timeout=30)
+        assert isinstance(page, Page)  # as_json is off: a page of User
         print(f"{'ID':>6}  {'USERNAME':<24} {'ROLE':<9} {'STATE':<9} EMAIL")
         for u in page.items:
             state = "disabled" if u.disabled else "enabled"

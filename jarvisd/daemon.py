@@ -1,11 +1,14 @@
 """The composition root: build the actors from the settings, run, stop.
 
 Start order (DESIGN §3): embedded servers → persistence → redis, cache,
-sessions, logins → pubsub → approvals → bus → http.
+sessions, logins → pubsub → approvals → bus → http, all under the supervisor.
+Before any of them, the instance lock on the state directory (``instance``).
 Stop: the daemon first stops taking work (readiness turns 503, API requests
-get 503 "draining"), waits for in-flight requests, then stops the actors in
-reverse start order under one deadline, and closes the HTTP listeners last,
-so that health keeps answering "draining" while the actors drain.
+get 503 "draining"), waits for in-flight requests, then the supervisor stops
+the actors in reverse start order under one deadline: HTTP first,
+PostgreSQL last. The daemon's own tasks (status, reloads, the systemd
+watchdog) are watched as the actors are: one that dies ends the daemon with
+exit 1, and the watchdog stops pinging once anything has failed for good.
 """
 
 from __future__ import annotations
@@ -26,23 +29,22 @@ import structlog
 from actors import Actor, Escalation, FatalActorError, Supervisor
 from actors.approvals import Approvals
 from actors.bus import Bus
-from actors.cache import Cache
-from actors.data.messages import EnsureAdmin
+from actors.cache import Cache, CacheRef
 from actors.embedded import EmbeddedPostgres, EmbeddedValkey, RunAs
-from actors.logins import Logins
-from actors.persistence import Persistence
-from actors.pubsub import CLIENTS_PUBSUB, PubSub
+from actors.persistence import Persistence, PersistenceRef
+from actors.pubsub import CLIENTS_PUBSUB, PubSub, PubSubRef
 from actors.redis_link import RedisLink
-from actors.sessions import Sessions
+from actors.sessions import Logins, Sessions
 from config import ConfigError, LoadedConfig, Settings, load_settings
 from jarvisd import __version__
 from jarvisd.http.health import readiness
 from jarvisd.http.server import HttpServer
+from jarvisd.instance import InstanceLock, InstanceLocked
 from jarvisd.lists import ListCache
 from jarvisd.logs import set_level
 from jarvisd.principals import PrincipalCache
 from jarvisd.reload import ReloadPlan, plan_reload
-from jarvisd.runtime import Check, Runtime
+from jarvisd.runtime import Check, DaemonActors, Runtime
 from jarvisd.systemd import Notifier, Watchdog, watchdog_interval
 
 __all__ = ["Daemon", "build_actors"]
@@ -54,11 +56,11 @@ EXIT_FAILURE = 1
 EXIT_FORCED = 130
 
 
-def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
-    """The daemon's actors in start order, and the health checks they answer."""
+def build_actors(settings: Settings) -> tuple[DaemonActors, list[Check]]:
+    """The daemon's actors, and the health checks they answer."""
     interval = settings.daemon.health_interval
     state_dir = Path(settings.daemon.state_dir)
-    actors: list[Actor] = []
+    embedded: list[Actor] = []
     checks: list[Check] = []
     run_as = RunAs.resolve(settings.embedded.postgres_user) if settings.embedded.enabled else None
 
@@ -72,7 +74,7 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
             start_timeout=settings.embedded.start_timeout,
         )
         pg.health_interval = interval
-        actors.append(pg)
+        embedded.append(pg)
         checks.append(Check("embedded-postgres", pg, "system"))
         pg_dsn = pg.dsn
     redis_url = settings.redis.url
@@ -87,7 +89,7 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
             max_value=settings.embedded.valkey_max_value,
         )
         vk.health_interval = interval
-        actors.append(vk)
+        embedded.append(vk)
         checks.append(Check("embedded-valkey", vk, "system"))
         redis_url = vk.url
     # Both are guaranteed by the loader's cross checks.
@@ -95,8 +97,14 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
     assert redis_url is not None
 
     persistence = Persistence(
-        settings.postgres, pg_dsn, health_interval=interval, approvals=settings.approvals
+        settings.postgres,
+        pg_dsn,
+        health_interval=interval,
+        approvals=settings.approvals,
+        # The first start makes the first admin; ready only once its token is written.
+        admin_token_file=state_dir / "admin-token",
     )
+    pg_ref = PersistenceRef(persistence)
     redis = RedisLink(settings.redis, redis_url, health_interval=interval)
     cache = Cache(settings.redis, settings.cache, redis_url, health_interval=interval)
     sessions = Sessions(settings.redis, settings.sessions, redis_url, health_interval=interval)
@@ -106,7 +114,7 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
         settings.auth,
         redis_url,
         health_interval=interval,
-        key_source=persistence,  # login sessions are signed under a key kept in PostgreSQL
+        key_source=pg_ref,  # login sessions are signed under a key kept in PostgreSQL
     )
     pubsub = PubSub(settings.redis, settings.pubsub, redis_url, health_interval=interval)
     # A connection of its own for what agents and clients can publish on (the
@@ -125,8 +133,8 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
         settings.approvals,
         settings.postgres,
         pg_dsn,
-        persistence=persistence,
-        pubsub=pubsub,
+        persistence=pg_ref,
+        pubsub=PubSubRef(pubsub),
         channel=f"{settings.redis.prefix}approvals",
         health_interval=interval,
     )
@@ -136,13 +144,24 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
         redis_url,
         stream=settings.inbox,
         consumer=consumer_name(settings),
-        persistence=persistence,
-        cache=cache,
-        pubsub=clients,
+        persistence=pg_ref,
+        cache=CacheRef(cache),
+        pubsub=PubSubRef(clients),
         pubsub_settings=settings.pubsub,
         health_interval=interval,
     )
-    actors += [persistence, redis, cache, sessions, logins, pubsub, clients, approvals, bus]
+    built = DaemonActors(
+        persistence=persistence,
+        redis=redis,
+        cache=cache,
+        sessions=sessions,
+        logins=logins,
+        pubsub=pubsub,
+        clients=clients,
+        approvals=approvals,
+        bus=bus,
+        embedded=tuple(embedded),
+    )
     checks = [
         Check("postgres", persistence, "datastore"),
         Check("redis", redis, "datastore"),
@@ -152,7 +171,7 @@ def build_actors(settings: Settings) -> tuple[list[Actor], list[Check]]:
         Check("approvals", approvals, "component", critical=False),
         *checks,
     ]
-    return actors, checks
+    return built, checks
 
 
 def consumer_name(settings: Settings) -> str:
@@ -176,29 +195,37 @@ class Daemon:
         self.loaded = loaded
         self.config_arg = config_arg if config_arg is not None else loaded.path
         self.settings = loaded.settings
-        actors, checks = build_actors(self.settings)
-        self.supervisor = Supervisor(actors, self.settings.supervisor)
+        self.actors, checks = build_actors(self.settings)
+        self.supervisor = Supervisor(self.actors.in_start_order(), self.settings.supervisor)
         self.runtime = Runtime(
             self.settings,
             self.supervisor,
             checks,
             __version__,
+            self.actors,
             principals=PrincipalCache(
                 size=self.settings.auth.cache_size, ttl=self.settings.auth.cache_ttl
             ),
             lists=ListCache(ttl=self.settings.http.list_cache_ttl),
         )
+        # Started last, stopped first; supervised like every other actor.
         self.http = HttpServer(self.runtime, sockets=sockets)
+        self.supervisor.add(self.http)
         self.notifier = notifier or Notifier()
         self.stop_requested = asyncio.Event()
         self.ready = asyncio.Event()
         self.reloads = 0
         self.restart_needed: list[str] = []
+        self.lock: InstanceLock | None = None
         self._signals = 0
         self._stop_reason = ""
-        self._reload_task: asyncio.Task[None] | None = None
         self._reload_again = False
-        self._background: set[asyncio.Task[None]] = set()
+        # The daemon's own tasks (status, reloads, watchdog): each one's death
+        # is seen (failed) and ends the daemon with exit 1, never silently.
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._reloading: asyncio.Task[None] | None = None
+        self.failed = asyncio.Event()
+        self.failure = ""
 
     # -- signals -----------------------------------------------------------------
     def request_stop(self, reason: str = "requested") -> None:
@@ -225,12 +252,10 @@ class Daemon:
     def _on_hup(self) -> None:
         if self.stop_requested.is_set():
             return
-        if self._reload_task is not None and not self._reload_task.done():
+        if self._reloading is not None and not self._reloading.done():
             self._reload_again = True  # coalesce: one more reload after this one
             return
-        self._reload_task = asyncio.get_running_loop().create_task(
-            self._reload_loop(), name="daemon.reload"
-        )
+        self._reloading = self._spawn(self._reload_loop(), "daemon.reload")
 
     async def _reload_loop(self) -> None:
         while True:
@@ -287,21 +312,14 @@ class Daemon:
         self.runtime.lists.ttl = settings.http.list_cache_ttl
         for actor in self.supervisor.actors:
             actor.health_interval = settings.daemon.health_interval
-            if isinstance(actor, Persistence):
-                actor.approvals = settings.approvals
-            elif isinstance(actor, Cache):
-                actor.cache_settings = settings.cache
-            elif isinstance(actor, PubSub):
-                actor.settings = settings.pubsub
-            elif isinstance(actor, Approvals):
-                actor.settings = settings.approvals
-            elif isinstance(actor, Bus):
-                # stream and group are bound at start (reload.RESTART_KEYS)
-                actor.settings = settings.bus
-            elif isinstance(actor, Sessions):
-                actor.settings = settings.sessions
-                if isinstance(actor, Logins):
-                    actor.auth = settings.auth
+        a = self.actors
+        a.persistence.approvals = settings.approvals
+        a.cache.cache_settings = settings.cache
+        a.pubsub.settings = a.clients.settings = settings.pubsub
+        a.approvals.settings = settings.approvals
+        a.bus.settings = settings.bus  # stream and group are bound at start (reload.RESTART_KEYS)
+        a.sessions.settings = a.logins.settings = settings.sessions
+        a.logins.auth = settings.auth
 
     # -- status ------------------------------------------------------------------
     def _status_line(self) -> str:
@@ -333,51 +351,39 @@ class Daemon:
             await asyncio.sleep(self.settings.daemon.health_interval)
             self.notifier.status(self._status_line())
 
-    async def _bootstrap_admin(self) -> None:
-        """First start with no admin: create one and leave its token in a 0600
-        file in the state directory (the only place it is ever written)."""
-        persistence = self.supervisor.get("persistence")
-        assert isinstance(persistence, Persistence)
-        await persistence.wait_ready()
-        try:
-            created = await persistence.ask(EnsureAdmin(), timeout=30)
-        except Exception as exc:
-            log.error("admin_bootstrap_failed", error=repr(exc))
-            return
-        if created is None:
-            return
-        path = Path(self.settings.daemon.state_dir) / "admin-token"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, (created.token + "\n").encode())
-        finally:
-            os.close(fd)
-        log.warning(
-            "admin_created",
-            user="admin",
-            token_file=str(path),
-            hint="use it as 'Authorization: Bearer <token>'; create named admins and revoke it",
-        )
-
-    def _spawn(self, coro: Any, name: str) -> None:
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is None:
+            return
+        exc = task.exception()
+        self.failure = f"{task.get_name()}: {type(exc).__name__}: {exc}"
+        log.critical("daemon_task_failed", task=task.get_name(), error=self.failure, exc_info=exc)
+        self.failed.set()
 
     # -- run ---------------------------------------------------------------------
     async def run(self, *, handle_signals: bool = True) -> int:
         started = time.monotonic()
+        try:
+            # Before anything else: a second daemon on this state directory
+            # must not touch the first one's servers.
+            self.lock = InstanceLock.take(Path(self.settings.daemon.state_dir))
+        except InstanceLocked as exc:
+            log.critical("start_refused", error=str(exc))
+            self.notifier.status(f"failed: {exc}")
+            self.notifier.close()
+            return EXIT_FAILURE
         if handle_signals:
             self.install_signal_handlers()
-        watchdog: Watchdog | None = None
         interval = watchdog_interval()
         if interval is not None and self.notifier.enabled:
-            watchdog = Watchdog(
-                self.notifier, interval, lambda: not self.supervisor.escalated.is_set()
-            )
-            watchdog.start()
+            watchdog = Watchdog(self.notifier, interval, self._healthy)
+            self._spawn(watchdog.run(), "systemd.watchdog")
         code = EXIT_OK
         try:
             self.notifier.status("starting")
@@ -387,24 +393,31 @@ class Daemon:
                 config=str(self.loaded.path or "defaults"),
                 state_dir=self.settings.daemon.state_dir,
                 pid=os.getpid(),
-                embedded=[a.name for a in self.supervisor.actors if a.name.startswith("embedded")],
+                embedded=[a.name for a in self.actors.embedded],
                 watchdog_interval=interval,
             )
             code = await self._start_and_serve(started)
         finally:
-            for task in list(self._background):
-                task.cancel()
-            await asyncio.gather(*self._background, return_exceptions=True)
-            if self._reload_task is not None:
-                self._reload_task.cancel()
-                await asyncio.gather(self._reload_task, return_exceptions=True)
+            watchdogs = [t for t in self._tasks if t.get_name() == "systemd.watchdog"]
+            await self._cancel_tasks(keep=watchdogs)  # it pings on while the daemon stops
             code = await self._shutdown(code)
-            if watchdog is not None:
-                await watchdog.stop()
+            await self._cancel_tasks()
             if handle_signals:
                 self.remove_signal_handlers()
             self.notifier.close()
+            if self.lock is not None:
+                self.lock.release()
         return code
+
+    def _healthy(self) -> bool:
+        """Whether the watchdog may ping: nothing has failed for good."""
+        return not (self.supervisor.escalated.is_set() or self.failed.is_set())
+
+    async def _cancel_tasks(self, keep: list[asyncio.Task[None]] | None = None) -> None:
+        tasks = [t for t in self._tasks if t not in (keep or [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _start_and_serve(self, started: float) -> int:
         startup = asyncio.create_task(self._start(), name="daemon.start")
@@ -412,12 +425,14 @@ class Daemon:
         escalation_wait = asyncio.create_task(
             self.supervisor.escalated.wait(), name="daemon.escalation"
         )
+        failure_wait = asyncio.create_task(self.failed.wait(), name="daemon.failure")
+        ends = {stop_wait, escalation_wait, failure_wait}
         try:
-            await asyncio.wait({startup, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-            if not startup.done():  # stop requested during start-up
+            await asyncio.wait({startup, *ends}, return_when=asyncio.FIRST_COMPLETED)
+            if not startup.done():  # stop requested (or a failure) during start-up
                 startup.cancel()
                 await asyncio.gather(startup, return_exceptions=True)
-                return EXIT_OK
+                return EXIT_FAILURE if self.failed.is_set() else EXIT_OK
             try:
                 startup.result()
             except (Escalation, FatalActorError) as exc:
@@ -429,6 +444,8 @@ class Daemon:
                 self.notifier.status(f"failed: {exc}")
                 return EXIT_FAILURE
             self.ready.set()
+            if self.lock is not None:
+                self.lock.record(self.http.addresses)
             # What start-up made lives as long as the process: keep it out of
             # the collector's way, so that full collections stay short under load.
             gc.freeze()
@@ -438,24 +455,23 @@ class Daemon:
             # a database outage at boot must show as degraded, not as a restart loop.
             self.notifier.ready(self._status_line())
             self._spawn(self._report_status(), "daemon.status")
-            self._spawn(self._bootstrap_admin(), "daemon.bootstrap-admin")
             log.info(
                 "ready", seconds=round(time.monotonic() - started, 3), listening=self.http.addresses
             )
-            await asyncio.wait({stop_wait, escalation_wait}, return_when=asyncio.FIRST_COMPLETED)
-            if self.supervisor.escalated.is_set() and not self.stop_requested.is_set():
-                log.critical("escalated", reason=str(self.supervisor.escalation))
-                self.notifier.status(f"failed: {self.supervisor.escalation}")
-                return EXIT_FAILURE
-            return EXIT_OK
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+            if self.stop_requested.is_set():
+                return EXIT_OK
+            reason = self.failure if self.failed.is_set() else str(self.supervisor.escalation)
+            log.critical("escalated", reason=reason)
+            self.notifier.status(f"failed: {reason}")
+            return EXIT_FAILURE
         finally:
-            for task in (stop_wait, escalation_wait):
+            for task in ends:
                 task.cancel()
-            await asyncio.gather(stop_wait, escalation_wait, return_exceptions=True)
+            await asyncio.gather(*ends, return_exceptions=True)
 
     async def _start(self) -> None:
         await self.supervisor.start()
-        await self.http.start()
 
     async def _shutdown(self, code: int) -> int:
         self.runtime.draining = True
@@ -478,7 +494,6 @@ class Daemon:
         if self.http.runner is not None:
             left_in_flight = await self.http.wait_idle(min(timeout / 2, 5.0))
         summary: dict[str, Any] = await self.supervisor.stop(max(deadline - time.monotonic(), 1.0))
-        await self.http.stop(timeout=max(deadline - time.monotonic(), 0.5))
         log.info(
             "stopped",
             exit_code=code,

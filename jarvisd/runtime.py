@@ -1,7 +1,9 @@
 """What the HTTP layer and the CLI may see of the running daemon.
 
-Handlers reach actors only through this: their message API (ask/tell), their
-non-blocking ``health()`` and ``snapshot()``, never their connections.
+Handlers reach actors only through this: typed references whose asks never
+wait for room (a full mailbox is a 503 at once) and time out after
+``http.request_timeout``, the actors' non-blocking ``health()`` and
+``snapshot()``, never their connections.
 """
 
 from __future__ import annotations
@@ -12,9 +14,18 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from actors import Actor, Supervisor
+from actors.approvals import Approvals, ApprovalsRef
+from actors.bus import Bus, BusRef
+from actors.cache import Cache, CacheRef
+from actors.persistence import Persistence, PersistenceRef
+from actors.pubsub import PubSub, PubSubRef
+from actors.redis_link import RedisLink, RedisRef
+from actors.sessions import Logins, LoginsRef, Sessions, SessionsRef
 from config import Settings
 from jarvisd.lists import ListCache
 from jarvisd.principals import PrincipalCache
+
+__all__ = ["Check", "DaemonActors", "Runtime"]
 
 ComponentType = Literal["datastore", "component", "system"]
 
@@ -30,12 +41,44 @@ class Check:
     critical: bool = True
 
 
+@dataclass(frozen=True)
+class DaemonActors:
+    """The daemon's actors, each by its kind (``embedded``: the servers run
+    in embedded mode, if any)."""
+
+    persistence: Persistence
+    redis: RedisLink
+    cache: Cache
+    sessions: Sessions
+    logins: Logins
+    pubsub: PubSub
+    clients: PubSub  # pubsub-clients: what agents and clients can publish on
+    approvals: Approvals
+    bus: Bus
+    embedded: tuple[Actor, ...] = ()
+
+    def in_start_order(self) -> list[Actor]:
+        return [
+            *self.embedded,
+            self.persistence,
+            self.redis,
+            self.cache,
+            self.sessions,
+            self.logins,
+            self.pubsub,
+            self.clients,
+            self.approvals,
+            self.bus,
+        ]
+
+
 @dataclass
 class Runtime:
     settings: Settings
     supervisor: Supervisor
     checks: list[Check]
     version: str
+    actors: DaemonActors
     started_at: float = field(default_factory=time.time)
     started_monotonic: float = field(default_factory=time.monotonic)
     draining: bool = False
@@ -43,14 +86,36 @@ class Runtime:
     lists: ListCache = field(default_factory=ListCache)
     # (monotonic time, draining, status, body, document) of the last readiness answer.
     ready_memo: tuple[float, bool, int, bytes, dict[str, Any]] | None = None
+    # The actors as the HTTP edge reaches them.
+    persistence: PersistenceRef = field(init=False)
+    cache: CacheRef = field(init=False)
+    sessions: SessionsRef = field(init=False)
+    logins: LoginsRef = field(init=False)
+    pubsub: PubSubRef = field(init=False)
+    clients: PubSubRef = field(init=False)
+    approvals: ApprovalsRef = field(init=False)
+    bus: BusRef = field(init=False)
+    redis: RedisRef = field(init=False)
+
+    def __post_init__(self) -> None:
+        a, wait = self.actors, self.request_timeout
+        self.persistence = PersistenceRef(a.persistence, timeout=wait, edge=True)
+        self.cache = CacheRef(a.cache, timeout=wait, edge=True)
+        self.sessions = SessionsRef(a.sessions, timeout=wait, edge=True)
+        self.logins = LoginsRef(a.logins, timeout=wait, edge=True)
+        self.pubsub = PubSubRef(a.pubsub, timeout=wait, edge=True)
+        self.clients = PubSubRef(a.clients, timeout=wait, edge=True)
+        self.approvals = ApprovalsRef(a.approvals, timeout=wait, edge=True)
+        self.bus = BusRef(a.bus, timeout=wait, edge=True)
+        self.redis = RedisRef(a.redis, timeout=wait, edge=True)
+
+    def request_timeout(self) -> float:
+        return self.settings.http.request_timeout
 
     @property
     def name(self) -> str:
         """This daemon's name among several (daemon.name, else the host name)."""
         return self.settings.daemon.name or socket.gethostname()
-
-    def actor(self, name: str) -> Actor:
-        return self.supervisor.get(name)
 
     @property
     def uptime(self) -> float:

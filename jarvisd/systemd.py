@@ -113,32 +113,23 @@ def watchdog_interval(env: Mapping[str, str] | None = None, pid: int | None = No
 
 
 class Watchdog:
-    """Pings from the event loop while ``healthy()`` holds."""
+    """Pings from the event loop while ``healthy()`` holds; ``run()`` is a
+    task of the daemon's, cancelled when the daemon has stopped."""
 
     def __init__(self, notifier: Notifier, interval: float, healthy: Callable[[], bool]) -> None:
         self.notifier = notifier
         self.interval = interval
         self.healthy = healthy
         self.pings = 0
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="systemd.watchdog")
-
-    async def _run(self) -> None:
+    async def run(self) -> None:
         while True:
             if self.healthy():
                 if self.notifier.watchdog():
                     self.pings += 1
             else:
-                log.error("watchdog_withheld", reason="supervisor gave up")
+                log.error("watchdog_withheld", reason="a part of the daemon failed for good")
             await asyncio.sleep(self.interval)
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
 
 
 @dataclass(frozen=True, slots=True)

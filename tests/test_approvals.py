@@ -311,7 +311,9 @@ async def test_the_long_poll_is_bounded_private_and_answers_pending_after_its_ti
 
 
 @pytest.mark.parametrize(
-    "approval_overrides", [{"max_waiters": 200, "max_waiters_per_principal": 1000}]
+    "approval_overrides",
+    # No sweep in the window watched: sweeps are asks of the persistence actor too.
+    [{"max_waiters": 200, "max_waiters_per_principal": 1000, "sweep_interval": 3600}],
 )
 async def test_waiters_cost_no_database_polling_and_are_capped(api: Api) -> None:
     _u, user = await api.user("mo")
@@ -319,7 +321,10 @@ async def test_waiters_cost_no_database_polling_and_are_capped(api: Api) -> None
     url = f"{api.base}/approvals/{cmd['approvalId']}?wait=20"
     headers = {"Authorization": f"Bearer {user}"}
     runtime = api.r.daemon.runtime
-    persistence, approvals = runtime.actor("persistence"), runtime.actor("approvals")
+    persistence, approvals = (
+        runtime.supervisor.get("persistence"),
+        runtime.supervisor.get("approvals"),
+    )
 
     async def wait_for_it(session: aiohttp.ClientSession) -> tuple[int, Any]:
         async with session.get(url, headers=headers) as resp:

@@ -217,7 +217,7 @@ async def test_a_request_id_twice_in_one_batch_makes_one_command_with_its_own_re
 ) -> None:
     """The first row is the command; a second row with the same requestId and
     a harmless action can neither become its approval request nor add one."""
-    from actors.data import messages as m
+    from actors import persistence as m
     from actors.data.model import CommandCreate
 
     uid, _t = await api.user("batch-agent", "agent")

@@ -140,7 +140,7 @@ async def test_one_trim_round_drops_everything_finished_however_much(
     async for running in start_daemon(loaded):
         await running.wait_ready()
         await eventually(lambda: _shorter_than(raw, stream, 1000), timeout=10)
-        assert running.daemon.runtime.actor("bus").snapshot()["bus"]["trimmed"] > 39_000
+        assert running.daemon.supervisor.get("bus").snapshot()["bus"]["trimmed"] > 39_000
 
 
 async def _shorter_than(raw: aioredis.Redis, stream: str, n: int) -> bool:

@@ -51,8 +51,16 @@ async def committed_once(
 
 
 def server_errors(running: Running) -> int:
+    """Requests answered 500; and, as a fault must cost no part of the daemon
+    its life, every actor is asserted to have run without a crash or a restart."""
     app = running.daemon.http.app
     assert app is not None
+    broken = {
+        a.name: (a.stats.crashes, a.stats.restarts)
+        for a in running.daemon.supervisor.actors
+        if (a.stats.crashes or a.stats.restarts) and not a.name.startswith("embedded")
+    }
+    assert broken == {}, f"actors crashed or restarted: {broken}"
     return sum(n for (_m, _r, status), n in app[HTTP_METRICS].requests.items() if status == "500")
 
 

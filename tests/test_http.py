@@ -95,6 +95,7 @@ async def test_ready_passes_with_postgres_and_redis_checks(running: Running) -> 
         "pubsub-clients",
         "approvals",
         "bus",
+        "http",
     }
     assert (await running.json("/health"))[1]["checks"].keys() == doc["checks"].keys()
 

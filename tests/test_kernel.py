@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 from typing import Any
 
 import msgspec
@@ -135,7 +137,7 @@ async def test_tell_nowait_on_a_full_mailbox_raises_mailbox_full_and_queues_noth
     with pytest.raises(MailboxFull, match="full"):
         actor.tell_nowait(Record(3))
     with pytest.raises(MailboxFull):
-        await actor.ask(Echo(1), wait_for_room=False)
+        await actor.ask_nowait(Echo(1))
     assert actor.mailbox_depth == 2
     blocker.gate.set()
     await actor.stop()
@@ -420,17 +422,50 @@ async def test_a_handlers_own_timeout_error_is_not_mistaken_for_an_ask_timeout()
     await actor.stop()
 
 
+class FailAfter(msgspec.Struct, frozen=True):
+    """Fails once ``gate`` opens; ``entered`` is set when handling begins."""
+
+    gate: Any
+    entered: Any
+
+
+class Failing(Probe):
+    @handles(FailAfter)
+    async def _fail_after(self, msg: FailAfter) -> None:
+        msg.entered.set()
+        await msg.gate.wait()
+        raise ValueError("nobody is waiting for this")
+
+
 async def test_a_cancelled_asker_leaves_no_unretrieved_exception_behind() -> None:
-    actor = Probe()
+    """An asker that gives up while its handler runs: the handler's failure
+    must not end up in a future nobody reads ("exception was never retrieved",
+    reported by the loop when the future is collected)."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, ctx: reported.append(ctx))
+    actor = Failing()
     await actor.start()
-    msg = hold()
-    task = asyncio.create_task(actor.ask(msg, timeout=5))
-    await msg.entered.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
-    msg.gate.set()
-    boom = asyncio.create_task(actor.ask(Boom("after"), timeout=5))
-    boom.cancel()
-    await actor.stop()
-    assert actor.state is ActorState.STOPPED
+    try:
+        msg = FailAfter(gate=asyncio.Event(), entered=asyncio.Event())
+        task = asyncio.create_task(actor.ask(msg, timeout=5))
+        await msg.entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        msg.gate.set()
+        assert await actor.ask(Echo("after"), timeout=5) == "after"  # the failure happened
+        queued = asyncio.create_task(actor.ask(Boom("queued"), timeout=5))
+        await asyncio.sleep(0)
+        queued.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await queued
+        assert await actor.ask(Echo("again"), timeout=5) == "again"
+        del task, queued
+        gc.collect()
+        assert reported == []
+        assert actor.stats.crashes == 0
+    finally:
+        loop.set_exception_handler(previous)
+        await actor.stop()

@@ -16,7 +16,7 @@ from multidict import CIMultiDictProxy
 
 from config import LoadedConfig
 from jarvisd.http.keys import HTTP_METRICS
-from jarvisd.http.server import GUARDED_IN_FLIGHT
+from jarvisd.http.middleware import GUARDED_IN_FLIGHT
 from tests.test_api import Api
 from tests.test_http import Running, start_daemon
 

@@ -8,14 +8,16 @@ import asyncio
 import contextlib
 import shutil
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
+from actors import events
 from actors.embedded import EMBEDDED_ACCOUNT, EmbeddedValkey, RunAs
-from actors.envelope import event
 from actors.pubsub import Delivery, Publish, PublishEvents, PubSub, Subscribe, Subscriber
 from config import PubSubSettings, RedisSettings
 from tests.servers import Servers, make_state_dir
@@ -114,11 +116,23 @@ async def test_events_go_to_the_events_channel_and_their_kinds(
     await pubsub.ask(
         Subscribe(sub, channels=(f"{redis_prefix}events", f"{redis_prefix}approvals")), timeout=5
     )
-    pubsub.tell_nowait(PublishEvents((event("approvals", "approval.requested", 7, approvalId=1),)))
+    data = events.ApprovalRequested(
+        approval_id=1,
+        command_id=None,
+        request_id=None,
+        sender=None,
+        action="shell_exec",
+        description="",
+        risk_score=95,
+        risk_category="CRITICAL",
+        expires_at=datetime.now(UTC),
+    )
+    pubsub.tell_nowait(PublishEvents((events.publish(data, 7),)))
     got = await take(sub, 2)
     assert {d.channel for d in got} == {f"{redis_prefix}events", f"{redis_prefix}approvals"}
     assert got[0].data == got[1].data
     assert b'"type":"approval.requested"' in got[0].data
+    assert msgspec.json.decode(got[0].data)["data"]["approvalId"] == 1
 
 
 # -- a Redis of the test's own, restarted -------------------------------------------------------
@@ -241,7 +255,7 @@ class FreezingProxy:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
-async def test_a_half_open_connection_is_noticed_by_ping_and_replaced(
+async def test_a_half_open_connection_is_noticed_by_its_heartbeat_and_replaced(
     servers: Servers, redis_prefix: str, raw: aioredis.Redis
 ) -> None:
     proxy = FreezingProxy(servers.redis_url)
@@ -251,9 +265,9 @@ async def test_a_half_open_connection_is_noticed_by_ping_and_replaced(
         sub = Subscriber("s", queue_size=100)
         await actor.ask(Subscribe(sub, channels=(f"{redis_prefix}ho",)), timeout=5)
         proxy.freeze_all()
-        down, gap = await take(sub, 2, timeout=15)  # PING unanswered → new connection → gap
+        down, gap = await take(sub, 2, timeout=15)  # no heartbeat back → new connection → gap
         assert (down.kind, gap.kind) == ("down", "gap")
-        assert "PING" in actor.ps_stats.last_error
+        assert "did not come back" in actor.ps_stats.last_error
         await raw.publish(f"{redis_prefix}ho", b"still here")
         (msg,) = await take(sub, 1)
         assert msg.data == b"still here"

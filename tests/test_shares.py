@@ -142,7 +142,7 @@ async def test_past_a_users_share_of_long_polls_the_answer_comes_at_once(api: Ap
 
         waiting = [asyncio.create_task(poll()) for _ in range(2)]
         async with asyncio.timeout(5):
-            while api.r.daemon.runtime.actor("approvals").snapshot()["approvals"]["waiting"] < 2:
+            while api.r.daemon.supervisor.get("approvals").snapshot()["approvals"]["waiting"] < 2:
                 await asyncio.sleep(0.05)
         started = asyncio.get_running_loop().time()
         assert await poll() == (200, "pending", "declined")

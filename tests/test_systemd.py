@@ -154,11 +154,12 @@ def test_watchdog_interval_is_half_the_usec_and_only_for_our_pid() -> None:
 async def test_the_watchdog_pings_and_a_blocked_loop_misses_pings(receiver: Receiver) -> None:
     n = Notifier({"NOTIFY_SOCKET": receiver.address})
     dog = Watchdog(n, 0.05, lambda: True)
-    dog.start()
+    task = asyncio.create_task(dog.run())
     await asyncio.sleep(0.3)
     time.sleep(0.5)
     await asyncio.sleep(0.2)
-    await dog.stop()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
     n.close()
     receiver.drain()
     stamps = [t for t, m in list(receiver.messages) if m.get("WATCHDOG") == "1"]
@@ -170,9 +171,10 @@ async def test_the_watchdog_pings_and_a_blocked_loop_misses_pings(receiver: Rece
 async def test_the_watchdog_withholds_pings_when_the_supervisor_gave_up(receiver: Receiver) -> None:
     n = Notifier({"NOTIFY_SOCKET": receiver.address})
     dog = Watchdog(n, 0.02, lambda: False)
-    dog.start()
+    task = asyncio.create_task(dog.run())
     await asyncio.sleep(0.15)
-    await dog.stop()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
     n.close()
     assert receiver.drain() == []
 

@@ -411,7 +411,7 @@ class ChildServer(Actor):
         self.log_path: Path | None = None
         self._stopping_child = False
 
-    async def spawn(
+    async def launch(
         self, argv: list[str], *, cwd: Path, log_path: Path
     ) -> asyncio.subprocess.Process:
         self.log_path = log_path

@@ -105,7 +105,7 @@ class EmbeddedPostgres(ChildServer):
         ]
         for key, value in self.server_options.items():
             argv += ["-c", f"{key}={value}"]
-        await self.spawn(argv, cwd=self.data_dir, log_path=self.root / "postgres.log")
+        await self.launch(argv, cwd=self.data_dir, log_path=self.root / "postgres.log")
         await self._wait_ready()
         await self._require_password()
         await self._ensure_database()

@@ -140,7 +140,7 @@ class EmbeddedValkey(ChildServer):
             "--proto-max-bulk-len",
             self.max_value,
         ]
-        await self.spawn(argv, cwd=self.root, log_path=self.root / "valkey.log")
+        await self.launch(argv, cwd=self.root, log_path=self.root / "valkey.log")
         await self._wait_ready()
 
     async def _stop_orphan(self) -> None:

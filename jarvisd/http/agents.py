@@ -19,15 +19,14 @@ import msgspec
 import structlog
 from aiohttp import web
 
+from actors import persistence as m
 from actors.agents import acl_lines, acl_rules, acl_user, agent_inbox, agent_replies, agent_url
-from actors.bus import AclState, ApplyAgents, GetAclState
-from actors.bus_agents import agents_channel, database_of
-from actors.data import messages as m
+from actors.bus import AclState, ApplyAgents, GetAclState, agents_channel, database_of
 from actors.data.model import Principal, Username
 from actors.data.repo import Agent, NotFound
 from actors.pubsub import Publish
 from jarvisd.http.auth import require
-from jarvisd.http.common import RouteDoc, ask, body, reply
+from jarvisd.http.common import RouteDoc, actors_of, body, reply
 from jarvisd.http.errors import ProblemError, reject_unknown_params
 from jarvisd.http.keys import RUNTIME
 
@@ -87,7 +86,7 @@ def _info(request: web.Request, agent: Agent) -> AgentInfo:
 async def create_agent(request: web.Request, _who: Principal) -> web.Response:
     reject_unknown_params(request, ())
     new = await body(request, AgentCreate)
-    agent, password = await ask(request, "persistence", m.CreateAgent(name=new.name))
+    agent, password = await actors_of(request).persistence.ask(m.CreateAgent(name=new.name))
     try:
         state = await apply_agents(request)
     except Exception as exc:
@@ -95,7 +94,7 @@ async def create_agent(request: web.Request, _who: Principal) -> web.Response:
         # it, and say the Redis user is not there yet (the bus applies it at
         # its next round).
         log.warning("agent_not_applied", agent=agent.name, error=repr(exc))
-        known: AclState = await ask(request, "bus", GetAclState())
+        known: AclState = await actors_of(request).bus.ask(GetAclState())
         state = msgspec.structs.replace(known, managed=False, error=f"not applied yet: {exc}")
     s = request.app[RUNTIME].settings
     user = acl_user(s.redis.prefix, agent.name)
@@ -124,7 +123,7 @@ async def create_agent(request: web.Request, _who: Principal) -> web.Response:
 @require("admin")
 async def list_agents(request: web.Request, _who: Principal) -> web.Response:
     reject_unknown_params(request, ())
-    agents: list[Agent] = await ask(request, "persistence", m.ListAgents())
+    agents: list[Agent] = await actors_of(request).persistence.ask(m.ListAgents())
     return reply([_info(request, a) for a in agents])
 
 
@@ -135,7 +134,7 @@ async def revoke_agent(request: web.Request, _who: Principal) -> web.Response:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}", name):
         raise ProblemError(404, "Not found", "no such agent")
     try:
-        agent = await ask(request, "persistence", m.RevokeAgent(name=name))
+        agent = await actors_of(request).persistence.ask(m.RevokeAgent(name=name))
     except NotFound:
         raise ProblemError(404, "Not found", f"no agent {name[:64]!r}") from None
     state = await apply_agents(request)
@@ -146,10 +145,10 @@ async def revoke_agent(request: web.Request, _who: Principal) -> web.Response:
 
 async def apply_agents(request: web.Request) -> AclState:
     """Apply the agents to Redis now, here; and tell the other daemons."""
-    state: AclState = await ask(request, "bus", ApplyAgents())
+    state: AclState = await actors_of(request).bus.ask(ApplyAgents())
     prefix = request.app[RUNTIME].settings.redis.prefix
     try:
-        await ask(request, "pubsub", Publish(agents_channel(prefix), b"changed"))
+        await actors_of(request).pubsub.ask(Publish(agents_channel(prefix), b"changed"))
     except Exception as exc:  # the others read the agents again within bus.agents_interval
         log.warning("agents_change_not_published", error=repr(exc))
     return state

@@ -28,8 +28,8 @@ import structlog
 from aiohttp import web
 
 from actors.data.credentials import TOKEN_PREFIX
-from actors.data.messages import AuthenticateToken, AuthenticateUser
 from actors.data.model import Principal
+from actors.persistence import AuthenticateToken, AuthenticateUser
 from actors.pubsub import Publish
 from actors.sessions import SessionGet, SessionNotFound
 from jarvisd.http.errors import ProblemError
@@ -178,21 +178,17 @@ async def _lookup_once(rt: Runtime, token: str, key: str) -> Principal:
 
 
 async def _lookup(rt: Runtime, token: str) -> Principal:
-    timeout = rt.settings.http.request_timeout
     if token.startswith(TOKEN_PREFIX):
-        principal = await rt.actor("persistence").ask(
-            AuthenticateToken(token=token), timeout=timeout
-        )
+        principal = await rt.persistence.ask(AuthenticateToken(token=token))
         if principal is None:
             raise Unauthorized("invalid, revoked or expired token")
-        return principal  # type: ignore[no-any-return]
+        return principal
     try:
-        session = await rt.actor("logins").ask(SessionGet(token), timeout=timeout)
+        session = await rt.logins.ask(SessionGet(token))
     except SessionNotFound:
         raise Unauthorized("invalid or expired session") from None
-    principal = await rt.actor("persistence").ask(
-        AuthenticateUser(user_id=session.user_id, credentials_version=session.stamp),
-        timeout=timeout,
+    principal = await rt.persistence.ask(
+        AuthenticateUser(user_id=session.user_id, credentials_version=session.stamp)
     )
     if principal is None:
         raise Unauthorized(
@@ -212,7 +208,7 @@ async def _slide(rt: Runtime, token: str, key: str, entry: Any) -> None:
         return
     entry.touched = time.monotonic()
     try:
-        await rt.actor("logins").ask(SessionGet(token), timeout=rt.settings.http.request_timeout)
+        await rt.logins.ask(SessionGet(token))
     except SessionNotFound:
         rt.principals.invalidate(Invalidation(kind="bearer", key=key))
         raise Unauthorized("invalid or expired session") from None
@@ -225,9 +221,7 @@ async def forget(request: web.Request, what: Invalidation) -> None:
     rt.principals.invalidate(what)
     channel = internal_channel(rt.settings.redis.prefix)
     try:
-        await rt.actor("pubsub").ask(
-            Publish(channel, encode_invalidation(what)), timeout=rt.settings.http.request_timeout
-        )
+        await rt.pubsub.ask(Publish(channel, encode_invalidation(what)))
     except Exception as exc:  # the others' caches are off while pub/sub is down, or expire
         log.warning("principal_invalidation_not_published", error=repr(exc))
 

@@ -13,8 +13,6 @@ import msgspec
 from aiohttp import web
 
 from actors.cache import (
-    MAX_TAGS,
-    NAMESPACE_RE,
     CacheDelete,
     CacheError,
     CacheExists,
@@ -24,12 +22,12 @@ from actors.cache import (
     CacheInvalidateTags,
     CacheSet,
     CacheStatsQuery,
-    Mode,
     clamp_ttl_ms,
 )
+from actors.cache.messages import MAX_TAGS, NAMESPACE_RE, Mode
 from actors.data.model import Principal
 from jarvisd.http.auth import require
-from jarvisd.http.common import RouteDoc, ask, body, query_param, reply
+from jarvisd.http.common import RouteDoc, actors_of, body, query_param, reply
 from jarvisd.http.errors import ProblemError, reject_unknown_params
 from jarvisd.http.keys import RUNTIME
 
@@ -126,7 +124,7 @@ def _key(request: web.Request) -> str:
 
 async def _cache(request: web.Request, msg: Any) -> Any:
     try:
-        return await ask(request, "cache", msg)
+        return await actors_of(request).cache.ask(msg)
     except CacheError as exc:
         if "over the limit" in str(exc):
             raise ProblemError(413, "Payload too large", str(exc)) from None

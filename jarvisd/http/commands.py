@@ -25,8 +25,8 @@ from typing import Any
 
 from aiohttp import web
 
+from actors import persistence as m
 from actors.approvals import Watch, WatchersFull
-from actors.data import messages as m
 from actors.data.listing import parse_integer
 from actors.data.model import (
     Approval,
@@ -44,7 +44,7 @@ from actors.kernel import ActorError
 from jarvisd.http.auth import forbidden, require
 from jarvisd.http.common import (
     RouteDoc,
-    ask,
+    actors_of,
     body,
     list_query,
     listed,
@@ -84,7 +84,7 @@ async def _cached_list(
         body, headers = hit
         return web.Response(body=body, content_type="application/json", headers=headers)
     generation = lists.generation
-    page = await ask(request, "persistence", make(query=lq, count=count, as_json=True))
+    page = await actors_of(request).persistence.ask(make(query=lq, count=count, as_json=True))
     response = listed(page, count)
     assert isinstance(response.body, bytes)
     headers = {"Preference-Applied": f"count={count}"} if count else None
@@ -103,7 +103,7 @@ async def list_commands(request: web.Request, who: Principal) -> web.Response:
 
 
 async def _visible_command(request: web.Request, who: Principal, command_id: int) -> Command:
-    command: Command = await ask(request, "persistence", m.GetCommand(command_id=command_id))
+    command: Command = await actors_of(request).persistence.ask(m.GetCommand(command_id=command_id))
     if not _sees_all(who) and not _owns(who, command.user_id, command.created_by):
         raise ProblemError(404, "Not found", f"no command {command_id}")
     return command
@@ -135,9 +135,7 @@ async def create_command(request: web.Request, who: Principal) -> web.Response:
         user_id = who.user_id
     elif user_id is None:
         user_id = who.user_id
-    command, created = await ask(
-        request,
-        "persistence",
+    command, created = await actors_of(request).persistence.ask(
         m.CreateCommand(
             new=new, user_id=user_id, created_by=who.user_id, sender=f"user:{who.name}"
         ),
@@ -158,7 +156,7 @@ async def update_command(request: web.Request, who: Principal) -> web.Response:
         # An agent speaks only for itself: it reports on the commands it sent.
         sent_by=who.user_id if who.role == "agent" else None,
     )
-    updated = await ask(request, "persistence", msg)
+    updated = await actors_of(request).persistence.ask(msg)
     _changed(request)
     return reply(updated)
 
@@ -170,7 +168,9 @@ async def list_approvals(request: web.Request, who: Principal) -> web.Response:
 
 
 async def _visible_approval(request: web.Request, who: Principal, approval_id: int) -> Approval:
-    approval: Approval = await ask(request, "persistence", m.GetApproval(approval_id=approval_id))
+    approval: Approval = await actors_of(request).persistence.ask(
+        m.GetApproval(approval_id=approval_id)
+    )
     if not _sees_all(who) and not _owns(who, approval.requester_id, approval.created_by):
         raise ProblemError(404, "Not found", f"no approval request {approval_id}")
     return approval
@@ -219,7 +219,7 @@ async def _long_poll(
     approval_id = approval.id
     deadline = asyncio.get_running_loop().time() + wait
     release_admission(request)  # waiting: capped by approvals.max_waiters instead
-    approvals = request.app[RUNTIME].actor("approvals")
+    approvals = request.app[RUNTIME].approvals
     while True:
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
@@ -252,8 +252,8 @@ async def create_approval(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ())
     _not_local(who)
     new = await body(request, ApprovalCreate)
-    approval = await ask(
-        request, "persistence", m.CreateApproval(new=new, requester_id=who.user_id)
+    approval = await actors_of(request).persistence.ask(
+        m.CreateApproval(new=new, requester_id=who.user_id)
     )
     _changed(request)
     return reply(approval, 201, {"Location": f"/approvals/{approval.id}"})
@@ -278,7 +278,7 @@ def _decide(
             reason=reason,
         )
         try:
-            return reply(await ask(request, "persistence", msg))
+            return reply(await actors_of(request).persistence.ask(msg))
         finally:
             _changed(request)  # an expiry found on the way is a change too
 

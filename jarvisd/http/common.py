@@ -19,11 +19,12 @@ from actors.data.listing import ListError, ListSpec, parse_integer, parse_list
 from actors.data.model import StoredInput, nul_path
 from jarvisd.http.errors import ProblemError
 from jarvisd.http.keys import RUNTIME
+from jarvisd.runtime import Runtime
 
 __all__ = [
     "MAX_JSON_DEPTH",
     "RouteDoc",
-    "ask",
+    "actors_of",
     "body",
     "list_query",
     "listed",
@@ -251,6 +252,8 @@ def listed(page: Any, count: str | None) -> web.Response:
     return reply(page, headers=headers)
 
 
-async def ask(request: web.Request, actor: str, msg: Any) -> Any:
-    rt = request.app[RUNTIME]
-    return await rt.actor(actor).ask(msg, timeout=rt.settings.http.request_timeout)
+def actors_of(request: web.Request) -> Runtime:
+    """The running daemon, whose typed references (``.persistence``,
+    ``.cache``, …) reach its actors from a route: an ask never waits for room
+    in a full mailbox (503 at once) and times out after http.request_timeout."""
+    return request.app[RUNTIME]

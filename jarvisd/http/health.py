@@ -169,12 +169,9 @@ async def cache_stats(rt: Runtime) -> dict[str, Any] | None:
     """The cache's statistics summed over namespaces: namespaces are names
     clients chose, told per namespace only on GET /cache/stats (with a token)."""
     try:
-        result: dict[str, Any] = await rt.actor("cache").ask(
-            CacheStatsQuery(total=True), timeout=rt.settings.http.request_timeout
-        )
-    except (KeyError, ActorError):
+        return await rt.cache.ask(CacheStatsQuery(total=True))
+    except ActorError:
         return None
-    return result
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -432,7 +429,7 @@ async def redis_stats(request: web.Request) -> web.Response:
     reject_unknown_params(request, set())
     rt = request.app[RUNTIME]
     try:
-        info = await rt.actor("redis").ask(RedisInfo(), timeout=rt.settings.http.request_timeout)
+        info = await rt.redis.ask(RedisInfo())
     except RedisUnavailable as exc:
         return problem(503, "Redis unavailable", str(exc))
     info["cache"] = await cache_stats(rt)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import weakref
+
 from aiohttp import web
 
 from jarvisd.http.followers import Followers
@@ -15,6 +18,9 @@ HTTP_METRICS = web.AppKey("http_metrics", HttpMetrics)
 FOLLOWERS = web.AppKey("followers", Followers)
 # Per-user and per-address shares of sockets, subscriptions and long-polls.
 SHARES = web.AppKey("shares", Shares)
+# The transports of the connections requests came in on, watched for a peer
+# that stops reading (each goes when its connection is gone).
+TRANSPORTS = web.AppKey("transports", weakref.WeakSet[asyncio.BaseTransport])
 # Set on a request counted against http.max_in_flight, until it gives its place back.
 ADMITTED = web.RequestKey("admitted", bool)
 

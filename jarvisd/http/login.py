@@ -15,13 +15,20 @@ from typing import Annotated
 import msgspec
 from aiohttp import web
 
-from actors.data import messages as m
+from actors import persistence as m
 from actors.data.credentials import TOKEN_PREFIX
 from actors.data.model import NO_NUL, User
-from actors.logins import LoginAttempt, LoginSucceeded
-from actors.sessions import SessionCreate, SessionDelete, SessionGet, SessionNotFound, SessionRotate
+from actors.sessions import (
+    LoginAttempt,
+    LoginSucceeded,
+    SessionCreate,
+    SessionDelete,
+    SessionGet,
+    SessionNotFound,
+    SessionRotate,
+)
 from jarvisd.http.auth import Unauthorized, bearer, forget
-from jarvisd.http.common import RouteDoc, ask, body, reply
+from jarvisd.http.common import RouteDoc, actors_of, body, reply
 from jarvisd.http.errors import ProblemError, reject_unknown_params
 from jarvisd.http.keys import RUNTIME
 from jarvisd.http.shares import client_address
@@ -49,7 +56,7 @@ async def login(request: web.Request) -> web.Response:
     address = client_address(request, request.app[RUNTIME].settings.http)
     # Counted before the password is checked: of many attempts at once, only
     # the first auth.login_failures_* are checked at all.
-    wait = await ask(request, "logins", LoginAttempt(creds.username, address))
+    wait = await actors_of(request).logins.ask(LoginAttempt(creds.username, address))
     if wait > 0:
         raise ProblemError(
             429,
@@ -58,40 +65,40 @@ async def login(request: web.Request) -> web.Response:
             headers={"Retry-After": str(max(1, math.ceil(wait)))},
         )
     try:
-        checked = await ask(
-            request,
-            "persistence",
+        checked = await actors_of(request).persistence.ask(
             m.CheckPassword(username=creds.username, password=creds.password),
         )
     except Exception:
         # Not checked (the database did not answer): the attempt does not count.
-        await ask(request, "logins", LoginSucceeded(creds.username, address))
+        await actors_of(request).logins.ask(LoginSucceeded(creds.username, address))
         raise
     if checked is None:
         raise Unauthorized("wrong username or password")
-    await ask(request, "logins", LoginSucceeded(creds.username, address))
+    await actors_of(request).logins.ask(LoginSucceeded(creds.username, address))
     who, stamp = checked
-    user = await ask(request, "persistence", m.GetUser(user_id=who.user_id))
+    assert who.user_id is not None  # a password belongs to a user
+    user = await actors_of(request).persistence.ask(m.GetUser(user_id=who.user_id))
     presented = _session_token(request)
     session = None
     if presented is not None:
         try:
-            current = await ask(request, "logins", SessionGet(presented, touch=False))
+            current = await actors_of(request).logins.ask(SessionGet(presented, touch=False))
             if current.user_id == user.id and current.stamp == stamp:
-                session = await ask(request, "logins", SessionRotate(presented))
+                session = await actors_of(request).logins.ask(SessionRotate(presented))
             else:
-                await ask(request, "logins", SessionDelete(presented))
+                await actors_of(request).logins.ask(SessionDelete(presented))
             await forget(request, Invalidation(kind="bearer", key=bearer_key(presented)))
         except SessionNotFound:
             session = None
     if session is None:
-        session = await ask(
-            request, "logins", SessionCreate(user.id, {"login": "password"}, stamp=stamp)
+        session = await actors_of(request).logins.ask(
+            SessionCreate(user.id, {"login": "password"}, stamp=stamp)
         )
     # A password change or a disable that landed during this login revoked the
     # user's sessions before ours existed: ours must not survive it.
-    if await ask(request, "persistence", m.CredentialStamp(user_id=user.id)) != stamp:
-        await ask(request, "logins", SessionDelete(session.id))
+    assert session.id is not None  # made or rotated here: its id is in the reply
+    if await actors_of(request).persistence.ask(m.CredentialStamp(user_id=user.id)) != stamp:
+        await actors_of(request).logins.ask(SessionDelete(session.id))
         raise Unauthorized("the user's credentials changed during the login; log in again")
     return reply(LoginReply(token=session.id, expires_at_ms=session.expires_at_ms, user=user), 201)
 
@@ -115,7 +122,7 @@ async def logout(request: web.Request) -> web.Response:
             "Not a session",
             "an API token is not a session: revoke it with DELETE /users/{id}/tokens/{tokenId}",
         )
-    if not await ask(request, "logins", SessionDelete(token)):
+    if not await actors_of(request).logins.ask(SessionDelete(token)):
         raise Unauthorized("invalid or expired session")
     await forget(request, Invalidation(kind="bearer", key=bearer_key(token)))
     return web.Response(status=204)

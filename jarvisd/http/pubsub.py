@@ -16,7 +16,7 @@ from actors.data.model import Principal
 from actors.pubsub import Publish
 from jarvisd.http.auth import Unauthorized, authenticate, bearer, forbidden, require
 from jarvisd.http.channels import Channel, Rules
-from jarvisd.http.common import RouteDoc, ask, body, reply
+from jarvisd.http.common import RouteDoc, actors_of, body, reply
 from jarvisd.http.errors import ProblemError, reject_unknown_params
 from jarvisd.http.keys import HTTP_METRICS, RUNTIME, SHARES
 from jarvisd.http.shares import Full, Shares, client_address, principal_key
@@ -58,7 +58,7 @@ async def publish(request: web.Request, who: Principal) -> web.Response:
         raise ProblemError(
             413, "Payload too large", f"message of {len(data)} bytes is over {limit} bytes"
         )
-    receivers = await ask(request, "pubsub", Publish(b.channel, data))
+    receivers = await actors_of(request).pubsub.ask(Publish(b.channel, data))
     return reply(Published(b.channel, receivers))
 
 

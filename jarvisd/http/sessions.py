@@ -18,11 +18,11 @@ from typing import Annotated, Any
 import msgspec
 from aiohttp import web
 
-from actors.data import messages as m
+from actors import persistence as m
 from actors.data.model import Principal, RowId
 from actors.sessions import Session, SessionCreate, SessionDelete, SessionGet, SessionUpdate
 from jarvisd.http.auth import forbidden, require
-from jarvisd.http.common import RouteDoc, ask, body, query_param, reply
+from jarvisd.http.common import RouteDoc, actors_of, body, query_param, reply
 from jarvisd.http.errors import ProblemError, reject_unknown_params
 
 __all__ = ["ROUTES"]
@@ -60,7 +60,7 @@ def _store_for(who: Principal) -> bool:
 
 
 async def _visible(request: web.Request, who: Principal, session_id: str) -> Session:
-    session: Session = await ask(request, "sessions", SessionGet(session_id, touch=False))
+    session: Session = await actors_of(request).sessions.ask(SessionGet(session_id, touch=False))
     if not _store_for(who) and session.user_id != who.user_id:
         raise ProblemError(404, "Not found", "no such session")
     return session
@@ -72,9 +72,11 @@ async def session_create(request: web.Request, who: Principal) -> web.Response:
     b = await body(request, SessionCreateBody)
     if not _store_for(who) and b.user_id != who.user_id:
         raise forbidden("only admins and agents create sessions for other users")
-    await ask(request, "persistence", m.GetUser(user_id=b.user_id))  # 404 for an unknown user
-    session = await ask(
-        request, "sessions", SessionCreate(b.user_id, b.data, b.idle_ttl, b.absolute_ttl)
+    await actors_of(request).persistence.ask(
+        m.GetUser(user_id=b.user_id)
+    )  # 404 for an unknown user
+    session = await actors_of(request).sessions.ask(
+        SessionCreate(b.user_id, b.data, b.idle_ttl, b.absolute_ttl)
     )
     return reply(session, 201)
 
@@ -89,8 +91,8 @@ async def session_get(request: web.Request, who: Principal) -> web.Response:
     session_id = request.match_info["id"]
     await _visible(request, who, session_id)
     if touch:
-        return reply(await ask(request, "sessions", SessionGet(session_id, touch=True)))
-    return reply(await ask(request, "sessions", SessionGet(session_id, touch=False)))
+        return reply(await actors_of(request).sessions.ask(SessionGet(session_id, touch=True)))
+    return reply(await actors_of(request).sessions.ask(SessionGet(session_id, touch=False)))
 
 
 @require()
@@ -99,7 +101,7 @@ async def session_update(request: web.Request, who: Principal) -> web.Response:
     b = await body(request, SessionUpdateBody)
     session_id = request.match_info["id"]
     await _visible(request, who, session_id)
-    version = await ask(request, "sessions", SessionUpdate(session_id, b.data, b.version))
+    version = await actors_of(request).sessions.ask(SessionUpdate(session_id, b.data, b.version))
     return reply(SessionVersion(version))
 
 
@@ -108,7 +110,7 @@ async def session_delete(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ())
     session_id = request.match_info["id"]
     await _visible(request, who, session_id)
-    await ask(request, "sessions", SessionDelete(session_id))
+    await actors_of(request).sessions.ask(SessionDelete(session_id))
     return web.Response(status=204)
 
 

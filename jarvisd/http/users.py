@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from actors.data import messages as m
+from actors import persistence as m
 from actors.data.model import (
     Page,
     Principal,
@@ -33,14 +33,12 @@ from actors.data.repo import USERS
 from actors.sessions import Session, SessionList, SessionRevokeAll
 from jarvisd.http.agents import apply_agents
 from jarvisd.http.auth import forbidden, forget, require
-from jarvisd.http.common import RouteDoc, ask, body, list_query, listed, path_id, reply
+from jarvisd.http.common import RouteDoc, actors_of, body, list_query, listed, path_id, reply
 from jarvisd.http.errors import reject_unknown_params
 from jarvisd.http.keys import RUNTIME
 from jarvisd.principals import Invalidation
 
 __all__ = ["ROUTES"]
-
-SESSION_STORES = ("logins", "sessions")
 
 
 class Revoked(msgspec.Struct, frozen=True):
@@ -56,7 +54,8 @@ def self_or_admin(who: Principal, user_id: int) -> None:
 async def list_users(request: web.Request, who: Principal) -> web.Response:
     lq, count = list_query(request, USERS)
     return listed(
-        await ask(request, "persistence", m.ListUsers(query=lq, count=count, as_json=True)), count
+        await actors_of(request).persistence.ask(m.ListUsers(query=lq, count=count, as_json=True)),
+        count,
     )
 
 
@@ -65,14 +64,14 @@ async def get_user(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ())
     user_id = path_id(request)
     self_or_admin(who, user_id)
-    return reply(await ask(request, "persistence", m.GetUser(user_id=user_id)))
+    return reply(await actors_of(request).persistence.ask(m.GetUser(user_id=user_id)))
 
 
 @require("admin")
 async def create_user(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ())
     new = await body(request, UserCreate)
-    user = await ask(request, "persistence", m.CreateUser(new=new))
+    user = await actors_of(request).persistence.ask(m.CreateUser(new=new))
     return reply(user, 201, {"Location": f"/users/{user.id}"})
 
 
@@ -87,14 +86,12 @@ async def update_user(request: web.Request, who: Principal) -> web.Response:
     ):
         raise forbidden("only an admin changes roles or disables users")
     resetting_someone_else = who.is_admin and who.user_id != user_id
-    user = await ask(
-        request,
-        "persistence",
+    user = await actors_of(request).persistence.ask(
         m.UpdateUser(user_id=user_id, change=change, verify_current=not resetting_someone_else),
     )
     if change.disabled is True or change.password is not msgspec.UNSET:
         # Old login sessions must not outlive the change.
-        await ask(request, "logins", SessionRevokeAll(user_id))
+        await actors_of(request).logins.ask(SessionRevokeAll(user_id))
     if any(v is not msgspec.UNSET for v in (change.role, change.disabled, change.password)):
         await forget(request, Invalidation(kind="user", user_id=user_id))
     if change.role is not msgspec.UNSET or change.disabled is not msgspec.UNSET:
@@ -106,11 +103,11 @@ async def update_user(request: web.Request, who: Principal) -> web.Response:
 async def delete_user(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ())
     user_id = path_id(request)
-    await ask(request, "persistence", m.DeleteUser(user_id=user_id))
+    await actors_of(request).persistence.ask(m.DeleteUser(user_id=user_id))
     request.app[RUNTIME].lists.changed()  # their commands' userId is now null
     await forget(request, Invalidation(kind="user", user_id=user_id))
-    for store in SESSION_STORES:
-        await ask(request, store, SessionRevokeAll(user_id))
+    for store in (actors_of(request).logins, actors_of(request).sessions):
+        await store.ask(SessionRevokeAll(user_id))
     await apply_agents(request)  # an agent's Redis user goes with it
     return web.Response(status=204)
 
@@ -120,8 +117,8 @@ async def list_tokens(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ())
     user_id = path_id(request)
     self_or_admin(who, user_id)
-    await ask(request, "persistence", m.GetUser(user_id=user_id))  # 404 for an unknown user
-    return reply(await ask(request, "persistence", m.ListTokens(user_id=user_id)))
+    await actors_of(request).persistence.ask(m.GetUser(user_id=user_id))  # 404 for an unknown user
+    return reply(await actors_of(request).persistence.ask(m.ListTokens(user_id=user_id)))
 
 
 @require()
@@ -135,7 +132,7 @@ async def create_token(request: web.Request, who: Principal) -> web.Response:
     if cap:
         new = msgspec.structs.replace(new, expires_in=min(new.expires_in or cap, cap))
     msg = m.CreateToken(user_id=user_id, new=new, max_live=auth.max_tokens_per_user)
-    return reply(await ask(request, "persistence", msg), 201)
+    return reply(await actors_of(request).persistence.ask(msg), 201)
 
 
 @require()
@@ -144,7 +141,9 @@ async def revoke_token(request: web.Request, who: Principal) -> web.Response:
     user_id = path_id(request)
     self_or_admin(who, user_id)
     token_id = path_id(request, "tokenId")
-    revoked = await ask(request, "persistence", m.RevokeToken(token_id=token_id, user_id=user_id))
+    revoked = await actors_of(request).persistence.ask(
+        m.RevokeToken(token_id=token_id, user_id=user_id)
+    )
     await forget(request, Invalidation(kind="user", user_id=user_id))
     return reply(revoked)
 
@@ -156,8 +155,8 @@ async def list_user_sessions(request: web.Request, who: Principal) -> web.Respon
     user_id = path_id(request)
     self_or_admin(who, user_id)
     found: list[Any] = []
-    for store in SESSION_STORES:
-        found += await ask(request, store, SessionList(user_id))
+    for store in (actors_of(request).logins, actors_of(request).sessions):
+        found.extend(await store.ask(SessionList(user_id)))
     return reply(found)
 
 
@@ -167,8 +166,8 @@ async def revoke_user_sessions(request: web.Request, who: Principal) -> web.Resp
     user_id = path_id(request)
     self_or_admin(who, user_id)
     removed = 0
-    for store in SESSION_STORES:
-        removed += await ask(request, store, SessionRevokeAll(user_id))
+    for store in (actors_of(request).logins, actors_of(request).sessions):
+        removed += await store.ask(SessionRevokeAll(user_id))
     await forget(request, Invalidation(kind="user", user_id=user_id))
     return reply(Revoked(removed))
 

@@ -1,17 +1,21 @@
 """One WebSocket client of ``GET /ws`` (DESIGN §8): its ops, its deliveries,
 and the credential it follows (``followers``).
 
-Ops are JSON text frames (README, "WebSocket"). Deliveries are written by the
-pub/sub actor straight to the socket as they arrive (no task, no copy per
-client): a client whose socket buffer passes ``pubsub.client_buffer_bytes``
-is closed with 1013, never waited for.
+Ops are JSON text frames (README, "WebSocket"). Deliveries are queued by the
+pub/sub actor without waiting and written by the session's writer; each
+message is encoded once for all the clients that get it. A client whose
+unsent bytes (queued and in the socket's buffer) pass
+``pubsub.client_buffer_bytes`` is closed with 1013, never waited for.
+
+The session's tasks (reading ops, writing deliveries, following the
+credential, closing) belong to one TaskGroup: each ends with the socket.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import struct
 import time
 from typing import Annotated, Any, Literal
 
@@ -20,7 +24,7 @@ import structlog
 from aiohttp import WSMsgType, web
 
 from actors.data.model import Principal
-from actors.pubsub import CLIENTS_PUBSUB, Delivery, Detach, Subscribe, Subscriber, Unsubscribe
+from actors.pubsub import Delivery, Detach, Subscribe, Subscriber, Unsubscribe
 from jarvisd.http.auth import Unauthorized, principal_of
 from jarvisd.http.channels import Channel, Pattern, Rules
 from jarvisd.http.keys import FOLLOWERS, SHARES
@@ -61,28 +65,17 @@ def _payload(item: Delivery) -> bytes:
     )
 
 
-_last_frame: tuple[Delivery | None, bytes] = (None, b"")
+_last: tuple[Delivery | None, bytes] = (None, b"")
 
 
-def _frame(item: Delivery) -> bytes:
-    """The whole WebSocket text frame of a delivery (RFC 6455 §5.2: a server's
-    frames are unmasked, so every client gets the same bytes). The pub/sub
-    actor hands one delivery to all its subscribers in a row: the frame is
-    built for the first and reused for the others."""
-    global _last_frame
-    if _last_frame[0] is item:
-        return _last_frame[1]
-    payload = _payload(item)
-    n = len(payload)
-    if n < 126:
-        header = struct.pack("!BB", 0x81, n)
-    elif n < 65536:
-        header = struct.pack("!BBH", 0x81, 126, n)
-    else:
-        header = struct.pack("!BBQ", 0x81, 127, n)
-    frame = header + payload
-    _last_frame = (item, frame)
-    return frame
+def _encoded(item: Delivery) -> bytes:
+    """A delivery as the client receives it. The pub/sub actor hands one
+    delivery to all its subscribers in a row: it is encoded for the first
+    and the same bytes go to the others."""
+    global _last
+    if _last[0] is not item:
+        _last = (item, _payload(item))
+    return _last[1]
 
 
 def _is_json(data: bytes) -> bool:
@@ -116,16 +109,17 @@ class Session:
         self.token = token
         self.key = bearer_key(token) if token is not None else None
         self.user_id = who.user_id
-        self._recheck: asyncio.Task[None] | None = None
-        self._again = False
         self.rules = Rules(rt)
-        self.pubsub = rt.actor(CLIENTS_PUBSUB)
+        self.pubsub = rt.clients
         self.limit = rt.settings.pubsub.client_buffer_bytes
-        self.closing: asyncio.Task[None] | None = None
         self.sub = Subscriber(f"ws:{who.name}", sink=self._deliver, on_close=self._closed)
-        # Frames delivered in one turn of the event loop go out in one write.
-        self.out: list[bytes] = []
+        # Deliveries not written yet, and their size.
+        self.out: collections.deque[bytes] = collections.deque()
         self.out_bytes = 0
+        self._written = asyncio.Event()  # the writer has something to write
+        self._recheck = asyncio.Event()  # the credential is to be checked again
+        self._ending: tuple[int, str] | None = None  # (close code, reason) once ending
+        self._end_now = asyncio.Event()
         # What this socket counts against its user's share of subscriptions.
         self.shares = request.app[SHARES]
         self.share_key = principal_key(who)
@@ -161,22 +155,28 @@ class Session:
         ):
             return True  # a gap notice follows a "down" once Redis is back
         transport = self.request.transport
-        if transport is None or transport.is_closing():
+        if self._ending is not None or transport is None or transport.is_closing():
             return True  # going away: the request's task cleans up
-        frame = _frame(item)
-        if transport.get_write_buffer_size() + self.out_bytes + len(frame) > self.limit:
+        payload = _encoded(item)
+        if transport.get_write_buffer_size() + self.out_bytes + len(payload) > self.limit:
             return False
-        if not self.out:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self.out.append(frame)
-        self.out_bytes += len(frame)
+        self.out.append(payload)
+        self.out_bytes += len(payload)
+        self._written.set()
         return True
 
-    def _flush(self) -> None:
-        out, self.out, self.out_bytes = self.out, [], 0
-        transport = self.request.transport
-        if transport is not None and not transport.is_closing():
-            transport.write(b"".join(out) if len(out) > 1 else out[0])
+    async def _write(self) -> None:
+        """Deliveries to the socket, in order, through aiohttp's writer."""
+        while True:
+            await self._written.wait()
+            self._written.clear()
+            while self.out:
+                payload = self.out.popleft()
+                self.out_bytes -= len(payload)
+                try:
+                    await self.ws.send_frame(payload, WSMsgType.TEXT)
+                except ConnectionError:
+                    return  # the client went away: reading ends too
 
     def _closed(self, reason: str) -> None:
         """The pub/sub actor let the subscriber go (too slow, or stopping)."""
@@ -184,24 +184,22 @@ class Session:
         self._end(code, reason)
 
     def _end(self, code: int, reason: str) -> None:
-        if self.closing is None and not self.ws.closed:
-            self.closing = asyncio.get_running_loop().create_task(self._close(reason, code))
+        if self._ending is None and not self.ws.closed:
+            self._ending = (code, reason)
+            self._end_now.set()
 
     # -- following the credential --------------------------------------------------------
     def recheck_soon(self) -> None:
         """An invalidation named this socket's user or credential: check it
         again now (once more after, if another arrives meanwhile)."""
-        if self.token is None or self.ws.closed:
-            return
-        if self._recheck is not None and not self._recheck.done():
-            self._again = True
-            return
-        self._recheck = asyncio.get_running_loop().create_task(self._rechecking())
+        if self.token is not None:
+            self._recheck.set()
 
     async def _rechecking(self) -> None:
         assert self.token is not None
         while True:
-            self._again = False
+            await self._recheck.wait()
+            self._recheck.clear()
             try:
                 who = await principal_of(self.rt, self.token)
             except Unauthorized as exc:
@@ -210,15 +208,13 @@ class Session:
             except Exception as exc:  # the database did not answer: try again shortly
                 log.info("ws_recheck_failed", error=repr(exc))
                 await asyncio.sleep(1)
-                self._again = True
-            else:
-                if who.user_id != self.who.user_id:
-                    self._end(WS_POLICY, "credentials no longer valid")
-                    return
-                if who.role != self.who.role:
-                    await self._new_role(who)
-            if not self._again:
+                self._recheck.set()
+                continue
+            if who.user_id != self.who.user_id:
+                self._end(WS_POLICY, "credentials no longer valid")
                 return
+            if who.role != self.who.role:
+                await self._new_role(who)
 
     async def _watch_time(self) -> None:
         """A credential also ends by time — a token's expiry, a login
@@ -248,7 +244,10 @@ class Session:
                 }
             )
 
-    async def _close(self, reason: str, code: int) -> None:
+    async def _closer(self) -> None:
+        await self._end_now.wait()
+        assert self._ending is not None
+        code, reason = self._ending
         # A client too slow to read may not read the close frame either: bound the wait.
         try:
             async with asyncio.timeout(2):
@@ -267,30 +266,32 @@ class Session:
         followers.add(self)
         if self.rt.principals.generation != since:
             self.recheck_soon()
-        timer = None
-        if self.token is not None:
-            timer = asyncio.get_running_loop().create_task(self._watch_time())
         try:
-            await self._read()
-        except ConnectionResetError:
-            # The client went away while it was being answered: its own
-            # doing, not a server error.
-            log.info("ws_client_gone", user=self.who.name)
+            async with asyncio.TaskGroup() as tasks:
+                helpers = [
+                    tasks.create_task(self._write(), name="ws.write"),
+                    tasks.create_task(self._closer(), name="ws.close"),
+                ]
+                if self.token is not None:
+                    helpers.append(tasks.create_task(self._watch_time(), name="ws.time"))
+                    helpers.append(tasks.create_task(self._rechecking(), name="ws.recheck"))
+                try:
+                    await self._read()
+                except ConnectionResetError:
+                    # The client went away while it was being answered: its own
+                    # doing, not a server error.
+                    log.info("ws_client_gone", user=self.who.name)
+                finally:
+                    for task in helpers:
+                        if task.get_name() != "ws.close" or self._ending is None:
+                            task.cancel()
         finally:
             followers.remove(self)
-            if timer is not None:
-                timer.cancel()
-                await asyncio.gather(timer, return_exceptions=True)
             self._give_back(tuple(self.held_channels), tuple(self.held_patterns))
-            if self._recheck is not None:
-                self._recheck.cancel()
-                await asyncio.gather(self._recheck, return_exceptions=True)
             self.sub.on_close = None  # leaving anyway
             self.sub.close("the client went away")
             with contextlib.suppress(Exception):
                 await self.pubsub.ask(Detach(self.sub), timeout=5)
-            if self.closing is not None:
-                await asyncio.gather(self.closing, return_exceptions=True)
 
     async def _send(self, doc: dict[str, Any]) -> None:
         await self.ws.send_str(encoder.encode(doc).decode())

@@ -10,6 +10,7 @@ and reported.
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Literal
 
 import asyncpg
@@ -32,6 +33,7 @@ class Ingested(msgspec.Struct, frozen=True):
     approval_id: int | None = None
     risk_score: int = 0
     user_id: int | None = None
+    expires_at: datetime | None = None  # of the approval request, when one was made
 
 
 # A requestId given twice in one batch is inserted once, from its first row
@@ -69,14 +71,14 @@ approvals AS (
            ins.risk_score, ins.risk_category, 'pending', now() + make_interval(secs => $11)
     FROM ins
     WHERE ins.status = 'awaiting_approval'
-    RETURNING id, command_id, created_by
+    RETURNING id, command_id, created_by, expires_at
 ),
 approval_audit AS (
     INSERT INTO approval_events (approval_id, from_status, to_status, actor_id)
     SELECT id, NULL, 'pending', created_by FROM approvals
 )
 SELECT ins.id, ins.request_id, ins.sender, ins.status, ins.user_id,
-       approvals.id AS approval_id
+       approvals.id AS approval_id, approvals.expires_at
 FROM ins LEFT JOIN approvals ON approvals.command_id = ins.id
 """.replace("DIGEST", digest_sql("ins.parameters"))
 
@@ -152,7 +154,14 @@ async def ingest_commands(
             first[key] = row_in
             out.append(
                 Ingested(
-                    rid, "created", row["id"], row["status"], row["approval_id"], score, user_id
+                    rid,
+                    "created",
+                    row["id"],
+                    row["status"],
+                    row["approval_id"],
+                    score,
+                    user_id,
+                    row["expires_at"],
                 )
             )
             continue

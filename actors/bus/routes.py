@@ -18,7 +18,8 @@ which the bus retries as it is; no envelope can make the router raise.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Literal
+from collections.abc import Awaitable
+from typing import Any, Literal, TypeVar
 
 import asyncpg
 import msgspec
@@ -28,9 +29,9 @@ from actors.cache import (
     CacheError,
     CacheInvalidatePattern,
     CacheInvalidateTags,
+    CacheRef,
     CacheUnavailable,
 )
-from actors.data import messages as m
 from actors.data.model import CommandCreate, CommandStatusUpdate
 from actors.data.repo import Conflict, Invalid, NotFound
 from actors.envelope import (
@@ -42,8 +43,8 @@ from actors.envelope import (
     CommandStarted,
     Envelope,
 )
-from actors.kernel import Actor, ActorError
-from actors.persistence import Unavailable
+from actors.kernel import ActorError
+from actors.persistence import IngestCommands, PersistenceRef, ReportCommand, Unavailable
 
 __all__ = ["SHARED", "DependencyDown", "Item", "Outcome", "Router", "Sender", "describe"]
 
@@ -51,6 +52,7 @@ __all__ = ["SHARED", "DependencyDown", "Item", "Outcome", "Router", "Sender", "d
 _DOWN = (ActorError, Unavailable, CacheUnavailable, OSError, asyncpg.InterfaceError)
 _STATUS_CONCURRENCY = 8
 _ASK_TIMEOUT = 30.0
+R = TypeVar("R")
 
 
 class DependencyDown(Exception):
@@ -79,7 +81,7 @@ DONE = Outcome("done")
 
 
 class Router:
-    def __init__(self, persistence: Actor, cache: Actor) -> None:
+    def __init__(self, persistence: PersistenceRef, cache: CacheRef) -> None:
         self.persistence = persistence
         self.cache = cache
 
@@ -102,11 +104,13 @@ class Router:
                 out[key] = await self._invalidate(env)
         return out
 
-    async def _ask(self, actor: Actor, msg: Any) -> Any:
+    @staticmethod
+    async def _ask(who: str, reply: Awaitable[R]) -> R:
+        """The reply of an ask; an outage of the actor or what it owns is DependencyDown."""
         try:
-            return await actor.ask(msg, timeout=_ASK_TIMEOUT)
+            return await reply
         except _DOWN as exc:
-            raise DependencyDown(f"{actor.name}: {describe(exc)}") from exc
+            raise DependencyDown(f"{who}: {describe(exc)}") from exc
 
     # -- command.requested ------------------------------------------------------------------
     async def _requested(self, items: list[Item]) -> dict[str, Outcome]:
@@ -116,7 +120,10 @@ class Router:
             if isinstance(env, CommandRequested)
         )
         try:
-            results = await self._ask(self.persistence, m.IngestCommands(rows=rows))
+            results = await self._ask(
+                "persistence",
+                self.persistence.ask(IngestCommands(rows=rows), timeout=_ASK_TIMEOUT),
+            )
         except DependencyDown:
             raise
         except Exception as exc:
@@ -167,7 +174,7 @@ class Router:
             duration = data.duration_ms
         else:
             change = CommandStatusUpdate(status="cancelled", reason=data.reason)
-        msg = m.ReportCommand(
+        msg = ReportCommand(
             change=change,
             command_id=data.command_id,
             request_id=data.request_id,
@@ -177,7 +184,7 @@ class Router:
             sender=sender.label,
         )
         try:
-            await self._ask(self.persistence, msg)
+            await self._ask("persistence", self.persistence.ask(msg, timeout=_ASK_TIMEOUT))
         except DependencyDown:
             raise
         except Exception as exc:
@@ -188,12 +195,16 @@ class Router:
     async def _invalidate(self, env: CacheInvalidate) -> Outcome:
         d = env.data
         try:
+            cache, wait = self.cache, _ASK_TIMEOUT
             if d.keys:
-                await self._ask(self.cache, CacheDelete(d.namespace, tuple(d.keys)))
+                delete = CacheDelete(d.namespace, tuple(d.keys))
+                await self._ask("cache", cache.ask(delete, timeout=wait))
             if d.tags:
-                await self._ask(self.cache, CacheInvalidateTags(d.namespace, tuple(d.tags)))
+                tags = CacheInvalidateTags(d.namespace, tuple(d.tags))
+                await self._ask("cache", cache.ask(tags, timeout=wait))
             if d.pattern is not None:
-                await self._ask(self.cache, CacheInvalidatePattern(d.namespace, d.pattern))
+                pattern = CacheInvalidatePattern(d.namespace, d.pattern)
+                await self._ask("cache", cache.ask(pattern, timeout=wait))
         except DependencyDown:
             raise
         except CacheError as exc:

@@ -12,18 +12,24 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from typing import Any
+from typing import Any, TypeVar
 
-import msgspec
-
-from actors.kernel import handles
-from actors.sessions import Sessions
+from actors.kernel import Message, Ref, handles
+from actors.sessions.actor import Sessions
+from actors.sessions.messages import SessionMessage
 from config import AuthSettings, RedisSettings, SessionSettings
 
-__all__ = ["LoginAttempt", "LoginSucceeded", "Logins"]
+__all__ = ["LoginAttempt", "LoginMessage", "LoginSucceeded", "Logins", "LoginsRef"]
+
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)  # a message of a reply type is one of any wider type
 
 
-class LoginAttempt(msgspec.Struct, frozen=True):
+class LoginMessage(Message[R_co], frozen=True):
+    """A message only the logins actor answers, with ``R``."""
+
+
+class LoginAttempt(LoginMessage[float], frozen=True):
     """Count a login attempt for ``username`` from ``address`` before its
     password is checked; replies 0 when it may be tried, else the seconds
     until one may (too many recent attempts that did not succeed)."""
@@ -32,7 +38,7 @@ class LoginAttempt(msgspec.Struct, frozen=True):
     address: str
 
 
-class LoginSucceeded(msgspec.Struct, frozen=True):
+class LoginSucceeded(LoginMessage[None], frozen=True):
     """The attempt was right: it no longer counts against the user or address."""
 
     username: str
@@ -111,3 +117,12 @@ class Logins(Sessions):
         await asyncio.gather(
             self._call("succeeded", [user], []), self._call("succeeded", [address], [])
         )
+
+
+class LoginsRef(Ref):
+    """The logins actor: login sessions, and the failed-login throttle."""
+
+    async def ask(
+        self, msg: SessionMessage[R] | LoginMessage[R], timeout: float | None = None
+    ) -> R:
+        return await self._ask(msg, timeout)

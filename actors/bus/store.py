@@ -11,6 +11,7 @@ from typing import Any
 import msgspec
 from redis.exceptions import ResponseError
 
+from actors import events
 from actors.redis_link import REDIS_FAILURES
 from config import BusSettings
 
@@ -41,7 +42,8 @@ class BusStats:
     published_in: int = 0
     trimmed: int = 0
     over_max_length: int = 0
-    outages: int = 0
+    outages: int = 0  # PostgreSQL or the cache down while a batch waited
+    redis_errors: int = 0  # Redis errors of the reading loop
     dead_lost: int = 0  # dead letters Redis refused (out of memory): the log has them
     untold: int = 0  # refusals that could not be told on an agent's replies channel
     pending: int | None = None
@@ -79,21 +81,9 @@ def dead_fields(d: Dead, path: str, consumer: str) -> dict[Any, Any]:
     }
 
 
-_encode = msgspec.json.Encoder().encode
-
-
 def refusal(d: Dead, path: str) -> bytes:
     """What the agent hears on its replies channel."""
-    return _encode(
-        {
-            "type": "envelope.refused",
-            "id": d.id,
-            "entry": d.entry,
-            "path": path,
-            "reason": d.reason[:1000],
-            "at": _now(),
-        }
-    )
+    return events.refusal(d.id, d.entry, path, d.reason)
 
 
 def _now() -> str:

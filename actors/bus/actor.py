@@ -16,7 +16,9 @@ by one XREADGROUP; the sender of an envelope is the inbox it came from:
   failed ``max_deliveries`` times, is moved to ``{bus.stream}:dead`` with its
   reason, delivery count and inbox, in one transaction with its acknowledgement;
 - when PostgreSQL (or the cache) is down, the batch in hand waits and is
-  retried as it is: an outage is never counted against an entry;
+  retried as it is; when Redis fails, the batches in hand are dropped and
+  this consumer's pending entries are read again first: an outage is never
+  counted against an entry (``reader``);
 - each stream is trimmed to what the group has not finished, and never grows
   past ``max_length``.
 
@@ -35,31 +37,35 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import random
 import time
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
-from redis.exceptions import ResponseError
-
-from actors.bus_agents import AclState, ApplyAgents, GetAclState, Inbox, Registry, agents_channel
-from actors.bus_published import PublishedReader
-from actors.bus_routes import DependencyDown, Item, Outcome, Router
-from actors.bus_store import BusStats, Dead, Settler, text
-from actors.envelope import CommandRequested, Malformed, parse
-from actors.kernel import Actor, Health, handles
+from actors.bus import judge
+from actors.bus.published import PublishedReader
+from actors.bus.reader import Entry, StreamReader, key_of
+from actors.bus.registry import (
+    AclState,
+    ApplyAgents,
+    BusMessage,
+    GetAclState,
+    Inbox,
+    Registry,
+    agents_channel,
+)
+from actors.bus.routes import DependencyDown, Item, Outcome, Router
+from actors.bus.store import BusStats, Settler
+from actors.cache import CacheRef
+from actors.envelope import CommandRequested
+from actors.kernel import Health, Ref, handles
+from actors.persistence import PersistenceRef
+from actors.pubsub import PubSubRef
 from actors.redis_link import REDIS_FAILURES, RedisClientActor
 from config import BusSettings, PubSubSettings, RedisSettings
 
-__all__ = ["AclState", "ApplyAgents", "Bus", "BusStats", "GetAclState"]
+__all__ = ["Bus", "BusRef"]
 
-# (stream, entry id, fields)
-Entry = tuple[str, str, dict[bytes, bytes]]
-
-
-def key_of(stream: str, entry_id: str) -> str:
-    """An entry's name in a batch (entry ids repeat across streams)."""
-    return f"{stream}\n{entry_id}"
+R = TypeVar("R")
 
 
 class Bus(RedisClientActor):
@@ -73,9 +79,9 @@ class Bus(RedisClientActor):
         *,
         stream: str,
         consumer: str,
-        persistence: Actor,
-        cache: Actor,
-        pubsub: Actor | None = None,
+        persistence: PersistenceRef,
+        cache: CacheRef,
+        pubsub: PubSubRef | None = None,
         pubsub_settings: PubSubSettings | None = None,
         name: str = "bus",
         health_interval: float = 2.0,
@@ -87,7 +93,6 @@ class Bus(RedisClientActor):
         self.stream = stream
         self.consumer = consumer
         self.router = Router(persistence, cache)
-        self.pubsub = pubsub
         self.registry = Registry(
             prefix=redis_settings.prefix,
             inbox=stream,
@@ -109,11 +114,19 @@ class Bus(RedisClientActor):
             dead_stream=f"{stream}:dead",
             consumer=consumer,
         )
-        self._grouped: set[str] = set()
+        self.reader = StreamReader(
+            url=url,
+            redis_settings=redis_settings,
+            settings=lambda: self.settings,
+            client=self._client,
+            consumer=consumer,
+            log=self.log,
+        )
         self._next_claim = 0.0
         self._next_trim = 0.0
         self._next_agents = 0.0
         self._ready = False
+        self._outage = False  # a Redis error: the next drain re-reads, it does not deliver
         self.published = (
             PublishedReader(
                 pubsub=pubsub,
@@ -155,14 +168,19 @@ class Bus(RedisClientActor):
                 "give each agent its own inbox (jarvisd agent add) and turn bus.shared_inbox off",
             )
 
+    async def on_stop(self) -> None:
+        await self.reader.close()
+        await super().on_stop()
+
     # -- the loop ---------------------------------------------------------------------------
     async def run(self) -> None:
-        # Both readers belong to the actor: either one failing is the actor's
-        # crash (the supervisor restarts both), never a reader gone silently.
-        async with asyncio.TaskGroup() as readers:
-            readers.create_task(self._stream_loop(), name=f"{self.name}.stream")
-            if self.published is not None:
-                readers.create_task(self.published.run(), name=f"{self.name}.published")
+        # Every reader is a task of the actor's: any one failing is the
+        # actor's crash (the supervisor restarts them all), never a reader
+        # gone silently.
+        if self.published is not None:
+            self.spawn(self.published.subscription.keep(), "published-subscription")
+            self.spawn(self.published.run(), "published")
+        await self._stream_loop()
 
     async def _stream_loop(self) -> None:
         delay = 0.1
@@ -179,24 +197,7 @@ class Bus(RedisClientActor):
         try:
             while not self.halting():
                 try:
-                    now = time.monotonic()
-                    if now >= self._next_agents or not self._ready:
-                        self._next_agents = now + self.settings.agents_interval
-                        drain += await self._refresh_inboxes()
-                    if not self._ready:
-                        await self._ensure_groups(list(self.inboxes))
-                        self._ready = True
-                        drain = list(self.inboxes)
-                    if drain:
-                        await self._drain_own_pending(drain)
-                        drain = []
-                    if now >= self._next_claim:
-                        self._next_claim = now + self.settings.claim_interval
-                        await self._claim()
-                    if now >= self._next_trim:
-                        self._next_trim = now + self.settings.trim_interval
-                        streams = [s for s in self.inboxes if s in self._grouped]
-                        await self.settler.trim(streams)
+                    drain = await self._duties(drain)
                     entries = await (prefetch or self._read_new())
                     prefetch = None
                     if entries:
@@ -211,12 +212,15 @@ class Bus(RedisClientActor):
                     prefetch = None
                     while running:
                         await _discard(running.popleft())
-                    # Pending entries are read again first; a restarted server
-                    # may have lost the groups and the agents' ACL users.
+                    # Pending entries are read again first (not as deliveries);
+                    # a restarted server may have lost the groups and the
+                    # agents' ACL users.
                     self._ready = False
-                    self._grouped.clear()
+                    self._outage = True
+                    self.reader.grouped.clear()
                     self.registry.forget_applied()
                     self.bus_stats.last_error = f"{type(exc).__name__}: {exc}"
+                    self.bus_stats.redis_errors += 1
                     self.log.warning("bus_redis_error", error=self.bus_stats.last_error)
                     await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 - jitter
                     delay = min(delay * 2, 5.0)
@@ -225,6 +229,29 @@ class Bus(RedisClientActor):
             await _discard(prefetch)
             while running:
                 await _discard(running.popleft())
+
+    async def _duties(self, drain: list[str]) -> list[str]:
+        """What comes before the next read: the agents, the groups, this
+        consumer's pending entries, claims and trimming; returns the inboxes
+        still to drain (none)."""
+        now = time.monotonic()
+        if now >= self._next_agents or not self._ready:
+            self._next_agents = now + self.settings.agents_interval
+            drain += await self._refresh_inboxes()
+        if not self._ready:
+            await self.reader.ensure_groups(list(self.inboxes))
+            self._ready = True
+            drain = list(self.inboxes)
+        if drain:
+            await self._drain_own_pending(drain, outage=self._outage)
+            self._outage = False
+        if now >= self._next_claim:
+            self._next_claim = now + self.settings.claim_interval
+            await self._claim()
+        if now >= self._next_trim:
+            self._next_trim = now + self.settings.trim_interval
+            await self.settler.trim([s for s in self.inboxes if s in self.reader.grouped])
+        return []
 
     async def _refresh_inboxes(self) -> list[str]:
         """Read the agents again; returns the inboxes added. While the
@@ -235,8 +262,8 @@ class Bus(RedisClientActor):
             return []
         added, removed = changed
         if added:
-            await self._ensure_groups(added)
-        self._grouped.difference_update(removed)
+            await self.reader.ensure_groups(added)
+        self.reader.forget_streams(removed)
         if self.published is not None and (added or removed):
             await self.published.follow(added, removed)
         if removed:
@@ -259,103 +286,37 @@ class Bus(RedisClientActor):
         await self._refresh_inboxes()
         return self.registry.state()
 
-    async def _ensure_groups(self, streams: list[str]) -> None:
-        client = self._client()
-        for stream in streams:
-            if stream in self._grouped:
-                continue
-            # Looked for first: a Redis out of memory refuses XGROUP CREATE
-            # even for a group that exists, and the bus must still drain.
-            with contextlib.suppress(ResponseError):  # no such stream yet
-                groups = await client.xinfo_groups(stream)
-                if any(text(g["name"]) == self.settings.group for g in groups):
-                    self._grouped.add(stream)
-                    continue
-            try:
-                await client.xgroup_create(stream, self.settings.group, id="0", mkstream=True)
-                self.log.info("bus_group_created", stream=stream, group=self.settings.group)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-            self._grouped.add(stream)
-
     async def _read_new(self) -> list[Entry]:
-        streams = [s for s in self.inboxes if s in self._grouped]
+        streams = [s for s in self.inboxes if s in self.reader.grouped]
         if not streams:  # no agent yet, no shared inbox: nothing to read
             await asyncio.sleep(self.settings.block_ms / 1000)
             return []
-        return await self._read(dict.fromkeys(streams, ">"))
+        return await self.reader.read(dict.fromkeys(streams, ">"))
 
-    async def _read(self, starts: dict[str, str]) -> list[Entry]:
-        block = self.settings.block_ms if ">" in starts.values() else None
-        streams: Any = starts
-        reply: Any = await self._client().xreadgroup(
-            self.settings.group,
-            self.consumer,
-            streams,
-            count=self.settings.batch_size,
-            block=block,
-        )
-        entries: list[Entry] = []
-        for stream, items in reply or []:
-            name = text(stream)
-            for entry_id, fields in items:
-                entries.append((name, text(entry_id), fields or {}))
-        return entries
-
-    async def _drain_own_pending(self, streams: list[str]) -> None:
+    async def _drain_own_pending(self, streams: list[str], *, outage: bool) -> None:
         """This consumer's entries delivered before and never acknowledged."""
         for stream in streams:
             if stream not in self.inboxes:
                 continue
             after = "0"
             while not self.halting():
-                entries = await self._read({stream: after})
+                entries = await self.reader.own_pending(stream, after, outage=outage)
                 if not entries:
                     break
-                await self._handle(entries, await self._deliveries(entries))
+                await self._handle(entries, await self.reader.deliveries(entries))
                 after = entries[-1][1]
 
     async def _claim(self) -> None:
-        idle_ms = int(self.settings.claim_idle * 1000)
         for inbox in list(self.inboxes.values()):
-            if inbox.stream not in self._grouped:
+            if inbox.stream not in self.reader.grouped:
                 continue
-            reply = await self._client().xautoclaim(
-                inbox.stream,
-                self.settings.group,
-                self.consumer,
-                idle_ms,
-                start_id=inbox.claim_cursor,
-                count=self.settings.batch_size,
-            )
-            cursor, claimed = text(reply[0]), reply[1]
-            inbox.claim_cursor = cursor
-            entries = [(inbox.stream, text(i), f or {}) for i, f in claimed if f is not None]
+            entries, more = await self.reader.claim(inbox)
             if entries:
                 self.bus_stats.claimed += len(entries)
                 self.log.info("bus_claimed", count=len(entries), stream=inbox.stream)
-                await self._handle(entries, await self._deliveries(entries))
-                if cursor != "0-0":
+                await self._handle(entries, await self.reader.deliveries(entries))
+                if more:
                     self._next_claim = 0.0  # more to claim: go on at once
-
-    async def _deliveries(self, entries: list[Entry]) -> dict[str, int]:
-        out: dict[str, int] = {}
-        by_stream: dict[str, list[str]] = {}
-        for stream, entry_id, _f in entries:
-            by_stream.setdefault(stream, []).append(entry_id)
-        for stream, ids in by_stream.items():
-            rows = await self._client().xpending_range(
-                stream,
-                self.settings.group,
-                min=ids[0],
-                max=ids[-1],
-                count=len(ids) * 2,
-                consumername=self.consumer,
-            )
-            for r in rows:
-                out[key_of(stream, text(r["message_id"]))] = int(r["times_delivered"])
-        return out
 
     # -- one batch --------------------------------------------------------------------------
     async def _handle(
@@ -368,47 +329,24 @@ class Bus(RedisClientActor):
         still being handled: unless this one holds only new commands, it waits
         for that one first."""
         self.bus_stats.read += len(entries)
-        dead: list[Dead] = []
-        good: list[tuple[Item, int]] = []
-        limit = self.settings.max_deliveries
-        raws: dict[str, bytes] = {}
-        for stream, entry_id, fields in entries:
-            key = key_of(stream, entry_id)
-            count = 1 if deliveries is None else deliveries.get(key, 1)
-            raw = fields.get(b"envelope")
-            raws[key] = raw or b""
-            inbox = self.inboxes.get(stream)
-            if inbox is None:
-                dead.append(Dead(stream, entry_id, raw or b"", "no such inbox", count))
-            elif raw is None:
-                dead.append(Dead(stream, entry_id, b"", "malformed: no envelope field", count))
-            elif count > limit:
-                reason = f"delivered {count} times without being processed"
-                dead.append(Dead(stream, entry_id, raw, reason, count))
-            else:
-                parsed = parse(raw, self.settings.max_envelope_bytes)
-                if isinstance(parsed, Malformed):
-                    dead.append(Dead(stream, entry_id, raw, parsed.reason, count, parsed.id))
-                else:
-                    good.append(((key, parsed, inbox.sender), count))
-        if after is not None and not all(isinstance(i[1], CommandRequested) for i, _c in good):
+        s = self.settings
+        batch = judge.sort(
+            entries,
+            deliveries,
+            self.inboxes,
+            limit=s.max_deliveries,
+            max_bytes=s.max_envelope_bytes,
+        )
+        items = [item for item, _count in batch.good]
+        if after is not None and not all(
+            isinstance(env, CommandRequested) for _k, env, _s in items
+        ):
             await asyncio.wait({after})
-        outcomes = await self._route_until_done([item for item, _c in good])
-        acked = [(d.stream, d.entry) for d in dead]
-        for (key, env, _sender), count in good:
-            stream, _, entry_id = key.partition("\n")
-            outcome = outcomes[key]
-            if outcome.kind == "done":
-                acked.append((stream, entry_id))
-            elif outcome.kind == "dead" or count >= limit:
-                reason = outcome.reason
-                if outcome.kind != "dead":
-                    reason = f"{reason} (after {count} deliveries)"
-                dead.append(Dead(stream, entry_id, raws[key], reason, count, env.id))
-                acked.append((stream, entry_id))
-            else:
-                self.bus_stats.retried += 1  # left pending: claimed again after claim_idle
-        await self.settler.settle(acked, dead)
+        outcomes = await self._route_until_done(items)
+        acked, retried = judge.settle(batch, outcomes, limit=s.max_deliveries)
+        self.bus_stats.retried += retried
+        await self.settler.settle(acked, batch.dead)
+        self.reader.settled([key_of(stream, entry) for stream, entry in acked])
 
     async def _route_until_done(self, items: list[Item]) -> dict[str, Outcome]:
         """Route the batch; while a dependency is down, wait and try the same
@@ -461,6 +399,7 @@ class Bus(RedisClientActor):
             "trimmed": st.trimmed,
             "overMaxLength": st.over_max_length,
             "outages": st.outages,
+            "redisErrors": st.redis_errors,
             "deadLost": st.dead_lost,
             "untold": st.untold,
             "pending": st.pending,
@@ -482,3 +421,10 @@ async def _discard(task: asyncio.Task[Any] | None) -> None:
     if task is not None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class BusRef(Ref):
+    """The bus actor: the agents' Redis users."""
+
+    async def ask(self, msg: BusMessage[R], timeout: float | None = None) -> R:
+        return await self._ask(msg, timeout)

@@ -25,12 +25,8 @@ In each:
 - Rotation (at login) moves the session to a new id with RENAME, keeping its
   TTL and data, and the old id stops working at once.
 - Login sessions are credentials kept in a place agents can write (Redis):
-  each record carries an HMAC-SHA256 over its ref, user, times and the user's
-  credentials version, under a key kept in PostgreSQL (``key_source``, read
-  for each use: lookups are rare behind the caller cache, and a rotated key
-  ends every session at once). A record that does not verify (written or
-  edited by anyone but the daemon, or signed under a rotated key) is a
-  session that does not exist.
+  each record is signed by the daemon (``signing``), and one that does not
+  verify is a session that does not exist.
 Times come from the Redis server's clock, so several daemons agree.
 
 On a Redis Cluster the braced tag is the key's hash tag: a user's sessions
@@ -41,18 +37,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import hmac
 import re
 import secrets
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import AskError, MovedError
 
-from actors.data.messages import SessionKey
-from actors.kernel import Actor, handles
+from actors.kernel import handles
+from actors.persistence import PersistenceRef
 from actors.redis_link import (
     REDIS_FAILURES,
     RedisClientActor,
@@ -60,204 +55,37 @@ from actors.redis_link import (
     connect_redis,
     node_url,
 )
+from actors.sessions.messages import (
+    Session,
+    SessionConflict,
+    SessionCreate,
+    SessionDelete,
+    SessionGet,
+    SessionKind,
+    SessionList,
+    SessionNotFound,
+    SessionRevokeAll,
+    SessionRotate,
+    SessionsUnavailable,
+    SessionUpdate,
+)
+from actors.sessions.scripts import (
+    CREATE,
+    DELETE,
+    FIELDS,
+    GET,
+    REVOKE_ALL,
+    ROTATE,
+    SIGN,
+    UPDATE,
+    WRITES,
+)
+from actors.sessions.signing import Signer
 from config import RedisSettings, SessionSettings
 
-__all__ = [
-    "Session",
-    "SessionConflict",
-    "SessionCreate",
-    "SessionDelete",
-    "SessionGet",
-    "SessionList",
-    "SessionNotFound",
-    "SessionRevokeAll",
-    "SessionRotate",
-    "SessionUpdate",
-    "Sessions",
-    "SessionsUnavailable",
-]
-
-# The scripts whose writes a cluster replicates before the answer (_call_replicated).
-_WRITES = frozenset({"create", "sign", "update", "rotate", "delete", "revoke_all"})
+__all__ = ["Sessions", "ref_of", "user_tag"]
 
 _ID_RE = re.compile(r"^[0-9a-f]{4}[A-Za-z0-9_-]{16,124}$")
-
-
-class SessionNotFound(LookupError):
-    """No such session (never existed, expired, deleted or revoked)."""
-
-
-class SessionConflict(Exception):
-    """The session changed since the version the caller read (HTTP 409)."""
-
-    def __init__(self, current: int) -> None:
-        super().__init__(f"session was modified (now at version {current})")
-        self.current = current
-
-
-class SessionsUnavailable(RedisUnavailable):
-    """Redis cannot be reached (HTTP 503)."""
-
-
-SessionKind = Literal["login", "app"]
-
-
-class Session(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
-    ref: str  # sha256 of the id: safe to show and to log
-    kind: SessionKind
-    user_id: int
-    data: Any
-    version: int
-    created_ms: int
-    last_seen_ms: int
-    expires_at_ms: int  # absolute deadline
-    id: str | None = None  # only when the session is created or rotated
-    # Login sessions: the user's credentials version when it was made (not listed).
-    stamp: int | None = None
-
-
-class SessionCreate(msgspec.Struct, frozen=True):
-    user_id: int
-    data: Any = None
-    idle_ttl: int | None = None  # seconds; defaults from [sessions]
-    absolute_ttl: int | None = None
-    stamp: int = 0  # login sessions: the user's credentials version
-
-
-class SessionGet(msgspec.Struct, frozen=True):
-    id: str
-    touch: bool = True
-
-
-class SessionUpdate(msgspec.Struct, frozen=True):
-    id: str
-    data: Any
-    version: int | None = None  # expected version; None = last write wins
-
-
-class SessionDelete(msgspec.Struct, frozen=True):
-    id: str
-
-
-class SessionList(msgspec.Struct, frozen=True):
-    user_id: int
-
-
-class SessionRevokeAll(msgspec.Struct, frozen=True):
-    user_id: int
-
-
-class SessionRotate(msgspec.Struct, frozen=True):
-    id: str
-
-
-def _now_ms_lua() -> str:
-    return "local t = redis.call('TIME'); local now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
-
-
-# KEYS: session, index. ARGV: uid, data, idle_ms, absolute_ms, ref, max per user,
-# session key prefix, stamp. Past the per-user bound, the other sessions nearest
-# their deadline are removed (keys and index entries); never the one being created.
-CREATE = (
-    _now_ms_lua()
-    + """
-local deadline = now + tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], 'uid', ARGV[1], 'data', ARGV[2], 'ver', 1, 'created', now,
-           'seen', now, 'abs', deadline, 'idle', ARGV[3], 'stamp', ARGV[8])
-redis.call('PEXPIRE', KEYS[1], math.min(tonumber(ARGV[3]), deadline - now))
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-redis.call('ZADD', KEYS[2], deadline, ARGV[5])
-local over = redis.call('ZCARD', KEYS[2]) - tonumber(ARGV[6])
-if over > 0 then
-  for _, ref in ipairs(redis.call('ZRANGE', KEYS[2], 0, over)) do
-    if over > 0 and ref ~= ARGV[5] then
-      redis.call('UNLINK', ARGV[7] .. ref)
-      redis.call('ZREM', KEYS[2], ref)
-      over = over - 1
-    end
-  end
-end
-local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
-redis.call('PEXPIREAT', KEYS[2], tonumber(last[2]))
-return {now, deadline}
-"""
-)
-
-# KEYS: session. MAC: ARGV[1] the MAC. Sets it on a session that exists.
-SIGN = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'mac', ARGV[1])
-return 1
-"""
-
-# The fields GET and listings read, in this order.
-FIELDS = ("uid", "data", "ver", "created", "seen", "abs", "idle", "stamp", "mac")
-
-# KEYS: session. ARGV: touch (0/1). Returns nil or the FIELDS.
-GET = (
-    _now_ms_lua()
-    + """
-local f = redis.call('HMGET', KEYS[1], 'uid', 'data', 'ver', 'created', 'seen', 'abs', 'idle',
-                     'stamp', 'mac')
-if not f[1] then return nil end
-local deadline = tonumber(f[6])
-if now >= deadline then redis.call('UNLINK', KEYS[1]); return nil end
-if ARGV[1] == '1' then
-  redis.call('HSET', KEYS[1], 'seen', now)
-  redis.call('PEXPIRE', KEYS[1], math.min(tonumber(f[7]), deadline - now))
-  f[5] = tostring(now)
-end
-return f
-"""
-)
-
-# KEYS: session. ARGV: data, expected version ('' = any). {-1} missing, {-2, ver} conflict, {ver} ok.
-UPDATE = (
-    _now_ms_lua()
-    + """
-local f = redis.call('HMGET', KEYS[1], 'ver', 'abs', 'idle')
-if not f[1] then return {-1} end
-local deadline = tonumber(f[2])
-if now >= deadline then redis.call('UNLINK', KEYS[1]); return {-1} end
-if ARGV[2] ~= '' and tonumber(ARGV[2]) ~= tonumber(f[1]) then return {-2, tonumber(f[1])} end
-local ver = redis.call('HINCRBY', KEYS[1], 'ver', 1)
-redis.call('HSET', KEYS[1], 'data', ARGV[1], 'seen', now)
-redis.call('PEXPIRE', KEYS[1], math.min(tonumber(f[3]), deadline - now))
-return {ver}
-"""
-)
-
-# KEYS: old session, new session, index. ARGV: old ref, new ref, the new MAC.
-ROTATE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('RENAME', KEYS[1], KEYS[2])
-redis.call('HINCRBY', KEYS[2], 'ver', 1)
-redis.call('HSET', KEYS[2], 'mac', ARGV[3])
-local score = redis.call('ZSCORE', KEYS[3], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-if score then redis.call('ZADD', KEYS[3], score, ARGV[2]) end
-return 1
-"""
-
-# KEYS: index. ARGV: session key prefix. Removes every session of the user and the index.
-REVOKE_ALL = """
-local refs = redis.call('ZRANGE', KEYS[1], 0, -1)
-local removed = 0
-for _, ref in ipairs(refs) do removed = removed + redis.call('UNLINK', ARGV[1] .. ref) end
-redis.call('UNLINK', KEYS[1])
-return removed
-"""
-
-
-# KEYS: session. ARGV: index key prefix (the user id follows), ref. Removes the
-# session and its index entry; replies 1 if it existed.
-DELETE = """
-local uid = redis.call('HGET', KEYS[1], 'uid')
-if not uid then return 0 end
-redis.call('UNLINK', KEYS[1])
-redis.call('ZREM', ARGV[1] .. uid, ARGV[2])
-return 1
-"""
 
 
 def ref_of(session_id: str) -> str:
@@ -282,7 +110,7 @@ class Sessions(RedisClientActor):
         name: str | None = None,
         concurrency: int = 8,
         health_interval: float = 2.0,
-        key_source: Actor | None = None,
+        key_source: PersistenceRef | None = None,
     ) -> None:
         super().__init__(
             name or ("logins" if kind == "login" else "sessions"),
@@ -299,10 +127,11 @@ class Sessions(RedisClientActor):
         self._scripts: dict[str, Any] = {}
         self._nodes: dict[tuple[str, int], aioredis.Redis] = {}  # one client per cluster primary
         self.unreplicated = 0
-        # Where the signing key comes from (the persistence actor); None: records are unsigned.
-        self.key_source = key_source
-        self._last_key: bytes | None = None
-        self.forged = 0  # records that did not verify
+        # Login records are signed under a key the persistence actor keeps;
+        # None: this store's records are not signed (application sessions).
+        self.signer = (
+            None if key_source is None else Signer(self.space, key_source, self.unavailable)
+        )
 
     @property
     def _wait_ms(self) -> int:
@@ -337,7 +166,7 @@ class Sessions(RedisClientActor):
 
     async def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
         try:
-            if script in _WRITES and self._wait_ms:
+            if script in WRITES and self._wait_ms:
                 return await self._call_replicated(script, keys, args)
             return await self._scripts[script](keys=keys, args=args)
         except REDIS_FAILURES as exc:
@@ -401,49 +230,23 @@ class Sessions(RedisClientActor):
 
     def snapshot(self) -> dict[str, Any]:
         data = super().snapshot()
+        if self.signer is not None:
+            data["forged"] = self.signer.forged
         if self.cluster:
             data["replication"] = {"unreplicatedWrites": self.unreplicated}
         return data
 
+    @property
+    def forged(self) -> int:
+        """Records refused because they did not carry the daemon's signature."""
+        return 0 if self.signer is None else self.signer.forged
+
     # -- signatures ---------------------------------------------------------------
     async def _signing_key(self) -> bytes | None:
-        if self.key_source is None:
-            return None
-        try:
-            key: bytes = await self.key_source.ask(SessionKey(), timeout=10)
-        except Exception as exc:
-            # PostgreSQL away: the key last read still proves what it signed
-            # (a rotation, which needs the database, cannot have happened
-            # unseen by it for long); none read yet: 503.
-            if self._last_key is not None:
-                return self._last_key
-            raise self.unavailable(f"the login session key cannot be read: {exc}") from exc
-        self._last_key = key
-        return key
-
-    def _mac(
-        self, key: bytes, ref: str, uid: int, created: int, deadline: int, idle: int, stamp: int
-    ) -> str:
-        message = f"{self.space}|{ref}|{uid}|{created}|{deadline}|{idle}|{stamp}"
-        return hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
+        return None if self.signer is None else await self.signer.key()
 
     def _verified(self, key: bytes | None, ref: str, fields: list[Any]) -> bool:
-        """Whether a record's fields (FIELDS) carry the daemon's signature
-        (``key``: the signing key; None: this store is not signed)."""
-        if key is None:
-            return True
-        try:
-            uid, created, deadline, idle = (int(fields[i]) for i in (0, 3, 5, 6))
-            stamp = int(fields[7])
-            mac = fields[8].decode() if isinstance(fields[8], bytes) else str(fields[8])
-        except (TypeError, ValueError, AttributeError):
-            mac, uid, created, deadline, idle, stamp = "", 0, 0, 0, 0, 0
-        expected = self._mac(key, ref, uid, created, deadline, idle, stamp)
-        if hmac.compare_digest(expected, mac):
-            return True
-        self.forged += 1
-        self.log.warning("session_record_refused", space=self.space, ref=ref[:12])
-        return False
+        return key is None or self.signer is None or self.signer.verified(key, ref, fields)
 
     def _session(self, ref: str, fields: list[Any], session_id: str | None = None) -> Session:
         uid, data, ver, created, seen, deadline, _idle, stamp, _mac = fields
@@ -457,7 +260,7 @@ class Sessions(RedisClientActor):
             last_seen_ms=int(seen),
             expires_at_ms=int(deadline),
             id=session_id,
-            stamp=None if stamp is None or self.key_source is None else int(stamp),
+            stamp=None if stamp is None or self.signer is None else int(stamp),
         )
 
     @staticmethod
@@ -498,7 +301,10 @@ class Sessions(RedisClientActor):
         )
         if key is not None:
             # Usable from here on: until signed, the record is no session at all.
-            mac = self._mac(key, ref, msg.user_id, int(now), int(deadline), idle * 1000, msg.stamp)
+            assert self.signer is not None
+            mac = self.signer.mac(
+                key, ref, msg.user_id, int(now), int(deadline), idle * 1000, msg.stamp
+            )
             if not await self._call("sign", [self.key(tag, ref)], [mac]):
                 raise SessionNotFound("the session ended while it was made")
         return Session(
@@ -553,8 +359,8 @@ class Sessions(RedisClientActor):
         new_ref = ref_of(new_id)
         key = await self._signing_key()
         mac = ""
-        if key is not None:
-            mac = self._mac(
+        if key is not None and self.signer is not None:
+            mac = self.signer.mac(
                 key,
                 new_ref,
                 old.user_id,

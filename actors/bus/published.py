@@ -9,23 +9,27 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from actors.bus_routes import Item, Outcome
-from actors.bus_store import BusStats, Dead, Settler
+from actors.bus.routes import Item, Outcome
+from actors.bus.store import BusStats, Dead, Settler
 from actors.envelope import Malformed, parse
-from actors.kernel import Actor
-from actors.pubsub import Delivery, Detach, Subscribe, Subscriber, Unsubscribe
+from actors.pubsub import Delivery, PubSubRef, Subscription
 from config import BusSettings
 
 __all__ = ["PublishedReader"]
 
+# Envelopes heard and not yet handled; past it, what comes is dropped (and
+# counted by the pub/sub actor): this path is at most once.
+QUEUE_SIZE = 10_000
+
 
 class PublishedReader:
-    """Reads the inboxes' channels through the pub/sub actor, in batches."""
+    """Reads the inboxes' channels through the pub/sub actor, in batches.
+    Two tasks of the bus actor's run it: ``subscription.keep()`` and ``run()``."""
 
     def __init__(
         self,
         *,
-        pubsub: Actor,
+        pubsub: PubSubRef,
         name: str,
         inboxes: Callable[[], dict[str, Any]],
         settings: Callable[[], BusSettings],
@@ -37,7 +41,6 @@ class PublishedReader:
         agents_channel: str,
         on_agents_notice: Callable[[], None],
     ) -> None:
-        self.pubsub = pubsub
         self.name = name
         self._inboxes = inboxes
         self._settings = settings
@@ -48,60 +51,36 @@ class PublishedReader:
         self._halting = halting
         self.agents_channel = agents_channel
         self._on_agents_notice = on_agents_notice
-        self.sub: Subscriber | None = None
+        self.queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=QUEUE_SIZE)
+        # Every inbox's channel (inboxes added later are followed as they
+        # come), and the news of agents added or revoked; while the
+        # subscription is lost, such news may be missed: read the agents again.
+        self.subscription = Subscription(
+            pubsub,
+            name,
+            sink=self._take,
+            channels=lambda: (self.agents_channel, *self._inboxes()),
+            overflow="drop",
+            on_down=on_agents_notice,
+        )
 
-    def _new_subscriber(self) -> Subscriber:
-        self.sub = Subscriber(self.name, queue_size=10_000, overflow="drop")
-        return self.sub
+    def _take(self, item: Delivery) -> bool:
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            return False
+        return True
 
     async def follow(self, added: list[str], removed: list[str]) -> None:
         """Inboxes came or went: their channels too."""
-        if self.sub is None:
-            return  # subscribing: it takes every inbox there is then
-        try:
-            if added:
-                await self.pubsub.ask(Subscribe(self.sub, channels=tuple(added)), timeout=10)
-            if removed:
-                await self.pubsub.ask(Unsubscribe(self.sub, channels=tuple(removed)), timeout=10)
-        except Exception as exc:
-            # Not connected now: the pub/sub actor keeps what is wanted and
-            # subscribes to it when it connects again.
-            self.log.info("bus_published_follow_later", error=repr(exc))
+        await self.subscription.follow(added, removed)
 
     async def run(self) -> None:
-        sub = self._new_subscriber()
-        try:
-            await self._subscribe(sub)
-            while not self._halting():
-                first = await sub.next()
-                if first is None:  # the pubsub actor let it go (stopping): subscribe again
-                    sub = self._new_subscriber()
-                    await self._subscribe(sub)
-                    continue
-                batch = [first]
-                while len(batch) < self._settings().batch_size and not sub.queue.empty():
-                    batch.append(sub.queue.get_nowait())
-                await self._handle(batch)
-        finally:
-            self.sub = None
-            try:
-                await self.pubsub.ask(Detach(sub), timeout=2)
-            except Exception as exc:  # stopping: the pubsub actor may be gone already
-                self.log.debug("bus_detach_failed", error=repr(exc))
-
-    async def _subscribe(self, sub: Subscriber) -> None:
-        delay = 0.1
         while not self._halting():
-            try:
-                # Every inbox's channel (inboxes added later are subscribed
-                # as they come), and the news of agents added or revoked.
-                channels = (self.agents_channel, *self._inboxes())
-                await self.pubsub.ask(Subscribe(sub, channels=channels), timeout=10)
-                return
-            except Exception as exc:  # not connected yet: try again
-                self.log.debug("bus_subscribe_retry", error=repr(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+            batch = [await self.queue.get()]
+            while len(batch) < self._settings().batch_size and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            await self._handle(batch)
 
     async def _handle(self, batch: list[Delivery]) -> None:
         dead: list[Dead] = []

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -21,12 +21,22 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from actors.agents import acl_rules, acl_user, agent_inbox, agent_replies, without_credentials
-from actors.bus_routes import SHARED, Sender
-from actors.data.messages import ListAgents
-from actors.kernel import Actor
+from actors.bus.routes import SHARED, Sender
+from actors.kernel import Message
+from actors.persistence import ListAgents, PersistenceRef
 
-__all__ = ["AclState", "ApplyAgents", "GetAclState", "Inbox", "Registry", "agents_channel"]
+__all__ = [
+    "AclState",
+    "ApplyAgents",
+    "BusMessage",
+    "GetAclState",
+    "Inbox",
+    "Registry",
+    "agents_channel",
+]
 
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)  # a message of a reply type is one of any wider type
 # Applied again this often even when nothing changed (a Redis restart forgets ACLs).
 REAPPLY = 60.0
 
@@ -45,14 +55,6 @@ class Inbox:
     claim_cursor: str = "0-0"
 
 
-class ApplyAgents(msgspec.Struct, frozen=True):
-    """Read the agents again and apply them to Redis now; replies AclState."""
-
-
-class GetAclState(msgspec.Struct, frozen=True):
-    """Replies the AclState as it is (no Redis, no database)."""
-
-
 class AclState(msgspec.Struct, frozen=True, rename="camel"):
     """Whether the daemon manages the agents' Redis users, and if not why;
     the daemon's Redis without its credentials (for the agents' URLs);
@@ -64,13 +66,25 @@ class AclState(msgspec.Struct, frozen=True, rename="camel"):
     setinfo: bool = True
 
 
+class BusMessage(Message[R_co], frozen=True):
+    """A message the bus actor answers with ``R``."""
+
+
+class ApplyAgents(BusMessage[AclState], frozen=True):
+    """Read the agents again and apply them to Redis now."""
+
+
+class GetAclState(BusMessage[AclState], frozen=True):
+    """The AclState as it is (no Redis, no database)."""
+
+
 @dataclass
 class Registry:
     """The inboxes to read: the shared one (if enabled) and every agent's."""
 
     prefix: str
     inbox: str  # the shared inbox's name, the base of every agent's
-    persistence: Actor
+    persistence: PersistenceRef
     shared: bool
     manage: bool
     channels: list[str]

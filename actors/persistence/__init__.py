@@ -1,0 +1,82 @@
+"""The persistence actor (``actor``) and its messages, each defined beside
+the handler that answers it: ``users``, ``tokens``, ``agents``,
+``commands``, ``approvals``."""
+
+from actors.persistence.actor import Persistence, PersistenceRef
+from actors.persistence.agents import CreateAgent, ListAgents, RevokeAgent
+from actors.persistence.approvals import (
+    CreateApproval,
+    DecideApproval,
+    GetApproval,
+    ListApprovals,
+    SweepApprovals,
+    Swept,
+)
+from actors.persistence.base import PgMessage
+from actors.persistence.commands import (
+    CreateCommand,
+    GetCommand,
+    IngestCommands,
+    ListCommands,
+    ReportCommand,
+    UpdateCommandStatus,
+)
+from actors.persistence.pool import Unavailable
+from actors.persistence.tokens import (
+    AuthenticateToken,
+    AuthenticateUser,
+    CreateToken,
+    ListTokens,
+    RevokeToken,
+)
+from actors.persistence.users import (
+    CheckPassword,
+    CreateUser,
+    CredentialStamp,
+    DeleteUser,
+    EnsureAdmin,
+    GetUser,
+    GetUserByName,
+    ListUsers,
+    RotateSessionKey,
+    SessionKey,
+    UpdateUser,
+)
+
+__all__ = [
+    "AuthenticateToken",
+    "AuthenticateUser",
+    "CheckPassword",
+    "CreateAgent",
+    "CreateApproval",
+    "CreateCommand",
+    "CreateToken",
+    "CreateUser",
+    "CredentialStamp",
+    "DecideApproval",
+    "DeleteUser",
+    "EnsureAdmin",
+    "GetApproval",
+    "GetCommand",
+    "GetUser",
+    "GetUserByName",
+    "IngestCommands",
+    "ListAgents",
+    "ListApprovals",
+    "ListCommands",
+    "ListTokens",
+    "ListUsers",
+    "Persistence",
+    "PersistenceRef",
+    "PgMessage",
+    "ReportCommand",
+    "RevokeAgent",
+    "RevokeToken",
+    "RotateSessionKey",
+    "SessionKey",
+    "SweepApprovals",
+    "Swept",
+    "Unavailable",
+    "UpdateCommandStatus",
+    "UpdateUser",
+]

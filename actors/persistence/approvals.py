@@ -1,0 +1,134 @@
+"""Approval requests: made, read, decided, and swept when they run out of
+time. Each change is committed, then announced (``actors.events``)."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Literal
+
+import asyncpg
+import msgspec
+
+from actors import events
+from actors.data import repo
+from actors.data.model import Approval, ApprovalCreate, Page, Principal
+from actors.data.repo import Expired
+from actors.data.repo.common import JsonPage
+from actors.persistence.base import Count, PgMessage, Store, room
+
+__all__ = [
+    "CreateApproval",
+    "DecideApproval",
+    "GetApproval",
+    "ListApprovals",
+    "SweepApprovals",
+    "Swept",
+    "approvals",
+]
+
+approvals = room("approvals")
+
+
+class CreateApproval(PgMessage[Approval], frozen=True):
+    """A standalone request (not bound to a command)."""
+
+    new: ApprovalCreate
+    requester_id: int | None
+
+
+@approvals.handles(CreateApproval)
+async def create_approval(db: Store, msg: CreateApproval) -> Approval:
+    policy = db.approvals
+    expires_in = min(msg.new.expires_in or policy.expiry, policy.max_expiry)
+    score = max(policy.score(msg.new.action), msg.new.risk_score)
+    async with db.pool().acquire() as conn:
+        approval = await repo.create_approval(
+            conn, msg.new, msg.requester_id, expires_in=expires_in, score=score
+        )
+    db.announce([events.approval_requested(approval, None, approval.requester_id)])
+    return approval
+
+
+class GetApproval(PgMessage[Approval], frozen=True):
+    approval_id: int
+
+
+@approvals.handles(GetApproval)
+async def get_approval(db: Store, msg: GetApproval) -> Approval:
+    async with db.pool().acquire() as conn:
+        return await repo.get_approval(conn, msg.approval_id)
+
+
+class ListApprovals(PgMessage[Page[Approval] | JsonPage], frozen=True):
+    query: Any  # ListQuery, parsed at the edge
+    count: Count = None
+    as_json: bool = False
+
+
+@approvals.handles(ListApprovals)
+async def list_approvals(db: Store, msg: ListApprovals) -> Page[Approval] | JsonPage:
+    async with db.pool().acquire() as conn:
+        return await repo.list_approvals(conn, msg.query, msg.count, as_json=msg.as_json)
+
+
+class DecideApproval(PgMessage[Approval], frozen=True):
+    """A person's decision (the rules: no self-approval, CRITICAL needs an
+    admin, a decided request is a Conflict, an expired one Expired)."""
+
+    approval_id: int
+    decision: Literal["approved", "rejected", "cancelled"]
+    who: Principal
+    reason: str | None = None
+
+
+@approvals.handles(DecideApproval)
+async def decide_approval(db: Store, msg: DecideApproval) -> Approval:
+    async with db.pool().acquire() as conn:
+        try:
+            approval = await repo.decide_approval(
+                conn, msg.approval_id, msg.decision, msg.who, msg.reason
+            )
+        except Expired as exc:
+            db.announce(await _decided(conn, exc.current))
+            raise
+        db.announce(await _decided(conn, approval))
+    return approval
+
+
+async def _decided(conn: asyncpg.Connection, approval: Approval) -> list[events.Published]:
+    """approval.decided (or .expired), and what it did to its command."""
+    command = None
+    if approval.command_id is not None:
+        with contextlib.suppress(repo.NotFound):
+            command = await repo.get_command(conn, approval.command_id)
+    ref = (command.request_id, command.sender) if command is not None else None
+    out = [events.approval_decided(approval, ref)]
+    if command is not None and command.status == approval.status:
+        out.append(events.command_decided(command))
+    return out
+
+
+class Swept(msgspec.Struct, frozen=True):
+    warned: int
+    expired: int
+
+
+class SweepApprovals(PgMessage[Swept], frozen=True):
+    """Warn pending requests near their deadline (once each) and expire the
+    ones past it: a rejection of the request and of its command, with their
+    audit events. Asked by the one daemon that leads the sweep."""
+
+    warn_before: float
+    limit: int = 500
+
+
+@approvals.handles(SweepApprovals)
+async def sweep_approvals(db: Store, msg: SweepApprovals) -> Swept:
+    async with db.pool().acquire() as conn:
+        warned = await repo.warn_due(conn, msg.warn_before, msg.limit)
+        expired = await repo.expire_due(conn, msg.limit)
+        out = [events.approval_warning(a, ref) for a, ref in warned]
+        for approval in expired:
+            out += await _decided(conn, approval)
+    db.announce(out)
+    return Swept(len(warned), len(expired))

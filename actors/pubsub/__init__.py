@@ -1,0 +1,34 @@
+"""Redis pub/sub for the process: the actor and its connection (``actor``,
+``listener``), local receivers (``subscriber``), the messages and the
+reference that sends them (``messages``), and the one subscribe-and-retry
+loop everyone uses (``subscription``)."""
+
+from actors.pubsub.actor import CLIENTS_PUBSUB, PubSub
+from actors.pubsub.messages import (
+    Detach,
+    Publish,
+    PublishEvents,
+    PubSubMessage,
+    PubSubRef,
+    Subscribe,
+    Unsubscribe,
+)
+from actors.pubsub.subscriber import Delivery, Overflow, Sink, Subscriber
+from actors.pubsub.subscription import Subscription
+
+__all__ = [
+    "CLIENTS_PUBSUB",
+    "Delivery",
+    "Detach",
+    "Overflow",
+    "PubSub",
+    "PubSubMessage",
+    "PubSubRef",
+    "Publish",
+    "PublishEvents",
+    "Sink",
+    "Subscribe",
+    "Subscriber",
+    "Subscription",
+    "Unsubscribe",
+]
