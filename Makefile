@@ -51,5 +51,7 @@ check: lint types test
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info
 
+## distclean: all that make run made, including what embedded mode keeps outside var/ as root
 distclean: clean
+	if [ -x $(BIN)/jarvisd ]; then $(BIN)/jarvisd embedded forget --config jarvisd.toml; fi
 	rm -rf $(VENV) var

@@ -166,8 +166,10 @@ class AuthSettings(_Section, frozen=True):
 class PubSubSettings(_Section, frozen=True):
     # Longest wait for a message before the reader looks at its other duties.
     poll_interval: PositiveFloat = 0.05
-    # An idle connection is pinged this often; no answer within ping_timeout
-    # means it is dead (half-open) and it is replaced.
+    # The listener publishes a heartbeat this often (on a cluster, through
+    # another node) and expects it back on its own connection within
+    # ping_timeout: one that does not come back means the connection hears
+    # nothing (half-open, or its node cut from the cluster bus): it is replaced.
     ping_interval: PositiveFloat = 5.0
     ping_timeout: PositiveFloat = 3.0
     reconnect_max: PositiveFloat = 5.0

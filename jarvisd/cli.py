@@ -180,6 +180,31 @@ def cmd_redis_url(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_embedded_forget(args: argparse.Namespace) -> int:
+    """Remove what embedded mode keeps for this instance outside its state
+    directory (as root, from a folder the servers' account cannot enter);
+    refused while the daemon runs."""
+    from actors.embedded import forget
+    from jarvisd.instance import InstanceLock, InstanceLocked
+
+    loaded = load(args)
+    state_dir = Path(loaded.settings.daemon.state_dir)
+    lock = None
+    if state_dir.is_dir():
+        try:
+            lock = InstanceLock.take(state_dir)
+        except InstanceLocked as exc:
+            print(f"jarvisd: {exc}", file=sys.stderr)
+            return 1
+    try:
+        for path in forget(state_dir):
+            print(f"removed {path}")
+    finally:
+        if lock is not None:
+            lock.release()
+    return 0
+
+
 def cmd_version(_args: argparse.Namespace) -> int:
     print(f"jarvisd {__version__}")
     return 0
@@ -215,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     h.set_defaults(func=cmd_health)
     sub.add_parser("version", help="print the version").set_defaults(func=cmd_version)
+    embedded = sub.add_parser(
+        "embedded", help="embedded mode's files kept outside the state directory"
+    ).add_subparsers(dest="embedded_command", required=True, metavar="ACTION")
+    with_config(
+        embedded.add_parser(
+            "forget",
+            help="remove what embedded mode keeps outside the state directory (stopped daemon)",
+        )
+    ).set_defaults(func=cmd_embedded_forget)
     rc = with_config(
         sub.add_parser(
             "redis-cli", help="valkey-cli/redis-cli on the daemon's Redis (embedded or configured)"

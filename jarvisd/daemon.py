@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hashlib
 import os
 import signal
 import socket
@@ -26,17 +25,11 @@ from typing import Any
 
 import structlog
 
-from actors import Actor, Escalation, FatalActorError, Supervisor
-from actors.approvals import Approvals
-from actors.bus import Bus
-from actors.cache import Cache, CacheRef
-from actors.embedded import EmbeddedPostgres, EmbeddedValkey, RunAs
-from actors.persistence import Persistence, PersistenceRef
-from actors.pubsub import CLIENTS_PUBSUB, PubSub, PubSubRef
-from actors.redis_link import RedisLink
-from actors.sessions import Logins, Sessions
+from actors import Escalation, FatalActorError, Supervisor
+from actors.embedded import claim_home
 from config import ConfigError, LoadedConfig, Settings, load_settings
 from jarvisd import __version__
+from jarvisd.build import build_actors
 from jarvisd.http.health import readiness
 from jarvisd.http.server import HttpServer
 from jarvisd.instance import InstanceLock, InstanceLocked
@@ -44,141 +37,16 @@ from jarvisd.lists import ListCache
 from jarvisd.logs import set_level
 from jarvisd.principals import PrincipalCache
 from jarvisd.reload import ReloadPlan, plan_reload
-from jarvisd.runtime import Check, DaemonActors, Runtime
+from jarvisd.runtime import Runtime
 from jarvisd.systemd import Notifier, Watchdog, watchdog_interval
 
-__all__ = ["Daemon", "build_actors"]
+__all__ = ["Daemon"]
 
 log = structlog.get_logger("jarvisd", actor="daemon")  # lazy: follows configure()
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_FORCED = 130
-
-
-def build_actors(settings: Settings) -> tuple[DaemonActors, list[Check]]:
-    """The daemon's actors, and the health checks they answer."""
-    interval = settings.daemon.health_interval
-    state_dir = Path(settings.daemon.state_dir)
-    embedded: list[Actor] = []
-    checks: list[Check] = []
-    run_as = RunAs.resolve(settings.embedded.postgres_user) if settings.embedded.enabled else None
-
-    pg_dsn = settings.postgres.dsn
-    if settings.embedded_postgres:
-        assert run_as is not None
-        pg = EmbeddedPostgres(
-            state_dir,
-            run_as=run_as,
-            bin_dir=settings.embedded.postgres_bin_dir,
-            start_timeout=settings.embedded.start_timeout,
-        )
-        pg.health_interval = interval
-        embedded.append(pg)
-        checks.append(Check("embedded-postgres", pg, "system"))
-        pg_dsn = pg.dsn
-    redis_url = settings.redis.url
-    if settings.embedded_redis:
-        assert run_as is not None
-        vk = EmbeddedValkey(
-            state_dir,
-            run_as=run_as,
-            binary=settings.embedded.valkey_bin,
-            start_timeout=settings.embedded.start_timeout,
-            max_memory=settings.embedded.valkey_max_memory,
-            max_value=settings.embedded.valkey_max_value,
-        )
-        vk.health_interval = interval
-        embedded.append(vk)
-        checks.append(Check("embedded-valkey", vk, "system"))
-        redis_url = vk.url
-    # Both are guaranteed by the loader's cross checks.
-    assert pg_dsn is not None
-    assert redis_url is not None
-
-    persistence = Persistence(
-        settings.postgres,
-        pg_dsn,
-        health_interval=interval,
-        approvals=settings.approvals,
-        # The first start makes the first admin; ready only once its token is written.
-        admin_token_file=state_dir / "admin-token",
-    )
-    pg_ref = PersistenceRef(persistence)
-    redis = RedisLink(settings.redis, redis_url, health_interval=interval)
-    cache = Cache(settings.redis, settings.cache, redis_url, health_interval=interval)
-    sessions = Sessions(settings.redis, settings.sessions, redis_url, health_interval=interval)
-    logins = Logins(
-        settings.redis,
-        settings.sessions,
-        settings.auth,
-        redis_url,
-        health_interval=interval,
-        key_source=pg_ref,  # login sessions are signed under a key kept in PostgreSQL
-    )
-    pubsub = PubSub(settings.redis, settings.pubsub, redis_url, health_interval=interval)
-    # A connection of its own for what agents and clients can publish on (the
-    # inboxes' channels, pubsub.channels) and for WebSocket clients: a flood
-    # of big messages there can cost those a gap, never the daemon's own
-    # channels (caller invalidations, events for its caches, approval waiters).
-    clients = PubSub(
-        settings.redis,
-        settings.pubsub,
-        redis_url,
-        name=CLIENTS_PUBSUB,
-        health_interval=interval,
-    )
-    persistence.events = pubsub  # committed changes are announced on Redis
-    approvals = Approvals(
-        settings.approvals,
-        settings.postgres,
-        pg_dsn,
-        persistence=pg_ref,
-        pubsub=PubSubRef(pubsub),
-        channel=f"{settings.redis.prefix}approvals",
-        health_interval=interval,
-    )
-    bus = Bus(
-        settings.redis,
-        settings.bus,
-        redis_url,
-        stream=settings.inbox,
-        consumer=consumer_name(settings),
-        persistence=pg_ref,
-        cache=CacheRef(cache),
-        pubsub=PubSubRef(clients),
-        pubsub_settings=settings.pubsub,
-        health_interval=interval,
-    )
-    built = DaemonActors(
-        persistence=persistence,
-        redis=redis,
-        cache=cache,
-        sessions=sessions,
-        logins=logins,
-        pubsub=pubsub,
-        clients=clients,
-        approvals=approvals,
-        bus=bus,
-        embedded=tuple(embedded),
-    )
-    checks = [
-        Check("postgres", persistence, "datastore"),
-        Check("redis", redis, "datastore"),
-        Check("pubsub", pubsub, "component"),
-        Check(CLIENTS_PUBSUB, clients, "component", critical=False),
-        Check("bus", bus, "component", critical=False),
-        Check("approvals", approvals, "component", critical=False),
-        *checks,
-    ]
-    return built, checks
-
-
-def consumer_name(settings: Settings) -> str:
-    """This daemon's bus consumer: its name and its state directory, so that
-    it is the same after a restart and differs between daemons on one host."""
-    place = hashlib.sha256(os.path.abspath(settings.daemon.state_dir).encode()).hexdigest()
-    return f"{settings.daemon.name or socket.gethostname()}-{place[:8]}"
 
 
 class Daemon:
@@ -378,6 +246,10 @@ class Daemon:
             self.notifier.status(f"failed: {exc}")
             self.notifier.close()
             return EXIT_FAILURE
+        if self.actors.embedded:
+            # A relocated data home left by an instance that is gone (this
+            # state directory deleted and made again, say) goes first.
+            claim_home(Path(self.settings.daemon.state_dir), self.actors.embedded[0].run_as, log)
         if handle_signals:
             self.install_signal_handlers()
         interval = watchdog_interval()

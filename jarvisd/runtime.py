@@ -17,6 +17,7 @@ from actors import Actor, Supervisor
 from actors.approvals import Approvals, ApprovalsRef
 from actors.bus import Bus, BusRef
 from actors.cache import Cache, CacheRef
+from actors.embedded import ChildServer
 from actors.persistence import Persistence, PersistenceRef
 from actors.pubsub import PubSub, PubSubRef
 from actors.redis_link import RedisLink, RedisRef
@@ -55,7 +56,7 @@ class DaemonActors:
     clients: PubSub  # pubsub-clients: what agents and clients can publish on
     approvals: Approvals
     bus: Bus
-    embedded: tuple[Actor, ...] = ()
+    embedded: tuple[ChildServer, ...] = ()
 
     def in_start_order(self) -> list[Actor]:
         return [

@@ -240,6 +240,11 @@ class LocalCluster:
                 out.append(int(fields[1].split("@")[0].rsplit(":", 1)[1]))
         return sorted(p for p in out if p in self.alive())
 
+    def node_id(self, port: int) -> str:
+        with self.client(port) as c:
+            made = c.execute_command("CLUSTER", "MYID")
+        return made.decode() if isinstance(made, bytes) else str(made)
+
     def primary_of_slot(self, slot: int) -> int:
         """The port of the primary serving ``slot`` now."""
         with self.client(self.alive()[0]) as c:

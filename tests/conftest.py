@@ -1,10 +1,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pwd
+import shutil
 import socket
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -14,6 +17,7 @@ import msgspec
 import pytest
 
 from actors.embedded import EMBEDDED_ACCOUNT
+from actors.embedded.homes import SHARED_BIN_ROOT, SHARED_DATA_ROOT
 from actors.redis_link import RedisClient, connect_redis
 from config import LoadedConfig, Settings
 from tests.cluster import LocalCluster
@@ -26,20 +30,46 @@ from tests.servers import (
 )
 
 _ACCOUNT_BEFORE: list[bool] = []
+# What embedded mode may keep outside a state directory (as root), before the suite.
+_OUTSIDE_BEFORE: dict[Path, set[str] | None] = {}
+
+
+def _listing(root: Path) -> set[str] | None:
+    try:
+        return {p.name for p in root.iterdir()}
+    except FileNotFoundError:
+        return None
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Whether the embedded servers' system account existed before the suite
-    (as root, the suite makes it as the daemon would)."""
+    (as root, the suite makes it as the daemon would), and what was outside
+    any state directory."""
     try:
         pwd.getpwnam(EMBEDDED_ACCOUNT)
         _ACCOUNT_BEFORE.append(True)
     except KeyError:
         _ACCOUNT_BEFORE.append(False)
+    for root in (SHARED_DATA_ROOT, SHARED_BIN_ROOT):
+        _OUTSIDE_BEFORE[root] = _listing(root)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    """Remove the system account if the suite made it: it leaves nothing behind."""
+    """The suite leaves nothing behind: no system account it made, nothing
+    under embedded mode's folders outside the state directories (what is
+    found there is removed, and fails the run)."""
+    left: list[str] = []
+    for root, before in _OUTSIDE_BEFORE.items():
+        now = _listing(root)
+        for name in sorted((now or set()) - (before or set())):
+            left.append(str(root / name))
+            shutil.rmtree(root / name, ignore_errors=True)
+        if before is None and now is not None:
+            with contextlib.suppress(OSError):
+                root.rmdir()
+    if left:
+        print(f"\nthe suite left these behind (now removed): {left}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
     if os.geteuid() != 0 or not _ACCOUNT_BEFORE or _ACCOUNT_BEFORE[0]:
         return
     try:

@@ -16,14 +16,9 @@ from pathlib import Path
 
 import asyncpg
 
+from actors.embedded.account import EMBEDDED_ACCOUNT, RunAs
 from actors.embedded.binaries import find_postgres_bin_dir
-from actors.embedded.child import (
-    EMBEDDED_ACCOUNT,
-    RunAs,
-    ensure_reachable,
-    make_private_dir,
-    reachable_install,
-)
+from actors.embedded.homes import ensure_reachable, make_private_dir, reachable_install
 from actors.embedded.postgres import install_layout
 from tests.cluster import _pdeathsig, free_cluster_ports, stop_all
 from tests.servers import make_state_dir

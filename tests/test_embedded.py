@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pwd
 import shutil
@@ -14,6 +15,7 @@ from urllib.parse import quote
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+import structlog
 from redis.exceptions import RedisError
 
 from actors import ActorState, FatalActorError, Supervisor
@@ -25,11 +27,13 @@ from actors.embedded import (
     find_postgres_bin_dir,
     runtime_dir,
 )
-from actors.embedded.child import (
+from actors.embedded.child import pid_alive
+from actors.embedded.homes import (
     SHARED_BIN_ROOT,
+    claim_home,
     embedded_home,
     ensure_reachable,
-    pid_alive,
+    forget,
     reachable_install,
 )
 from actors.embedded.postgres import install_layout
@@ -221,10 +225,50 @@ async def test_a_state_directory_the_server_user_cannot_reach_gets_a_reachable_h
         await conn.close()
         assert pg.data_dir.is_relative_to(home)
         assert (inner / "embedded-data").resolve() == home
+        assert json.loads((home / ".instance").read_text())["stateDir"] == str(inner)
     finally:
         await vk.stop()
         await pg.stop()
-        shutil.rmtree(home, ignore_errors=True)
+        assert home in forget(inner)  # what `make distclean` runs
+        assert not home.exists()
+
+
+@ROOT_ONLY
+async def test_a_state_directory_made_again_starts_afresh_and_gone_instances_homes_are_removed(
+    state_dir: Path,
+) -> None:
+    """`rm -rf var` then a new start at the same path: the old relocated data
+    (made for secrets that are gone) is not taken up again; and the home of
+    an instance whose state directory is gone is removed at any start."""
+    locked = state_dir / "locked"
+    locked.mkdir(mode=0o700)
+    inner, other = locked / "instance", locked / "other"
+    run_as = RunAs.resolve(EMBEDDED_ACCOUNT)
+    homes = []
+    for folder in (inner, other):
+        pg = EmbeddedPostgres(folder, run_as=run_as, server_options=FAST_PG)
+        await pg.start()
+        await pg.stop()
+        homes.append(embedded_home(folder, run_as))
+    try:
+        shutil.rmtree(inner)
+        shutil.rmtree(other)
+        inner.mkdir()
+        log = structlog.get_logger("test")
+        claim_home(inner, run_as, log)
+        assert not homes[0].exists()  # the deleted instance's data does not come back
+        assert not homes[1].exists()  # an instance that is gone leaves nothing
+        pg = EmbeddedPostgres(inner, run_as=run_as, server_options=FAST_PG)
+        await pg.start()
+        try:
+            conn = await asyncpg.connect(pg.dsn)  # the new secrets open the new cluster
+            await conn.close()
+        finally:
+            await pg.stop()
+    finally:
+        for home in homes:
+            shutil.rmtree(home, ignore_errors=True)
+        forget(inner)
 
 
 @ROOT_ONLY

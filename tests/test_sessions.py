@@ -71,7 +71,7 @@ async def test_a_users_sessions_and_their_index_share_one_cluster_slot(
     made = [await ask(sessions, SessionCreate(5, {})) for _ in range(3)]
     keys = [sessions.key_for(5, s.ref) for s in made] + [sessions.index(5)]
     assert len({key_slot(k.encode()) for k in keys}) == 1
-    assert sessions.unreplicated == 0  # on a cluster: each write reached a replica first
+    assert sessions.replicated.unreplicated == 0  # on a cluster: each write reached a replica first
     assert all(s.id is not None and s.id[:4] == made[0].id[:4] for s in made)
 
 

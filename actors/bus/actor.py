@@ -384,26 +384,12 @@ class Bus(RedisClientActor):
 
     def snapshot(self) -> dict[str, Any]:
         data = super().snapshot()
-        st = self.bus_stats
         data["bus"] = {
             "consumer": self.consumer,
             "inboxes": len(self.inboxes),
             "sharedInbox": self.settings.shared_inbox,
             "aclsManaged": self.registry.managed,
-            "read": st.read,
-            "acked": st.acked,
-            "dead": st.dead,
-            "retried": st.retried,
-            "claimed": st.claimed,
-            "publishedIn": st.published_in,
-            "trimmed": st.trimmed,
-            "overMaxLength": st.over_max_length,
-            "outages": st.outages,
-            "redisErrors": st.redis_errors,
-            "deadLost": st.dead_lost,
-            "untold": st.untold,
-            "pending": st.pending,
-            "lag": st.lag,
+            **self.bus_stats.document(),
         }
         return data
 

@@ -50,6 +50,25 @@ class BusStats:
     lag: int | None = None
     last_error: str = ""
 
+    def document(self) -> dict[str, Any]:
+        """The counters for /stats and /metrics."""
+        return {
+            "read": self.read,
+            "acked": self.acked,
+            "dead": self.dead,
+            "retried": self.retried,
+            "claimed": self.claimed,
+            "publishedIn": self.published_in,
+            "trimmed": self.trimmed,
+            "overMaxLength": self.over_max_length,
+            "outages": self.outages,
+            "redisErrors": self.redis_errors,
+            "deadLost": self.dead_lost,
+            "untold": self.untold,
+            "pending": self.pending,
+            "lag": self.lag,
+        }
+
 
 class Dead(msgspec.Struct, frozen=True):
     """An envelope that can never be handled: where it came from, and why."""

@@ -1,15 +1,9 @@
 """Embedded servers: PostgreSQL and Valkey as supervised child actors (DESIGN §10)."""
 
+from actors.embedded.account import EMBEDDED_ACCOUNT, RunAs, ensure_account
 from actors.embedded.binaries import find_postgres_bin_dir, find_valkey_server
-from actors.embedded.child import (
-    EMBEDDED_ACCOUNT,
-    ChildExited,
-    ChildServer,
-    RunAs,
-    ensure_account,
-    runtime_dir,
-    secret,
-)
+from actors.embedded.child import ChildExited, ChildServer, secret
+from actors.embedded.homes import claim_home, forget, runtime_dir
 from actors.embedded.postgres import EmbeddedPostgres, dsn_for
 from actors.embedded.valkey import EmbeddedValkey
 
@@ -20,10 +14,12 @@ __all__ = [
     "EmbeddedPostgres",
     "EmbeddedValkey",
     "RunAs",
+    "claim_home",
     "dsn_for",
     "ensure_account",
     "find_postgres_bin_dir",
     "find_valkey_server",
+    "forget",
     "runtime_dir",
     "secret",
 ]

@@ -15,20 +15,16 @@ from urllib.parse import quote
 
 import asyncpg
 
+from actors.embedded.account import RunAs
 from actors.embedded.binaries import find_postgres_bin_dir
-from actors.embedded.child import (
-    ChildServer,
-    RunAs,
-    adopt,
+from actors.embedded.child import ChildServer, adopt, pid_alive, secret, write_private
+from actors.embedded.homes import (
     embedded_home,
     ensure_reachable,
     make_private_dir,
-    pid_alive,
     prepare_home,
     reachable_install,
     runtime_dir,
-    secret,
-    write_private,
 )
 from actors.kernel import Health
 

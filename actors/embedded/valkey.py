@@ -19,20 +19,16 @@ from urllib.parse import quote
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from actors.embedded.account import RunAs
 from actors.embedded.binaries import find_valkey_server
-from actors.embedded.child import (
-    ChildServer,
-    RunAs,
-    adopt,
+from actors.embedded.child import ChildServer, adopt, pid_alive, secret, write_private
+from actors.embedded.homes import (
     embedded_home,
     ensure_reachable,
     make_private_dir,
-    pid_alive,
     prepare_home,
     reachable_install,
     runtime_dir,
-    secret,
-    write_private,
 )
 
 __all__ = ["DAEMON_USER", "EmbeddedValkey"]

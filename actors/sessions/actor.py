@@ -35,16 +35,12 @@ and index share one slot, so every script above stays atomic there too.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
 import secrets
 from typing import Any, ClassVar
 
 import msgspec
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import AskError, MovedError
 
 from actors.kernel import handles
 from actors.persistence import PersistenceRef
@@ -52,8 +48,6 @@ from actors.redis_link import (
     REDIS_FAILURES,
     RedisClientActor,
     RedisUnavailable,
-    connect_redis,
-    node_url,
 )
 from actors.sessions.messages import (
     Session,
@@ -69,6 +63,7 @@ from actors.sessions.messages import (
     SessionsUnavailable,
     SessionUpdate,
 )
+from actors.sessions.replicated import ReplicatedWrites
 from actors.sessions.scripts import (
     CREATE,
     DELETE,
@@ -125,8 +120,14 @@ class Sessions(RedisClientActor):
         self.space = "login" if kind == "login" else "session"
         self.settings = settings
         self._scripts: dict[str, Any] = {}
-        self._nodes: dict[tuple[str, int], aioredis.Redis] = {}  # one client per cluster primary
-        self.unreplicated = 0
+        self.replicated = ReplicatedWrites(
+            url,
+            redis_settings,
+            client=self._client,
+            name=f"{self.redis_client_name}-node",
+            wait_ms=lambda: self._wait_ms,
+            unavailable=self.unavailable,
+        )
         # Login records are signed under a key the persistence actor keeps;
         # None: this store's records are not signed (application sessions).
         self.signer = (
@@ -167,65 +168,13 @@ class Sessions(RedisClientActor):
     async def _call(self, script: str, keys: list[str], args: list[Any]) -> Any:
         try:
             if script in WRITES and self._wait_ms:
-                return await self._call_replicated(script, keys, args)
+                return await self.replicated.call(self._scripts[script].script, keys, args)
             return await self._scripts[script](keys=keys, args=args)
         except REDIS_FAILURES as exc:
             raise self._down(exc) from exc
 
-    async def _call_replicated(self, script: str, keys: list[str], args: list[Any]) -> Any:
-        """On a cluster: the script, then WAIT, in one pipeline on one
-        connection to the primary of the keys' slot, so the answer comes once
-        a replica has the write (or after ``redis.replica_wait``: such writes
-        are counted). A MOVED or ASK answer is followed to the node it names;
-        a node that cannot be reached makes the write fail (503), and the slot
-        map is read again for the next one."""
-        cluster = self._client()
-        assert isinstance(cluster, RedisCluster)
-        await cluster.initialize()  # (at once when it knows the slots already)
-        node = cluster.get_node_from_key(keys[0])
-        if node is None:
-            raise self.unavailable("no primary serves the keys' slot now")
-        where, asking = (node.host, int(node.port)), False
-        source = self._scripts[script].script
-        for _hop in range(3):
-            pipe = self._node_client(*where).pipeline(transaction=False)
-            if asking:
-                pipe.execute_command("ASKING")
-            pipe.execute_command("EVAL", source, len(keys), *keys, *args)
-            pipe.execute_command("WAIT", 1, self._wait_ms)
-            try:
-                *_asked, result, acked = await pipe.execute(raise_on_error=False)
-            except REDIS_FAILURES:
-                with contextlib.suppress(*REDIS_FAILURES):
-                    await cluster.nodes_manager.initialize()
-                raise
-            if isinstance(result, AskError):  # MovedError too: the slot is elsewhere
-                where, asking = result.node_addr, not isinstance(result, MovedError)
-                continue
-            if isinstance(result, Exception):
-                raise result
-            if isinstance(acked, Exception) or int(acked) < 1:
-                self.unreplicated += 1
-            return result
-        raise self.unavailable("the keys' slot kept moving; try again")
-
-    def _node_client(self, host: str, port: int) -> aioredis.Redis:
-        if (host, port) not in self._nodes:
-            # A node URL without +cluster: a plain client, one connection a pipeline.
-            made = connect_redis(
-                node_url(self.url, host, port),
-                name=f"{self.redis_client_name}-node",
-                timeout=self.redis_settings.connect_timeout,
-            )
-            assert isinstance(made, aioredis.Redis)
-            self._nodes[(host, port)] = made
-        return self._nodes[(host, port)]
-
     async def on_stop(self) -> None:
-        nodes, self._nodes = self._nodes, {}
-        for client in nodes.values():
-            with contextlib.suppress(*REDIS_FAILURES):
-                await client.aclose()
+        await self.replicated.close()
         await super().on_stop()
 
     def snapshot(self) -> dict[str, Any]:
@@ -233,7 +182,7 @@ class Sessions(RedisClientActor):
         if self.signer is not None:
             data["forged"] = self.signer.forged
         if self.cluster:
-            data["replication"] = {"unreplicatedWrites": self.unreplicated}
+            data["replication"] = {"unreplicatedWrites": self.replicated.unreplicated}
         return data
 
     @property

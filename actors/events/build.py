@@ -1,17 +1,5 @@
-"""The events the daemon sends (DESIGN §5), built here and nowhere else.
-
-Each event type is a typed struct: its ``data`` fields are always all there
-(null where there is nothing to say), whichever path made the change — the
-HTTP API, the agent bus, the CLI, the expiry sweeper. Events about commands
-and approvals go to ``{prefix}events`` and to the channel of their kind
-(``{prefix}commands``, ``{prefix}approvals``), in the envelope shape agents
-know; a refused envelope is told on its agent's replies channel. README's
-event table is generated from these structs (``python -m actors.events``),
-and a test keeps the two the same.
-
-Agents match events to what they asked for by ``requestId`` and ``sender``
-(requestIds are per sender: ``agent:<name>``, ``user:<name>``, ``inbox``).
-"""
+"""Every event the daemon sends is built here, from the rows as committed:
+one function per change, each filling every field of its event type."""
 
 from __future__ import annotations
 
@@ -19,29 +7,30 @@ import itertools
 import secrets
 import time
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING
 
 import msgspec
+
+from actors.events.kinds import (
+    ApprovalDecided,
+    ApprovalExpired,
+    ApprovalRequested,
+    ApprovalWarning,
+    CommandApproved,
+    CommandCreated,
+    CommandRejected,
+    CommandUpdated,
+    EnvelopeRefused,
+    Event,
+    EventData,
+    Published,
+)
 
 if TYPE_CHECKING:
     from actors.data.model import Approval, Command, CommandCreate
     from actors.data.repo import Ingested
 
 __all__ = [
-    "EVENT_TYPES",
-    "ApprovalDecided",
-    "ApprovalExpired",
-    "ApprovalRequested",
-    "ApprovalWarning",
-    "CommandApproved",
-    "CommandCreated",
-    "CommandRejected",
-    "CommandUpdated",
-    "EnvelopeRefused",
-    "Event",
-    "EventData",
-    "EventKind",
-    "Published",
     "approval_decided",
     "approval_requested",
     "approval_warning",
@@ -49,167 +38,13 @@ __all__ = [
     "command_decided",
     "command_ingested",
     "command_updated",
+    "now",
     "publish",
     "refusal",
-    "table",
 ]
 
-EventKind = Literal["commands", "approvals"]
 # The command a request belongs to, as agents know it: (requestId, sender).
 CommandRef = tuple[str, str] | None
-
-
-class EventData(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
-    """The ``data`` of one event type. ``TYPE`` is its ``type``, ``KIND`` the
-    channel it goes to beside ``{prefix}events``."""
-
-    TYPE: ClassVar[str]
-    KIND: ClassVar[EventKind]
-
-
-class Event(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
-    """An event in the envelope shape agents know."""
-
-    v: int = 1
-    id: str
-    type: str
-    source: str = "jarvisd"
-    ts: str
-    user_id: int | None = None
-    data: EventData
-
-
-Published = tuple[EventKind, Event]
-
-
-# -- approvals ---------------------------------------------------------------------------------
-class ApprovalRequested(EventData, frozen=True):
-    """A request waits for a person's decision."""
-
-    TYPE = "approval.requested"
-    KIND = "approvals"
-    approval_id: int
-    command_id: int | None
-    request_id: str | None
-    sender: str | None
-    action: str
-    description: str
-    risk_score: int
-    risk_category: str
-    expires_at: datetime
-
-
-class ApprovalWarning(EventData, frozen=True):
-    """A pending request is about to expire (once per request)."""
-
-    TYPE = "approval.warning"
-    KIND = "approvals"
-    approval_id: int
-    command_id: int | None
-    request_id: str | None
-    sender: str | None
-    action: str
-    risk_category: str
-    expires_at: datetime
-
-
-class ApprovalDecided(EventData, frozen=True):
-    """A request was approved, rejected or cancelled (``decision``); ``decidedBy``
-    is the decider's user id (null for the local admin), ``decider`` their name."""
-
-    TYPE = "approval.decided"
-    KIND = "approvals"
-    approval_id: int
-    command_id: int | None
-    request_id: str | None
-    sender: str | None
-    decision: str
-    decided_by: int | None
-    decider: str | None
-    reason: str | None
-
-
-class ApprovalExpired(ApprovalDecided, frozen=True):
-    """A request ran out of time: ``decision`` is expired, ``decider`` jarvisd."""
-
-    TYPE = "approval.expired"
-
-
-# -- commands ----------------------------------------------------------------------------------
-class CommandCreated(EventData, frozen=True):
-    """A command was recorded (``status`` approved, or awaiting_approval with its ``approvalId``)."""
-
-    TYPE = "command.created"
-    KIND = "commands"
-    command_id: int
-    request_id: str
-    sender: str
-    status: str
-    action: str
-    type: str
-    source: str
-    risk_score: int
-    risk_category: str
-    approval_id: int | None
-
-
-class CommandApproved(EventData, frozen=True):
-    """A person approved the command's request: the agent may run it."""
-
-    TYPE = "command.approved"
-    KIND = "commands"
-    command_id: int
-    request_id: str
-    sender: str
-    status: str
-    previous: str
-    approval_id: int | None
-
-
-class CommandRejected(CommandApproved, frozen=True):
-    """The command's request was rejected or expired (``status`` says which)."""
-
-    TYPE = "command.rejected"
-
-
-class CommandUpdated(EventData, frozen=True):
-    """Any other change of status: progress reports, cancellation."""
-
-    TYPE = "command.updated"
-    KIND = "commands"
-    command_id: int
-    request_id: str
-    sender: str
-    status: str
-    previous: str
-    error: str | None
-    duration_ms: int | None
-    approval_id: int | None
-
-
-class EnvelopeRefused(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
-    """An envelope of the agent's was refused (dead-lettered): why. Sent on
-    the agent's replies channel only, as it is (no event envelope)."""
-
-    TYPE: ClassVar[str] = "envelope.refused"
-    type: str = "envelope.refused"
-    id: str
-    entry: str
-    path: str
-    reason: str
-    at: str
-
-
-EVENT_TYPES: tuple[type[EventData], ...] = (
-    ApprovalRequested,
-    ApprovalWarning,
-    ApprovalDecided,
-    ApprovalExpired,
-    CommandCreated,
-    CommandApproved,
-    CommandRejected,
-    CommandUpdated,
-)
 
 # -- the envelope --------------------------------------------------------------------------------
 _last_ts: tuple[int, str] = (0, "")
@@ -396,35 +231,3 @@ def refusal(envelope_id: str, entry: str, path: str, reason: str) -> bytes:
             at=datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         )
     )
-
-
-# -- README's table ------------------------------------------------------------------------------
-def _fields(kind: type[msgspec.Struct], *, skip: str = "") -> str:
-    names = [f.encode_name for f in msgspec.structs.fields(kind) if f.encode_name != skip]
-    return ", ".join(f"`{n}`" for n in names)
-
-
-def _meaning(kind: type) -> str:
-    return " ".join((kind.__doc__ or "").split()).replace("``", "`")
-
-
-def table(prefix: str = "jarvis:") -> str:
-    """The Markdown table of every event, as README shows it."""
-    rows = ["| channel | type | when | data |", "|---|---|---|---|"]
-    for kind in EVENT_TYPES:
-        rows.append(
-            f"| `{prefix}{kind.KIND}` | `{kind.TYPE}` | {_meaning(kind)} | {_fields(kind)} |"
-        )
-    rows.append(
-        f"| `{prefix}inbox:NAME:replies` | `{EnvelopeRefused.TYPE}` | "
-        f"{_meaning(EnvelopeRefused)} | {_fields(EnvelopeRefused, skip='type')} |"
-    )
-    return "\n".join(rows) + "\n"
-
-
-def _main(argv: Any = None) -> None:
-    print(table(), end="")
-
-
-if __name__ == "__main__":
-    _main()
