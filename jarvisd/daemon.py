@@ -26,7 +26,7 @@ from typing import Any
 import structlog
 
 from actors import Escalation, FatalActorError, Supervisor
-from actors.embedded import claim_home
+from actors.embedded import remove_gone_homes
 from config import ConfigError, LoadedConfig, Settings, load_settings
 from jarvisd import __version__
 from jarvisd.build import build_actors
@@ -246,10 +246,6 @@ class Daemon:
             self.notifier.status(f"failed: {exc}")
             self.notifier.close()
             return EXIT_FAILURE
-        if self.actors.embedded:
-            # A relocated data home left by an instance that is gone (this
-            # state directory deleted and made again, say) goes first.
-            claim_home(Path(self.settings.daemon.state_dir), self.actors.embedded[0].run_as, log)
         if handle_signals:
             self.install_signal_handlers()
         interval = watchdog_interval()
@@ -258,6 +254,10 @@ class Daemon:
             self._spawn(watchdog.run(), "systemd.watchdog")
         code = EXIT_OK
         try:
+            if self.actors.embedded:
+                # A relocated data home left by an instance that is gone (this
+                # state directory deleted and made again, say) goes first.
+                remove_gone_homes(self.actors.embedded[0].run_as, log)
             self.notifier.status("starting")
             log.info(
                 "starting",

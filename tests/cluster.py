@@ -245,6 +245,16 @@ class LocalCluster:
             made = c.execute_command("CLUSTER", "MYID")
         return made.decode() if isinstance(made, bytes) else str(made)
 
+    def slots_of(self, port: int) -> list[int]:
+        """The slots the primary on ``port`` serves now."""
+        with self.client(self.alive()[0]) as c:
+            ranges: Any = c.execute_command("CLUSTER", "SLOTS")
+        out: list[int] = []
+        for first, last, primary, *_replicas in ranges:
+            if int(primary[1]) == port:
+                out += range(int(first), int(last) + 1)
+        return sorted(out)
+
     def primary_of_slot(self, slot: int) -> int:
         """The port of the primary serving ``slot`` now."""
         with self.client(self.alive()[0]) as c:

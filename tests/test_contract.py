@@ -262,7 +262,9 @@ async def test_a_redis_blip_while_an_envelope_is_in_hand_is_not_counted_as_a_del
 
 
 @pytest.mark.parametrize(
-    "overrides", [{"bus": {"block_ms": 2500}, "redis": {"connect_timeout": 1}}]
+    # An inbox to read (the shared one): with none, the bus has nothing to block on.
+    "overrides",
+    [{"bus": {"block_ms": 2500, "shared_inbox": True}, "redis": {"connect_timeout": 1}}],
 )
 async def test_a_block_longer_than_the_redis_timeout_reads_without_errors(api: Api) -> None:
     bus = api.r.daemon.actors.bus

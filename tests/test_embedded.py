@@ -30,11 +30,11 @@ from actors.embedded import (
 from actors.embedded.child import pid_alive
 from actors.embedded.homes import (
     SHARED_BIN_ROOT,
-    claim_home,
     embedded_home,
     ensure_reachable,
     forget,
     reachable_install,
+    remove_gone_homes,
 )
 from actors.embedded.postgres import install_layout
 from config import SupervisorSettings
@@ -255,7 +255,7 @@ async def test_a_state_directory_made_again_starts_afresh_and_gone_instances_hom
         shutil.rmtree(other)
         inner.mkdir()
         log = structlog.get_logger("test")
-        claim_home(inner, run_as, log)
+        remove_gone_homes(run_as, log)
         assert not homes[0].exists()  # the deleted instance's data does not come back
         assert not homes[1].exists()  # an instance that is gone leaves nothing
         pg = EmbeddedPostgres(inner, run_as=run_as, server_options=FAST_PG)

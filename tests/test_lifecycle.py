@@ -56,6 +56,8 @@ def test_the_instance_lock_names_who_holds_it_and_goes_with_its_process(tmp_path
     finally:
         child.kill()
         child.wait(10)
+        assert child.stdout is not None
+        child.stdout.close()
     InstanceLock.take(tmp_path).release()
 
 

@@ -195,11 +195,16 @@ class Cache(RedisClientActor):
         try:
             replies = await pipe.execute(raise_on_error=False)
         except REDIS_FAILURES as exc:
-            for i, _start, decode in plans:
-                if i < 0:
-                    decode([exc])
-                else:
-                    results[i] = self._unavailable(msgs[i], exc)
+            self._pipeline_failed(msgs, plans, results, exc)
+            return
+        except (AttributeError, TypeError) as exc:
+            if not self.cluster:
+                raise
+            # redis-py's cluster pipeline can fail this way while a node goes
+            # away (the connection is torn down under the write): Redis could
+            # not serve the batch, as in any outage.
+            self.log.warning("cache_pipeline_broken", error=repr(exc))
+            self._pipeline_failed(msgs, plans, results, exc)
             return
         elapsed = time.perf_counter() - started
         bounds = [start for _i, start, _d in plans] + [len(replies)]
@@ -214,6 +219,15 @@ class Cache(RedisClientActor):
                 results[i] = self._unavailable(msgs[i], error)
                 continue
             results[i] = decode(own)
+
+    def _pipeline_failed(
+        self, msgs: list[Any], plans: list[Plan], results: list[Any], exc: BaseException
+    ) -> None:
+        for i, _start, decode in plans:
+            if i < 0:
+                decode([exc])
+            else:
+                results[i] = self._unavailable(msgs[i], exc)
 
     def _queue_reads(
         self, pipe: Any, msgs: list[Any], reads: list[int], results: list[Any]

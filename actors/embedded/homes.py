@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import shutil
 import stat
 import sys
@@ -30,7 +31,6 @@ __all__ = [
     "SHARED_BIN_ROOT",
     "SHARED_DATA_ROOT",
     "blocking_dir",
-    "claim_home",
     "embedded_home",
     "ensure_reachable",
     "forget",
@@ -39,6 +39,7 @@ __all__ = [
     "prepare_home",
     "reachable_install",
     "remove_empty_roots",
+    "remove_gone_homes",
     "runtime_dir",
 ]
 
@@ -103,18 +104,32 @@ def prepare_home(state_dir: Path, who: RunAs, log: Any) -> Path:
 
 # -- whose a relocated home is, and removing it once its instance is gone -------------------
 _MARK = ".instance"
+# In the state directory: the instance's identity, which its relocated home
+# records (a folder made again at the same path is another instance; its
+# inode may well be the old one's).
+_ID = "embedded-data.id"
 
 
 class _Owner(msgspec.Struct, frozen=True, rename="camel"):
     state_dir: str
-    dev: int
-    ino: int
+    id: str
+    dev: int  # the state directory's file system
+
+
+def _instance_id(state_dir: Path) -> str | None:
+    try:
+        return (state_dir / _ID).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def _mark(home: Path, state_dir: Path) -> None:
-    st = state_dir.stat()
-    data = msgspec.json.encode(_Owner(str(state_dir.resolve()), st.st_dev, st.st_ino))
-    (home / _MARK).write_bytes(data)
+    ident = _instance_id(state_dir)
+    if ident is None:
+        ident = secrets.token_hex(16)
+        (state_dir / _ID).write_text(ident + "\n")
+    owner = _Owner(str(state_dir.resolve()), ident, state_dir.stat().st_dev)
+    (home / _MARK).write_bytes(msgspec.json.encode(owner))
 
 
 def _owner(home: Path) -> _Owner | None:
@@ -127,16 +142,14 @@ def _owner(home: Path) -> _Owner | None:
 def _gone(owner: _Owner) -> bool:
     """Whether the instance that made a home is gone: its state directory is
     no more (the folder above it is there, on the same file system: not a
-    file system that is only unmounted), or another folder now has its path."""
+    file system that is only unmounted), or another instance has its path."""
     path = Path(owner.state_dir)
+    if path.is_dir():
+        return _instance_id(path) != owner.id
     try:
-        st = path.stat()
-    except FileNotFoundError:
-        try:
-            return path.parent.stat().st_dev == owner.dev
-        except OSError:
-            return False
-    return (st.st_dev, st.st_ino) != (owner.dev, owner.ino)
+        return path.parent.stat().st_dev == owner.dev
+    except OSError:
+        return False
 
 
 def _running(home: Path) -> bool:
@@ -159,21 +172,18 @@ def _remove(home: Path, log: Any, why: str) -> None:
     log.warning("embedded_data_removed", data=str(home), reason=why)
 
 
-def claim_home(state_dir: Path, who: RunAs, log: Any) -> None:
+def remove_gone_homes(who: RunAs, log: Any) -> None:
     """At an instance's start (its lock held, no server of it started yet):
-    a relocated home that belongs to an instance that is gone is removed —
-    this one's, when its state directory was deleted and made again at the
-    same path (its servers start afresh, as its new secrets require), and
-    any other whose state directory is gone."""
+    each relocated home whose instance is gone is removed — this one's, when
+    its state directory was deleted and made again at the same path (its
+    servers start afresh, as its new secrets require), and any other whose
+    state directory is gone."""
     if who.is_self or not SHARED_DATA_ROOT.is_dir():
         return
-    mine = embedded_home(state_dir, who)
     for home in sorted(SHARED_DATA_ROOT.iterdir()):
         owner = _owner(home)
         if owner is None or _running(home):
             continue  # an older version's (no mark), or in use: left as it is
-        if home == mine and state_dir.exists() and not _gone(owner):
-            continue
         if _gone(owner):
             _remove(home, log, f"its instance ({owner.state_dir}) is gone")
     remove_empty_roots()

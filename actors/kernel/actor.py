@@ -304,6 +304,12 @@ class Actor:
         self._crash_task = asyncio.get_running_loop().create_task(
             self._after_crash(exc), name=f"{self.name}.crash"
         )
+        self._crash_task.add_done_callback(self._crash_handled)
+
+    def _crash_handled(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            # Not even a restart could be arranged: said, never silent.
+            self.log.critical("actor_crash_unhandled", error=repr(task.exception()))
 
     async def _after_crash(self, exc: BaseException) -> None:
         await self._halt(deadline=self.stop_hook_timeout)

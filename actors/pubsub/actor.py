@@ -196,6 +196,10 @@ class PubSub(RedisClientActor):
             with contextlib.suppress(*REDIS_FAILURES):
                 await client.nodes_manager.initialize()
         nodes = sorted(client.get_nodes(), key=lambda n: n.name)
+        left = self.ps_stats.node
+        if len(nodes) > 1:
+            # Never the node just given up on, whatever the cluster lists now.
+            nodes = [n for n in nodes if n.name != left] or nodes
         self._node_turn += 1
         node = nodes[self._node_turn % len(nodes)]
         self.ps_stats.node = node.name
