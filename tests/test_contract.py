@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import statistics
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -80,14 +81,17 @@ async def test_a_full_mailbox_is_answered_503_at_once_not_after_the_request_time
             for _ in range(asks)
         ]
         await eventually(lambda: _true(persistence.mailbox_depth == persistence.mailbox_size))
-        started = time.monotonic()
-        status, headers, problem = await api.call("GET", "/users/1", local=True)
-        elapsed = time.monotonic() - started
-        assert status == 503, problem
-        assert headers["Retry-After"] == "1"
-        assert "mailbox" in problem["detail"]
+        elapsed: list[float] = []
+        for _ in range(5):
+            started = time.monotonic()
+            status, headers, problem = await api.call("GET", "/users/1", local=True)
+            elapsed.append(time.monotonic() - started)
+            assert status == 503, problem
+            assert headers["Retry-After"] == "1"
+            assert "mailbox" in problem["detail"]
         # At once: request_timeout is 30 s; a wait for room would take that long.
-        assert elapsed < 0.5, elapsed
+        assert statistics.median(elapsed) < 0.05, elapsed
+        assert max(elapsed) < 0.5, elapsed
         await tx.rollback()
     finally:
         await lock.close()
