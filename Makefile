@@ -3,18 +3,25 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# Running needs the runtime and the embedded servers only; the dev tools
+# (pytest, ruff, mypy, schemathesis, ...) come with the first target that needs them.
+RUNTIME := $(VENV)/.installed-runtime
+STAMP   := $(VENV)/.installed
 
 .PHONY: run test check lint types fmt bench clean distclean
 
-$(STAMP): pyproject.toml
+$(RUNTIME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[embedded,hiredis]'
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
 	$(BIN)/python -m pip install --quiet -e '.[embedded,hiredis,dev]'
 	touch $(STAMP)
 
 ## run: start the daemon on the default embedded config (./jarvisd.toml)
-run: $(STAMP)
+run: $(RUNTIME)
 	$(BIN)/jarvisd run --config jarvisd.toml
 
 ## test: the whole test suite; servers are embedded unless JARVISD_TEST_* name external ones

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
+from config.explain import allowed_values, explain
 from config.settings import PATH_KEYS, SECRET_KEYS, Settings
 
 ENV_PREFIX = "JARVISD_"
@@ -101,7 +102,9 @@ def _check_value(
         return msgspec.convert(value, ftype, strict=not from_env)
     except msgspec.ValidationError as exc:
         problem, inside = _describe(exc)
-        issues.append(ConfigIssue(source, f"{section}.{key}{inside}", problem))
+        issues.append(
+            ConfigIssue(source, f"{section}.{key}{inside}", explain(problem, allowed_values(ftype)))
+        )
         return msgspec.UNSET
 
 

@@ -18,7 +18,8 @@ import structlog
 
 from config import ConfigError, LoadedConfig, redacted, to_toml
 from jarvisd import __version__
-from jarvisd.cli_common import load, redis_url, with_database
+from jarvisd.cli_common import NoConfig, Unreachable, load, reach, redis_url, with_database
+from jarvisd.cli_help import EXIT_CODES, Parser, finish
 from jarvisd.logs import configure
 
 EXIT_CONFIG = 2
@@ -98,27 +99,16 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 # -- health ----------------------------------------------------------------------
 async def probe_ready(loaded: LoadedConfig, timeout: float = 5.0) -> tuple[int, str]:
-    """GET /health/ready on the Unix socket if configured and present, else TCP."""
+    """GET /health/ready where the daemon listens (its Unix socket when there is one)."""
     import aiohttp
 
-    http = loaded.settings.http
-    connector: aiohttp.BaseConnector | None = None
-    if http.unix_socket and Path(http.unix_socket).exists():
-        connector = aiohttp.UnixConnector(path=http.unix_socket)
-        url = "http://localhost/health/ready?verbose"
-    else:
-        host = "127.0.0.1" if http.host in ("0.0.0.0", "") else http.host  # noqa: S104
-        host = (
-            "[::1]"
-            if host == "::"
-            else (f"[{host}]" if ":" in host and not host.startswith("[") else host)
-        )
-        url = f"http://{host}:{http.port}/health/ready?verbose"
+    from jarvisd.cli_common import client_session, daemon_endpoint
+
+    socket_path, base, _headers = daemon_endpoint(loaded, None)
     async with (
-        aiohttp.ClientSession(
-            connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)
-        ) as session,
-        session.get(url) as resp,
+        reach(socket_path, base),
+        client_session(socket_path, timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+        session.get(f"{base}/health/ready?verbose") as resp,
     ):
         return resp.status, await resp.text()
 
@@ -129,8 +119,11 @@ def cmd_health(args: argparse.Namespace) -> int:
     loaded = load(args)
     try:
         status, text = asyncio.run(probe_ready(loaded, args.timeout))
+    except Unreachable as exc:
+        print(f"not ready: {exc}", file=sys.stderr)
+        return 1
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        print(f"not ready: daemon unreachable ({type(exc).__name__}: {exc})", file=sys.stderr)
+        print(f"not ready: no answer in {args.timeout:g} s ({type(exc).__name__})", file=sys.stderr)
         return 1
     print(text, end="")
     return 0 if status == 200 else 1
@@ -146,11 +139,15 @@ def cmd_redis_cli(args: argparse.Namespace) -> int:  # noqa: RET503 - execv does
     from actors.redis_link import cluster_seeds, is_cluster
 
     loaded = load(args)
+    url = args.url or redis_url(loaded)
+    down = _redis_down(url)
+    if down:
+        print(f"jarvisd redis-cli: {down}", file=sys.stderr)
+        return 1
     binary = find_valkey_cli()
     if binary is None:
         print("jarvisd redis-cli: no valkey-cli or redis-cli found", file=sys.stderr)
         return 1
-    url = args.url or redis_url(loaded)
     if is_cluster(url, loaded.settings.redis):  # -c: follow the cluster's redirections
         where = ["-c", "-u", cluster_seeds(url)[0] if "+cluster" in url else url]
     elif url.startswith("unix://"):
@@ -166,13 +163,50 @@ def cmd_redis_cli(args: argparse.Namespace) -> int:  # noqa: RET503 - execv does
     os.execv(argv[0], argv)  # noqa: S606 - the CLI's own binary, an argument list
 
 
+def _redis_down(url: str) -> str | None:
+    """Why nothing answers at ``url`` (a socket connect, no Redis command),
+    with the next step; None when something listens."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from actors.redis_link import cluster_seeds
+    from jarvisd.cli_common import START_HINT
+
+    parts = urlsplit(url)
+    try:
+        if parts.scheme == "unix":
+            if not Path(parts.path).exists():
+                return f"no Redis socket at {parts.path}: the embedded Valkey runs with the daemon; {START_HINT}"
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(2)
+                sock.connect(parts.path)
+        else:
+            seed = urlsplit(cluster_seeds(url)[0] if "+cluster" in url else url)
+            socket.create_connection((seed.hostname or "127.0.0.1", seed.port or 6379), 2).close()
+    except OSError as exc:
+        return f"nothing answers at {without_password(url)} ({exc.strerror or exc}): {START_HINT}"
+    return None
+
+
+def without_password(url: str) -> str:
+    from actors.agents import without_credentials
+
+    return without_credentials(url)
+
+
 def cmd_redis_url(args: argparse.Namespace) -> int:
     """Where the daemon's Redis is (the embedded server's Unix socket, or
     redis.url), without the daemon's own credentials: agents get URLs of
-    their own from ``jarvisd agent add``."""
-    from actors.agents import without_credentials
-
-    print(without_credentials(redis_url(load(args))))
+    their own from ``jarvisd agent add``. Exit 1 when the embedded server's
+    socket is not there (no daemon runs)."""
+    loaded = load(args)
+    url = redis_url(loaded)
+    if loaded.settings.embedded_redis:
+        down = _redis_down(url)
+        if down:
+            print(f"jarvisd redis-url: {down}", file=sys.stderr)
+            return 1
+    print(without_password(url))
     print(
         "agents: 'jarvisd agent add NAME' gives each agent a Redis URL with credentials of its own",
         file=sys.stderr,
@@ -210,19 +244,62 @@ def cmd_version(_args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write the embedded default configuration (refuses to replace a file)."""
+    from config.template import default_toml
+
+    target = Path(args.config or "jarvisd.toml")
+    if target.exists() and not args.force:
+        print(f"jarvisd init: {target} exists (--force replaces it)", file=sys.stderr)
+        return 1
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(default_toml(args.state_dir, args.port))
+    print(f"wrote {target}: embedded PostgreSQL and Valkey under {args.state_dir}")
+    here = "" if target.resolve().parent == Path.cwd() else f" --config {target}"
+    print(f"next: jarvisd{here} run", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jarvisd", description="jarvisd: the Jarvis state daemon")
+    parser = Parser(
+        prog="jarvisd",
+        description="jarvisd: the Jarvis state daemon and its command line.",
+        epilog=EXIT_CODES,
+    )
+    parser.add_argument("--version", action="version", version=f"jarvisd {__version__}")
+    config_help = (
+        "config file (default: $JARVISD_CONFIG, ./jarvisd.toml, /etc/jarvisd/jarvisd.toml)"
+    )
+    parser.add_argument("--config", "-c", metavar="PATH", help=config_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        # Before or after the command: SUPPRESS keeps a value given before.
         p.add_argument(
-            "--config",
-            "-c",
-            metavar="PATH",
-            help="config file (default: $JARVISD_CONFIG, ./jarvisd.toml, /etc/jarvisd/jarvisd.toml)",
+            "--config", "-c", metavar="PATH", default=argparse.SUPPRESS, help=config_help
         )
         return p
 
+    init = with_config(
+        sub.add_parser(
+            "init",
+            help="write a configuration that runs embedded PostgreSQL and Valkey",
+            description="Writes ./jarvisd.toml (or --config PATH): embedded PostgreSQL and "
+            "Valkey with their data under the state directory, the API on 127.0.0.1. "
+            "Relative paths in it resolve against the file's folder.",
+        )
+    )
+    init.add_argument(
+        "--state-dir",
+        default="var",
+        metavar="DIR",
+        help="where the daemon keeps its data, relative to the file (default var)",
+    )
+    init.add_argument(
+        "--port", type=int, default=8017, help="the API's TCP port on 127.0.0.1 (default 8017)"
+    )
+    init.add_argument("--force", action="store_true", help="replace an existing file")
+    init.set_defaults(func=cmd_init)
     with_config(sub.add_parser("run", help="run the daemon")).set_defaults(func=cmd_run)
     with_config(
         sub.add_parser("check-config", help="validate the config and print the effective one")
@@ -273,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_pubsub.add_parsers(sub, with_config)
     cli_approvals.add_parsers(sub, with_config)
     cli_agents.add_parsers(sub, with_config)
+    finish(parser)
     return parser
 
 
@@ -280,6 +358,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
+    except NoConfig as err:
+        print(f"jarvisd: {err}", file=sys.stderr)
+        if err.named:
+            _print_config_errors(err.err)
+        return EXIT_CONFIG
     except ConfigError as err:
         _print_config_errors(err)
         return EXIT_CONFIG

@@ -100,5 +100,5 @@ def add_parsers(
             "revoke", help="revoke an agent's Redis credentials (closes its connections)"
         )
     )
-    revoke.add_argument("name")
+    revoke.add_argument("name", help="the agent's name")
     revoke.set_defaults(func=cmd_revoke)

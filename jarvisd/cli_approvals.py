@@ -115,7 +115,7 @@ def add_parsers(
     fmt.add_argument("-q", "--quiet", action="store_true", help="print the ids alone")
     ls.set_defaults(func=cmd_list)
     show = common(approvals.add_parser("show", help="print one request as JSON"))
-    show.add_argument("id", type=int)
+    show.add_argument("id", type=int, help="the request's id (jarvisd approvals list shows them)")
     show.add_argument(
         "--wait",
         type=int,
@@ -125,10 +125,10 @@ def add_parsers(
     )
     show.set_defaults(func=cmd_show)
     approve = common(approvals.add_parser("approve", help="approve a pending request"))
-    approve.add_argument("id", type=int)
+    approve.add_argument("id", type=int, help="the request's id")
     approve.add_argument("--reason", help="an optional note kept with the decision")
     approve.set_defaults(func=_decide("approve"))
     reject = common(approvals.add_parser("reject", help="reject a pending request"))
-    reject.add_argument("id", type=int)
+    reject.add_argument("id", type=int, help="the request's id")
     reject.add_argument("--reason", required=True, help="why (required)")
     reject.set_defaults(func=_decide("reject"))

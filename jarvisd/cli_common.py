@@ -12,15 +12,21 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from config import LoadedConfig, load_settings
+from config import ConfigError, LoadedConfig, load_settings
+from config.loader import DEFAULT_SYSTEM_CONFIG, default_config_path
 
 __all__ = [
+    "START_HINT",
+    "NoConfig",
     "Refused",
+    "Unreachable",
     "call_daemon",
     "client_session",
     "daemon_endpoint",
     "database_dsn",
     "load",
+    "reach",
+    "recorded_addresses",
     "redis_url",
     "run_call",
     "tell_daemons",
@@ -29,8 +35,34 @@ __all__ = [
 ]
 
 
+class NoConfig(Exception):
+    """No configuration file was found and the environment does not make a
+    complete one: say where jarvisd looked and how to make one."""
+
+    def __init__(self, err: ConfigError) -> None:
+        self.err = err
+        local = Path.cwd() / "jarvisd.toml"
+        self.named = named = sorted(k for k in os.environ if k.startswith("JARVISD_") and "__" in k)
+        super().__init__(
+            f"no configuration found (looked for {local} and {DEFAULT_SYSTEM_CONFIG})\n"
+            "  jarvisd init                 writes ./jarvisd.toml: embedded PostgreSQL and "
+            "Valkey under ./var\n"
+            "  jarvisd --config PATH ...    names one (or JARVISD_CONFIG=PATH)"
+            + (f"\nthe environment names {', '.join(named)}, which is not enough:" if named else "")
+        )
+
+
 def load(args: argparse.Namespace) -> LoadedConfig:
-    return load_settings(Path(args.config) if args.config else None)
+    """The configuration ``--config`` names, else the default one; NoConfig
+    when there is none and the environment does not make one."""
+    path = Path(args.config) if getattr(args, "config", None) else None
+    try:
+        return load_settings(path)
+    except ConfigError as err:
+        explicit = path is not None or os.environ.get("JARVISD_CONFIG")
+        if not explicit and not default_config_path().exists():
+            raise NoConfig(err) from err
+        raise
 
 
 @contextlib.asynccontextmanager
@@ -113,16 +145,39 @@ async def tell_daemons(loaded: LoadedConfig, what: Any) -> None:
         await client.aclose()
 
 
+def recorded_addresses(state_dir: Path) -> list[str]:
+    """Where the daemon on ``state_dir`` said it listens (its instance lock
+    file): the sockets systemd passed it, or a port set by a variable, which
+    the config file does not know."""
+    from jarvisd.instance import LOCK_FILE
+
+    try:
+        lines = (state_dir / LOCK_FILE).read_text().splitlines()
+    except (OSError, UnicodeError):
+        return []
+    return lines[2].split() if len(lines) > 2 else []
+
+
 def daemon_endpoint(
     loaded: LoadedConfig, token: str | None
 ) -> tuple[str | None, str, dict[str, str]]:
-    """(Unix socket or None, base URL, headers) of the running daemon: its
-    Unix socket (the local admin, by peer credentials) unless a token is
-    given, else its TCP port with the token."""
+    """(Unix socket or None, base URL, headers) of the running daemon: a Unix
+    socket (the local admin, by peer credentials) unless a token is given,
+    else a TCP port with the token. Where the daemon recorded its addresses
+    those come first, then the configuration's."""
     http = loaded.settings.http
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    if http.unix_socket and Path(http.unix_socket).exists() and not token:
-        return http.unix_socket, "http://localhost", headers
+    recorded = recorded_addresses(Path(loaded.settings.daemon.state_dir))
+    sockets = [a.removeprefix("http://unix:").rstrip(":") for a in recorded if "unix:" in a]
+    if http.unix_socket:
+        sockets.append(http.unix_socket)
+    if not token:
+        for path in sockets:
+            if Path(path).exists():
+                return path, "http://localhost", headers
+    tcp = [a for a in recorded if a.startswith("http://") and "unix:" not in a]
+    if tcp:
+        return None, tcp[0].replace("http://0.0.0.0:", "http://127.0.0.1:"), headers
     host = "127.0.0.1" if http.host in ("0.0.0.0", "", "::") else http.host  # noqa: S104
     host = f"[{host}]" if ":" in host else host
     return None, f"http://{host}:{http.port}", headers
@@ -142,13 +197,43 @@ class Refused(Exception):
     """The daemon answered with an error status."""
 
 
+START_HINT = "start it with `jarvisd run` (`make run` in a checkout, `systemctl start jarvisd` under systemd)"
+
+
+class Unreachable(Exception):
+    """No daemon answers where the configuration says it listens."""
+
+    def __init__(self, where: str, exc: BaseException) -> None:
+        reason = (
+            type(exc).__name__ if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
+        )
+        super().__init__(f"no daemon answers on {where} ({reason}): {START_HINT}")
+
+
+def where(socket_path: str | None, base: str) -> str:
+    return socket_path or base
+
+
+@contextlib.asynccontextmanager
+async def reach(socket_path: str | None, base: str) -> AsyncIterator[None]:
+    """Turn a failure to connect into Unreachable, naming where."""
+    try:
+        yield
+    except aiohttp.ClientConnectorError as exc:
+        raise Unreachable(where(socket_path, base), exc.os_error) from exc
+    except (aiohttp.ServerDisconnectedError, ConnectionError, FileNotFoundError) as exc:
+        raise Unreachable(where(socket_path, base), exc) from exc
+
+
 async def call_daemon(
     args: argparse.Namespace, method: str, path: str, body: Any = None, timeout: float = 15
 ) -> Any:
     """One call to the running daemon's API (its Unix socket as the local
-    admin, or its TCP port with ``--token``); the answer's JSON, or Refused."""
+    admin, or its TCP port with ``--token``); the answer's JSON, Refused, or
+    Unreachable."""
     socket_path, base, headers = daemon_endpoint(load(args), token_from(args))
     async with (
+        reach(socket_path, base),
         client_session(socket_path, timeout=aiohttp.ClientTimeout(total=timeout)) as s,
         s.request(method, base + path, json=body, headers=headers) as resp,
     ):
@@ -167,9 +252,12 @@ def run_call(name: str, work: Any) -> int:
 
     try:
         return int(asyncio.run(work()))
-    except Refused as exc:
+    except (Refused, Unreachable) as exc:
         print(f"jarvisd {name}: {exc}", file=sys.stderr)
         return 1
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        print(f"jarvisd {name}: daemon unreachable ({type(exc).__name__}: {exc})", file=sys.stderr)
+        print(
+            f"jarvisd {name}: the daemon did not answer ({type(exc).__name__}: {exc})",
+            file=sys.stderr,
+        )
         return 1

@@ -14,6 +14,7 @@ import contextlib
 import getpass
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -78,6 +79,20 @@ def _run(args: argparse.Namespace, work: Callable[[Persistence], Awaitable[int]]
         return 1
 
 
+async def _all_users(actor: Persistence) -> AsyncIterator[User]:
+    """Every user, page by page."""
+    cursor = ""
+    while True:
+        query = parse_list(USERS, {"limit": ["200"], "cursor": [cursor]})
+        page = await actor.ask(m.ListUsers(query=query), timeout=30)
+        assert isinstance(page, Page)  # as_json is off: a page of User
+        for user in page.items:
+            yield user
+        if not page.next_cursor:
+            return
+        cursor = page.next_cursor
+
+
 async def _user(actor: Persistence, name: str) -> User:
     user: User = await actor.ask(m.GetUserByName(username=name), timeout=30)
     return user
@@ -104,11 +119,8 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 def cmd_user_list(args: argparse.Namespace) -> int:
     async def work(actor: Persistence) -> int:
-        lq = parse_list(USERS, {"limit": ["200"]})
-        page = await actor.ask(m.ListUsers(query=lq), timeout=30)
-        assert isinstance(page, Page)  # as_json is off: a page of User
         print(f"{'ID':>6}  {'USERNAME':<24} {'ROLE':<9} {'STATE':<9} EMAIL")
-        for u in page.items:
+        async for u in _all_users(actor):
             state = "disabled" if u.disabled else "enabled"
             print(f"{u.id:>6}  {u.username:<24} {u.role:<9} {state:<9} {u.email or ''}")
         return 0
@@ -171,6 +183,32 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return _run(args, work)
 
 
+def _when(moment: Any) -> str:
+    return "-" if moment is None else moment.strftime("%Y-%m-%d %H:%M")
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    async def work(actor: Persistence) -> int:
+        users = (
+            [await _user(actor, args.user)] if args.user else [u async for u in _all_users(actor)]
+        )
+        print(
+            f"{'ID':>6}  {'USER':<20} {'NAME':<16} {'PREFIX':<12} "
+            f"{'CREATED':<16}  {'LAST USED':<16}  STATE"
+        )
+        for user in users:
+            for t in await actor.ask(m.ListTokens(user_id=user.id), timeout=30):
+                expired = t.expires_at is not None and t.expires_at < datetime.now(UTC)
+                state = "revoked" if t.revoked_at else "expired" if expired else "live"
+                print(
+                    f"{t.id:>6}  {user.username:<20} {t.name:<16} {t.prefix + '...':<12} "
+                    f"{_when(t.created_at):<16}  {_when(t.last_used_at):<16}  {state}"
+                )
+        return 0
+
+    return _run(args, work)
+
+
 def cmd_token_revoke(args: argparse.Namespace) -> int:
     async def work(actor: Persistence) -> int:
         token = await actor.ask(m.RevokeToken(token_id=args.id), timeout=30)
@@ -198,21 +236,34 @@ def add_parsers(
         dest="user_command", required=True, metavar="ACTION"
     )
     add = with_config(user.add_parser("add", help="create a user"))
-    add.add_argument("name")
-    add.add_argument("--role", default="user", choices=["admin", "approver", "user", "agent"])
-    add.add_argument("--email")
+    add.add_argument("name", help="the user name (letters, digits, . _ -)")
     add.add_argument(
-        "--password-stdin", action="store_true", help="read the password from standard input"
+        "--role",
+        required=True,
+        choices=["admin", "approver", "user", "agent"],
+        help="admin: everything; approver: decides approvals; user: its own commands; "
+        "agent: sends commands (jarvisd agent add gives it Redis credentials)",
+    )
+    add.add_argument("--email", help="an address kept with the user (optional)")
+    add.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from standard input (without it and on a terminal: "
+        "prompted; else the user has no password and logs in by token only)",
     )
     add.set_defaults(func=cmd_user_add)
     with_config(user.add_parser("list", help="list users")).set_defaults(func=cmd_user_list)
     passwd = with_config(user.add_parser("passwd", help="set a user's password"))
-    passwd.add_argument("name")
-    passwd.add_argument("--password-stdin", action="store_true")
+    passwd.add_argument("name", help="the user name")
+    passwd.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from standard input (default: prompted on a terminal)",
+    )
     passwd.set_defaults(func=cmd_user_passwd)
     disable = with_config(user.add_parser("disable", help="disable a user (--enable to undo)"))
-    disable.add_argument("name")
-    disable.add_argument("--enable", action="store_true")
+    disable.add_argument("name", help="the user name")
+    disable.add_argument("--enable", action="store_true", help="enable the user again instead")
     disable.set_defaults(func=cmd_user_disable)
 
     token = sub.add_parser("token", help="manage API tokens").add_subparsers(
@@ -221,11 +272,20 @@ def add_parsers(
     create = with_config(
         token.add_parser("create", help="create a token; prints it alone on stdout")
     )
-    create.add_argument("--user", required=True)
-    create.add_argument("--name", default="cli")
+    create.add_argument("--user", required=True, help="the user the token acts as")
+    create.add_argument(
+        "--name", default="cli", help="a label that says where it is used (default cli)"
+    )
     create.set_defaults(func=cmd_token_create)
-    revoke = with_config(token.add_parser("revoke", help="revoke a token by id"))
-    revoke.add_argument("id", type=int)
+    ls = with_config(
+        token.add_parser("list", help="list tokens: id, user, label, prefix, last use, state")
+    )
+    ls.add_argument("--user", help="only this user's tokens (default: every user's)")
+    ls.set_defaults(func=cmd_token_list)
+    revoke = with_config(
+        token.add_parser("revoke", help="revoke a token by id (jarvisd token list shows ids)")
+    )
+    revoke.add_argument("id", type=int, help="the token's id")
     revoke.set_defaults(func=cmd_token_revoke)
 
     logins = sub.add_parser("logins", help="login sessions").add_subparsers(

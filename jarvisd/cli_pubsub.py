@@ -3,14 +3,14 @@ the running daemon's API (the same rules as POST /publish and /ws).
 
 The daemon is reached on its Unix socket when there is one (the local admin,
 by peer credentials), else on its TCP port with ``--token`` or
-``$JARVISD_TOKEN``. ``subscribe`` prints one JSON object per line, flushed, and
-exits 0 on Ctrl-C, 1 if the daemon goes away.
+``$JARVISD_TOKEN``. ``publish`` prints how many received the message.
+``subscribe`` says on stderr what it subscribed to, prints one JSON object per
+line on stdout, flushed, and exits 0 on Ctrl-C, 1 if the daemon goes away.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Callable
@@ -18,7 +18,7 @@ from typing import Any
 
 import aiohttp
 
-from jarvisd.cli_common import client_session, daemon_endpoint, load, token_from
+from jarvisd.cli_common import client_session, daemon_endpoint, load, reach, run_call, token_from
 
 __all__ = ["add_parsers"]
 
@@ -33,6 +33,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with (
+            reach(socket_path, base),
             client_session(socket_path, timeout=aiohttp.ClientTimeout(total=15)) as s,
             s.post(
                 f"{base}/publish",
@@ -46,14 +47,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
                     f"jarvisd publish: {resp.status}: {body.get('detail', body)}", file=sys.stderr
                 )
                 return 1
-            print(body["receivers"])
+            n = body["receivers"]
+            print(f"published on {args.channel}: {n} receiver{'' if n == 1 else 's'}")
             return 0
 
-    try:
-        return asyncio.run(run())
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        print(f"jarvisd publish: daemon unreachable ({type(exc).__name__}: {exc})", file=sys.stderr)
-        return 1
+    return run_call("publish", run)
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
@@ -61,6 +59,7 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with (
+            reach(socket_path, base),
             client_session(socket_path) as s,
             s.ws_connect(f"{base}/ws", headers=headers, heartbeat=30) as ws,
         ):
@@ -77,7 +76,10 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
                         file=sys.stderr,
                     )
                     return 1
-                if doc.get("type") in ("message", "subscription.gap"):
+                if doc.get("type") == "subscribed":
+                    names = [*doc.get("channels", []), *doc.get("patterns", [])]
+                    print(f"subscribed to {', '.join(names)} (Ctrl-C stops)", file=sys.stderr)
+                elif doc.get("type") in ("message", "subscription.gap"):
                     sys.stdout.write(json.dumps(doc) + "\n")
                     sys.stdout.flush()
             reason = ws.close_code
@@ -87,28 +89,23 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
             return 1
 
     try:
-        return asyncio.run(run())
+        return run_call("subscribe", run)
     except KeyboardInterrupt:
         return 0
-    except (aiohttp.ClientError, OSError) as exc:
-        print(
-            f"jarvisd subscribe: daemon unreachable ({type(exc).__name__}: {exc})", file=sys.stderr
-        )
-        return 1
 
 
 def add_parsers(
     sub: Any, with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 ) -> None:
     pub = with_config(sub.add_parser("publish", help="publish a JSON message on a channel"))
-    pub.add_argument("channel")
+    pub.add_argument("channel", help="the channel (see pubsub.channels for the allowed ones)")
     pub.add_argument("message", help='a JSON value, e.g. \'{"event": "login"}\'')
     pub.add_argument("--token", help="API token (default $JARVISD_TOKEN; none: the Unix socket)")
     pub.set_defaults(func=cmd_publish)
     s = with_config(
         sub.add_parser("subscribe", help="print messages of channels, one JSON per line")
     )
-    s.add_argument("channels", nargs="*", metavar="CHANNEL")
+    s.add_argument("channels", nargs="*", metavar="CHANNEL", help="channels to subscribe to")
     s.add_argument("--pattern", action="append", metavar="GLOB", help="a pattern too (repeatable)")
     s.add_argument("--token", help="API token (default $JARVISD_TOKEN; none: the Unix socket)")
     s.set_defaults(func=cmd_subscribe)

@@ -29,6 +29,7 @@ from actors import Escalation, FatalActorError, Supervisor
 from actors.embedded import remove_gone_homes
 from config import ConfigError, LoadedConfig, Settings, load_settings
 from jarvisd import __version__
+from jarvisd.banner import announce_ready
 from jarvisd.build import build_actors
 from jarvisd.http.health import readiness
 from jarvisd.http.server import HttpServer
@@ -328,7 +329,22 @@ class Daemon:
             self.notifier.ready(self._status_line())
             self._spawn(self._report_status(), "daemon.status")
             log.info(
-                "ready", seconds=round(time.monotonic() - started, 3), listening=self.http.addresses
+                "listening",
+                seconds=round(time.monotonic() - started, 3),
+                addresses=self.http.addresses,
+            )
+            self._spawn(
+                announce_ready(
+                    lambda: readiness(self.runtime)["status"] != "fail",
+                    started,
+                    lambda: {
+                        "version": __version__,
+                        "addresses": self.http.addresses,
+                        "state_dir": Path(self.settings.daemon.state_dir),
+                        "config": self.loaded.path,
+                    },
+                ),
+                "daemon.announce",
             )
             await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
             if self.stop_requested.is_set():

@@ -27,7 +27,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from actors.redis_link import RedisClient, connect_redis
 from config import LoadedConfig
 from tests.servers import SINGLE_AND_CLUSTER, delete_acl_users, redis_url_for, unlink_prefix
-from tests.test_api import Api
+from tests.test_api import Api, serve_api
 from tests.test_bus import eventually
 from tests.test_http import start_daemon
 
@@ -52,15 +52,8 @@ async def api(
     make_config: Callable[..., LoadedConfig], bus_overrides: dict[str, Any]
 ) -> AsyncIterator[Api]:
     loaded = make_config(bus={**FAST, **bus_overrides})
-    async for running in start_daemon(loaded):
-        await running.wait_ready()
-        path = loaded.settings.http.unix_socket
-        assert path is not None
-        client = Api(running, path)
-        try:
-            yield client
-        finally:
-            await client.unix.close()
+    async for client in serve_api(loaded):
+        yield client
 
 
 @pytest.fixture

@@ -67,18 +67,22 @@ class Api:
         return user["id"], created["token"]
 
 
-@pytest.fixture
-async def api(make_config: Callable[..., LoadedConfig]) -> AsyncIterator[Api]:
-    loaded = make_config()
+async def serve_api(loaded: LoadedConfig) -> AsyncIterator[Api]:
+    """A daemon on ``loaded``, ready, and a client of its API."""
     async for running in start_daemon(loaded):
         await running.wait_ready()
-        path = loaded.settings.http.unix_socket
-        assert path is not None
-        client = Api(running, path)
+        client = Api(running, str(loaded.settings.http.unix_socket))
         try:
             yield client
         finally:
             await client.unix.close()
+
+
+@pytest.fixture
+async def api(make_config: Callable[..., LoadedConfig]) -> AsyncIterator[Api]:
+    loaded = make_config()
+    async for client in serve_api(loaded):
+        yield client
 
 
 # -- authentication ------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 
 from config import LoadedConfig, load_settings
 from tests.servers import Servers
-from tests.test_api import Api
+from tests.test_api import Api, serve_api
 from tests.test_bus import BUS, requested, status
 from tests.test_config import run_cli
 from tests.test_http import start_daemon
@@ -35,15 +35,8 @@ async def api(
     loaded = make_config(
         bus=BUS, approvals={"default_score": 0, "sweep_interval": 0.2, **approval_overrides}
     )
-    async for running in start_daemon(loaded):
-        await running.wait_ready()
-        path = loaded.settings.http.unix_socket
-        assert path is not None
-        client = Api(running, path)
-        try:
-            yield client
-        finally:
-            await client.unix.close()
+    async for client in serve_api(loaded):
+        yield client
 
 
 class Events:

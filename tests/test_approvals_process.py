@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -99,7 +102,7 @@ async def test_a_person_lists_shows_approves_and_rejects_from_the_shell(
     try:
         d.wait_ready(30)
         env = {**env, "JARVISD_HTTP__PORT": str(d.port)}
-        assert cli(folder, env, "user", "add", "asker").returncode == 0
+        assert cli(folder, env, "user", "add", "asker", "--role", "user").returncode == 0
         assert cli(folder, env, "user", "add", "ann", "--role", "approver").returncode == 0
         asker = cli(folder, env, "token", "create", "--user", "asker").stdout.strip()
         ann = cli(folder, env, "token", "create", "--user", "ann").stdout.strip()
@@ -143,11 +146,42 @@ async def test_a_person_lists_shows_approves_and_rejects_from_the_shell(
         ]
         missing = cli(folder, env, "approvals", "show", "999999")
         assert (missing.returncode, "404" in missing.stderr) == (1, True)
+        await _publish_and_subscribe(folder, env)
     finally:
         if d.proc.poll() is None:
             d.proc.send_signal(signal.SIGTERM)
             d.proc.wait(30)
         d.stop()
+
+
+async def _publish_and_subscribe(folder: Path, env: dict[str, str]) -> None:
+    """`subscribe` says on stderr what it listens to, `publish` how many got it."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("JARVISD_")}
+    with subprocess.Popen(
+        [sys.executable, "-m", "jarvisd", "subscribe", "user_activity"],
+        cwd=folder,
+        env={**base, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as sub:
+        try:
+            assert sub.stderr is not None
+            assert sub.stdout is not None
+            line = await asyncio.wait_for(asyncio.to_thread(sub.stderr.readline), 30)
+            assert line == "subscribed to user_activity (Ctrl-C stops)\n"
+            published = cli(folder, env, "publish", "user_activity", '{"hello": 1}')
+            assert published.returncode == 0, published.stderr
+            assert published.stdout == "published on user_activity: 1 receiver\n"
+            got = json.loads(await asyncio.wait_for(asyncio.to_thread(sub.stdout.readline), 30))
+            assert (got["type"], got["channel"], got["data"]) == (
+                "message",
+                "user_activity",
+                {"hello": 1},
+            )
+        finally:
+            sub.send_signal(signal.SIGINT)
+            assert sub.wait(30) == 0
 
 
 async def _post(port: int, token: str, body: dict[str, Any]) -> dict[str, Any]:

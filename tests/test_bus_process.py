@@ -220,7 +220,15 @@ async def test_a_user_disabled_with_the_cli_is_refused_by_another_daemon_within_
         a.wait_ready(30)
         b.wait_ready(30)
         made = cli(
-            folders[0], env, "user", "add", "leaving", "--password-stdin", stdin="a long password\n"
+            folders[0],
+            env,
+            "user",
+            "add",
+            "leaving",
+            "--role",
+            "user",
+            "--password-stdin",
+            stdin="a long password\n",
         )
         assert made.returncode == 0, made.stderr
         async with aiohttp.ClientSession() as s:

@@ -61,7 +61,7 @@ async def test_user_add_list_passwd_and_disable(config: Path, pg_dsn: str) -> No
     assert stored is not None
     assert stored["role"] == "admin"
     assert verify_password("first password", stored["password_hash"])
-    again = jarvisd(config, "user", "add", "OPS")
+    again = jarvisd(config, "user", "add", "OPS", "--role", "user")
     assert again.returncode == 1
     assert "taken" in again.stderr
     listed = jarvisd(config, "user", "list")
@@ -107,3 +107,32 @@ async def test_token_create_prints_the_token_alone_and_revoke_ends_it(
     assert after["revoked_at"] is not None
     assert jarvisd(config, "token", "create", "--user", "nobody-here").returncode == 1
     assert jarvisd(config, "token", "revoke", "999999").returncode == 1
+
+
+async def test_token_list_shows_the_ids_revoke_needs(config: Path) -> None:
+    for name in ("lister-a", "lister-b"):
+        assert jarvisd(config, "user", "add", name, "--role", "user").returncode == 0
+    assert (
+        jarvisd(config, "token", "create", "--user", "lister-a", "--name", "laptop").returncode == 0
+    )
+    assert jarvisd(config, "token", "create", "--user", "lister-b", "--name", "ci").returncode == 0
+
+    def rows(*args: str) -> dict[str, list[str]]:
+        listed = jarvisd(config, "token", "list", *args)
+        assert listed.returncode == 0, listed.stderr
+        header, *lines = listed.stdout.splitlines()
+        assert header.split()[:4] == ["ID", "USER", "NAME", "PREFIX"]
+        return {line.split()[2]: line.split() for line in lines if "lister-" in line}
+
+    everyone = rows()
+    assert set(everyone) == {"laptop", "ci"}
+    assert everyone["laptop"][1] == "lister-a"
+    assert everyone["laptop"][-1] == "live"
+    mine = rows("--user", "lister-b")
+    assert set(mine) == {"ci"}
+    revoked = jarvisd(config, "token", "revoke", everyone["laptop"][0])
+    assert revoked.returncode == 0, revoked.stderr
+    assert rows()["laptop"][-1] == "revoked"
+    unknown = jarvisd(config, "token", "list", "--user", "nobody-at-all")
+    assert unknown.returncode == 1
+    assert "nobody-at-all" in unknown.stderr

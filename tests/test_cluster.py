@@ -249,7 +249,20 @@ async def test_slots_moved_to_another_primary_under_load_answer_no_500_and_lose_
     follow them too; a request may answer 503 while its keys are split
     between two nodes, never 500, and nothing acknowledged is lost."""
     tokens = [(await api.user(f"move-{n}", "agent"))[1] for n, api in enumerate(two_daemons)]
-    owner, _token = await two_daemons[0].user("mover")
+
+    def slots_to_move(user_id: int) -> int:
+        """How many slots move so that this user's sessions change node."""
+        slot = key_slot(user_tag(user_id).encode())
+        return sum(1 for s in own_cluster.slots_of(own_cluster.primary_of_slot(slot)) if s <= slot)
+
+    # An owner whose sessions' slot lies 300 to 1,000 slots into its node's
+    # range: long enough a migration under load, short enough a test (about
+    # one user in eight qualifies).
+    for n in range(100):
+        owner, _token = await two_daemons[0].user(f"mover-{n}")
+        if 300 <= slots_to_move(owner) <= 1000:
+            break
+    assert 300 <= slots_to_move(owner) <= 1000
     load = Load(two_daemons, tokens, owner)
     workers = [asyncio.create_task(load.worker(n, n % 2)) for n in range(8)]
     cli = find_valkey_cli()
@@ -260,7 +273,7 @@ async def test_slots_moved_to_another_primary_under_load_answer_no_500_and_lose_
     source = own_cluster.primary_of_slot(owner_slot)
     target = next(p for p in own_cluster.primaries() if p != source)
     ids = {port: own_cluster.node_id(port) for port in (source, target)}
-    count = sum(1 for slot in own_cluster.slots_of(source) if slot <= owner_slot)
+    count = slots_to_move(owner)
     try:
         await until(lambda: len(load.outcomes) >= 300, 30, "the load to run")
         started = time.monotonic()

@@ -67,7 +67,9 @@ def test_every_error_is_reported_at_once(tmp_path: Path) -> None:
         "http.max_body_bytes",
     } <= keys
     port = next(i for i in err.value.issues if i.key == "http.port")
-    assert "<= 65535" in port.message
+    assert port.message == "must be at most 65535"
+    level = next(i for i in err.value.issues if i.key == "daemon.log_level")
+    assert "'loud' is not one of 'debug', 'info'" in level.message
     env_issue = next(i for i in err.value.issues if i.key == "http.max_body_bytes")
     assert env_issue.source == "environment JARVISD_HTTP__MAX_BODY_BYTES"
 

@@ -23,7 +23,7 @@ from actors.cache import Cache, CacheGet, CacheInvalidatePattern
 from actors.persistence import GetUser
 from config import CacheSettings, LoadedConfig, RedisSettings
 from jarvisd.daemon import Daemon
-from tests.test_api import Api
+from tests.test_api import Api, serve_api
 from tests.test_http import Running, start_daemon
 from tests.test_systemd import Receiver, receiver  # noqa: F401 - a fixture
 
@@ -40,15 +40,8 @@ async def api(
     make_config: Callable[..., LoadedConfig], overrides: dict[str, Any]
 ) -> AsyncIterator[Api]:
     loaded = make_config(**overrides)
-    async for running in start_daemon(loaded):
-        await running.wait_ready()
-        path = loaded.settings.http.unix_socket
-        assert path is not None
-        client = Api(running, path)
-        try:
-            yield client
-        finally:
-            await client.unix.close()
+    async for client in serve_api(loaded):
+        yield client
 
 
 async def eventually(check: Callable[[], Any], timeout: float = 15) -> None:

@@ -269,7 +269,7 @@ def test_the_health_command_exits_1_when_no_daemon_answers(tmp_path: Path) -> No
         check=False,
     )
     assert proc.returncode == 1
-    assert "unreachable" in proc.stderr
+    assert f"no daemon answers on http://127.0.0.1:{port}" in proc.stderr
 
 
 async def test_a_port_in_use_is_a_clear_start_failure(

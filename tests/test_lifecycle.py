@@ -22,7 +22,7 @@ from jarvisd.daemon import Daemon
 from jarvisd.instance import InstanceLock, InstanceLocked
 from tests.conftest import free_port
 from tests.servers import make_state_dir
-from tests.test_daemon_process import DaemonProcess, get, wait
+from tests.test_daemon_process import REPO, DaemonProcess, get, wait
 from tests.test_http import Running
 
 # The persistence actor's lock around the first admin (actors/persistence/users.py).
@@ -137,3 +137,54 @@ def test_a_second_run_on_the_same_state_directory_exits_1_and_leaves_the_first_u
         first.proc.terminate()
         assert wait(lambda: first.proc.poll() is not None, 30)
         first.stop()
+
+
+def test_on_a_terminal_ready_comes_after_the_admin_and_a_banner_says_what_next(
+    instance: Path, pg_dsn: str, redis_url: str, redis_prefix: str
+) -> None:
+    """The log says `ready` only once the database answered and the admin's
+    token is written; on a terminal a banner names the API, the token file
+    and how to stop."""
+    import json
+    import pty
+    import select
+    import signal
+
+    from tests.test_bus_process import shared_env
+
+    shutil.copy(REPO / "jarvisd.toml", instance / "jarvisd.toml")
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith("JARVISD_")}
+    env = {**base, **shared_env(pg_dsn, redis_url, redis_prefix), "JARVISD_HTTP__PORT": str(port)}
+    main, child = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jarvisd", "run"],
+        cwd=instance,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=child,
+        stderr=child,
+    )
+    os.close(child)
+    seen = b""
+    try:
+        deadline = time.monotonic() + 60
+        while b"stop     Ctrl-C" not in seen and time.monotonic() < deadline:
+            if select.select([main], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(main, 65536)
+                except OSError:  # the child closed the terminal
+                    break
+        text = seen.decode(errors="replace").replace("\r\n", "\n")
+        assert "stop     Ctrl-C" in text, text
+        events = [json.loads(line)["event"] for line in text.splitlines() if line.startswith("{")]
+        assert events.index("listening") < events.index("admin_created") < events.index("ready")
+        assert events.index("postgres_ready") < events.index("ready")
+        assert (instance / "var/admin-token").exists()  # before the banner names it
+        assert f"  API      http://127.0.0.1:{port}" in text
+        assert "  token    ./var/admin-token" in text
+        assert "approvals list  (the local admin, on ./var/jarvisd.sock)" in text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        os.close(main)

@@ -12,6 +12,7 @@ import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -23,8 +24,7 @@ from actors.data import credentials
 from config import LoadedConfig
 from jarvisd.http.keys import HTTP_METRICS, TRANSPORTS
 from jarvisd.logs import configure
-from tests.test_api import Api
-from tests.test_http import start_daemon
+from tests.test_api import Api, serve_api
 
 # --- fixtures -----------------------------------------------------------------------------------
 
@@ -39,15 +39,8 @@ async def api(
     make_config: Callable[..., LoadedConfig], config_overrides: dict[str, dict[str, Any]]
 ) -> AsyncIterator[Api]:
     loaded = make_config(**config_overrides)
-    async for running in start_daemon(loaded):
-        await running.wait_ready()
-        path = loaded.settings.http.unix_socket
-        assert path is not None
-        client = Api(running, path)
-        try:
-            yield client
-        finally:
-            await client.unix.close()
+    async for client in serve_api(loaded):
+        yield client
 
 
 @pytest.fixture
@@ -526,7 +519,8 @@ async def test_client_chosen_lifetimes_are_capped_by_config(
         token=agent,
         json={"userId": uid, "idleTtl": 10**8, "absoluteTtl": 10**8},
     )
-    assert session["expiresAtMs"] <= now_ms + 125_000
+    deadline = datetime.fromisoformat(session["expiresAt"]).timestamp() * 1000
+    assert deadline <= now_ms + 125_000
     _s, _h, stored = await api.call(
         "POST", "/cache/set", token=agent, json={"key": "k", "value": 1, "ttl": 10**6}
     )
@@ -539,7 +533,6 @@ async def test_client_chosen_lifetimes_are_capped_by_config(
         "POST", f"/users/{uid}/tokens", token=token, json={"expiresIn": 10**8}
     )
     _s, _h, unlimited = await api.call("POST", f"/users/{uid}/tokens", token=token, json={})
-    from datetime import datetime
 
     def seconds_left(iso: str) -> float:
         return datetime.fromisoformat(iso).timestamp() - time.time()

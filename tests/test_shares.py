@@ -14,8 +14,7 @@ import pytest
 
 from config import LoadedConfig
 from jarvisd.http.keys import SHARES as SHARE_KEY
-from tests.test_api import Api
-from tests.test_http import start_daemon
+from tests.test_api import Api, serve_api
 from tests.test_ws import CHANNELS, connect, prefix_of, subscribe
 
 SHARES = {
@@ -37,13 +36,8 @@ SHARES = {
 @pytest.fixture
 async def api(make_config: Callable[..., LoadedConfig]) -> AsyncIterator[Api]:
     loaded = make_config(**SHARES)
-    async for running in start_daemon(loaded):
-        await running.wait_ready()
-        client = Api(running, str(loaded.settings.http.unix_socket))
-        try:
-            yield client
-        finally:
-            await client.unix.close()
+    async for client in serve_api(loaded):
+        yield client
 
 
 async def test_one_user_holds_at_most_their_share_of_websockets(api: Api) -> None:

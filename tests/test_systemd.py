@@ -359,6 +359,24 @@ def test_socket_activation_serves_health_on_a_tcp_and_a_unix_listener(
             reply += chunk
         client.close()
         assert reply.startswith(b"HTTP/1.1 200")
+        # The host's CLI finds the passed sockets from the daemon's instance
+        # file, though its configuration names another socket and port.
+        cli_env = {
+            **env,
+            **daemon_env,
+            "JARVISD_HTTP__UNIX_SOCKET": str(tmp_path / "configured-but-unused.sock"),
+        }
+        for command in (["health"], ["approvals", "list", "-q"]):
+            found = subprocess.run(
+                [sys.executable, "-m", "jarvisd", *command],
+                cwd=tmp_path,
+                env=cli_env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=False,
+            )
+            assert found.returncode == 0, found.stdout + found.stderr
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
         text = (tmp_path / "daemon.log").read_text()
@@ -398,7 +416,9 @@ def test_the_units_pass_systemd_analyze_verify_silently(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
-def test_the_service_scores_2_or_better_in_systemd_analyze_security(tmp_path: Path) -> None:
+def test_the_service_scores_what_its_comment_says_in_systemd_analyze_security(
+    tmp_path: Path,
+) -> None:
     folder = units_with_real_exec(tmp_path)
     proc = subprocess.run(
         ["systemd-analyze", "security", "--offline=yes", "jarvisd.service"],
@@ -410,4 +430,6 @@ def test_the_service_scores_2_or_better_in_systemd_analyze_security(tmp_path: Pa
     )
     line = next(x for x in proc.stdout.splitlines() if "Overall exposure level" in x)
     score = float(line.split(":")[1].split()[0])
-    assert score <= 2.0, line
+    assert score <= 1.2, line
+    comment = (REPO / "systemd" / "jarvisd.service").read_text()
+    assert f"a sandbox scoring {score:.1f}" in comment, line

@@ -14,7 +14,7 @@ import pytest
 from actors.pubsub import CLIENTS_PUBSUB, Publish
 from config import LoadedConfig
 from tests.servers import SINGLE_AND_CLUSTER, redis_url_for
-from tests.test_api import Api
+from tests.test_api import Api, serve_api
 from tests.test_http import start_daemon
 from tests.test_pubsub import OwnValkey, own_valkey  # noqa: F401 - the fixture
 
@@ -46,15 +46,8 @@ async def api(
 ) -> AsyncIterator[Api]:
     sections = {"pubsub": FAST_PUBSUB, **overrides}
     loaded = make_config(**sections)
-    async for running in start_daemon(loaded):
-        await running.wait_ready()
-        path = loaded.settings.http.unix_socket
-        assert path is not None
-        client = Api(running, path)
-        try:
-            yield client
-        finally:
-            await client.unix.close()
+    async for client in serve_api(loaded):
+        yield client
 
 
 def prefix_of(api: Api) -> str:

@@ -15,7 +15,7 @@ import pytest
 from aiohttp import WSMsgType
 
 from config import LoadedConfig
-from tests.test_api import Api
+from tests.test_api import Api, serve_api
 from tests.test_http import start_daemon
 from tests.test_security import login
 from tests.test_ws import CHANNELS, connect, messages, nothing_more, prefix_of, subscribe
@@ -142,13 +142,8 @@ async def test_a_role_change_takes_away_what_the_new_role_may_not_see(api: Any) 
 @pytest.fixture
 async def api(make_config: Callable[..., LoadedConfig]) -> AsyncIterator[Api]:
     loaded = make_config(pubsub={"channels": CHANNELS})
-    async for running in start_daemon(loaded):
-        await running.wait_ready()
-        client = Api(running, str(loaded.settings.http.unix_socket))
-        try:
-            yield client
-        finally:
-            await client.unix.close()
+    async for client in serve_api(loaded):
+        yield client
 
 
 @pytest.fixture
@@ -158,13 +153,8 @@ async def short_sessions(make_config: Callable[..., LoadedConfig]) -> AsyncItera
         sessions={"absolute_ttl": 2, "idle_ttl": 2},
         auth={"cache_ttl": 0.5},
     )
-    async for running in start_daemon(loaded):
-        await running.wait_ready()
-        client = Api(running, str(loaded.settings.http.unix_socket))
-        try:
-            yield client
-        finally:
-            await client.unix.close()
+    async for client in serve_api(loaded):
+        yield client
 
 
 async def test_a_socket_ends_with_its_session_when_the_session_runs_out(

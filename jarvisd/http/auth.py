@@ -177,6 +177,12 @@ async def _lookup_once(rt: Runtime, token: str, key: str) -> Principal:
             del cache.lookups[key]
 
 
+NOT_A_BEARER = (
+    "not a valid API token (they start with jv_) or a live login session "
+    "(they end on logout, when idle too long, or at their deadline)"
+)
+
+
 async def _lookup(rt: Runtime, token: str) -> Principal:
     if token.startswith(TOKEN_PREFIX):
         principal = await rt.persistence.ask(AuthenticateToken(token=token))
@@ -186,7 +192,7 @@ async def _lookup(rt: Runtime, token: str) -> Principal:
     try:
         session = await rt.logins.ask(SessionGet(token))
     except SessionNotFound:
-        raise Unauthorized("invalid or expired session") from None
+        raise Unauthorized(NOT_A_BEARER) from None
     principal = await rt.persistence.ask(
         AuthenticateUser(user_id=session.user_id, credentials_version=session.stamp)
     )
@@ -211,7 +217,7 @@ async def _slide(rt: Runtime, token: str, key: str, entry: Any) -> None:
         await rt.logins.ask(SessionGet(token))
     except SessionNotFound:
         rt.principals.invalidate(Invalidation(kind="bearer", key=key))
-        raise Unauthorized("invalid or expired session") from None
+        raise Unauthorized(NOT_A_BEARER) from None
 
 
 async def forget(request: web.Request, what: Invalidation) -> None:

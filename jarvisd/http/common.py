@@ -17,6 +17,7 @@ from aiohttp.web_protocol import RequestPayloadError
 
 from actors.data.listing import ListError, ListSpec, parse_integer, parse_list
 from actors.data.model import StoredInput, nul_path
+from config.explain import explain
 from jarvisd.http.errors import ProblemError
 from jarvisd.http.keys import RUNTIME
 from jarvisd.runtime import Runtime
@@ -126,6 +127,17 @@ def _depth_exceeds(raw: bytes, limit: int) -> bool:
     return False
 
 
+def _body_required(typ: Any) -> str:
+    """What a request without a body lacks: the fields it must send."""
+    if isinstance(typ, type) and issubclass(typ, msgspec.Struct):
+        needed = [f.encode_name for f in msgspec.structs.fields(typ) if f.required]
+        if needed:
+            example = ", ".join(f'"{n}": …' for n in needed)
+            verb = "is" if len(needed) == 1 else "are"
+            return f"{' and '.join(needed)} {verb} required: send a JSON body {{{example}}}"
+    return "a JSON body is required"
+
+
 async def body(request: web.Request, typ: type[T]) -> T:
     """The JSON body decoded as ``typ``: 400 without one, 415 unless it is sent as UTF-8
     application/json, 413 over http.max_body_bytes, 408 when it does not
@@ -133,7 +145,7 @@ async def body(request: web.Request, typ: type[T]) -> T:
     UTF-8 JSON of that shape or nests deeper than MAX_JSON_DEPTH."""
     settings = request.app[RUNTIME].settings.http
     if not request.can_read_body:
-        raise ProblemError(400, "Bad request", "a JSON body is required")
+        raise ProblemError(400, "Bad request", _body_required(typ))
     _check_content_type(request)
     try:
         async with asyncio.timeout(settings.request_timeout):
@@ -145,7 +157,7 @@ async def body(request: web.Request, typ: type[T]) -> T:
             f"the request body did not arrive within {settings.request_timeout:g} s",
         ) from None
     if not raw:
-        raise ProblemError(400, "Bad request", "a JSON body is required")
+        raise ProblemError(400, "Bad request", _body_required(typ))
     try:
         raw.decode()  # strict UTF-8 (RFC 8259), even in parts the type skips
         if _depth_exceeds(raw, MAX_JSON_DEPTH):
@@ -164,7 +176,7 @@ async def body(request: web.Request, typ: type[T]) -> T:
                 )
         return decoded
     except msgspec.ValidationError as exc:
-        raise ProblemError(400, "Invalid body", str(exc)) from None
+        raise ProblemError(400, "Invalid body", explain(exc)) from None
     except msgspec.DecodeError as exc:
         raise ProblemError(400, "Invalid JSON", str(exc)) from None
     except UnicodeError:

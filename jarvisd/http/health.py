@@ -107,6 +107,24 @@ def _health_response(doc: dict[str, Any], request: web.Request) -> web.Response:
     return web.Response(status=code, body=msgspec.json.encode(doc), content_type=HEALTH_JSON)
 
 
+async def index(request: web.Request) -> web.Response:
+    """``GET /``: what this is and where to go next (no authentication)."""
+    reject_unknown_params(request, set())
+    doc = {
+        "service": "jarvisd",
+        "version": request.app[RUNTIME].version,
+        "links": {
+            "openapi": "/openapi.json",
+            "health": "/health",
+            "live": "/health/live",
+            "metrics": "/metrics",
+            "login": "/auth/login",
+            "websocket": "/ws",
+        },
+    }
+    return web.json_response(doc)
+
+
 async def live(request: web.Request) -> web.Response:
     """In-process only: the event loop answers. Never touches a dependency."""
     reject_unknown_params(request, set())
@@ -211,6 +229,7 @@ async def redis_stats(request: web.Request) -> web.Response:
 
 # (path, summary, query parameters, content types) for /openapi.json.
 HEALTH_ROUTES: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
+    ("/", "What this is, and links to the API description and health", (), ("application/json",)),
     ("/health/live", "Liveness: the process answers", (), (HEALTH_JSON,)),
     (
         "/health/ready",
@@ -227,6 +246,7 @@ HEALTH_ROUTES: list[tuple[str, str, tuple[str, ...], tuple[str, ...]]] = [
 
 
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", index)
     app.router.add_get("/health/live", live)
     app.router.add_get("/health/ready", ready)
     app.router.add_get("/health", ready)

@@ -10,6 +10,7 @@ and no password is checked.
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 from typing import Annotated
 
 import msgspec
@@ -44,7 +45,7 @@ class Login(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 class LoginReply(msgspec.Struct, frozen=True, rename="camel"):
     token: str
-    expires_at_ms: int
+    expires_at: datetime  # the session's absolute deadline (RFC 3339)
     user: User
 
 
@@ -100,7 +101,8 @@ async def login(request: web.Request) -> web.Response:
     if await actors_of(request).persistence.ask(m.CredentialStamp(user_id=user.id)) != stamp:
         await actors_of(request).logins.ask(SessionDelete(session.id))
         raise Unauthorized("the user's credentials changed during the login; log in again")
-    return reply(LoginReply(token=session.id, expires_at_ms=session.expires_at_ms, user=user), 201)
+    deadline = datetime.fromtimestamp(session.expires_at_ms / 1000, UTC)
+    return reply(LoginReply(token=session.id, expires_at=deadline, user=user), 201)
 
 
 def _session_token(request: web.Request) -> str | None:

@@ -242,7 +242,7 @@ def document() -> dict[str, Any]:
         paths[path] = {
             "get": {
                 "summary": summary,
-                "operationId": path.strip("/").replace("/", "_"),
+                "operationId": path.strip("/").replace("/", "_") or "index",
                 "parameters": [
                     {"name": q, "in": "query", "required": False, "schema": {"type": "string"}}
                     for q in query

@@ -13,6 +13,7 @@ Another user's session is "not found". Lifetimes asked for are capped at
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -54,6 +55,38 @@ class SessionVersion(msgspec.Struct, frozen=True):
     version: int
 
 
+class SessionView(msgspec.Struct, frozen=True, rename="camel", omit_defaults=True):
+    """A session as the API shows it: times in RFC 3339, like every other answer."""
+
+    ref: str
+    kind: str
+    user_id: int
+    data: Any
+    version: int
+    created_at: datetime
+    last_seen_at: datetime
+    expires_at: datetime  # the absolute deadline
+    id: str | None = None  # only when the session is created
+
+
+def at(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+def view(s: Session) -> SessionView:
+    return SessionView(
+        ref=s.ref,
+        kind=s.kind,
+        user_id=s.user_id,
+        data=s.data,
+        version=s.version,
+        created_at=at(s.created_ms),
+        last_seen_at=at(s.last_seen_ms),
+        expires_at=at(s.expires_at_ms),
+        id=s.id,
+    )
+
+
 def _store_for(who: Principal) -> bool:
     """Admins and agents (the services that keep sessions) act for any user."""
     return who.role in ("admin", "agent")
@@ -78,7 +111,7 @@ async def session_create(request: web.Request, who: Principal) -> web.Response:
     session = await actors_of(request).sessions.ask(
         SessionCreate(b.user_id, b.data, b.idle_ttl, b.absolute_ttl)
     )
-    return reply(session, 201)
+    return reply(view(session), 201)
 
 
 @require()
@@ -90,9 +123,7 @@ async def session_get(request: web.Request, who: Principal) -> web.Response:
     touch = touch_param == "true"
     session_id = request.match_info["id"]
     await _visible(request, who, session_id)
-    if touch:
-        return reply(await actors_of(request).sessions.ask(SessionGet(session_id, touch=True)))
-    return reply(await actors_of(request).sessions.ask(SessionGet(session_id, touch=False)))
+    return reply(view(await actors_of(request).sessions.ask(SessionGet(session_id, touch=touch))))
 
 
 @require()
@@ -121,7 +152,7 @@ ROUTES: list[RouteDoc] = [
         session_create,
         "Create an application session for a user (data only; never a credential)",
         SessionCreateBody,
-        Session,
+        SessionView,
         201,
     ),
     RouteDoc(
@@ -129,7 +160,7 @@ ROUTES: list[RouteDoc] = [
         "/sessions/{id}",
         session_get,
         "Read (and touch) an application session",
-        response=Session,
+        response=SessionView,
         query=(TOUCH,),
     ),
     RouteDoc(
