@@ -12,7 +12,7 @@
    the duration, then reads the command back. Rejected or expired: it says
    why and stops.
 
-Needs only redis and aiohttp. Run it beside a daemon (see README):
+Needs only redis and aiohttp. Run it beside a daemon (see the quickstart in README.md):
 
     AGENT_URL=$(.venv/bin/jarvisd agent add demo-agent)
     TOKEN=$(.venv/bin/jarvisd token create --user demo-agent)

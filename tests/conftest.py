@@ -24,6 +24,7 @@ from tests.cluster import LocalCluster
 from tests.servers import (
     DatabaseFactory,
     Servers,
+    check_external_postgres,
     delete_acl_users,
     make_state_dir,
     unlink_prefix,
@@ -52,6 +53,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         _ACCOUNT_BEFORE.append(False)
     for root in (SHARED_DATA_ROOT, SHARED_BIN_ROOT):
         _OUTSIDE_BEFORE[root] = _listing(root)
+    check_external_postgres()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

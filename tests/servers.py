@@ -131,6 +131,32 @@ def dsn_with_database(dsn: str, database: str) -> str:
     return urlunsplit(parts._replace(path=f"/{database}"))
 
 
+def check_external_postgres() -> None:
+    """A JARVISD_TEST_POSTGRES_DSN the suite cannot use is said at once, in
+    words, rather than as a traceback in every test."""
+    dsn = os.environ.get("JARVISD_TEST_POSTGRES_DSN")
+    if not dsn:
+        return
+
+    async def probe() -> None:
+        conn = await asyncpg.connect(dsn, timeout=10)
+        await conn.close()
+
+    try:
+        asyncio.run(probe())
+    except asyncpg.InvalidCatalogNameError as exc:
+        raise pytest.UsageError(
+            f"JARVISD_TEST_POSTGRES_DSN names a database that does not exist ({exc}): name "
+            "one that does (the tests make databases of their own beside it), e.g. "
+            "postgresql://USER@127.0.0.1:5432/postgres"
+        ) from None
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        raise pytest.UsageError(
+            f"JARVISD_TEST_POSTGRES_DSN: cannot connect ({type(exc).__name__}: {exc}); "
+            "unset it to run on embedded servers"
+        ) from None
+
+
 class DatabaseFactory:
     """Fresh databases cloned from one migrated template (cheap: a file copy)."""
 

@@ -169,3 +169,30 @@ def test_with_no_daemon_running_each_command_says_how_to_start_one(
     assert "systemctl start jarvisd" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "ClientConnectorError" not in proc.stderr
+
+
+def test_a_test_database_that_cannot_be_used_is_said_once_in_words() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JARVISD_")}
+    env["JARVISD_TEST_POSTGRES_DSN"] = f"postgresql://nobody@127.0.0.1:{free_port()}/none"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_cli.py::test_version_is_an_option_and_a_command",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == pytest.ExitCode.USAGE_ERROR, proc.stdout + proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "JARVISD_TEST_POSTGRES_DSN: cannot connect" in out
+    assert "unset it to run on embedded servers" in out
+    assert "Traceback" not in out

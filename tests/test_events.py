@@ -18,7 +18,7 @@ from tests.test_agents import agents, api, bus_overrides, envelope  # noqa: F401
 from tests.test_api import Api
 from tests.test_approvals import Events
 
-README = Path(__file__).parent.parent / "README.md"
+EVENTS_DOC = Path(__file__).parent.parent / "docs" / "agents.md"
 
 
 @pytest.fixture
@@ -33,10 +33,10 @@ def fields_of(kind: type[msgspec.Struct]) -> set[str]:
     return {f.encode_name for f in msgspec.structs.fields(kind)}
 
 
-def test_readmes_event_table_is_the_one_the_event_structs_make() -> None:
-    text = README.read_text()
+def test_the_documented_event_table_is_the_one_the_event_structs_make() -> None:
+    text = EVENTS_DOC.read_text()
     start, end = "<!-- events-table -->\n", "<!-- /events-table -->"
-    assert start in text, "README marks its event table"
+    assert start in text, "docs/agents.md marks its event table"
     table = text[text.index(start) + len(start) : text.index(end)]
     assert table == events.table(), "run `python -m actors.events` and paste its table"
 

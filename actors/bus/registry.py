@@ -165,7 +165,7 @@ class Registry:
             self.log.warning(
                 "redis_default_user_open",
                 hint="anyone who can reach this Redis acts as the daemon; give the daemon a "
-                "user of its own and turn the default user off (README, Trust model)",
+                "user of its own and turn the default user off (docs/trust.md)",
             )
 
     # -- ACL users ------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Each event type is a typed struct: its ``data`` fields are always all there
 HTTP API, the agent bus, the CLI, the expiry sweeper. Events about commands
 and approvals go to ``{prefix}events`` and to the channel of their kind
 (``{prefix}commands``, ``{prefix}approvals``), in the envelope shape agents
-know; a refused envelope is told on its agent's replies channel. README's
+know; a refused envelope is told on its agent's replies channel. docs/agents.md's
 event table is generated from these structs (``python -m actors.events``),
 and a test keeps the two the same.
 

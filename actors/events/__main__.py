@@ -1,4 +1,4 @@
-"""Print README's event table: ``python -m actors.events``."""
+"""Print the event table of docs/agents.md: ``python -m actors.events``."""
 
 from actors.events.table import table
 

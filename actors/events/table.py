@@ -1,4 +1,4 @@
-"""README's event table, made from the event types (``python -m actors.events``)."""
+"""The event table of docs/agents.md, made from the event types (``python -m actors.events``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from actors.events.kinds import EVENT_TYPES, EnvelopeRefused
 __all__ = ["table"]
 
 
-# -- README's table ------------------------------------------------------------------------------
+# -- the documented table ---------------------------------------------------------------------------
 def _fields(kind: type[msgspec.Struct], *, skip: str = "") -> str:
     names = [f.encode_name for f in msgspec.structs.fields(kind) if f.encode_name != skip]
     return ", ".join(f"`{n}`" for n in names)
@@ -20,7 +20,7 @@ def _meaning(kind: type) -> str:
 
 
 def table(prefix: str = "jarvis:") -> str:
-    """The Markdown table of every event, as README shows it."""
+    """The Markdown table of every event, as docs/agents.md shows it."""
     rows = ["| channel | type | when | data |", "|---|---|---|---|"]
     for kind in EVENT_TYPES:
         rows.append(

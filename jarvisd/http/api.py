@@ -1,6 +1,6 @@
 """The REST API's route table (DESIGN §8): one module per resource, gathered
 here for the router and for /openapi.json. Permissions are in each module's
-docstring and in README.md."""
+docstring and in docs/api.md."""
 
 from __future__ import annotations
 

@@ -122,7 +122,7 @@ async def index(request: web.Request) -> web.Response:
             "websocket": "/ws",
         },
     }
-    return web.json_response(doc)
+    return web.Response(body=msgspec.json.encode(doc), content_type="application/json")
 
 
 async def live(request: web.Request) -> web.Response:

@@ -259,7 +259,7 @@ def document() -> dict[str, Any]:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route, schema_of)
     paths["/ws"] = {
         "get": {
-            "summary": "WebSocket: subscribe to channels and patterns (ops in README, WebSocket)",
+            "summary": "WebSocket: subscribe to channels and patterns (ops in docs/agents.md)",
             "operationId": "websocket",
             "security": [{"bearer": []}],
             "responses": {

@@ -1,7 +1,7 @@
 """One WebSocket client of ``GET /ws`` (DESIGN §8): its ops, its deliveries,
 and the credential it follows (``followers``).
 
-Ops are JSON text frames (README, "WebSocket"). Deliveries are queued by the
+Ops are JSON text frames (docs/agents.md, "Publishing and subscribing over HTTP"). Deliveries are queued by the
 pub/sub actor without waiting and written by the session's writer; each
 message is encoded once for all the clients that get it. A client whose
 unsent bytes (queued and in the socket's buffer) pass
