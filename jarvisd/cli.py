@@ -140,7 +140,7 @@ def cmd_redis_cli(args: argparse.Namespace) -> int:  # noqa: RET503 - execv does
 
     loaded = load(args)
     url = args.url or redis_url(loaded)
-    down = _redis_down(url)
+    down = _redis_down(url, embedded=loaded.settings.embedded_redis and not args.url)
     if down:
         print(f"jarvisd redis-cli: {down}", file=sys.stderr)
         return 1
@@ -163,9 +163,10 @@ def cmd_redis_cli(args: argparse.Namespace) -> int:  # noqa: RET503 - execv does
     os.execv(argv[0], argv)  # noqa: S606 - the CLI's own binary, an argument list
 
 
-def _redis_down(url: str) -> str | None:
+def _redis_down(url: str, *, embedded: bool) -> str | None:
     """Why nothing answers at ``url`` (a socket connect, no Redis command),
-    with the next step; None when something listens."""
+    with the next step; None when something listens. The embedded Valkey
+    runs with the daemon; another Redis is the operator's to start."""
     import socket
     from urllib.parse import urlsplit
 
@@ -184,7 +185,8 @@ def _redis_down(url: str) -> str | None:
             seed = urlsplit(cluster_seeds(url)[0] if "+cluster" in url else url)
             socket.create_connection((seed.hostname or "127.0.0.1", seed.port or 6379), 2).close()
     except OSError as exc:
-        return f"nothing answers at {without_password(url)} ({exc.strerror or exc}): {START_HINT}"
+        step = START_HINT if embedded else "is that Redis server running, and is the URL right?"
+        return f"nothing answers at {without_password(url)} ({exc.strerror or exc}): {step}"
     return None
 
 
@@ -202,7 +204,7 @@ def cmd_redis_url(args: argparse.Namespace) -> int:
     loaded = load(args)
     url = redis_url(loaded)
     if loaded.settings.embedded_redis:
-        down = _redis_down(url)
+        down = _redis_down(url, embedded=True)
         if down:
             print(f"jarvisd redis-url: {down}", file=sys.stderr)
             return 1

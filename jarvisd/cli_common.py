@@ -153,8 +153,17 @@ def recorded_addresses(state_dir: Path) -> list[str]:
 
     try:
         lines = (state_dir / LOCK_FILE).read_text().splitlines()
-    except (OSError, UnicodeError):
-        return []
+        pid = int(lines[0])
+    except (OSError, UnicodeError, ValueError, IndexError):
+        return []  # no file (or not ours to read), or no pid yet
+    # Not its lock (a probe could make a starting daemon think the state
+    # directory taken): whether the process it names is alive.
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        pass  # alive, as another user
+    except OSError:
+        return []  # left by a daemon that is gone
     return lines[2].split() if len(lines) > 2 else []
 
 

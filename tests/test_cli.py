@@ -196,3 +196,18 @@ def test_a_test_database_that_cannot_be_used_is_said_once_in_words() -> None:
     assert "JARVISD_TEST_POSTGRES_DSN: cannot connect" in out
     assert "unset it to run on embedded servers" in out
     assert "Traceback" not in out
+
+
+def test_the_cli_believes_addresses_only_of_a_daemon_that_is_alive(tmp_path: Path) -> None:
+    from jarvisd.cli_common import recorded_addresses
+
+    assert recorded_addresses(tmp_path) == []  # no daemon ever ran here
+    record = tmp_path / "jarvisd.pid"
+    record.write_text(f"{os.getpid()}\n0\nhttp://127.0.0.1:9 http://unix:/run/x.sock:\n")
+    assert recorded_addresses(tmp_path) == ["http://127.0.0.1:9", "http://unix:/run/x.sock:"]
+    dead = subprocess.Popen(["true"])  # a pid that has ended
+    dead.wait()
+    record.write_text(f"{dead.pid}\n0\nhttp://127.0.0.1:9\n")
+    assert recorded_addresses(tmp_path) == []  # left by a daemon killed with -9
+    record.write_text("")
+    assert recorded_addresses(tmp_path) == []  # locked, not yet written

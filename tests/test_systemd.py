@@ -433,3 +433,30 @@ def test_the_service_scores_what_its_comment_says_in_systemd_analyze_security(
     assert score <= 1.2, line
     comment = (REPO / "systemd" / "jarvisd.service").read_text()
     assert f"a sandbox scoring {score:.1f}" in comment, line
+
+
+def test_the_units_the_example_config_and_the_readme_agree() -> None:
+    """Where the unit keeps state and sockets is where the example config
+    and the install notes say, and the socket unit's path outlives the
+    service's runtime directory."""
+    import tomllib
+
+    service = (REPO / "systemd" / "jarvisd.service").read_text()
+    socket_unit = (REPO / "systemd" / "jarvisd.socket").read_text()
+    config = tomllib.loads((REPO / "config" / "examples" / "systemd.toml").read_text())
+    operations = (REPO / "docs" / "operations.md").read_text()
+
+    def value(unit: str, key: str) -> list[str]:
+        return [line.split("=", 1)[1] for line in unit.splitlines() if line.startswith(f"{key}=")]
+
+    (state,) = value(service, "StateDirectory")
+    (runtime,) = value(service, "RuntimeDirectory")
+    assert config["daemon"]["state_dir"] == f"/var/lib/{state}"
+    assert Path(config["http"]["unix_socket"]).parent == Path(f"/run/{runtime}")
+    listened = [v for v in value(socket_unit, "ListenStream") if v.startswith("/")]
+    assert listened
+    assert all(not v.startswith(f"/run/{runtime}/") for v in listened)
+    assert "--config /etc/jarvisd/jarvisd.toml" in service
+    for where in (f"/var/lib/{state}/admin-token", config["http"]["unix_socket"], *listened):
+        assert where in operations, where
+    assert "/opt/jarvisd/venv/bin/jarvisd" in operations
