@@ -20,17 +20,14 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import hashlib
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import asyncpg
 import msgspec
 
-from actors.data.repo import init_connection
 from actors.kernel import Actor, Health, Message, Ref, handles
+from actors.leadership import CONNECTION_LOST, Leadership, lock_key
 from actors.persistence import PersistenceRef, SweepApprovals, Unavailable
 from actors.pubsub import Delivery, PubSubRef, Subscription
 from config import ApprovalSettings, PostgresSettings
@@ -39,12 +36,10 @@ __all__ = ["Approvals", "ApprovalsRef", "Watch", "WatchersFull"]
 
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)  # a message of a reply type is one of any wider type
-# pg_try_advisory_lock key of the sweeper: a stable 63-bit number.
-SWEEPER_LOCK = int.from_bytes(hashlib.sha256(b"jarvisd.approvals-sweeper").digest()[:8], "big") >> 1
+# pg_try_advisory_lock key of the sweeper.
+SWEEPER_LOCK = lock_key("jarvisd.approvals-sweeper")
 SWEEP_BATCH = 500
 POLL_WHEN_BLIND = 1.0
-# Errors of the lock's connection that mean "lost it": whatever it held is gone.
-_CONNECTION_LOST = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 class WatchersFull(Exception):
@@ -72,7 +67,6 @@ _decided = msgspec.json.Decoder(_Decided)
 
 @dataclass
 class SweepStats:
-    leader: bool = False
     sweeps: int = 0
     warned: int = 0
     expired: int = 0
@@ -100,7 +94,7 @@ class Approvals(Actor):
         self.pubsub = pubsub
         self.channel = channel
         self.sweep_stats = SweepStats()
-        self._conn: asyncpg.Connection | None = None  # the lock's, while leading or trying
+        self.lead = Leadership(dsn, postgres, SWEEPER_LOCK, self._lead)
         self._waiters: dict[int, set[asyncio.Future[None]]] = {}
         self._waiting = 0  # futures in _waiters
         self._watching = False  # subscribed to the announcements
@@ -178,12 +172,12 @@ class Approvals(Actor):
     async def _sweep_loop(self) -> None:
         while not self.halting():
             try:
-                if await self._leading():
+                if await self.lead.leading():
                     await self._sweep()
-            except _CONNECTION_LOST as exc:
+            except CONNECTION_LOST as exc:
                 self.sweep_stats.last_error = f"{type(exc).__name__}: {exc}"
                 self.log.warning("sweep_failed", error=self.sweep_stats.last_error)
-                await self._drop_connection()
+                await self.lead.drop()
             except Unavailable as exc:  # the database is not there (yet): next turn
                 self.log.debug("sweep_waiting", error=str(exc))
             except Exception as exc:  # the persistence actor's answer: try again next turn
@@ -191,41 +185,8 @@ class Approvals(Actor):
                 self.log.warning("sweep_failed", error=self.sweep_stats.last_error)
             await asyncio.sleep(self.settings.sweep_interval)
 
-    async def _leading(self) -> bool:
-        """Whether this daemon leads now, proved on the lock's connection:
-        a connection that is new, or that was lost while idle, leads only
-        after taking the lock itself."""
-        conn = self._conn
-        if conn is not None and conn.is_closed():
-            await self._drop_connection()
-            conn = None
-        if conn is None:
-            conn = await asyncpg.connect(
-                self.dsn,
-                timeout=self.postgres.connect_timeout,
-                command_timeout=self.postgres.command_timeout,
-            )
-            await init_connection(conn)
-            self._conn = conn
-        if self.sweep_stats.leader:
-            # Still ours? A round trip on the very connection that holds it.
-            held = await conn.fetchval(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                "AND pid = pg_backend_pid() AND objsubid = 1 "
-                "AND classid = ($1::bigint >> 32)::oid AND objid = ($1::bigint & 4294967295)::oid",
-                SWEEPER_LOCK,
-            )
-            if held:
-                return True
-            self._lead(False)
-        # Held as long as this connection lives: one sweeper at a time.
-        self._lead(bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", SWEEPER_LOCK)))
-        return self.sweep_stats.leader
-
     def _lead(self, leading: bool) -> None:
-        if leading != self.sweep_stats.leader:
-            self.log.info("sweeper_leading" if leading else "sweeper_standing_by")
-        self.sweep_stats.leader = leading
+        self.log.info("sweeper_leading" if leading else "sweeper_standing_by")
 
     async def _sweep(self) -> None:
         swept = await self.persistence.ask(
@@ -237,23 +198,16 @@ class Approvals(Actor):
         if swept.expired:
             self.log.info("approvals_expired", count=swept.expired)
 
-    async def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        self._lead(False)  # the lock goes with the connection
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(conn.close(), 2)
-
     async def on_stop(self) -> None:
         self._wake_all()  # waiters read the request again and answer
-        await self._drop_connection()
+        await self.lead.drop()
 
     # -- health ---------------------------------------------------------------------------------
     async def check(self) -> Health | None:
         st = self.sweep_stats
-        role = "sweeper" if st.leader else "standby"
+        role = "sweeper" if self.lead.leader else "standby"
         detail = f"{role}, {self._waiting} waiting, {st.expired} expired"
-        if st.last_error and self._conn is None:
+        if st.last_error and self.lead.conn is None:
             return Health(status="warn", detail=f"{detail}; {st.last_error}")
         return Health(status="pass", detail=detail)
 
@@ -261,7 +215,7 @@ class Approvals(Actor):
         data = super().snapshot()
         st = self.sweep_stats
         data["approvals"] = {
-            "sweeper": st.leader,
+            "sweeper": self.lead.leader,
             "sweeps": st.sweeps,
             "warned": st.warned,
             "expired": st.expired,

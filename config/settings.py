@@ -325,6 +325,21 @@ def _first(rules: tuple[tuple[str, int], ...], name: str) -> int | None:
     return next(rules[i][1] for i in range(len(rules)) if found.group(f"r{i}") is not None)
 
 
+class EventSettings(_Section, frozen=True):
+    # Every event is written to PostgreSQL (the outbox) in the transaction of
+    # the change it announces, then relayed to Redis in id order by one
+    # daemon at a time. false: this daemon never relays (another one does).
+    relay: bool = True
+    # Events are kept this many seconds (for clients resuming with `since`),
+    # then pruned in batches; at least a minute.
+    retention: Annotated[int, msgspec.Meta(ge=60)] = 7 * 86400
+    # Events the relay reads and publishes in one round trip.
+    relay_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
+    # Seconds between looks at the outbox when no notification wakes the
+    # relay (a notification is lost only with its connection).
+    poll_interval: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
+
+
 class Settings(_Section, frozen=True):
     daemon: DaemonSettings = msgspec.field(default_factory=DaemonSettings)
     supervisor: SupervisorSettings = msgspec.field(default_factory=SupervisorSettings)
@@ -338,6 +353,7 @@ class Settings(_Section, frozen=True):
     pubsub: PubSubSettings = msgspec.field(default_factory=PubSubSettings)
     bus: BusSettings = msgspec.field(default_factory=BusSettings)
     approvals: ApprovalSettings = msgspec.field(default_factory=ApprovalSettings)
+    events: EventSettings = msgspec.field(default_factory=EventSettings)
 
     @property
     def embedded_postgres(self) -> bool:

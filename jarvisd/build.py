@@ -12,6 +12,7 @@ from actors.approvals import Approvals
 from actors.bus import Bus
 from actors.cache import Cache, CacheRef
 from actors.embedded import ChildServer, EmbeddedPostgres, EmbeddedValkey, RunAs
+from actors.outbox import Relay
 from actors.persistence import Persistence, PersistenceRef
 from actors.pubsub import CLIENTS_PUBSUB, PubSub, PubSubRef
 from actors.redis_link import RedisLink
@@ -94,7 +95,16 @@ def build_actors(settings: Settings) -> tuple[DaemonActors, list[Check]]:
         name=CLIENTS_PUBSUB,
         health_interval=interval,
     )
-    persistence.events = pubsub  # committed changes are announced on Redis
+    # Events commit with their changes (the outbox) and the relay sends them
+    # to Redis, in order, one daemon at a time.
+    relay = Relay(
+        settings.events,
+        settings.postgres,
+        pg_dsn,
+        pubsub=PubSubRef(pubsub),
+        health_interval=interval,
+    )
+    persistence.relay = relay  # told after each commit that wrote events
     approvals = Approvals(
         settings.approvals,
         settings.postgres,
@@ -126,6 +136,7 @@ def build_actors(settings: Settings) -> tuple[DaemonActors, list[Check]]:
         clients=clients,
         approvals=approvals,
         bus=bus,
+        relay=relay,
         embedded=tuple(embedded),
     )
     checks = [
@@ -135,6 +146,7 @@ def build_actors(settings: Settings) -> tuple[DaemonActors, list[Check]]:
         Check(CLIENTS_PUBSUB, clients, "component", critical=False),
         Check("bus", bus, "component", critical=False),
         Check("approvals", approvals, "component", critical=False),
+        Check("relay", relay, "component", critical=False),
         *checks,
     ]
     return built, checks

@@ -188,6 +188,7 @@ class Daemon:
         a.approvals.settings = settings.approvals
         a.bus.settings = settings.bus  # stream and group are bound at start (reload.RESTART_KEYS)
         a.sessions.settings = a.logins.settings = settings.sessions
+        a.relay.settings = settings.events  # events.relay itself needs a restart
         a.logins.auth = settings.auth
 
     # -- status ------------------------------------------------------------------

@@ -34,6 +34,7 @@ RESTART_KEYS: frozenset[str] = frozenset(
         "bus.shared_inbox",  # which inboxes are read and who may write them
         "bus.manage_acls",
         "pubsub.channels",  # in every agent's Redis ACL
+        "events.relay",  # whether this daemon's relay runs at all
     }
 )
 

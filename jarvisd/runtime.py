@@ -18,6 +18,7 @@ from actors.approvals import Approvals, ApprovalsRef
 from actors.bus import Bus, BusRef
 from actors.cache import Cache, CacheRef
 from actors.embedded import ChildServer
+from actors.outbox import Relay
 from actors.persistence import Persistence, PersistenceRef
 from actors.pubsub import PubSub, PubSubRef
 from actors.redis_link import RedisLink, RedisRef
@@ -56,6 +57,7 @@ class DaemonActors:
     clients: PubSub  # pubsub-clients: what agents and clients can publish on
     approvals: Approvals
     bus: Bus
+    relay: Relay
     embedded: tuple[ChildServer, ...] = ()
 
     def in_start_order(self) -> list[Actor]:
@@ -68,6 +70,7 @@ class DaemonActors:
             self.logins,
             self.pubsub,
             self.clients,
+            self.relay,
             self.approvals,
             self.bus,
         ]

@@ -240,6 +240,56 @@ async def test_status_reports_follow_a_command_and_record_duration_result_and_er
     assert await raw.xlen(f"{stream}:dead") == 0  # the repeated report was a no-op
 
 
+async def test_an_agent_that_reports_only_the_outcome_of_an_approved_command_is_heard(
+    daemon: Running, raw: aioredis.Redis, db: asyncpg.Connection
+) -> None:
+    """No command.started (most agents send none): completed and failed are
+    taken from approved, the start recorded as implicit; a started that
+    arrives after the outcome is a no-op, not a dead letter."""
+    stream = stream_of(daemon)
+    for payload in (
+        requested("only-done"),
+        status("command.completed", "only-done", result={"ok": True}, durationMs=300),
+        requested("only-failed"),
+        status("command.failed", "only-failed", error="no such app"),
+        requested("late-start"),
+        status("command.completed", "late-start", durationMs=7),
+        status("command.started", "late-start"),
+    ):
+        await raw.xadd(stream, {"envelope": payload})
+
+    async def settled() -> bool:
+        return await db.fetchval(
+            "SELECT count(*) FROM commands WHERE status IN ('succeeded', 'failed')"
+        ) == 3 and await drained(raw, daemon)
+
+    await eventually(settled)
+    assert await dead_letters(raw, daemon) == []
+    rows = {
+        r["request_id"]: r
+        for r in await db.fetch(
+            "SELECT request_id, status, duration_ms, error, "
+            "extract(epoch FROM finished_at - started_at) * 1000 AS ran FROM commands"
+        )
+    }
+    assert (rows["only-done"]["status"], rows["only-done"]["duration_ms"]) == ("succeeded", 300)
+    assert round(rows["only-done"]["ran"]) == 300  # started when it says it did
+    assert (rows["only-failed"]["status"], rows["only-failed"]["error"]) == (
+        "failed",
+        "no such app",
+    )
+    assert rows["late-start"]["status"] == "succeeded"
+    history = await db.fetch(
+        "SELECT e.from_status, e.to_status, e.reason FROM command_events e "
+        "JOIN commands c ON c.id = e.command_id WHERE c.request_id = 'only-done' ORDER BY e.id"
+    )
+    assert [(h["from_status"], h["to_status"]) for h in history][-2:] == [
+        ("approved", "running"),
+        ("running", "succeeded"),
+    ]
+    assert "implicitly" in history[-2]["reason"]
+
+
 async def test_a_status_report_cannot_approve_a_waiting_command(
     daemon: Running, raw: aioredis.Redis, db: asyncpg.Connection
 ) -> None:

@@ -176,8 +176,9 @@ async def test_a_sweepers_connection_dropped_while_idle_leaves_exactly_one_sweep
             runners.append(runner)
             daemons.append(running.daemon)
         sweeps = [d.actors.approvals.sweep_stats for d in daemons]
+        leads = [d.actors.approvals.lead for d in daemons]
         await eventually(
-            lambda: _true(sum(s.leader for s in sweeps) == 1 and max(s.sweeps for s in sweeps) > 2)
+            lambda: _true(sum(x.leader for x in leads) == 1 and max(s.sweeps for s in sweeps) > 2)
         )
         admin = await asyncpg.connect(pg_dsn)
         try:
@@ -189,7 +190,7 @@ async def test_a_sweepers_connection_dropped_while_idle_leaves_exactly_one_sweep
                 SWEEPER_LOCK,
             )
             assert killed == 1
-            await eventually(lambda: _true(sum(s.leader for s in sweeps) == 1), timeout=10)
+            await eventually(lambda: _true(sum(x.leader for x in leads) == 1), timeout=10)
             await asyncio.sleep(0.5)  # both back to sweeping turns
             before = [s.sweeps for s in sweeps]
             await asyncio.sleep(2)  # 20 turns of each
@@ -203,7 +204,7 @@ async def test_a_sweepers_connection_dropped_while_idle_leaves_exactly_one_sweep
             await admin.close()
         assert holders == 1
         assert sorted(n > 0 for n in swept) == [False, True], swept  # one sweeper, not two
-        assert sum(s.leader for s in sweeps) == 1
+        assert sum(x.leader for x in leads) == 1
         for d in daemons:
             assert crashes(d) == {}
     finally:

@@ -18,7 +18,8 @@ import redis.asyncio as aioredis
 
 from actors import events
 from actors.embedded import EMBEDDED_ACCOUNT, EmbeddedValkey, RunAs
-from actors.pubsub import Delivery, Publish, PublishEvents, PubSub, Subscribe, Subscriber
+from actors.outbox import body_of, wire
+from actors.pubsub import Delivery, Publish, PubSub, RelayEvents, Subscribe, Subscriber
 from config import PubSubSettings, RedisSettings
 from tests.servers import Servers, make_state_dir
 
@@ -127,12 +128,14 @@ async def test_events_go_to_the_events_channel_and_their_kinds(
         risk_category="CRITICAL",
         expires_at=datetime.now(UTC),
     )
-    pubsub.tell_nowait(PublishEvents((events.publish(data, 7),)))
+    kind, evt = events.publish(data, 7)
+    assert await pubsub.ask(RelayEvents(((kind, wire(41, body_of(evt))),)), timeout=5) == 1
     got = await take(sub, 2)
     assert {d.channel for d in got} == {f"{redis_prefix}events", f"{redis_prefix}approvals"}
     assert got[0].data == got[1].data
     assert b'"type":"approval.requested"' in got[0].data
     assert msgspec.json.decode(got[0].data)["data"]["approvalId"] == 1
+    assert msgspec.json.decode(got[0].data)["id"] == "41"  # the outbox id
 
 
 # -- a Redis of the test's own, restarted -------------------------------------------------------

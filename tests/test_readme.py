@@ -90,6 +90,17 @@ async def test_the_quickstart_runs_top_to_bottom_twice_on_one_daemon(instance: P
                 )
                 assert run.returncode == 0, (round_, name, run.stdout, run.stderr)
                 check(name, run.stdout, round_)
+                if name == "agent":  # one dead letter a run (not json), nothing else
+                    letters = subprocess.run(
+                        [sys.executable, "-m", "jarvisd", "redis-cli", "XLEN", "jarvis:inbox:dead"],
+                        cwd=instance,
+                        env=d.env,
+                        capture_output=True,
+                        text=True,
+                        timeout=30,
+                        check=True,
+                    )
+                    assert letters.stdout.strip() == str(round_), letters.stdout
         # demo-2 (HIGH) still waits for a person; the example agent's two
         # requests were approved and carried out.
         status, body = get_json(instance, "/commands?action=delete_file&order=id")

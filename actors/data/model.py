@@ -91,9 +91,15 @@ COMMAND_TRANSITIONS: dict[str, frozenset[str]] = {
     "expired": frozenset({"awaiting_approval"}),
     "cancelled": frozenset({"pending", "awaiting_approval", "approved"}),
     "running": frozenset({"approved"}),
-    "succeeded": frozenset({"running"}),
-    "failed": frozenset({"running"}),
+    # From approved too: an agent that reports only the outcome (no
+    # command.started) started implicitly; the history records both steps.
+    "succeeded": frozenset({"running", "approved"}),
+    "failed": frozenset({"running", "approved"}),
 }
+# Reports that arrive after the command moved past them: a no-op, as a
+# repeated report is (command.started sent beside command.completed on an
+# at-most-once path may arrive second).
+STALE_REPORTS: dict[str, frozenset[str]] = {"running": frozenset({"succeeded", "failed"})}
 APPROVAL_FINAL: frozenset[str] = frozenset({"approved", "rejected", "expired", "cancelled"})
 
 

@@ -16,8 +16,10 @@ daemon restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
@@ -26,16 +28,15 @@ import asyncpg
 
 from actors import migrate as migrations
 from actors.data import repo
-from actors.events import Published
 from actors.kernel import Actor, ActorError, Health, Ref
+from actors.outbox import Wake, record
 from actors.persistence.agents import agents
 from actors.persistence.approvals import approvals
-from actors.persistence.base import PgMessage
+from actors.persistence.base import PgMessage, Writing
 from actors.persistence.commands import commands
 from actors.persistence.pool import OUTAGES, GuardedPool, Unavailable, reset_connection
 from actors.persistence.tokens import tokens
 from actors.persistence.users import EnsureAdmin, ensure_admin, users
-from actors.pubsub import PublishEvents
 from config import ApprovalSettings, PostgresSettings
 
 __all__ = ["Persistence", "PersistenceRef"]
@@ -55,7 +56,7 @@ class Persistence(Actor):
         health_interval: float = 2.0,
         migration_set: list[migrations.Migration] | None = None,
         approvals: ApprovalSettings | None = None,
-        events: Actor | None = None,
+        relay: Actor | None = None,
         admin_token_file: Path | None = None,
     ) -> None:
         # Several workers so one slow query never holds up the others; the pool bounds real concurrency.
@@ -69,9 +70,8 @@ class Persistence(Actor):
         self.dsn = dsn
         self.migration_set = migration_set
         self.approvals = approvals or ApprovalSettings()
-        # Where committed changes are announced (the pubsub actor); None: nowhere.
-        self.events = events
-        self.events_dropped = 0
+        # Told after a commit that wrote events (the relay); None: nobody.
+        self.relay = relay
         # Where the first admin's token goes (None: no admin is made here).
         self.admin_token_file = admin_token_file
         self.server = ""  # host:port of the server the last check reached
@@ -88,14 +88,18 @@ class Persistence(Actor):
             raise Unavailable(f"database not connected: {self.last_error or 'connecting'}")
         return GuardedPool(self._pg, wants_primary=self._wants_primary)
 
-    def announce(self, published: list[Published]) -> None:
-        """Hand events to the sink without waiting; count the ones it cannot take."""
-        if self.events is None or not published:
-            return
-        try:
-            self.events.tell_nowait(PublishEvents(tuple(published)))
-        except ActorError:  # full, stopped or restarting: the events are dropped
-            self.events_dropped += len(published)
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[Writing]:
+        """A transaction; the events announced in it go into the outbox
+        before it commits (nothing of it, events included, if it fails)."""
+        async with self.pool().acquire() as conn:
+            w = Writing(conn)
+            async with conn.transaction():
+                yield w
+                await record(conn, w.events)
+        if w.events and self.relay is not None:
+            with contextlib.suppress(ActorError):  # the relay looks by itself soon
+                self.relay.tell_nowait(Wake())
 
     # -- connecting ------------------------------------------------------------------------------
     async def on_start(self) -> None:
@@ -236,7 +240,6 @@ class Persistence(Actor):
     def snapshot(self) -> dict[str, Any]:
         data = super().snapshot()
         pool = self._pg
-        data["eventsDropped"] = self.events_dropped
         data["server"] = self.server or None
         data["pool"] = (
             None

@@ -41,11 +41,11 @@ async def create_approval(db: Store, msg: CreateApproval) -> Approval:
     policy = db.approvals
     expires_in = min(msg.new.expires_in or policy.expiry, policy.max_expiry)
     score = max(policy.score(msg.new.action), msg.new.risk_score)
-    async with db.pool().acquire() as conn:
+    async with db.writing() as w:
         approval = await repo.create_approval(
-            conn, msg.new, msg.requester_id, expires_in=expires_in, score=score
+            w.conn, msg.new, msg.requester_id, expires_in=expires_in, score=score
         )
-    db.announce([events.approval_requested(approval, None, approval.requester_id)])
+        w.announce([events.approval_requested(approval, None, approval.requester_id)])
     return approval
 
 
@@ -83,15 +83,17 @@ class DecideApproval(PgMessage[Approval], frozen=True):
 
 @approvals.handles(DecideApproval)
 async def decide_approval(db: Store, msg: DecideApproval) -> Approval:
-    async with db.pool().acquire() as conn:
+    expired: Expired | None = None
+    async with db.writing() as w:
         try:
             approval = await repo.decide_approval(
-                conn, msg.approval_id, msg.decision, msg.who, msg.reason
+                w.conn, msg.approval_id, msg.decision, msg.who, msg.reason
             )
-        except Expired as exc:
-            db.announce(await _decided(conn, exc.current))
-            raise
-        db.announce(await _decided(conn, approval))
+        except Expired as exc:  # the expiry is committed, and announced
+            expired, approval = exc, exc.current
+        w.announce(await _decided(w.conn, approval))
+    if expired is not None:
+        raise expired
     return approval
 
 
@@ -124,11 +126,10 @@ class SweepApprovals(PgMessage[Swept], frozen=True):
 
 @approvals.handles(SweepApprovals)
 async def sweep_approvals(db: Store, msg: SweepApprovals) -> Swept:
-    async with db.pool().acquire() as conn:
-        warned = await repo.warn_due(conn, msg.warn_before, msg.limit)
-        expired = await repo.expire_due(conn, msg.limit)
-        out = [events.approval_warning(a, ref) for a, ref in warned]
+    async with db.writing() as w:
+        warned = await repo.warn_due(w.conn, msg.warn_before, msg.limit)
+        expired = await repo.expire_due(w.conn, msg.limit)
+        w.announce([events.approval_warning(a, ref) for a, ref in warned])
         for approval in expired:
-            out += await _decided(conn, approval)
-    db.announce(out)
+            w.announce(await _decided(w.conn, approval))
     return Swept(len(warned), len(expired))

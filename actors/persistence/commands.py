@@ -44,9 +44,9 @@ class CreateCommand(PgMessage[tuple[Command, bool]], frozen=True):
 @commands.handles(CreateCommand)
 async def create_command(db: Store, msg: CreateCommand) -> tuple[Command, bool]:
     policy = db.approvals
-    async with db.pool().acquire() as conn:
+    async with db.writing() as w:
         command, created = await repo.create_command(
-            conn,
+            w.conn,
             msg.new,
             msg.user_id,
             created_by=msg.created_by,
@@ -55,15 +55,12 @@ async def create_command(db: Store, msg: CreateCommand) -> tuple[Command, bool]:
             expiry=policy.expiry,
             policy_score=policy.score(msg.new.action),
         )
-        approval = None
-        if created and command.approval_id is not None:
-            approval = await repo.get_approval(conn, command.approval_id)
-    if created:
-        out = [events.command_created(command)]
-        if approval is not None:
-            ref = (command.request_id, command.sender)
-            out.append(events.approval_requested(approval, ref, command.user_id))
-        db.announce(out)
+        if created:
+            w.announce([events.command_created(command)])
+            if command.approval_id is not None:
+                approval = await repo.get_approval(w.conn, command.approval_id)
+                ref = (command.request_id, command.sender)
+                w.announce([events.approval_requested(approval, ref, command.user_id)])
     return command, created
 
 
@@ -149,22 +146,20 @@ async def _report(
     duration_ms: int | None,
     actor_name: str,
 ) -> Command:
-    async with db.pool().acquire() as conn:
+    async with db.writing() as w:
         if sender_ref is not None:
             sender, request_id = sender_ref
-            command_id = await repo.command_id_of(conn, sender, request_id, command_id, actor_id)
+            command_id = await repo.command_id_of(w.conn, sender, request_id, command_id, actor_id)
         assert command_id is not None
         command, previous = await repo.update_command_status(
-            conn, command_id, change, actor_id, duration_ms=duration_ms, actor_name=actor_name
+            w.conn, command_id, change, actor_id, duration_ms=duration_ms, actor_name=actor_name
         )
-        cancelled = None
-        if previous == "awaiting_approval" and command.approval_id is not None:
-            cancelled = await repo.get_approval(conn, command.approval_id)
-    if previous is not None:
-        out = [events.command_updated(command, previous)]
-        if cancelled is not None:
-            out.append(events.approval_decided(cancelled, (command.request_id, command.sender)))
-        db.announce(out)
+        if previous is not None:
+            w.announce([events.command_updated(command, previous)])
+            if previous == "awaiting_approval" and command.approval_id is not None:
+                cancelled = await repo.get_approval(w.conn, command.approval_id)
+                ref = (command.request_id, command.sender)
+                w.announce([events.approval_decided(cancelled, ref)])
     return command
 
 
@@ -178,18 +173,17 @@ class IngestCommands(PgMessage[list[Ingested]], frozen=True):
 @commands.handles(IngestCommands)
 async def ingest_commands(db: Store, msg: IngestCommands) -> list[Ingested]:
     policy = db.approvals
-    async with db.pool().acquire() as conn:
+    async with db.writing() as w:
         results = await repo.ingest_commands(
-            conn,
+            w.conn,
             list(msg.rows),
             threshold=policy.threshold,
             expiry=policy.expiry,
             policy_scores=[policy.score(row[0].action) for row in msg.rows],
         )
-    out: list[events.Published] = []
-    for (new, _user, _by, sender), done in zip(msg.rows, results, strict=True):
-        if done.outcome == "created":
-            out += events.command_ingested(done, new, sender, risk_category(done.risk_score))
-    if out:
-        db.announce(out)
+        for (new, _user, _by, sender), done in zip(msg.rows, results, strict=True):
+            if done.outcome == "created":
+                w.announce(
+                    events.command_ingested(done, new, sender, risk_category(done.risk_score))
+                )
     return results

@@ -7,9 +7,9 @@ from actors.pubsub.actor import CLIENTS_PUBSUB, PubSub
 from actors.pubsub.messages import (
     Detach,
     Publish,
-    PublishEvents,
     PubSubMessage,
     PubSubRef,
+    RelayEvents,
     Subscribe,
     Unsubscribe,
 )
@@ -25,7 +25,7 @@ __all__ = [
     "PubSubMessage",
     "PubSubRef",
     "Publish",
-    "PublishEvents",
+    "RelayEvents",
     "Sink",
     "Subscribe",
     "Subscriber",

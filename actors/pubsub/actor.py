@@ -11,8 +11,9 @@ subscriber (DESIGN §3, §5, §8).
   messages published meanwhile were not received.
 - Subscribing waits for Redis to confirm, so a message published after
   ``Subscribe`` returns is delivered.
-- Publishing uses the actor's ordinary client; events (``PublishEvents``) go
-  to ``{prefix}events`` and to their kind's channel in one round trip.
+- Publishing uses the actor's ordinary client; events from the outbox
+  (``RelayEvents``) go to ``{prefix}events`` and to their kind's channel, in
+  order, in one round trip.
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ from redis.asyncio.cluster import RedisCluster
 
 from actors.kernel import Health, handles
 from actors.pubsub.listener import Deaf, Listener
-from actors.pubsub.messages import Detach, Publish, PublishEvents, Subscribe, Unsubscribe
+from actors.pubsub.messages import (
+    Detach,
+    Publish,
+    RelayEvents,
+    Subscribe,
+    Unsubscribe,
+)
 from actors.pubsub.subscriber import Delivery, Subscriber
 from actors.redis_link import REDIS_FAILURES, RedisClientActor, RedisUnavailable, node_url
 from config import PubSubSettings, RedisSettings
@@ -351,20 +358,18 @@ class PubSub(RedisClientActor):
         self.ps_stats.published += 1
         return receivers
 
-    @handles(PublishEvents)
-    async def _publish_events(self, msg: PublishEvents) -> None:
+    @handles(RelayEvents)
+    async def _relay_events(self, msg: RelayEvents) -> int:
         args: list[Any] = [self.events_channel]
-        for kind, evt in msg.events:
-            args += (self.channel_of(kind), self._encoder.encode(evt))
+        for kind, body in msg.events:
+            args += (self.channel_of(kind), body)
         try:
             await self._publish_many(args=args)
         except REDIS_FAILURES as exc:
-            # Events are notifications (the state is in PostgreSQL): a lost
-            # one is counted, and never fails the actor.
             self.ps_stats.publish_errors += len(msg.events)
-            self.log.warning("events_not_published", count=len(msg.events), error=repr(exc))
-            return
+            raise RedisUnavailable(f"events not published: {exc!r}") from exc
         self.ps_stats.events_published += len(msg.events)
+        return len(msg.events)
 
     # -- health ---------------------------------------------------------------------------
     async def check(self) -> Health | None:

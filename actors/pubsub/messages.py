@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from actors.events import Published
 from actors.kernel import Message, Ref
 from actors.pubsub.subscriber import Subscriber
 
@@ -13,7 +12,7 @@ __all__ = [
     "PubSubMessage",
     "PubSubRef",
     "Publish",
-    "PublishEvents",
+    "RelayEvents",
     "Subscribe",
     "Unsubscribe",
 ]
@@ -56,11 +55,12 @@ class Publish(PubSubMessage[int], frozen=True):
     data: bytes
 
 
-class PublishEvents(PubSubMessage[None], frozen=True):
-    """Events to ``{prefix}events`` and their kind's channel; told, never
-    asked: a failure to publish is counted, never raised."""
+class RelayEvents(PubSubMessage[int], frozen=True):
+    """Events from the outbox, as sent: each to ``{prefix}events`` and its
+    kind's channel, in order, in one round trip. Asked: a Redis failure is
+    raised (RedisUnavailable), so that the relay sends them again."""
 
-    events: tuple[Published, ...]
+    events: tuple[tuple[str, bytes], ...]  # (kind, the event's JSON)
 
 
 class PubSubRef(Ref):

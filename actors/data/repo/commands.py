@@ -16,6 +16,7 @@ import asyncpg
 from actors.data.listing import ID_BOUNDS, Filter, ListQuery, ListSpec
 from actors.data.model import (
     COMMAND_TRANSITIONS,
+    STALE_REPORTS,
     Command,
     CommandCreate,
     CommandStatusUpdate,
@@ -198,9 +199,13 @@ async def update_command_status(
     if target == "running":
         extra = ", started_at = now()"
     elif target in ("succeeded", "failed"):
+        # Started implicitly (reported straight from approved): it started
+        # duration_ms before now, or now when the agent did not say.
         extra = (
-            ", finished_at = now(), duration_ms = coalesce($6::bigint, "
-            "(extract(epoch FROM now() - coalesce(started_at, created_at)) * 1000)::bigint)"
+            ", finished_at = now(), started_at = coalesce(c.started_at, "
+            "now() - make_interval(secs => coalesce($6::bigint, 0) / 1000.0)), "
+            "duration_ms = coalesce($6::bigint, "
+            "(extract(epoch FROM now() - coalesce(c.started_at, now())) * 1000)::bigint)"
         )
     async with conn.transaction():
         row = await conn.fetchrow(
@@ -220,18 +225,27 @@ async def update_command_status(
             )
             if current is None:
                 raise NotFound(f"no command {command_id}")
-            if current["status"] == target:
-                return _command(current), None  # a repeated report: no-op
+            if current["status"] == target or current["status"] in STALE_REPORTS.get(target, ()):
+                return _command(current), None  # a repeated or late report: no-op
             raise Conflict(
                 f"command {command_id} is {current['status']}; it cannot become {target}",
                 _command(current),
             )
         reason = change.reason or change.error
+        previous = row["previous"]
+        if previous == "approved" and target in ("succeeded", "failed"):
+            await conn.execute(
+                "INSERT INTO command_events (command_id, from_status, to_status, actor_id, reason) "
+                "VALUES ($1, 'approved', 'running', $2, 'started implicitly: reported finished')",
+                command_id,
+                actor_id,
+            )
+            previous = "running"
         await conn.execute(
             "INSERT INTO command_events (command_id, from_status, to_status, actor_id, reason) "
             "VALUES ($1, $2, $3, $4, $5)",
             command_id,
-            row["previous"],
+            previous,
             target,
             actor_id,
             reason,

@@ -1,0 +1,224 @@
+"""The relay: events from the outbox to Redis, in id order, at least once,
+by one daemon at a time.
+
+The leader (a session advisory lock on a connection of its own, as the
+approvals sweeper leads) reads the events past the last one it relayed,
+publishes them (each to ``{prefix}events`` and its kind's channel, in order,
+in one round trip), then records how far it got in ``event_relay``. A crash
+or a Redis failure between the publish and that record sends them again:
+subscribers know an event by its id. The relay wakes on the notification
+each writing commit sends (LISTEN on the lock's connection), on a ``Wake``
+from this daemon's persistence actor, and every ``events.poll_interval``.
+The leader also prunes events older than ``events.retention`` (relayed
+ones only), in batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import asyncpg
+
+from actors.kernel import Actor, ActorError, Health, Message, Ref, handles
+from actors.leadership import CONNECTION_LOST, Leadership, lock_key
+from actors.outbox.store import NOTIFY_CHANNEL, wire
+from actors.pubsub import PubSubRef, RelayEvents
+from actors.redis_link import RedisUnavailable
+from config import EventSettings, PostgresSettings
+
+__all__ = ["RELAY_LOCK", "Relay", "RelayRef", "Wake"]
+
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+RELAY_LOCK = lock_key("jarvisd.event-relay")
+PRUNE_EVERY = 60.0  # seconds between pruning rounds
+PRUNE_BATCH = 10_000
+_RETRY = 0.5  # seconds before trying again after a failure
+
+
+class RelayMessage(Message[R_co], frozen=True):
+    """A message the relay answers with ``R``."""
+
+
+class Wake(RelayMessage[None], frozen=True):
+    """Events were committed here: look now rather than at the next poll."""
+
+
+@dataclass
+class RelayStats:
+    relayed: int = 0
+    last_id: int = 0  # the last event relayed (as recorded)
+    newest_id: int = 0  # the newest event seen in the outbox
+    pruned: int = 0
+    failures: int = 0
+    last_error: str = ""
+
+
+class NotSent(Exception):
+    """Redis (or the pub/sub actor) did not take a batch: it is sent again."""
+
+
+class Relay(Actor):
+    def __init__(
+        self,
+        settings: EventSettings,
+        postgres: PostgresSettings,
+        dsn: str,
+        *,
+        pubsub: PubSubRef,
+        name: str = "relay",
+        health_interval: float = 2.0,
+    ) -> None:
+        super().__init__(name, mailbox_size=1000, health_interval=health_interval)
+        self.settings = settings
+        self.pubsub = pubsub
+        self.relay_stats = RelayStats()
+        self.lead = Leadership(dsn, postgres, RELAY_LOCK, self._lead)
+        self._wake = asyncio.Event()
+        self._listening: asyncpg.Connection | None = None
+        self._pruned_at = 0.0
+
+    @handles(Wake)
+    async def _woken(self, _msg: Wake) -> None:
+        self._wake.set()
+
+    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        if payload.isdigit():
+            self.relay_stats.newest_id = max(self.relay_stats.newest_id, int(payload))
+        self._wake.set()
+
+    def _lead(self, leading: bool) -> None:
+        self.log.info("relay_leading" if leading else "relay_standing_by")
+
+    # -- the loop ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        if not self.settings.relay:
+            self.log.info("relay_off", reason="events.relay = false: another daemon relays")
+            await asyncio.Event().wait()  # nothing to do for as long as the actor runs
+        while not self.halting():
+            pause = self.settings.poll_interval
+            # Cleared before looking: a commit told while a batch is on its
+            # way wakes the next turn at once.
+            self._wake.clear()
+            try:
+                if await self._leading():
+                    if await self._relay_batch() >= self.settings.relay_batch:
+                        pause = 0.0  # more waiting: no pause
+                    await self._prune()
+            except CONNECTION_LOST as exc:
+                self._failed(exc)
+                await self.lead.drop()
+                await asyncio.sleep(_RETRY)  # however many commits wake it meanwhile
+                continue
+            except NotSent as exc:  # not recorded as relayed: sent again
+                self._failed(exc)
+                await asyncio.sleep(_RETRY)
+                continue
+            if pause:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), pause)
+
+    def _failed(self, exc: BaseException) -> None:
+        self.relay_stats.failures += 1
+        self.relay_stats.last_error = f"{type(exc).__name__}: {exc}"
+        self.log.warning("relay_failed", error=self.relay_stats.last_error)
+
+    async def _leading(self) -> bool:
+        """Lead, and on a new lock connection listen and read how far the
+        last leader got."""
+        if not await self.lead.leading():
+            return False
+        conn = self.lead.conn
+        assert conn is not None
+        if self._listening is not conn:
+            await conn.add_listener(NOTIFY_CHANNEL, self._notified)
+            self._listening = conn
+            self.relay_stats.last_id = int(
+                await conn.fetchval("SELECT last_id FROM event_relay WHERE name = 'redis'")
+            )
+        return True
+
+    async def _relay_batch(self) -> int:
+        conn = self.lead.conn
+        assert conn is not None
+        rows = await conn.fetch(
+            "SELECT id, kind, body FROM events WHERE id > $1 ORDER BY id LIMIT $2",
+            self.relay_stats.last_id,
+            self.settings.relay_batch,
+        )
+        if not rows:
+            return 0
+        batch = tuple((r["kind"], wire(r["id"], r["body"])) for r in rows)
+        try:
+            await self.pubsub.ask(RelayEvents(batch), timeout=10)
+        except (RedisUnavailable, ActorError, TimeoutError) as exc:
+            raise NotSent(str(exc) or type(exc).__name__) from exc
+        last = int(rows[-1]["id"])
+        await conn.execute("UPDATE event_relay SET last_id = $1 WHERE name = 'redis'", last)
+        st = self.relay_stats
+        st.last_id = last
+        st.newest_id = max(st.newest_id, last)
+        st.relayed += len(rows)
+        return len(rows)
+
+    async def _prune(self) -> None:
+        """Events past their retention, relayed ones only, in batches."""
+        if time.monotonic() - self._pruned_at < PRUNE_EVERY:
+            return
+        self._pruned_at = time.monotonic()
+        conn = self.lead.conn
+        assert conn is not None
+        while not self.halting():
+            status = await conn.execute(
+                "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE id <= $1 "
+                "AND created_at < now() - make_interval(secs => $2) ORDER BY id LIMIT $3)",
+                self.relay_stats.last_id,
+                float(self.settings.retention),
+                PRUNE_BATCH,
+            )
+            deleted = int(status.split()[-1])
+            self.relay_stats.pruned += deleted
+            if deleted < PRUNE_BATCH:
+                return
+            await asyncio.sleep(0)  # a batch at a time: others get their turn
+
+    async def on_stop(self) -> None:
+        self._listening = None
+        await self.lead.drop()
+
+    # -- health ------------------------------------------------------------------------------
+    async def check(self) -> Health | None:
+        st = self.relay_stats
+        if not self.settings.relay:
+            return Health(status="pass", detail="off (events.relay = false)")
+        role = "leader" if self.lead.leader else "standby"
+        detail = f"{role}, relayed up to {st.last_id}"
+        if self.lead.leader and st.newest_id > st.last_id:
+            detail += f", {st.newest_id - st.last_id} waiting"
+        if st.last_error and (self.lead.conn is None or st.newest_id > st.last_id):
+            return Health(status="warn", detail=f"{detail}; {st.last_error}")
+        return Health(status="pass", detail=detail)
+
+    def snapshot(self) -> dict[str, Any]:
+        data = super().snapshot()
+        st = self.relay_stats
+        data["relay"] = {
+            "leader": self.lead.leader,
+            "relayed": st.relayed,
+            "lastId": st.last_id,
+            "newestId": st.newest_id,
+            "pruned": st.pruned,
+            "failures": st.failures,
+        }
+        return data
+
+
+class RelayRef(Ref):
+    """The relay: told ``Wake`` after a commit that wrote events."""
+
+    async def ask(self, msg: RelayMessage[R], timeout: float | None = None) -> R:
+        return await self._ask(msg, timeout)
