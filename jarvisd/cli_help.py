@@ -47,7 +47,8 @@ EXAMPLES: dict[str, str] = {
     "logins": "jarvisd logins rotate-key",
     "logins rotate-key": "jarvisd logins rotate-key",
     "publish": 'jarvisd publish alerts \'{"level": "info", "text": "hello"}\'',
-    "subscribe": "jarvisd subscribe alerts\n  jarvisd subscribe --pattern 'jarvis:events:*'",
+    "subscribe": "jarvisd subscribe alerts\n  jarvisd subscribe --pattern 'jarvis:events:*'\n"
+    "  jarvisd subscribe --since 0 --kind approvals",
     "approvals": "jarvisd approvals list\n  jarvisd approvals show 12\n"
     "  jarvisd approvals approve 12 --reason 'checked the target'",
     "approvals list": "jarvisd approvals list\n  jarvisd approvals list --status '' --limit 200 --json",

@@ -55,6 +55,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
+    if args.since is not None:
+        if args.channels or args.pattern:
+            print(
+                "jarvisd subscribe: --since reads the event log (GET /events); give no channels",
+                file=sys.stderr,
+            )
+            return 2
+        return _follow_log(args)
     socket_path, base, headers = daemon_endpoint(load(args), token_from(args))
 
     async def run() -> int:
@@ -94,6 +102,45 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
         return 0
 
 
+def _follow_log(args: argparse.Namespace) -> int:
+    """Every event after ``--since`` from the durable log, then each new one
+    as it commits (long-polls), one JSON object per line."""
+    socket_path, base, headers = daemon_endpoint(load(args), token_from(args))
+    kind = f"&kind={args.kind}" if args.kind else ""
+
+    async def run() -> int:
+        since = args.since
+        async with (
+            reach(socket_path, base),
+            client_session(socket_path, timeout=aiohttp.ClientTimeout(total=60)) as s,
+        ):
+            print(f"following the event log after {since} (Ctrl-C stops)", file=sys.stderr)
+            while True:
+                async with s.get(
+                    f"{base}/events?since={since}&wait=25&limit=1000{kind}", headers=headers
+                ) as resp:
+                    page = await resp.json(content_type=None)
+                    if resp.status != 200:
+                        detail = page.get("detail", page) if isinstance(page, dict) else page
+                        print(f"jarvisd subscribe: {resp.status}: {detail}", file=sys.stderr)
+                        return 1
+                if page["gap"]:
+                    gap = {
+                        "type": "subscription.gap",
+                        "reason": f"events after {since} were pruned",
+                    }
+                    sys.stdout.write(json.dumps(gap) + "\n")
+                for event in page["events"]:
+                    sys.stdout.write(json.dumps(event) + "\n")
+                sys.stdout.flush()
+                since = page["next"]
+
+    try:
+        return run_call("subscribe", run)
+    except KeyboardInterrupt:
+        return 0
+
+
 def add_parsers(
     sub: Any, with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]
 ) -> None:
@@ -107,5 +154,14 @@ def add_parsers(
     )
     s.add_argument("channels", nargs="*", metavar="CHANNEL", help="channels to subscribe to")
     s.add_argument("--pattern", action="append", metavar="GLOB", help="a pattern too (repeatable)")
+    s.add_argument(
+        "--since",
+        type=int,
+        metavar="ID",
+        help="read the durable event log after this event id (0: all kept), then follow it",
+    )
+    s.add_argument(
+        "--kind", choices=["commands", "approvals"], help="with --since: only events of this kind"
+    )
     s.add_argument("--token", help="API token (default $JARVISD_TOKEN; none: the Unix socket)")
     s.set_defaults(func=cmd_subscribe)

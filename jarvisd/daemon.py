@@ -102,6 +102,7 @@ class Daemon:
         if not self.stop_requested.is_set():
             self._stop_reason = reason
             self.runtime.draining = True
+            self.runtime.lists.changed()  # long-polls of the event log answer now
             self.notifier.stopping(f"draining ({reason})")
             self.stop_requested.set()
 
@@ -364,6 +365,7 @@ class Daemon:
 
     async def _shutdown(self, code: int) -> int:
         self.runtime.draining = True
+        self.runtime.lists.changed()
         timeout = self.settings.daemon.shutdown_timeout
         deadline = time.monotonic() + timeout
         if not self.stop_requested.is_set():

@@ -13,6 +13,8 @@ briefly so that pollers repeating a query cost no database round trip.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections import OrderedDict
 
@@ -32,6 +34,8 @@ class ListCache:
         self._entries: OrderedDict[Key, tuple[float, bytes, dict[str, str] | None]] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        # Long-polls of GET /events, woken by the next change.
+        self._waiters: set[asyncio.Future[None]] = set()
 
     def get(self, key: Key) -> tuple[bytes, dict[str, str] | None] | None:
         if not self.enabled or self.ttl <= 0:
@@ -54,9 +58,22 @@ class ListCache:
             self._entries.popitem(last=False)
 
     def changed(self) -> None:
-        """Commands or approvals changed: forget every answer."""
+        """Commands or approvals changed: forget every answer, wake the waiters."""
         self.generation += 1
         self._entries.clear()
+        for fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def next_change(self, timeout: float) -> None:
+        """Until the next change (or an outage) is heard, at most ``timeout``."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.add(fut)
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fut, timeout)
+        finally:
+            self._waiters.discard(fut)
 
     def on_delivery(self, item: Delivery) -> bool:
         """The subscriber of ``{prefix}events``: any event, a gap or an outage

@@ -345,7 +345,11 @@ async def test_status_reports_follow_the_state_machine(api: Api) -> None:
     )
     assert (status, done["status"], done["result"]) == (200, "succeeded", {"ok": 1})
     assert done["durationMs"] is not None
-    status, _h, conflict = await api.call("PUT", url, token=agent, json={"status": "running"})
+    status, _h, late = await api.call("PUT", url, token=agent, json={"status": "running"})
+    assert (status, late["status"]) == (200, "succeeded")  # a late start: a no-op
+    status, _h, conflict = await api.call(
+        "PUT", url, token=agent, json={"status": "cancelled", "reason": "too late"}
+    )
     assert status == 409
     assert conflict["current"]["status"] == "succeeded"
     assert (await api.call("PUT", url, token=agent, json={"status": "pending"}))[0] == 400

@@ -147,6 +147,7 @@ async def test_a_person_lists_shows_approves_and_rejects_from_the_shell(
         missing = cli(folder, env, "approvals", "show", "999999")
         assert (missing.returncode, "404" in missing.stderr) == (1, True)
         await _publish_and_subscribe(folder, env)
+        await _follow_the_log(folder, env)
     finally:
         if d.proc.poll() is None:
             d.proc.send_signal(signal.SIGTERM)
@@ -182,6 +183,37 @@ async def _publish_and_subscribe(folder: Path, env: dict[str, str]) -> None:
         finally:
             sub.send_signal(signal.SIGINT)
             assert sub.wait(30) == 0
+
+
+async def _follow_the_log(folder: Path, env: dict[str, str]) -> None:
+    """`subscribe --since 0` prints what the log kept, in id order, then waits."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("JARVISD_")}
+    with subprocess.Popen(
+        [sys.executable, "-m", "jarvisd", "subscribe", "--since", "0", "--kind", "approvals"],
+        cwd=folder,
+        env={**base, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as log:
+        try:
+            assert log.stdout is not None
+            seen: list[dict[str, Any]] = []
+            while len(seen) < 4:  # two requested, one approved, one rejected
+                line = await asyncio.wait_for(asyncio.to_thread(log.stdout.readline), 30)
+                seen.append(json.loads(line))
+            assert [e["type"] for e in seen] == [
+                "approval.requested",
+                "approval.requested",
+                "approval.decided",
+                "approval.decided",
+            ]
+            ids = [int(e["id"]) for e in seen]
+            assert ids == sorted(ids)
+            assert log.poll() is None  # following, for what comes next
+        finally:
+            log.send_signal(signal.SIGINT)
+            assert log.wait(30) == 0
 
 
 async def _post(port: int, token: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -278,7 +278,9 @@ async def test_events_committed_while_redis_is_away_are_relayed_once_it_is_back(
                 while relay.failures == 0:
                     await asyncio.sleep(0.05)
             assert relay.last_id == before  # nothing counted as relayed
-            assert await db.fetchval("SELECT last_id FROM event_relay") == before
+            assert (
+                await db.fetchval("SELECT last_id FROM event_relay WHERE name = 'redis'") == before
+            )
             own_valkey.server = own_valkey._new()
             await own_valkey.server.start()
             listener = aioredis.Redis.from_url(own_valkey.url)
@@ -293,10 +295,85 @@ async def test_events_committed_while_redis_is_away_are_relayed_once_it_is_back(
             )
             assert waiting >= 10
             assert relay.relayed - sent_before == waiting  # each sent once, once Redis took it
-            assert await db.fetchval("SELECT last_id FROM event_relay") == newest
+            assert (
+                await db.fetchval("SELECT last_id FROM event_relay WHERE name = 'redis'") == newest
+            )
             ids = heard.ids()  # what this listener, back in time, heard of them
             assert ids == sorted(ids)
             assert len(set(ids)) == len(ids)
             assert all(before < i <= newest for i in ids)
     finally:
         await db.close()
+
+
+# -- GET /events: the log read back -----------------------------------------------------------------
+async def test_the_event_log_pages_from_an_id_and_users_see_only_their_own(
+    api: Api, pg_dsn: str
+) -> None:
+    _a, alice = await api.user("log-alice")
+    _b, bob = await api.user("log-bob")
+    _c, carol = await api.user("log-carol", "approver")
+    for token in (alice, bob, alice):
+        status, _h, _b2 = await api.call("POST", "/commands", token=token, json={"action": "n"})
+        assert status == 201
+    status, _h, everything = await api.call("GET", "/events?since=0", token=carol)
+    assert status == 200, everything
+    ids = [int(e["id"]) for e in everything["events"]]
+    assert ids == sorted(ids)
+    assert len(ids) == 3
+    assert everything["next"] == ids[-1]
+    assert everything["gap"] is False
+    status, _h, mine = await api.call("GET", "/events?since=0", token=alice)
+    assert [int(e["id"]) for e in mine["events"]] == [ids[0], ids[2]]  # bob's is not hers
+    status, _h, first = await api.call("GET", "/events?since=0&limit=2", token=carol)
+    status, _h, rest = await api.call("GET", f"/events?since={first['next']}", token=carol)
+    assert [e["id"] for e in first["events"] + rest["events"]] == [str(i) for i in ids]
+    status, _h, none = await api.call("GET", f"/events?since={ids[-1]}", token=carol)
+    assert (none["events"], none["next"]) == ([], ids[-1])
+    status, _h, only = await api.call("GET", "/events?since=0&kind=approvals", token=carol)
+    assert only["events"] == []
+    for bad in ("since=-1", "limit=0", "limit=1001", "wait=56", "kind=users", "x=1", "since=a"):
+        status, _h, problem = await api.call("GET", f"/events?{bad}", token=carol)
+        assert status == 400, (bad, problem)
+    status, _h, _p = await api.call("GET", "/events")
+    assert status == 401
+
+
+async def test_a_long_poll_on_the_log_answers_when_an_event_commits(api: Api) -> None:
+    _a, token = await api.user("poller")
+    status, _h, now = await api.call("GET", "/events?since=0", token=token)
+    since = now["next"]
+    started = asyncio.get_running_loop().time()
+    poll = asyncio.create_task(api.call("GET", f"/events?since={since}&wait=20", token=token))
+    await asyncio.sleep(0.3)
+    assert not poll.done()
+    status, _h, made = await api.call("POST", "/commands", token=token, json={"action": "wake"})
+    assert status == 201
+    status, _h, woke = await poll
+    took = asyncio.get_running_loop().time() - started
+    assert status == 200
+    assert [e["data"]["commandId"] for e in woke["events"]] == [made["id"]]
+    assert took < 5, took
+
+
+async def test_a_reader_older_than_what_was_pruned_is_told_of_the_gap(
+    api: Api, pg_dsn: str
+) -> None:
+    _a, token = await api.user("late-reader")
+    for _ in range(3):
+        await api.call("POST", "/commands", token=token, json={"action": "n"})
+    status, _h, got = await api.call("GET", "/events?since=0", token=token)
+    ids = [int(e["id"]) for e in got["events"]]
+    db = await asyncpg.connect(pg_dsn)
+    try:
+        async with db.transaction():  # what the relay's pruning does
+            await db.execute("UPDATE event_relay SET last_id = $1 WHERE name = 'pruned'", ids[0])
+            await db.execute("DELETE FROM events WHERE id <= $1", ids[0])
+    finally:
+        await db.close()
+    status, _h, late = await api.call("GET", "/events?since=0", token=token)
+    assert status == 200
+    assert late["gap"] is True
+    assert [int(e["id"]) for e in late["events"]] == ids[1:]
+    _status, _h, current = await api.call("GET", f"/events?since={ids[0]}", token=token)
+    assert current["gap"] is False

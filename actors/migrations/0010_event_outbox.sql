@@ -21,3 +21,6 @@ CREATE TABLE event_relay (
     last_id bigint NOT NULL
 );
 INSERT INTO event_relay (name, last_id) VALUES ('redis', 0);
+-- Events up to this id may have been pruned: a client resuming from an
+-- older id is told it has a gap.
+INSERT INTO event_relay (name, last_id) VALUES ('pruned', 0);

@@ -173,13 +173,23 @@ class Relay(Actor):
         conn = self.lead.conn
         assert conn is not None
         while not self.halting():
-            status = await conn.execute(
-                "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE id <= $1 "
-                "AND created_at < now() - make_interval(secs => $2) ORDER BY id LIMIT $3)",
+            # The watermark first: a reader told "no gap" never misses a pruned event.
+            top = await conn.fetchval(
+                "WITH doomed AS (SELECT id FROM events WHERE id <= $1 "
+                "AND created_at < now() - make_interval(secs => $2) ORDER BY id LIMIT $3) "
+                "SELECT max(id) FROM doomed",
                 self.relay_stats.last_id,
                 float(self.settings.retention),
                 PRUNE_BATCH,
             )
+            if top is None:
+                return
+            async with conn.transaction():
+                await conn.execute(
+                    "UPDATE event_relay SET last_id = greatest(last_id, $1) WHERE name = 'pruned'",
+                    top,
+                )
+                status = await conn.execute("DELETE FROM events WHERE id <= $1", top)
             deleted = int(status.split()[-1])
             self.relay_stats.pruned += deleted
             if deleted < PRUNE_BATCH:

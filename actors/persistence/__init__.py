@@ -1,6 +1,6 @@
 """The persistence actor (``actor``) and its messages, each defined beside
 the handler that answers it: ``users``, ``tokens``, ``agents``,
-``commands``, ``approvals``."""
+``commands``, ``approvals``, ``events`` (the outbox read back)."""
 
 from actors.persistence.actor import Persistence, PersistenceRef
 from actors.persistence.agents import CreateAgent, ListAgents, RevokeAgent
@@ -21,6 +21,7 @@ from actors.persistence.commands import (
     ReportCommand,
     UpdateCommandStatus,
 )
+from actors.persistence.events import EventPage, ReadEvents
 from actors.persistence.pool import Unavailable
 from actors.persistence.tokens import (
     AuthenticateToken,
@@ -56,6 +57,7 @@ __all__ = [
     "DecideApproval",
     "DeleteUser",
     "EnsureAdmin",
+    "EventPage",
     "GetApproval",
     "GetCommand",
     "GetUser",
@@ -69,6 +71,7 @@ __all__ = [
     "Persistence",
     "PersistenceRef",
     "PgMessage",
+    "ReadEvents",
     "ReportCommand",
     "RevokeAgent",
     "RevokeToken",

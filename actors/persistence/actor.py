@@ -34,6 +34,7 @@ from actors.persistence.agents import agents
 from actors.persistence.approvals import approvals
 from actors.persistence.base import PgMessage, Writing
 from actors.persistence.commands import commands
+from actors.persistence.events import events
 from actors.persistence.pool import OUTAGES, GuardedPool, Unavailable, reset_connection
 from actors.persistence.tokens import tokens
 from actors.persistence.users import EnsureAdmin, ensure_admin, users
@@ -45,7 +46,7 @@ R = TypeVar("R")
 
 
 class Persistence(Actor):
-    rooms = (users, tokens, agents, commands, approvals)
+    rooms = (users, tokens, agents, commands, approvals, events)
 
     def __init__(
         self,

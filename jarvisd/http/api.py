@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from jarvisd.http import agents, cache_api, commands, login, pubsub, sessions, users
+from jarvisd.http import agents, cache_api, commands, events, login, pubsub, sessions, users
 from jarvisd.http.common import RouteDoc
 
 __all__ = ["ROUTES", "add_routes"]
@@ -16,6 +16,7 @@ ROUTES: list[RouteDoc] = [
     *users.ROUTES,
     *agents.ROUTES,
     *commands.ROUTES,
+    *events.ROUTES,
     *cache_api.ROUTES,
     *sessions.ROUTES,
     *pubsub.ROUTES,
