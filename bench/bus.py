@@ -23,6 +23,7 @@ import json
 import statistics
 import time
 import uuid
+from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
@@ -157,6 +158,20 @@ async def latency(d: BenchDaemon, redis_url: str, rate: int, seconds: float) -> 
 READER_PROCESSES = 2
 
 
+async def relay_stats(d: BenchDaemon) -> dict[str, Any]:
+    """The relay's figures from the daemon's /stats: commit (its NOTIFY
+    heard) to the events published on Redis."""
+    import aiohttp
+
+    async with (
+        aiohttp.ClientSession() as s,
+        s.get(f"{d.base}/stats", headers={"Authorization": f"Bearer {d.token}"}) as resp,
+    ):
+        stats = await resp.json()
+    relay: dict[str, Any] = stats["actors"]["relay"]["relay"]
+    return relay
+
+
 async def fanout(
     kind: str, target: str, token: str, redis_url: str, clients: int, rate: int, seconds: float
 ) -> list[float]:
@@ -219,7 +234,10 @@ async def run(pg: str, redis_url: str, args: argparse.Namespace, report: Report)
     floor = await raw_floor(pg, args.envelopes)
     async with bench_daemon(pg, redis_url) as d:
         rate, produced = await ingest(d, redis_url, args.envelopes)
+    # A daemon of its own for the steady rate: its relay's figures are that run's.
+    async with bench_daemon(pg, redis_url) as d:
         lat = await latency(d, redis_url, args.rate, args.seconds)
+        relay = await relay_stats(d)
         ws = await fanout(
             "ws", d.base, d.token, redis_url, args.clients, args.ws_rate, args.seconds
         )
@@ -238,6 +256,8 @@ async def run(pg: str, redis_url: str, args: argparse.Namespace, report: Report)
     report.add("XADD→command.created p50", statistics.median(lat), "ms")
     report.add("XADD→command.created p99", pct(lat, 0.99), "ms")
     report.add("XADD→command.created max", max(lat), "ms")
+    report.add("relay, commit→PUBLISH p50", relay["lagMsP50"], "ms")
+    report.add("relay, commit→PUBLISH p99", relay["lagMsP99"], "ms")
     print(f"PUBLISH → {args.clients} subscribers at {args.ws_rate} msg/s for {args.seconds:g} s:")
     raw_p50, raw_p99 = statistics.median(raw), pct(raw, 0.99)
     report.add("PUBLISH→raw Redis subscribers p50", raw_p50, "ms")

@@ -4,9 +4,9 @@ by one daemon at a time.
 The leader (a session advisory lock on a connection of its own, as the
 approvals sweeper leads) reads the events past the last one it relayed,
 publishes them (each to ``{prefix}events`` and its kind's channel, in order,
-in one round trip), then records how far it got in ``event_relay``. A crash
-or a Redis failure between the publish and that record sends them again:
-subscribers know an event by its id. The relay wakes on the notification
+in one round trip), and records how far it got in ``event_relay`` as it
+reads the next batch (or at the next poll). A crash or a Redis failure
+before that record sends them again: subscribers know an event by its id. The relay wakes on the notification
 each writing commit sends (LISTEN on the lock's connection), on a ``Wake``
 from this daemon's persistence actor, and every ``events.poll_interval``.
 The leader also prunes events older than ``events.retention`` (relayed
@@ -16,9 +16,10 @@ ones only), in batches.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import asyncpg
@@ -51,11 +52,20 @@ class Wake(RelayMessage[None], frozen=True):
 @dataclass
 class RelayStats:
     relayed: int = 0
-    last_id: int = 0  # the last event relayed (as recorded)
+    last_id: int = 0  # the last event published (recorded with the next read)
     newest_id: int = 0  # the newest event seen in the outbox
     pruned: int = 0
     failures: int = 0
     last_error: str = ""
+    # Commit (its notification heard) to published, in ms, for the newest
+    # notifications this relay heard as leader (the last 10,000).
+    lags: collections.deque[float] = field(default_factory=lambda: collections.deque(maxlen=10_000))
+
+    def lag(self, q: float) -> float | None:
+        if not self.lags:
+            return None
+        ordered = sorted(self.lags)
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
 
 
 class NotSent(Exception):
@@ -81,6 +91,9 @@ class Relay(Actor):
         self._wake = asyncio.Event()
         self._listening: asyncpg.Connection | None = None
         self._pruned_at = 0.0
+        self._proved = 0.0  # when the lock was last proved on its connection
+        # (highest id of a commit, when its notification was heard), oldest first.
+        self._heard: collections.deque[tuple[int, float]] = collections.deque(maxlen=100_000)
 
     @handles(Wake)
     async def _woken(self, _msg: Wake) -> None:
@@ -89,6 +102,7 @@ class Relay(Actor):
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         if payload.isdigit():
             self.relay_stats.newest_id = max(self.relay_stats.newest_id, int(payload))
+            self._heard.append((int(payload), time.monotonic()))
         self._wake.set()
 
     def _lead(self, leading: bool) -> None:
@@ -129,9 +143,21 @@ class Relay(Actor):
 
     async def _leading(self) -> bool:
         """Lead, and on a new lock connection listen and read how far the
-        last leader got."""
+        last leader got. The lock is proved on its connection at most once a
+        poll interval: a session lock goes only with its session, and a
+        closed connection is seen at once."""
+        conn = self.lead.conn
+        if (
+            self.lead.leader
+            and conn is not None
+            and not conn.is_closed()
+            and conn is self._listening
+            and time.monotonic() - self._proved < self.settings.poll_interval
+        ):
+            return True
         if not await self.lead.leading():
             return False
+        self._proved = time.monotonic()
         conn = self.lead.conn
         assert conn is not None
         if self._listening is not conn:
@@ -145,7 +171,11 @@ class Relay(Actor):
     async def _relay_batch(self) -> int:
         conn = self.lead.conn
         assert conn is not None
+        # One round trip: how far the last batch got is recorded as the next
+        # one is read (a crash sends at most that batch again).
         rows = await conn.fetch(
+            "WITH mark AS (UPDATE event_relay SET last_id = $1 "
+            "WHERE name = 'redis' AND last_id < $1) "
             "SELECT id, kind, body FROM events WHERE id > $1 ORDER BY id LIMIT $2",
             self.relay_stats.last_id,
             self.settings.relay_batch,
@@ -158,11 +188,13 @@ class Relay(Actor):
         except (RedisUnavailable, ActorError, TimeoutError) as exc:
             raise NotSent(str(exc) or type(exc).__name__) from exc
         last = int(rows[-1]["id"])
-        await conn.execute("UPDATE event_relay SET last_id = $1 WHERE name = 'redis'", last)
         st = self.relay_stats
         st.last_id = last
         st.newest_id = max(st.newest_id, last)
         st.relayed += len(rows)
+        now = time.monotonic()
+        while self._heard and self._heard[0][0] <= last:
+            st.lags.append((now - self._heard.popleft()[1]) * 1000)
         return len(rows)
 
     async def _prune(self) -> None:
@@ -197,6 +229,14 @@ class Relay(Actor):
             await asyncio.sleep(0)  # a batch at a time: others get their turn
 
     async def on_stop(self) -> None:
+        conn = self.lead.conn
+        if self.lead.leader and conn is not None and not conn.is_closed():
+            with contextlib.suppress(Exception):  # else the next leader sends a batch again
+                await conn.execute(
+                    "UPDATE event_relay SET last_id = $1 WHERE name = 'redis' AND last_id < $1",
+                    self.relay_stats.last_id,
+                    timeout=2,
+                )
         self._listening = None
         await self.lead.drop()
 
@@ -223,6 +263,8 @@ class Relay(Actor):
             "newestId": st.newest_id,
             "pruned": st.pruned,
             "failures": st.failures,
+            "lagMsP50": st.lag(0.50),
+            "lagMsP99": st.lag(0.99),
         }
         return data
 
