@@ -93,6 +93,7 @@ async def test_ready_passes_with_postgres_and_redis_checks(running: Running) -> 
         "logins",
         "pubsub",
         "pubsub-clients",
+        "relay",
         "approvals",
         "bus",
         "http",

@@ -9,7 +9,7 @@
 CREATE TABLE events (
     id         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     created_at timestamptz NOT NULL DEFAULT now(),
-    kind       text NOT NULL CHECK (kind IN ('commands', 'approvals')),
+    kind       text NOT NULL,  -- commands, approvals: the channel beside {prefix}events
     type       text NOT NULL,
     user_id    bigint,
     body       text NOT NULL

@@ -122,7 +122,12 @@ class Relay(Actor):
                 if await self._leading():
                     if await self._relay_batch() >= self.settings.relay_batch:
                         pause = 0.0  # more waiting: no pause
+                    self.relay_stats.last_error = ""  # relaying: what failed before is over
                     await self._prune()
+            except asyncpg.UndefinedTableError:  # the outbox's migration is not applied yet
+                self.log.debug("relay_waiting", reason="the events table is not there yet")
+                await asyncio.sleep(_RETRY)
+                continue
             except CONNECTION_LOST as exc:
                 self._failed(exc)
                 await self.lead.drop()
@@ -249,7 +254,7 @@ class Relay(Actor):
         detail = f"{role}, relayed up to {st.last_id}"
         if self.lead.leader and st.newest_id > st.last_id:
             detail += f", {st.newest_id - st.last_id} waiting"
-        if st.last_error and (self.lead.conn is None or st.newest_id > st.last_id):
+        if st.last_error:
             return Health(status="warn", detail=f"{detail}; {st.last_error}")
         return Health(status="pass", detail=detail)
 
