@@ -381,3 +381,95 @@ async def test_a_reader_older_than_what_was_pruned_is_told_of_the_gap(
     assert [int(e["id"]) for e in late["events"]] == ids[1:]
     _status, _h, current = await api.call("GET", f"/events?since={ids[0]}", token=token)
     assert current["gap"] is False
+
+
+# -- a WebSocket resuming from an id --------------------------------------------------------------
+async def resume(
+    api: Api, session: aiohttp.ClientSession, token: str, channels: list[str], since: int
+) -> aiohttp.ClientWebSocketResponse:
+    ws = await session.ws_connect(api.base + "/ws", headers={"Authorization": f"Bearer {token}"})
+    await ws.send_json({"op": "subscribe", "channels": channels, "since": since})
+    reply = await asyncio.wait_for(ws.receive_json(), 10)
+    assert reply["type"] == "subscribed", reply
+    return ws
+
+
+async def receive(ws: aiohttp.ClientWebSocketResponse, n: int) -> list[dict[str, Any]]:
+    got: list[dict[str, Any]] = []
+    async with asyncio.timeout(20):
+        while len(got) < n:
+            doc = await ws.receive_json()
+            if doc["type"] in ("message", "subscription.gap"):
+                got.append(doc)
+    return got
+
+
+async def test_a_socket_resuming_with_since_gets_what_it_missed_then_live_with_no_gap_or_double(
+    api: Api, redis_prefix: str
+) -> None:
+    _a, token = await api.user("resumer", "approver")
+    _u, writer = await api.user("writer")
+    events = f"{redis_prefix}events"
+    for n in range(5):
+        await api.call("POST", "/commands", token=writer, json={"action": f"before_{n}"})
+    async with aiohttp.ClientSession() as s:
+        ws = await resume(api, s, token, [events], 0)
+        first = await receive(ws, 5)
+        ids = [int(d["data"]["id"]) for d in first]
+        assert ids == sorted(ids)
+        assert {d["channel"] for d in first} == {events}
+        # Away for a while: more commits; back with the last id seen.
+        await ws.close()
+        for n in range(5):
+            await api.call("POST", "/commands", token=writer, json={"action": f"away_{n}"})
+        ws = await resume(api, s, token, [events], ids[-1])
+        missed = await receive(ws, 5)
+        assert [d["data"]["data"]["action"] for d in missed] == [f"away_{n}" for n in range(5)]
+
+        # Commits while the replay runs and after: each once, in order.
+        async def keep_writing() -> None:
+            for n in range(40):
+                await api.call("POST", "/commands", token=writer, json={"action": f"live_{n}"})
+
+        writing = asyncio.create_task(keep_writing())
+        ws2 = await resume(api, s, token, [events, f"{redis_prefix}commands"], 0)
+        await writing
+        got = await receive(ws2, 2 * 50)  # every event (5 + 5 + 40) on both channels
+        await asyncio.sleep(0.3)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(ws2.receive_json(), 0.3)  # nothing twice
+        for channel in (events, f"{redis_prefix}commands"):
+            seen = [int(d["data"]["id"]) for d in got if d["channel"] == channel]
+            assert seen == sorted(set(seen)), channel
+            assert len(seen) == 50, channel
+        await ws.close()
+        await ws2.close()
+
+
+async def test_a_user_resuming_sees_only_their_own_and_a_pruned_past_is_a_gap(
+    api: Api, redis_prefix: str, pg_dsn: str
+) -> None:
+    _a, alice = await api.user("resume-alice")
+    _b, bob = await api.user("resume-bob")
+    for token in (alice, bob, alice):
+        await api.call("POST", "/commands", token=token, json={"action": "mine"})
+    async with aiohttp.ClientSession() as s:
+        ws = await resume(api, s, alice, [f"{redis_prefix}events"], 0)
+        got = await receive(ws, 2)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(ws.receive_json(), 0.5)  # not bob's
+        await ws.close()
+        first = int(got[0]["data"]["id"])
+        db = await asyncpg.connect(pg_dsn)
+        try:
+            async with db.transaction():  # what the relay's pruning does
+                await db.execute("UPDATE event_relay SET last_id = $1 WHERE name = 'pruned'", first)
+                await db.execute("DELETE FROM events WHERE id <= $1", first)
+        finally:
+            await db.close()
+        ws = await resume(api, s, alice, [f"{redis_prefix}events"], 0)
+        gap, again = await receive(ws, 2)
+        assert gap["type"] == "subscription.gap"
+        assert "pruned" in gap["reason"]
+        assert again["data"]["id"] == got[1]["data"]["id"]
+        await ws.close()

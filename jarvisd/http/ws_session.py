@@ -29,6 +29,7 @@ from jarvisd.http.auth import Unauthorized, principal_of
 from jarvisd.http.channels import Channel, Pattern, Rules
 from jarvisd.http.keys import FOLLOWERS, SHARES
 from jarvisd.http.shares import principal_key
+from jarvisd.http.ws_replay import Resume
 from jarvisd.principals import bearer_key
 from jarvisd.runtime import Runtime
 
@@ -45,6 +46,8 @@ class Op(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     channels: Annotated[list[Channel], msgspec.Meta(max_length=MAX_SUBSCRIPTIONS)] = []
     patterns: Annotated[list[Pattern], msgspec.Meta(max_length=MAX_SUBSCRIPTIONS)] = []
     token: Annotated[str, msgspec.Meta(max_length=512)] | None = None
+    # subscribe: resume the event channels after this event id (ws_replay).
+    since: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
 
 
 op_decoder = msgspec.json.Decoder(Op)
@@ -125,6 +128,7 @@ class Session:
         self.share_key = principal_key(who)
         self.held_channels: set[str] = set()
         self.held_patterns: set[str] = set()
+        self.resume = Resume(rt.settings.redis.prefix)
 
     def _take(
         self, channels: tuple[str, ...], patterns: tuple[str, ...]
@@ -154,6 +158,11 @@ class Session:
             item.kind == "message" and not self.rules.may_see(self.who, item)
         ):
             return True  # a gap notice follows a "down" once Redis is back
+        if not self.resume.admit(item):
+            return True  # held while a replay runs, or had already
+        return self._queue(item)
+
+    def _queue(self, item: Delivery) -> bool:
         transport = self.request.transport
         if self._ending is not None or transport is None or transport.is_closing():
             return True  # going away: the request's task cleans up
@@ -293,6 +302,40 @@ class Session:
             with contextlib.suppress(Exception):
                 await self.pubsub.ask(Detach(self.sub), timeout=5)
 
+    async def _replay(self, channels: tuple[str, ...], since: int) -> None:
+        """What the event channels missed after ``since``, from the outbox,
+        then what was held meanwhile; never more queued than half the
+        socket's allowance at a time."""
+        self.resume.replaying += 1
+        try:
+            async for page, gap in self.resume.pages(
+                self.rt.persistence, self.who, channels, since
+            ):
+                if gap:
+                    reason = f"events after {since} were pruned (events.retention)"
+                    await self._send({"type": "subscription.gap", "reason": reason})
+                for item in page:
+                    while self.out_bytes > self.limit // 2 and self._ending is None:
+                        await asyncio.sleep(0.002)
+                    if self._ending is not None:
+                        return
+                    self._queue_replayed(item)
+        except Exception as exc:  # the database away: say so, the live feed goes on
+            await self._send({"type": "error", "op": "subscribe", "error": f"replay: {exc}"})
+        finally:
+            self.resume.replaying -= 1
+            if not self.resume.replaying:
+                for item in self.resume.release():
+                    if not self._queue(item):
+                        self._end(WS_TRY_LATER, "too slow: the replay's backlog")
+                        break
+
+    def _queue_replayed(self, item: Delivery) -> None:
+        payload = _payload(item)
+        self.out.append(payload)
+        self.out_bytes += len(payload)
+        self._written.set()
+
     async def _send(self, doc: dict[str, Any]) -> None:
         await self.ws.send_str(encoder.encode(doc).decode())
 
@@ -349,6 +392,8 @@ class Session:
                 await self._send({"type": "error", "op": "subscribe", "error": str(exc)})
                 return
             await self._send({"type": "subscribed", "channels": channels, "patterns": patterns})
+            if op.since is not None:
+                await self._replay(channels, op.since)
         else:
             self._give_back(channels, patterns)
             await self.pubsub.ask(Unsubscribe(self.sub, channels, patterns), timeout=10)
