@@ -119,11 +119,15 @@ class Relay(Actor):
             # way wakes the next turn at once.
             self._wake.clear()
             try:
-                if await self._leading():
-                    if await self._relay_batch() >= self.settings.relay_batch:
-                        pause = 0.0  # more waiting: no pause
-                    self.relay_stats.last_error = ""  # relaying: what failed before is over
-                    await self._prune()
+                if not await self._leading():
+                    # Standing by: another daemon relays; try for the lock
+                    # once a poll, whatever commits here wake.
+                    await asyncio.sleep(self.settings.poll_interval)
+                    continue
+                if await self._relay_batch() >= self.settings.relay_batch:
+                    pause = 0.0  # more waiting: no pause
+                self.relay_stats.last_error = ""  # relaying: what failed before is over
+                await self._prune()
             except asyncpg.UndefinedTableError:  # the outbox's migration is not applied yet
                 self.log.debug("relay_waiting", reason="the events table is not there yet")
                 await asyncio.sleep(_RETRY)
