@@ -10,7 +10,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["allowed_values", "explain"]
+__all__ = ["allowed_values", "explain", "split_path"]
 
 _KINDS = {
     "str": "a string",
@@ -50,10 +50,17 @@ _RULES: list[tuple[re.Pattern[str], Any]] = [
 ]
 
 
+def split_path(exc: msgspec.ValidationError | str) -> tuple[str, str]:
+    """(what is wrong, where inside the value): msgspec appends "- at `$...`"
+    for nested paths (``$[0].score``)."""
+    text, _, where = str(exc).partition(" - at `$")
+    return text, where.rstrip("`")
+
+
 def explain(exc: msgspec.ValidationError | str, allowed: list[str] | None = None) -> str:
     """``where: what is wrong``, or only what is wrong at the top level."""
-    text, _, where = str(exc).partition(" - at `$")
-    where = where.rstrip("`").lstrip(".")
+    text, where = split_path(exc)
+    where = where.lstrip(".")
     for pattern, say in _RULES:
         m = pattern.fullmatch(text)
         if m is not None:

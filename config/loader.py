@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
-from config.explain import allowed_values, explain
+from config.explain import allowed_values, explain, split_path
 from config.settings import PATH_KEYS, SECRET_KEYS, Settings
 
 ENV_PREFIX = "JARVISD_"
@@ -78,13 +78,6 @@ def _field_types(cls: type[msgspec.Struct]) -> dict[str, Any]:
 SECTION_TYPES: dict[str, Any] = _field_types(Settings)
 
 
-def _describe(exc: msgspec.ValidationError) -> tuple[str, str]:
-    """(what is wrong, where inside the value): msgspec appends "- at `$...`"
-    for nested paths (``$[0].score``), which goes onto the key path."""
-    text, _, where = str(exc).partition(" - at `$")
-    return text, where.rstrip("`")
-
-
 def _check_value(
     section: str, key: str, value: Any, source: str, issues: list[ConfigIssue], *, from_env: bool
 ) -> Any:
@@ -101,7 +94,7 @@ def _check_value(
     try:
         return msgspec.convert(value, ftype, strict=not from_env)
     except msgspec.ValidationError as exc:
-        problem, inside = _describe(exc)
+        problem, inside = split_path(exc)
         issues.append(
             ConfigIssue(source, f"{section}.{key}{inside}", explain(problem, allowed_values(ftype)))
         )

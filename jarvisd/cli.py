@@ -170,6 +170,7 @@ def _redis_down(url: str, *, embedded: bool) -> str | None:
     import socket
     from urllib.parse import urlsplit
 
+    from actors.agents import without_credentials
     from actors.redis_link import cluster_seeds
     from jarvisd.cli_common import START_HINT
 
@@ -186,14 +187,8 @@ def _redis_down(url: str, *, embedded: bool) -> str | None:
             socket.create_connection((seed.hostname or "127.0.0.1", seed.port or 6379), 2).close()
     except OSError as exc:
         step = START_HINT if embedded else "is that Redis server running, and is the URL right?"
-        return f"nothing answers at {without_password(url)} ({exc.strerror or exc}): {step}"
+        return f"nothing answers at {without_credentials(url)} ({exc.strerror or exc}): {step}"
     return None
-
-
-def without_password(url: str) -> str:
-    from actors.agents import without_credentials
-
-    return without_credentials(url)
 
 
 def cmd_redis_url(args: argparse.Namespace) -> int:
@@ -201,6 +196,8 @@ def cmd_redis_url(args: argparse.Namespace) -> int:
     redis.url), without the daemon's own credentials: agents get URLs of
     their own from ``jarvisd agent add``. Exit 1 when the embedded server's
     socket is not there (no daemon runs)."""
+    from actors.agents import without_credentials
+
     loaded = load(args)
     url = redis_url(loaded)
     if loaded.settings.embedded_redis:
@@ -208,7 +205,7 @@ def cmd_redis_url(args: argparse.Namespace) -> int:
         if down:
             print(f"jarvisd redis-url: {down}", file=sys.stderr)
             return 1
-    print(without_password(url))
+    print(without_credentials(url))
     print(
         "agents: 'jarvisd agent add NAME' gives each agent a Redis URL with credentials of its own",
         file=sys.stderr,

@@ -156,6 +156,8 @@ def recorded_addresses(state_dir: Path) -> list[str]:
         pid = int(lines[0])
     except (OSError, UnicodeError, ValueError, IndexError):
         return []  # no file (or not ours to read), or no pid yet
+    if pid <= 0:
+        return []  # kill(0) or a negative pid would name a process group
     # Not its lock (a probe could make a starting daemon think the state
     # directory taken): whether the process it names is alive.
     try:
@@ -219,19 +221,15 @@ class Unreachable(Exception):
         super().__init__(f"no daemon answers on {where} ({reason}): {START_HINT}")
 
 
-def where(socket_path: str | None, base: str) -> str:
-    return socket_path or base
-
-
 @contextlib.asynccontextmanager
 async def reach(socket_path: str | None, base: str) -> AsyncIterator[None]:
     """Turn a failure to connect into Unreachable, naming where."""
     try:
         yield
     except aiohttp.ClientConnectorError as exc:
-        raise Unreachable(where(socket_path, base), exc.os_error) from exc
+        raise Unreachable(socket_path or base, exc.os_error) from exc
     except (aiohttp.ServerDisconnectedError, ConnectionError, FileNotFoundError) as exc:
-        raise Unreachable(where(socket_path, base), exc) from exc
+        raise Unreachable(socket_path or base, exc) from exc
 
 
 async def call_daemon(

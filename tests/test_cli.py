@@ -211,3 +211,5 @@ def test_the_cli_believes_addresses_only_of_a_daemon_that_is_alive(tmp_path: Pat
     assert recorded_addresses(tmp_path) == []  # left by a daemon killed with -9
     record.write_text("")
     assert recorded_addresses(tmp_path) == []  # locked, not yet written
+    record.write_text("0\n0\nhttp://127.0.0.1:9\n")
+    assert recorded_addresses(tmp_path) == []  # kill(0) would name a process group

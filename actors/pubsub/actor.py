@@ -29,13 +29,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from actors.kernel import Health, handles
 from actors.pubsub.listener import Deaf, Listener
-from actors.pubsub.messages import (
-    Detach,
-    Publish,
-    RelayEvents,
-    Subscribe,
-    Unsubscribe,
-)
+from actors.pubsub.messages import Detach, Publish, RelayEvents, Subscribe, Unsubscribe
 from actors.pubsub.subscriber import Delivery, Subscriber
 from actors.redis_link import REDIS_FAILURES, RedisClientActor, RedisUnavailable, node_url
 from config import PubSubSettings, RedisSettings
