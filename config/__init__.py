@@ -1,14 +1,12 @@
 """jarvisd configuration: typed settings and their loader."""
 
+from config.display import redact_url, redacted, to_toml
 from config.loader import (
     ConfigError,
     ConfigIssue,
     LoadedConfig,
     default_config_path,
     load_settings,
-    redact_url,
-    redacted,
-    to_toml,
 )
 from config.settings import (
     ApprovalSettings,
@@ -27,6 +25,7 @@ from config.settings import (
     Settings,
     SupervisorSettings,
 )
+from config.webhooks import WebhookSettings
 
 __all__ = [
     "ApprovalSettings",
@@ -47,6 +46,7 @@ __all__ = [
     "SessionSettings",
     "Settings",
     "SupervisorSettings",
+    "WebhookSettings",
     "default_config_path",
     "load_settings",
     "redact_url",

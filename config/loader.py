@@ -18,12 +18,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import msgspec
 
 from config.explain import allowed_values, explain, split_path
 from config.settings import PATH_KEYS, SECRET_KEYS, Settings
+from config.webhooks import load_webhooks
 
 ENV_PREFIX = "JARVISD_"
 DEFAULT_SYSTEM_CONFIG = Path("/etc/jarvisd/jarvisd.toml")
@@ -128,6 +129,9 @@ def _merge_file(
     raw: dict[str, Any], source: str, out: dict[str, dict[str, Any]], issues: list[ConfigIssue]
 ) -> None:
     for section, table in raw.items():
+        if section == "webhooks":
+            out["webhooks"] = {"raw": table}  # checked with their secrets (config/webhooks.py)
+            continue
         if section not in SECTION_TYPES:
             known = ", ".join(sorted(SECTION_TYPES))
             issues.append(
@@ -164,6 +168,9 @@ def _merge_env(
         source = f"environment {name}"
         if section not in SECTION_TYPES:
             issues.append(ConfigIssue(source, f"{section}.{key}", "unknown section"))
+            continue
+        if section == "webhooks":
+            issues.append(ConfigIssue(source, section, "webhooks are set in the config file only"))
             continue
         if key not in _field_types(SECTION_TYPES[section]):
             issues.append(ConfigIssue(source, f"{section}.{key}", "unknown key"))
@@ -336,6 +343,14 @@ def load_settings(
     _resolve_paths(merged, base)
     source = str(cfg_path) if used_path else "configuration"
     _load_secrets(merged, env, source, issues)
+    if "webhooks" in merged:
+        hooks = load_webhooks(
+            merged.pop("webhooks")["raw"],
+            base,
+            env,
+            lambda key, problem: issues.append(ConfigIssue(source, key, problem)),
+        )
+        merged["webhooks"] = msgspec.to_builtins(hooks)
     if issues:
         raise ConfigError(issues)
     try:
@@ -346,50 +361,3 @@ def load_settings(
     if issues:
         raise ConfigError(issues)
     return LoadedConfig(settings=settings, path=used_path)
-
-
-def redact_url(url: str) -> str:
-    """Hide the password of a URL-style DSN; keep user, host and database visible."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[-1]}"))
-
-
-def redacted(settings: Settings) -> dict[str, Any]:
-    """The effective configuration as plain data, secrets redacted, for display."""
-    data: dict[str, Any] = msgspec.to_builtins(settings)
-    for section, key in SECRET_KEYS:
-        value = data[section].get(key)
-        if value:
-            data[section][key] = redact_url(value)
-    return data
-
-
-def to_toml(data: Mapping[str, Any]) -> str:
-    """Render two-level plain data as TOML (enough for the effective config)."""
-    lines: list[str] = []
-    for section, table in data.items():
-        lines.append(f"[{section}]")
-        for key, value in table.items():
-            if value is None:
-                lines.append(f"# {key} is not set")
-            else:
-                lines.append(f"{key} = {_toml_value(value)}")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        inner = ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items())
-        return "{" + inner + "}"
-    return msgspec.json.encode(str(value)).decode()

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
+from config.webhooks import WebhookSettings
+
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
@@ -354,6 +356,8 @@ class Settings(_Section, frozen=True):
     bus: BusSettings = msgspec.field(default_factory=BusSettings)
     approvals: ApprovalSettings = msgspec.field(default_factory=ApprovalSettings)
     events: EventSettings = msgspec.field(default_factory=EventSettings)
+    # [[webhooks]]: an array of tables, one per endpoint (config/webhooks.py).
+    webhooks: tuple[WebhookSettings, ...] = ()
 
     @property
     def embedded_postgres(self) -> bool:

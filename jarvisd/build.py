@@ -12,7 +12,7 @@ from actors.approvals import Approvals
 from actors.bus import Bus
 from actors.cache import Cache, CacheRef
 from actors.embedded import ChildServer, EmbeddedPostgres, EmbeddedValkey, RunAs
-from actors.outbox import Relay
+from actors.outbox import Relay, Webhooks
 from actors.persistence import Persistence, PersistenceRef
 from actors.pubsub import CLIENTS_PUBSUB, PubSub, PubSubRef
 from actors.redis_link import RedisLink
@@ -105,6 +105,15 @@ def build_actors(settings: Settings) -> tuple[DaemonActors, list[Check]]:
         health_interval=interval,
     )
     persistence.relay = relay  # told after each commit that wrote events
+    # [[webhooks]]: the outbox to HTTP endpoints, one daemon at a time.
+    webhooks = Webhooks(
+        settings.webhooks,
+        settings.events,
+        settings.postgres,
+        pg_dsn,
+        link_base=api_base(settings),
+        health_interval=interval,
+    )
     approvals = Approvals(
         settings.approvals,
         settings.postgres,
@@ -137,6 +146,7 @@ def build_actors(settings: Settings) -> tuple[DaemonActors, list[Check]]:
         approvals=approvals,
         bus=bus,
         relay=relay,
+        webhooks=webhooks,
         embedded=tuple(embedded),
     )
     checks = [
@@ -147,9 +157,21 @@ def build_actors(settings: Settings) -> tuple[DaemonActors, list[Check]]:
         Check("bus", bus, "component", critical=False),
         Check("approvals", approvals, "component", critical=False),
         Check("relay", relay, "component", critical=False),
+        Check("webhooks", webhooks, "component", critical=False),
         *checks,
     ]
     return built, checks
+
+
+def api_base(settings: Settings) -> str:
+    """Where people reach the API, for links in messages (webhooks' link_base
+    says otherwise): its TCP address, a wildcard host named as this host."""
+    host = settings.http.host
+    if host in ("", "0.0.0.0", "::"):  # noqa: S104 - named, not bound
+        host = socket.gethostname()
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.http.port}"
 
 
 def consumer_name(settings: Settings) -> str:

@@ -343,12 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="print where the daemon's Redis is (no credentials; agents: jarvisd agent add)",
         )
     ).set_defaults(func=cmd_redis_url)
-    from jarvisd import cli_agents, cli_approvals, cli_data, cli_pubsub
+    from jarvisd import cli_agents, cli_approvals, cli_data, cli_pubsub, cli_webhooks
 
     cli_data.add_parsers(sub, with_config)
     cli_pubsub.add_parsers(sub, with_config)
     cli_approvals.add_parsers(sub, with_config)
     cli_agents.add_parsers(sub, with_config)
+    cli_webhooks.add_parsers(sub, with_config)
     finish(parser)
     return parser
 

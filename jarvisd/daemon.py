@@ -190,6 +190,8 @@ class Daemon:
         a.bus.settings = settings.bus  # stream and group are bound at start (reload.RESTART_KEYS)
         a.sessions.settings = a.logins.settings = settings.sessions
         a.relay.settings = settings.events  # events.relay itself needs a restart
+        a.webhooks.events = settings.events
+        a.webhooks.configure(settings.webhooks)
         a.logins.auth = settings.auth
 
     # -- status ------------------------------------------------------------------

@@ -51,12 +51,17 @@ class ReloadPlan:
 
 
 def plan_reload(old: Settings, new: Settings) -> ReloadPlan:
-    old_data: dict[str, dict[str, Any]] = msgspec.to_builtins(old)
-    new_data: dict[str, dict[str, Any]] = msgspec.to_builtins(new)
-    merged: dict[str, dict[str, Any]] = {}
+    old_data: dict[str, Any] = msgspec.to_builtins(old)
+    new_data: dict[str, Any] = msgspec.to_builtins(new)
+    merged: dict[str, Any] = {}
     applied: list[str] = []
     restart: list[str] = []
     for section, values in new_data.items():
+        if isinstance(values, list):  # [[webhooks]]: the whole array applies live
+            merged[section] = values
+            if values != old_data[section]:
+                applied.append(section)
+            continue
         merged[section] = {}
         for key, value in values.items():
             before = old_data[section].get(key)

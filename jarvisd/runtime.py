@@ -18,7 +18,7 @@ from actors.approvals import Approvals, ApprovalsRef
 from actors.bus import Bus, BusRef
 from actors.cache import Cache, CacheRef
 from actors.embedded import ChildServer
-from actors.outbox import Relay
+from actors.outbox import Relay, Webhooks, WebhooksRef
 from actors.persistence import Persistence, PersistenceRef
 from actors.pubsub import PubSub, PubSubRef
 from actors.redis_link import RedisLink, RedisRef
@@ -58,6 +58,7 @@ class DaemonActors:
     approvals: Approvals
     bus: Bus
     relay: Relay
+    webhooks: Webhooks
     embedded: tuple[ChildServer, ...] = ()
 
     def in_start_order(self) -> list[Actor]:
@@ -71,6 +72,7 @@ class DaemonActors:
             self.pubsub,
             self.clients,
             self.relay,
+            self.webhooks,
             self.approvals,
             self.bus,
         ]
@@ -100,6 +102,7 @@ class Runtime:
     approvals: ApprovalsRef = field(init=False)
     bus: BusRef = field(init=False)
     redis: RedisRef = field(init=False)
+    webhooks: WebhooksRef = field(init=False)
 
     def __post_init__(self) -> None:
         a, wait = self.actors, self.request_timeout
@@ -112,6 +115,7 @@ class Runtime:
         self.approvals = ApprovalsRef(a.approvals, timeout=wait, edge=True)
         self.bus = BusRef(a.bus, timeout=wait, edge=True)
         self.redis = RedisRef(a.redis, timeout=wait, edge=True)
+        self.webhooks = WebhooksRef(a.webhooks, timeout=wait, edge=True)
 
     def request_timeout(self) -> float:
         return self.settings.http.request_timeout

@@ -6,7 +6,17 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from jarvisd.http import agents, cache_api, commands, events, login, pubsub, sessions, users
+from jarvisd.http import (
+    agents,
+    cache_api,
+    commands,
+    events,
+    login,
+    pubsub,
+    sessions,
+    users,
+    webhooks,
+)
 from jarvisd.http.common import RouteDoc
 
 __all__ = ["ROUTES", "add_routes"]
@@ -17,6 +27,7 @@ ROUTES: list[RouteDoc] = [
     *agents.ROUTES,
     *commands.ROUTES,
     *events.ROUTES,
+    *webhooks.ROUTES,
     *cache_api.ROUTES,
     *sessions.ROUTES,
     *pubsub.ROUTES,

@@ -115,11 +115,54 @@ async def metrics(request: web.Request) -> web.Response:
                 value = values.get(key)
                 if value is not None:
                     out.metric(metric_name, metric_kind, metric_help, value)
+        write_event_metrics(out, snap)
     return web.Response(text=out.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
+def write_event_metrics(out: MetricsWriter, snap: dict[str, Any]) -> None:
+    """The relay's lag and the webhooks, each endpoint by its configured name
+    (names come from the config file: bounded)."""
+    relay = snap.get("relay")
+    if relay is not None:
+        out.family(
+            "jarvisd_relay_lag_seconds",
+            "gauge",
+            "Commit to Redis PUBLISH, over the newest events this daemon relayed.",
+        )
+        for q, key in (("0.5", "lagMsP50"), ("0.99", "lagMsP99")):
+            if relay.get(key) is not None:
+                out.sample("jarvisd_relay_lag_seconds", relay[key] / 1000, {"quantile": q})
+        out.metric(
+            "jarvisd_relay_leader", "gauge", "1 while this daemon relays.", int(relay["leader"])
+        )
+    hooks = snap.get("webhooks")
+    if hooks is None:
+        return
+    for key, name, kind, text in _WEBHOOK_METRICS:
+        out.family(name, kind, text)
+        for ep in hooks["endpoints"]:
+            value = ep[key] if key != "state" else int(ep["state"] == "dead")
+            out.sample(name, value, {"webhook": ep["name"]})
+
+
+_WEBHOOK_METRICS = (
+    ("delivered", "jarvisd_webhook_delivered_total", "counter", "Events the endpoint took (2xx)."),
+    ("failures", "jarvisd_webhook_failures_total", "counter", "Failed delivery attempts."),
+    ("attempts", "jarvisd_webhook_attempts", "gauge", "Failed attempts at the next event."),
+    ("state", "jarvisd_webhook_dead", "gauge", "1 while the endpoint is marked dead."),
+    ("lastId", "jarvisd_webhook_last_id", "gauge", "Every event up to this id is done."),
+    ("gaps", "jarvisd_webhook_gaps_total", "counter", "Times events were pruned before delivery."),
+)
+
 # Actor snapshot sections exported as they are: (key, metric, type, help).
 _SECTION_METRICS: dict[str, tuple[tuple[str, str, str, str], ...]] = {
+    "relay": (
+        ("relayed", "jarvisd_relay_events_total", "counter", "Events this daemon relayed."),
+        ("lastId", "jarvisd_relay_last_id", "gauge", "The last event id relayed."),
+        ("newestId", "jarvisd_relay_newest_id", "gauge", "The newest event id seen."),
+        ("pruned", "jarvisd_events_pruned_total", "counter", "Events pruned after retention."),
+        ("failures", "jarvisd_relay_failures_total", "counter", "Relay batches that failed."),
+    ),
     "pubsub": (
         ("connected", "jarvisd_pubsub_connected", "gauge", "1 while the pub/sub connection is up."),
         ("subscribers", "jarvisd_pubsub_subscribers", "gauge", "Local subscribers."),

@@ -1,0 +1,93 @@
+"""What a webhook endpoint is sent: the body in its format, and the
+signature over a timestamp and that body.
+
+``Jarvisd-Signature: t=<unix seconds>,v1=<hex>`` where ``v1`` is
+HMAC-SHA256 under the endpoint's secret of ``<t>.<body>`` (the bytes as
+sent): a receiver recomputes it, compares in constant time, and refuses a
+``t`` too far from its clock (a replay). ``Jarvisd-Event-Id`` is the
+event's id (ids only grow: a receiver drops one it has seen)."""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import re
+import time
+from typing import Any
+
+import msgspec
+
+from config import WebhookSettings
+
+__all__ = ["matcher", "payload", "sign", "slack_text", "verify"]
+
+_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+
+
+def matcher(types: tuple[str, ...]) -> re.Pattern[str]:
+    """One pattern for an endpoint's event types and globs."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(t)})" for t in types))
+
+
+def sign(secret: str, body: bytes, at: int | None = None) -> str:
+    """The ``Jarvisd-Signature`` header's value for ``body`` sent at ``at``."""
+    t = int(time.time()) if at is None else at
+    mac = hmac.new(secret.encode(), b"%d." % t + body, hashlib.sha256).hexdigest()
+    return f"t={t},v1={mac}"
+
+
+def verify(secret: str, body: bytes, header: str, *, tolerance: float = 300.0) -> bool:
+    """Whether ``header`` signs ``body`` under ``secret`` within ``tolerance``
+    seconds of now: what a receiver does (tests use it, docs show it)."""
+    parts = dict(p.partition("=")[::2] for p in header.split(","))
+    try:
+        t = int(parts["t"])
+    except (KeyError, ValueError):
+        return False
+    if abs(time.time() - t) > tolerance:
+        return False
+    want = hmac.new(secret.encode(), b"%d." % t + body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(want, parts.get("v1", ""))
+
+
+def payload(hook: WebhookSettings, event: bytes, link_base: str) -> bytes:
+    """The body for ``hook``: the event as it is, or Slack's ``{"text": …}``."""
+    if hook.format == "slack":
+        return _encoder.encode({"text": slack_text(_decoder.decode(event), link_base)})
+    return event
+
+
+def _esc(value: Any) -> str:
+    """Text from agents, safe in Slack's markup: no mentions, no links of theirs."""
+    return str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def slack_text(event: dict[str, Any], link_base: str) -> str:
+    """One message for a person: what is asked, how risky, where to decide."""
+    data: dict[str, Any] = event.get("data") or {}
+    kind = event.get("type", "")
+    approval = data.get("approvalId")
+    link = f"<{link_base.rstrip('/')}/approvals/{approval}|request #{approval}>" if approval else ""
+    if kind == "approval.requested":
+        lines = [
+            f":warning: Approval needed: *{_esc(data.get('action', ''))}*",
+            f"Risk {_esc(data.get('riskScore', '?'))}/100 ({_esc(data.get('riskCategory', ''))})"
+            + (f", from {_esc(data['sender'])}" if data.get("sender") else ""),
+        ]
+        if data.get("description"):
+            lines.append(f"> {_esc(data['description'])[:500]}")
+        lines.append(f"Decide: {link} before {_esc(data.get('expiresAt', ''))}")
+        return "\n".join(lines)
+    if kind == "approval.warning":
+        return (
+            f":hourglass: Still waiting: *{_esc(data.get('action', ''))}* "
+            f"({link}) expires at {_esc(data.get('expiresAt', ''))}"
+        )
+    if kind in ("approval.decided", "approval.expired"):
+        who = f" by {_esc(data['decider'])}" if data.get("decider") else ""
+        why = f": {_esc(data['reason'])[:300]}" if data.get("reason") else ""
+        return f"{link} was {_esc(data.get('decision', ''))}{who}{why}"
+    status = f" ({_esc(data['status'])})" if data.get("status") else ""
+    return f"{_esc(kind)}{status}, event {_esc(event.get('id', ''))}"

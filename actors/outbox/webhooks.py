@@ -1,0 +1,454 @@
+"""Webhooks: every matching event from the outbox to each ``[[webhooks]]``
+endpoint, signed, in id order, at least once, by one daemon at a time.
+
+The leader (a session advisory lock on a connection of its own, as the
+relay leads) runs one task per endpoint, each with its own HTTP client: a
+slow or dead endpoint holds up only itself. An endpoint's place (the last
+event done) is kept in ``webhook_endpoints`` and moves only once the
+endpoint answered 2xx (or the event is not one it takes). A failure is
+retried with doubling, jittered pauses; after ``max_attempts`` failures at
+one event the endpoint is marked dead and holds its place until
+``RetryWebhook`` (``jarvisd webhooks retry``), from any daemon: nothing is
+skipped. Events pruned (``events.retention``) before an endpoint got them
+are a gap, counted and logged."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, TypeVar
+
+import aiohttp
+import asyncpg
+import msgspec
+
+from actors.data.repo import NotFound
+from actors.kernel import Actor, Health, Message, Ref, handles
+from actors.leadership import CONNECTION_LOST, Leadership, lock_key
+from actors.outbox.hooks import matcher, payload, sign
+from actors.outbox.store import NOTIFY_CHANNEL, wire
+from actors.persistence.pool import Unavailable
+from config import EventSettings, PostgresSettings, WebhookSettings
+from config.webhooks import secret_free
+
+__all__ = [
+    "RETRY_CHANNEL",
+    "WEBHOOK_LOCK",
+    "ListWebhooks",
+    "RetryWebhook",
+    "WebhookInfo",
+    "Webhooks",
+    "WebhooksRef",
+]
+
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+WEBHOOK_LOCK = lock_key("jarvisd.webhooks")
+RETRY_CHANNEL = "jarvisd_webhooks"  # a retry, from any daemon: the payload is the name
+BATCH = 100  # events read at a time per endpoint
+_RETRY = 0.5  # seconds before trying again after a database failure
+
+
+class WebhookMessage(Message[R_co], frozen=True):
+    """A message the webhooks actor answers with ``R``."""
+
+
+class WebhookInfo(msgspec.Struct, frozen=True, rename="camel"):
+    name: str
+    url: str  # the host only when the path may be a secret
+    format: str
+    types: list[str]
+    state: str  # new (nothing done yet), live, retrying, dead
+    last_id: int  # every event up to this id is done
+    delivered: int
+    failures: int  # failed attempts, all told
+    attempts: int  # failed attempts at the next event
+    max_attempts: int
+    last_status: int | None
+    last_error: str | None
+    gaps: int  # times events were pruned before this endpoint got them
+    updated_at: datetime | None
+
+
+class ListWebhooks(WebhookMessage[list[WebhookInfo]], frozen=True):
+    """Every configured endpoint and how far it got."""
+
+
+class RetryWebhook(WebhookMessage[WebhookInfo], frozen=True):
+    """Send again, now: a dead endpoint goes live at the event it stopped at."""
+
+    name: str
+
+
+@dataclass
+class Endpoint:
+    hook: WebhookSettings
+    match: re.Pattern[str]
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+    row: dict[str, Any] = field(default_factory=dict)  # its webhook_endpoints row, as last seen
+
+    def state(self) -> str:
+        if not self.row:
+            return "new"
+        return "dead" if self.row["dead"] else "retrying" if self.row["attempts"] else "live"
+
+
+class Webhooks(Actor):
+    def __init__(
+        self,
+        hooks: tuple[WebhookSettings, ...],
+        events: EventSettings,
+        postgres: PostgresSettings,
+        dsn: str,
+        *,
+        link_base: str,
+        name: str = "webhooks",
+        health_interval: float = 2.0,
+    ) -> None:
+        super().__init__(name, mailbox_size=100, health_interval=health_interval)
+        self.events = events
+        self.link_base = link_base
+        self.lead = Leadership(dsn, postgres, WEBHOOK_LOCK, self._lead)
+        self.endpoints: dict[str, Endpoint] = {}
+        self._changed = asyncio.Event()
+        self._db = asyncio.Lock()  # one query at a time on the lock's connection
+        self._listening: asyncpg.Connection | None = None
+        self.configure(hooks)
+
+    def configure(self, hooks: tuple[WebhookSettings, ...]) -> None:
+        """Take the endpoints as configured now (start, or a reload)."""
+        kept: dict[str, Endpoint] = {}
+        for hook in hooks:
+            old = self.endpoints.get(hook.name)
+            if old is not None and old.hook == hook:
+                kept[hook.name] = old
+            else:
+                if old is not None and old.task is not None:
+                    old.task.cancel()
+                kept[hook.name] = Endpoint(hook, matcher(hook.types))
+        for name, old in self.endpoints.items():
+            if name not in kept and old.task is not None:
+                old.task.cancel()
+        self.endpoints = kept
+        self._changed.set()
+
+    def _lead(self, leading: bool) -> None:
+        self.log.info("webhooks_leading" if leading else "webhooks_standing_by")
+
+    def _notified(self, _conn: Any, _pid: int, channel: str, payload_: str) -> None:
+        for name, ep in self.endpoints.items():
+            if channel == NOTIFY_CHANNEL or payload_ == name:
+                ep.wake.set()
+
+    # -- the loop: lead, then one task per endpoint ------------------------------------------
+    async def run(self) -> None:
+        while not self.halting():
+            self._changed.clear()
+            try:
+                if self.endpoints:
+                    if await self._leading():
+                        await self._start_endpoints()
+                    else:
+                        self._stop_endpoints()
+                    await self._refresh()
+            except asyncpg.UndefinedTableError:  # the migration is not applied yet
+                await asyncio.sleep(_RETRY)
+                continue
+            except CONNECTION_LOST as exc:
+                self.log.warning("webhooks_database_lost", error=f"{type(exc).__name__}: {exc}")
+                self._stop_endpoints()
+                self._listening = None
+                await self.lead.drop()
+                await asyncio.sleep(_RETRY)
+                continue
+            wait = self.events.poll_interval if self.endpoints else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), wait)
+
+    async def _leading(self) -> bool:
+        async with self._db:
+            if not await self.lead.leading():
+                return False
+            conn = self.lead.conn
+            assert conn is not None
+            if self._listening is not conn:
+                await conn.add_listener(NOTIFY_CHANNEL, self._notified)
+                await conn.add_listener(RETRY_CHANNEL, self._notified)
+                self._listening = conn
+            return True
+
+    async def _start_endpoints(self) -> None:
+        async with self._db:
+            conn = self.lead.conn
+            assert conn is not None
+            # A new endpoint starts with the events committed after it is first seen.
+            await conn.execute(
+                "INSERT INTO webhook_endpoints (name, last_id) "
+                "SELECT n, (SELECT coalesce(max(id), 0) FROM events) FROM unnest($1::text[]) n "
+                "ON CONFLICT (name) DO NOTHING",
+                list(self.endpoints),
+            )
+        for ep in self.endpoints.values():
+            if ep.task is None or ep.task.done():
+                ep.task = self.spawn(self._serve(ep), f"webhook.{ep.hook.name}")
+
+    def _stop_endpoints(self) -> None:
+        for ep in self.endpoints.values():
+            if ep.task is not None:
+                ep.task.cancel()
+                ep.task = None
+
+    async def _refresh(self) -> None:
+        """Every endpoint's row as it is now (a standby shows the leader's progress)."""
+        for row in await self._fetch(
+            "SELECT * FROM webhook_endpoints WHERE name = ANY($1::text[])", list(self.endpoints)
+        ):
+            ep = self.endpoints.get(row["name"])
+            if ep is not None:
+                ep.row = dict(row)
+
+    @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+        """The lock's connection, one user at a time; a connection of the
+        moment when there is none (an admin's call on a standby that has not
+        connected yet)."""
+        async with self._db:
+            conn = self.lead.conn
+            if conn is not None and not conn.is_closed():
+                yield conn
+                return
+        try:
+            conn = await asyncpg.connect(self.lead.dsn, timeout=self.lead.postgres.connect_timeout)
+        except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+            raise Unavailable(f"database unreachable: {type(exc).__name__}: {exc}") from exc
+        try:
+            yield conn
+        finally:
+            await conn.close()
+
+    async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        async with self._conn() as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+            return rows
+
+    # -- one endpoint --------------------------------------------------------------------------
+    async def _serve(self, ep: Endpoint) -> None:
+        timeout = aiohttp.ClientTimeout(total=ep.hook.timeout)
+        connector = aiohttp.TCPConnector(limit=1)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
+            while True:
+                ep.wake.clear()  # before looking: an event told meanwhile wakes the wait
+                try:
+                    busy = await self._serve_batch(ep, http)
+                except CONNECTION_LOST as exc:
+                    self.log.warning(
+                        "webhook_database_failed", webhook=ep.hook.name, error=repr(exc)
+                    )
+                    await asyncio.sleep(_RETRY)
+                    continue
+                if not busy:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(ep.wake.wait(), self.events.poll_interval)
+
+    async def _serve_batch(self, ep: Endpoint, http: aiohttp.ClientSession) -> bool:
+        """Deliver what waits, up to a batch; whether more may wait."""
+        rows = await self._fetch(
+            "SELECT w.*, p.last_id AS pruned FROM webhook_endpoints w, event_relay p "
+            "WHERE w.name = $1 AND p.name = 'pruned'",
+            ep.hook.name,
+        )
+        if not rows:  # not there yet (the leader's loop inserts it)
+            return False
+        ep.row = dict(rows[0])
+        del ep.row["pruned"]
+        if ep.row["dead"]:
+            return False
+        pruned = int(rows[0]["pruned"])
+        if ep.row["last_id"] < pruned:
+            self.log.warning(
+                "webhook_gap", webhook=ep.hook.name, after=ep.row["last_id"], resumes_after=pruned
+            )
+            await self._save(ep, "last_id = $2, gaps = gaps + 1", pruned)
+            return True
+        events = await self._fetch(
+            "SELECT id, type, body FROM events WHERE id > $1 ORDER BY id LIMIT $2",
+            ep.row["last_id"],
+            BATCH,
+        )
+        done = ep.row["last_id"]
+        for event in events:
+            if ep.match.fullmatch(event["type"]) and not await self._deliver(ep, http, event):
+                return False
+            done = event["id"]
+        if done != ep.row["last_id"]:
+            await self._save(ep, "last_id = $2", done)
+        return len(events) == BATCH
+
+    async def _deliver(
+        self, ep: Endpoint, http: aiohttp.ClientSession, event: asyncpg.Record
+    ) -> bool:
+        """Until it answers 2xx (True) or is marked dead (False)."""
+        hook = ep.hook
+        body = payload(hook, wire(event["id"], event["body"]), hook.link_base or self.link_base)
+        while True:
+            attempt = ep.row["attempts"] + 1
+            status, error = await self._post(ep, http, event, body, attempt)
+            if status is not None and 200 <= status < 300:
+                await self._save(
+                    ep,
+                    "last_id = $2, delivered = delivered + 1, attempts = 0, "
+                    "last_status = $3, last_error = NULL",
+                    event["id"],
+                    status,
+                )
+                return True
+            dead = attempt >= hook.max_attempts
+            await self._save(
+                ep,
+                "attempts = $2, failures = failures + 1, dead = $3, last_status = $4, "
+                "last_error = $5",
+                attempt,
+                dead,
+                status,
+                error,
+            )
+            if dead:
+                self.log.error(
+                    "webhook_dead",
+                    webhook=hook.name,
+                    event_id=event["id"],
+                    attempts=attempt,
+                    error=error,
+                )
+                return False
+            pause = min(hook.backoff_max, hook.backoff * 2 ** (attempt - 1))
+            pause *= random.uniform(0.75, 1.0)  # noqa: S311 - jitter: failing endpoints part
+            self.log.warning(
+                "webhook_failed",
+                webhook=hook.name,
+                event_id=event["id"],
+                attempt=attempt,
+                error=error,
+                retry_in=round(pause, 3),
+            )
+            await asyncio.sleep(pause)
+
+    async def _post(
+        self,
+        ep: Endpoint,
+        http: aiohttp.ClientSession,
+        event: asyncpg.Record,
+        body: bytes,
+        attempt: int,
+    ) -> tuple[int | None, str | None]:
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "jarvisd-webhooks/1",
+            "Jarvisd-Event-Id": str(event["id"]),
+            "Jarvisd-Event-Type": event["type"],
+            "Jarvisd-Attempt": str(attempt),
+        }
+        if ep.hook.secret:
+            headers["Jarvisd-Signature"] = sign(ep.hook.secret, body)
+        try:
+            async with http.post(
+                ep.hook.url, data=body, headers=headers, allow_redirects=False
+            ) as resp:
+                if 200 <= resp.status < 300:
+                    return resp.status, None
+                return resp.status, f"HTTP {resp.status} {resp.reason or ''}".strip()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return None, (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)[:300]
+
+    async def _save(self, ep: Endpoint, assignments: str, *args: Any) -> None:
+        rows = await self._fetch(
+            f"UPDATE webhook_endpoints SET {assignments}, updated_at = now() "
+            "WHERE name = $1 RETURNING *",
+            ep.hook.name,
+            *args,
+        )
+        if rows:
+            ep.row = dict(rows[0])
+
+    # -- what people ask -----------------------------------------------------------------------
+    def _info(self, ep: Endpoint) -> WebhookInfo:
+        row, shown = ep.row, secret_free((ep.hook,))[0]
+        return WebhookInfo(
+            name=ep.hook.name,
+            url=shown["url"],
+            format=ep.hook.format,
+            types=list(ep.hook.types),
+            state=ep.state(),
+            last_id=row.get("last_id", 0),
+            delivered=row.get("delivered", 0),
+            failures=row.get("failures", 0),
+            attempts=row.get("attempts", 0),
+            max_attempts=ep.hook.max_attempts,
+            last_status=row.get("last_status"),
+            last_error=row.get("last_error"),
+            gaps=row.get("gaps", 0),
+            updated_at=row.get("updated_at"),
+        )
+
+    @handles(ListWebhooks)
+    async def _list(self, _msg: ListWebhooks) -> list[WebhookInfo]:
+        if self.endpoints:
+            await self._refresh()
+        return [self._info(ep) for ep in self.endpoints.values()]
+
+    @handles(RetryWebhook)
+    async def _retry(self, msg: RetryWebhook) -> WebhookInfo:
+        ep = self.endpoints.get(msg.name)
+        if ep is None:
+            raise NotFound(f"no webhook {msg.name[:64]!r} is configured")
+        rows = await self._fetch(
+            "WITH done AS (UPDATE webhook_endpoints SET dead = false, attempts = 0, "
+            "updated_at = now() WHERE name = $1 RETURNING *) "
+            "SELECT done.*, pg_notify($2, $1) FROM done",
+            msg.name,
+            RETRY_CHANNEL,
+        )
+        if rows:
+            ep.row = {k: v for k, v in dict(rows[0]).items() if k != "pg_notify"}
+        self.log.info("webhook_retried", webhook=msg.name)
+        ep.wake.set()
+        return self._info(ep)
+
+    async def on_stop(self) -> None:
+        self._stop_endpoints()
+        self._listening = None
+        await self.lead.drop()
+
+    # -- health --------------------------------------------------------------------------------
+    async def check(self) -> Health | None:
+        if not self.endpoints:
+            return Health(status="pass", detail="no webhooks configured")
+        dead = [n for n, ep in self.endpoints.items() if ep.state() == "dead"]
+        role = "leader" if self.lead.leader else "standby"
+        if dead:
+            return Health(
+                status="warn",
+                detail=f"{role}; dead: {', '.join(dead)} (`jarvisd webhooks retry NAME`)",
+            )
+        return Health(status="pass", detail=f"{role}, {len(self.endpoints)} endpoints")
+
+    def snapshot(self) -> dict[str, Any]:
+        data = super().snapshot()
+        data["webhooks"] = {
+            "leader": self.lead.leader,
+            "endpoints": [msgspec.to_builtins(self._info(ep)) for ep in self.endpoints.values()],
+        }
+        return data
+
+
+class WebhooksRef(Ref):
+    """The webhooks: their state, and retrying one."""
+
+    async def ask(self, msg: WebhookMessage[R], timeout: float | None = None) -> R:
+        return await self._ask(msg, timeout)
