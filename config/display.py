@@ -40,7 +40,7 @@ def to_toml(data: Mapping[str, Any]) -> str:
     """Render two-level plain data as TOML (enough for the effective config)."""
     lines: list[str] = []
     for section, table in data.items():
-        if isinstance(table, list):  # an array of tables
+        if isinstance(table, list | tuple):  # an array of tables
             for entry in table:
                 lines.append(f"[[{section}]]")
                 lines.extend(f"{k} = {_toml_value(v)}" for k, v in entry.items() if v is not None)

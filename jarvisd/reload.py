@@ -57,7 +57,7 @@ def plan_reload(old: Settings, new: Settings) -> ReloadPlan:
     applied: list[str] = []
     restart: list[str] = []
     for section, values in new_data.items():
-        if isinstance(values, list):  # [[webhooks]]: the whole array applies live
+        if isinstance(values, list | tuple):  # [[webhooks]]: the whole array applies live
             merged[section] = values
             if values != old_data[section]:
                 applied.append(section)

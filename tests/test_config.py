@@ -265,6 +265,24 @@ def test_the_full_example_lists_every_key_with_its_default() -> None:
         (Path(__file__).parent.parent / "config/examples/full.toml").read_text()
     )
     defaults = msgspec.to_builtins(Settings())
+    hooks = defaults.pop("webhooks")
+    assert (
+        list(hooks) == []
+    )  # none by default: one is shown commented out, every key with its default
+    text = (Path(__file__).parent.parent / "config/examples/full.toml").read_text()
+    shown = "\n".join(
+        line[2:] for line in text.split("# [[webhooks]]\n", 1)[1].splitlines() if line
+    )
+    from config import WebhookSettings
+
+    hook = tomllib.loads(shown)
+    fields = {f.name for f in msgspec.structs.fields(WebhookSettings)} - {"secret"}
+    assert set(hook) == fields
+    expect = msgspec.json.decode(
+        msgspec.json.encode(WebhookSettings(name="ops", url="https://ops.example/x"))
+    )
+    for key in ("types", "format", "max_attempts", "timeout", "backoff", "backoff_max"):
+        assert hook[key] == expect[key], key
     for section, values in defaults.items():
         for key, value in values.items():
             if value is None:

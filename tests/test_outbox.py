@@ -473,3 +473,68 @@ async def test_a_user_resuming_sees_only_their_own_and_a_pruned_past_is_a_gap(
         assert "pruned" in gap["reason"]
         assert again["data"]["id"] == got[1]["data"]["id"]
         await ws.close()
+
+
+async def test_a_subscriber_resuming_after_a_redis_restart_mid_stream_sees_every_event_once(
+    make_config: Callable[..., LoadedConfig],
+    own_valkey: OwnValkey,  # noqa: F811 - the fixture
+    pg_dsn: str,
+) -> None:
+    """A client follows the events over a WebSocket while commands keep
+    coming; Redis restarts in the middle. On the gap notice it reconnects
+    with the last id it saw: it ends with every event, once each, in order."""
+    loaded = make_config(redis={"url": own_valkey.url, "connect_timeout": 1})
+    events = f"{loaded.settings.redis.prefix}events"
+    async for api in serve_api(loaded):
+        _a, token = await api.user("follower", "approver")
+        _u, writer = await api.user("steady")
+        seen: list[int] = []
+
+        async with aiohttp.ClientSession() as s:
+            ws = await resume(api, s, token, [events], 0)
+            writing = asyncio.create_task(keep_writing(api, writer, 60))
+            restarted = False
+            reconnects = 0
+            async with asyncio.timeout(60):
+                while not (writing.done() and seen and seen[-1] == await newest(pg_dsn)):
+                    if not restarted and len(seen) >= 20:
+                        await own_valkey.restart()  # in the middle of the stream
+                        restarted = True
+                    try:
+                        doc = await ws.receive_json(timeout=0.5)
+                    except TimeoutError:
+                        continue
+                    except TypeError:  # the socket closed (a close frame is not JSON)
+                        doc = {"type": "closed"}
+                    if doc["type"] == "message":
+                        seen.append(int(doc["data"]["id"]))
+                    elif doc["type"] in ("subscription.gap", "closed"):
+                        # What a client does: back with the last id it saw.
+                        await ws.close()
+                        reconnects += 1
+                        ws = await resume(api, s, token, [events], seen[-1] if seen else 0)
+            await writing
+            await ws.close()
+        assert restarted
+        assert reconnects >= 1  # the restart was noticed
+        db = await asyncpg.connect(pg_dsn)
+        try:
+            ids = [r["id"] for r in await db.fetch("SELECT id FROM events ORDER BY id")]
+        finally:
+            await db.close()
+        assert seen == ids  # every event, exactly once, in id order
+
+
+async def keep_writing(api: Api, token: str, n: int) -> None:
+    for i in range(n):
+        status, _h, _b = await api.call("POST", "/commands", token=token, json={"action": f"s_{i}"})
+        assert status == 201
+        await asyncio.sleep(0.03)
+
+
+async def newest(dsn: str) -> int:
+    db = await asyncpg.connect(dsn)
+    try:
+        return int(await db.fetchval("SELECT coalesce(max(id), 0) FROM events"))
+    finally:
+        await db.close()

@@ -300,7 +300,8 @@ async def test_an_endpoint_gets_only_its_types_and_slack_gets_text_with_a_link(
             token=token,
             json={"action": "delete_files", "description": "clean <!channel> & <https://x|go>"},
         )
-        assert status == 201 and made["status"] == "awaiting_approval", made
+        assert status == 201, made
+        assert made["status"] == "awaiting_approval", made
         await receiver.until(1)
         await asyncio.sleep(0.3)
         assert len(receiver.got) == 1
@@ -407,3 +408,44 @@ def test_a_webhook_secret_may_come_from_systemd_credentials(tmp_path: Path) -> N
     path = write(tmp_path, '[[webhooks]]\nname = "ops"\nurl = "https://h/x"\n')
     settings = load_settings(path, env={"CREDENTIALS_DIRECTORY": str(creds)}).settings
     assert settings.webhooks[0].secret == SECRET
+
+
+async def test_webhooks_come_and_go_with_a_reload(
+    tmp_path: Path, pg_dsn: str, redis_url: str, redis_prefix: str, receiver: Receiver
+) -> None:
+    from tests.test_http import start_daemon
+
+    (tmp_path / "ops.secret").write_text(SECRET)
+    base = (
+        f'[daemon]\nstate_dir = "{tmp_path / "state"}"\nlog_level = "warning"\n'
+        f'[http]\nport = 0\nunix_socket = "{tmp_path / "jarvisd.sock"}"\n'
+        f'[postgres]\ndsn = "{pg_dsn}"\n[redis]\nurl = "{redis_url}"\nprefix = "{redis_prefix}"\n'
+        "[events]\npoll_interval = 0.2\n"
+    )
+    cfg = tmp_path / "jarvisd.toml"
+    cfg.write_text(base)
+    async for running in start_daemon(load_settings(cfg)):
+        await running.wait_ready()
+        api = Api(running, str(tmp_path / "jarvisd.sock"))
+        try:
+            assert (await api.call("GET", "/webhooks", local=True))[2] == []
+            cfg.write_text(
+                base + f'[[webhooks]]\nname = "late"\nurl = "{receiver.url}"\n'
+                'secret_file = "ops.secret"\n'
+            )
+            plan = await running.daemon.reload()
+            assert plan is not None
+            assert plan.applied == ["webhooks"]
+            await state_is(api, "late", "live")
+            _uid, token = await api.user("reloader")
+            await commands(api, token, 2)
+            await receiver.until(2)
+            assert all(g["signed"] for g in receiver.got)
+            cfg.write_text(base)
+            assert (await running.daemon.reload()) is not None
+            assert (await api.call("GET", "/webhooks", local=True))[2] == []
+            await commands(api, token, 2)
+            await asyncio.sleep(0.5)
+            assert len(receiver.got) == 2  # gone with the reload
+        finally:
+            await api.unix.close()
