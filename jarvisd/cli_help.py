@@ -59,6 +59,9 @@ EXAMPLES: dict[str, str] = {
     "agent add": "URL=$(jarvisd agent add planner)",
     "agent list": "jarvisd agent list\n  jarvisd agent list --json",
     "agent revoke": "jarvisd agent revoke planner",
+    "webhooks": "jarvisd webhooks list\n  jarvisd webhooks retry ops",
+    "webhooks list": "jarvisd webhooks list\n  jarvisd webhooks list --json",
+    "webhooks retry": "jarvisd webhooks retry ops",
 }
 
 

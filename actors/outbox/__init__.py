@@ -4,13 +4,8 @@ daemon at a time (``relay``), and sent to webhook endpoints (``webhooks``)."""
 
 from actors.outbox.relay import Relay, RelayRef, Wake
 from actors.outbox.store import NOTIFY_CHANNEL, OUTBOX_LOCK, body_of, record, wire
-from actors.outbox.webhooks import (
-    ListWebhooks,
-    RetryWebhook,
-    WebhookInfo,
-    Webhooks,
-    WebhooksRef,
-)
+from actors.outbox.webhook_messages import ListWebhooks, RetryWebhook, WebhookInfo, WebhooksRef
+from actors.outbox.webhooks import Webhooks
 
 __all__ = [
     "NOTIFY_CHANNEL",

@@ -16,11 +16,12 @@ import re
 import time
 from typing import Any
 
+import aiohttp
 import msgspec
 
 from config import WebhookSettings
 
-__all__ = ["matcher", "payload", "sign", "slack_text", "verify"]
+__all__ = ["matcher", "payload", "post", "sign", "slack_text", "verify"]
 
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
@@ -91,3 +92,31 @@ def slack_text(event: dict[str, Any], link_base: str) -> str:
         return f"{link} was {_esc(data.get('decision', ''))}{who}{why}"
     status = f" ({_esc(data['status'])})" if data.get("status") else ""
     return f"{_esc(kind)}{status}, event {_esc(event.get('id', ''))}"
+
+
+async def post(
+    http: aiohttp.ClientSession,
+    hook: WebhookSettings,
+    event_id: int,
+    event_type: str,
+    body: bytes,
+    attempt: int,
+) -> tuple[int | None, str | None]:
+    """One attempt: the status it answered (None: no answer), and what went
+    wrong (None: a 2xx). Redirects are not followed: a 3xx is a failure."""
+    headers = {
+        "Content-Type": "application/json",
+        "User-Agent": "jarvisd-webhooks/1",
+        "Jarvisd-Event-Id": str(event_id),
+        "Jarvisd-Event-Type": event_type,
+        "Jarvisd-Attempt": str(attempt),
+    }
+    if hook.secret:
+        headers["Jarvisd-Signature"] = sign(hook.secret, body)
+    try:
+        async with http.post(hook.url, data=body, headers=headers, allow_redirects=False) as resp:
+            if 200 <= resp.status < 300:
+                return resp.status, None
+            return resp.status, f"HTTP {resp.status} {resp.reason or ''}".strip()
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        return None, (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)[:300]

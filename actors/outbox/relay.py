@@ -5,7 +5,11 @@ The leader (a session advisory lock on a connection of its own, as the
 approvals sweeper leads) reads the events past the last one it relayed,
 publishes them (each to ``{prefix}events`` and its kind's channel, in order,
 in one round trip), and records how far it got in ``event_relay`` as it
-reads the next batch (or at the next poll). A crash or a Redis failure
+reads the next batch (or at the next poll). Events this daemon committed are
+handed over with their ``Wake`` as they are sent: when they follow the last
+one relayed (no id missing) they go out without being read back; anything
+else (another daemon's commits, a gap, a full mailbox) is read from the
+outbox. A crash or a Redis failure
 before that record sends them again: subscribers know an event by its id. The relay wakes on the notification
 each writing commit sends (LISTEN on the lock's connection), on a ``Wake``
 from this daemon's persistence actor, and every ``events.poll_interval``.
@@ -26,7 +30,7 @@ import asyncpg
 
 from actors.kernel import Actor, ActorError, Health, Message, Ref, handles
 from actors.leadership import CONNECTION_LOST, Leadership, lock_key
-from actors.outbox.store import NOTIFY_CHANNEL, wire
+from actors.outbox.store import NOTIFY_CHANNEL, Written, wire
 from actors.pubsub import PubSubRef, RelayEvents
 from actors.redis_link import RedisUnavailable
 from config import EventSettings, PostgresSettings
@@ -46,7 +50,12 @@ class RelayMessage(Message[R_co], frozen=True):
 
 
 class Wake(RelayMessage[None], frozen=True):
-    """Events were committed here: look now rather than at the next poll."""
+    """Events were committed here (as sent, in id order), at ``at``
+    (monotonic): sent as they are when they follow the last one relayed,
+    else looked for in the outbox now rather than at the next poll."""
+
+    events: tuple[Written, ...] = ()
+    at: float = 0.0
 
 
 @dataclass
@@ -92,18 +101,32 @@ class Relay(Actor):
         self._listening: asyncpg.Connection | None = None
         self._pruned_at = 0.0
         self._proved = 0.0  # when the lock was last proved on its connection
-        # (highest id of a commit, when its notification was heard), oldest first.
+        # (highest id of a commit, when it was first told), oldest first.
         self._heard: collections.deque[tuple[int, float]] = collections.deque(maxlen=100_000)
+        # Events handed over by this daemon's commits, not yet relayed; a
+        # bound: past it the oldest go, and are read from the outbox instead.
+        self._handed: collections.deque[Written] = collections.deque(maxlen=10_000)
+        self._recorded_at = 0.0  # when event_relay last had how far it got
 
     @handles(Wake)
-    async def _woken(self, _msg: Wake) -> None:
+    async def _woken(self, msg: Wake) -> None:
+        if msg.events and self.lead.leader:
+            self._handed.extend(msg.events)
+            self._commit_seen(msg.events[-1][0], msg.at)
         self._wake.set()
 
     def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
         if payload.isdigit():
-            self.relay_stats.newest_id = max(self.relay_stats.newest_id, int(payload))
-            self._heard.append((int(payload), time.monotonic()))
+            self._commit_seen(int(payload), time.monotonic())
         self._wake.set()
+
+    def _commit_seen(self, top: int, at: float) -> None:
+        """A commit's highest id, first told at ``at`` (its Wake here, else
+        its notification): the lag is measured from then."""
+        st = self.relay_stats
+        if top > st.newest_id:
+            st.newest_id = top
+            self._heard.append((top, at))
 
     def _lead(self, leading: bool) -> None:
         self.log.info("relay_leading" if leading else "relay_standing_by")
@@ -178,6 +201,14 @@ class Relay(Actor):
         return True
 
     async def _relay_batch(self) -> int:
+        batch = self._next_handed()
+        if batch:
+            # Handed over by this daemon's commits, following the last one
+            # sent: no need to read them back.
+            await self._send(batch)
+            if time.monotonic() - self._recorded_at >= self.settings.poll_interval:
+                await self._record()  # how far it got: once a poll interval at most
+            return len(batch)
         conn = self.lead.conn
         assert conn is not None
         # One round trip: how far the last batch got is recorded as the next
@@ -189,22 +220,46 @@ class Relay(Actor):
             self.relay_stats.last_id,
             self.settings.relay_batch,
         )
+        self._recorded_at = time.monotonic()
         if not rows:
             return 0
-        batch = tuple((r["kind"], wire(r["id"], r["body"])) for r in rows)
+        await self._send([(r["id"], r["kind"], wire(r["id"], r["body"])) for r in rows])
+        return len(rows)
+
+    def _next_handed(self) -> list[Written]:
+        """The events handed over that follow the last one sent, in a run
+        with no id missing, up to a batch."""
+        handed, last = self._handed, self.relay_stats.last_id
+        while handed and handed[0][0] <= last:
+            handed.popleft()  # sent already (read from the outbox)
+        batch: list[Written] = []
+        while handed and handed[0][0] == last + 1 and len(batch) < self.settings.relay_batch:
+            batch.append(handed.popleft())
+            last += 1
+        return batch
+
+    async def _send(self, batch: list[Written]) -> None:
         try:
-            await self.pubsub.ask(RelayEvents(batch), timeout=10)
+            await self.pubsub.ask(RelayEvents(tuple((k, b) for _i, k, b in batch)), timeout=10)
         except (RedisUnavailable, ActorError, TimeoutError) as exc:
             raise NotSent(str(exc) or type(exc).__name__) from exc
-        last = int(rows[-1]["id"])
+        last = batch[-1][0]
         st = self.relay_stats
         st.last_id = last
         st.newest_id = max(st.newest_id, last)
-        st.relayed += len(rows)
+        st.relayed += len(batch)
         now = time.monotonic()
         while self._heard and self._heard[0][0] <= last:
             st.lags.append((now - self._heard.popleft()[1]) * 1000)
-        return len(rows)
+
+    async def _record(self) -> None:
+        conn = self.lead.conn
+        assert conn is not None
+        last = self.relay_stats.last_id
+        await conn.execute(
+            "UPDATE event_relay SET last_id = $1 WHERE name = 'redis' AND last_id < $1", last
+        )
+        self._recorded_at = time.monotonic()
 
     async def _prune(self) -> None:
         """Events past their retention, relayed ones only, in batches."""

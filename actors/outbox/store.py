@@ -16,11 +16,15 @@ import msgspec
 
 from actors.events import Event, Published
 
-__all__ = ["NOTIFY_CHANNEL", "OUTBOX_LOCK", "body_of", "record", "wire"]
+__all__ = ["NOTIFY_CHANNEL", "OUTBOX_LOCK", "Written", "body_of", "record", "wire"]
 
 OUTBOX_LOCK = int.from_bytes(hashlib.sha256(b"jarvisd.event-outbox").digest()[:8], "big") >> 1
 # Told at each commit that wrote events (the payload: the highest id).
 NOTIFY_CHANNEL = "jarvisd_events"
+
+# An event as written: its id, its kind (the channel beside {prefix}events)
+# and the bytes that are sent.
+Written = tuple[int, str, bytes]
 
 _encoder = msgspec.json.Encoder()
 _HEAD = b'{"v":1,"id":""'
@@ -38,21 +42,26 @@ def wire(event_id: int, body: str) -> bytes:
     return b'{"v":1,"id":"%d"' % event_id + body.encode()
 
 
-async def record(conn: asyncpg.Connection, published: list[Published]) -> int | None:
+async def record(conn: asyncpg.Connection, published: list[Published]) -> list[Written]:
     """Write ``published`` into the outbox inside the caller's transaction;
-    the highest id taken, or None when there was nothing."""
+    each event as it will be sent, with its id, in id order."""
     if not published:
-        return None
+        return []
+    bodies = [body_of(evt) for _kind, evt in published]
     await conn.execute("SELECT pg_advisory_xact_lock($1)", OUTBOX_LOCK)
     row = await conn.fetchrow(
         "WITH written AS (INSERT INTO events (kind, type, user_id, body) "
         "SELECT k, t, u, b FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) "
         "WITH ORDINALITY AS x(k, t, u, b, n) ORDER BY n RETURNING id) "
-        "SELECT m, pg_notify($5, m::text) FROM (SELECT max(id) AS m FROM written) top",
+        "SELECT ids, pg_notify($5, ids[array_upper(ids, 1)]::text) "
+        "FROM (SELECT array_agg(id ORDER BY id) AS ids FROM written) taken",
         [kind for kind, _evt in published],
         [evt.type for _kind, evt in published],
         [evt.user_id for _kind, evt in published],
-        [body_of(evt) for _kind, evt in published],
+        bodies,
         NOTIFY_CHANNEL,
     )
-    return int(row["m"])
+    return [
+        (event_id, kind, wire(event_id, body))
+        for event_id, (kind, _evt), body in zip(row["ids"], published, bodies, strict=True)
+    ]

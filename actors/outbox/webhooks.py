@@ -20,76 +20,36 @@ import random
 import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import asyncpg
 import msgspec
 
 from actors.data.repo import NotFound
-from actors.kernel import Actor, Health, Message, Ref, handles
+from actors.kernel import Actor, Health, handles
 from actors.leadership import CONNECTION_LOST, Leadership, lock_key
-from actors.outbox.hooks import matcher, payload, sign
+from actors.outbox.hooks import matcher, payload, post
 from actors.outbox.store import NOTIFY_CHANNEL, wire
+from actors.outbox.webhook_messages import ListWebhooks, RetryWebhook, WebhookInfo
 from actors.persistence.pool import Unavailable
 from config import EventSettings, PostgresSettings, WebhookSettings
 from config.webhooks import secret_free
 
-__all__ = [
-    "RETRY_CHANNEL",
-    "WEBHOOK_LOCK",
-    "ListWebhooks",
-    "RetryWebhook",
-    "WebhookInfo",
-    "Webhooks",
-    "WebhooksRef",
-]
+__all__ = ["RETRY_CHANNEL", "WEBHOOK_LOCK", "Webhooks"]
 
-R = TypeVar("R")
-R_co = TypeVar("R_co", covariant=True)
 WEBHOOK_LOCK = lock_key("jarvisd.webhooks")
 RETRY_CHANNEL = "jarvisd_webhooks"  # a retry, from any daemon: the payload is the name
 BATCH = 100  # events read at a time per endpoint
 _RETRY = 0.5  # seconds before trying again after a database failure
 
 
-class WebhookMessage(Message[R_co], frozen=True):
-    """A message the webhooks actor answers with ``R``."""
-
-
-class WebhookInfo(msgspec.Struct, frozen=True, rename="camel"):
-    name: str
-    url: str  # the host only when the path may be a secret
-    format: str
-    types: list[str]
-    state: str  # new (nothing done yet), live, retrying, dead
-    last_id: int  # every event up to this id is done
-    delivered: int
-    failures: int  # failed attempts, all told
-    attempts: int  # failed attempts at the next event
-    max_attempts: int
-    last_status: int | None
-    last_error: str | None
-    gaps: int  # times events were pruned before this endpoint got them
-    updated_at: datetime | None
-
-
-class ListWebhooks(WebhookMessage[list[WebhookInfo]], frozen=True):
-    """Every configured endpoint and how far it got."""
-
-
-class RetryWebhook(WebhookMessage[WebhookInfo], frozen=True):
-    """Send again, now: a dead endpoint goes live at the event it stopped at."""
-
-    name: str
-
-
 @dataclass
 class Endpoint:
     hook: WebhookSettings
     match: re.Pattern[str]
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)  # events, or a retry
+    retry_now: asyncio.Event = field(default_factory=asyncio.Event)  # ends a backoff
     task: asyncio.Task[None] | None = None
     row: dict[str, Any] = field(default_factory=dict)  # its webhook_endpoints row, as last seen
 
@@ -143,8 +103,11 @@ class Webhooks(Actor):
 
     def _notified(self, _conn: Any, _pid: int, channel: str, payload_: str) -> None:
         for name, ep in self.endpoints.items():
-            if channel == NOTIFY_CHANNEL or payload_ == name:
+            if channel == NOTIFY_CHANNEL:
                 ep.wake.set()
+            elif payload_ == name:  # a retry, from any daemon
+                ep.wake.set()
+                ep.retry_now.set()
 
     # -- the loop: lead, then one task per endpoint ------------------------------------------
     async def run(self) -> None:
@@ -298,7 +261,7 @@ class Webhooks(Actor):
         body = payload(hook, wire(event["id"], event["body"]), hook.link_base or self.link_base)
         while True:
             attempt = ep.row["attempts"] + 1
-            status, error = await self._post(ep, http, event, body, attempt)
+            status, error = await post(http, ep.hook, event["id"], event["type"], body, attempt)
             if status is not None and 200 <= status < 300:
                 await self._save(
                     ep,
@@ -337,34 +300,11 @@ class Webhooks(Actor):
                 error=error,
                 retry_in=round(pause, 3),
             )
-            await asyncio.sleep(pause)
-
-    async def _post(
-        self,
-        ep: Endpoint,
-        http: aiohttp.ClientSession,
-        event: asyncpg.Record,
-        body: bytes,
-        attempt: int,
-    ) -> tuple[int | None, str | None]:
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": "jarvisd-webhooks/1",
-            "Jarvisd-Event-Id": str(event["id"]),
-            "Jarvisd-Event-Type": event["type"],
-            "Jarvisd-Attempt": str(attempt),
-        }
-        if ep.hook.secret:
-            headers["Jarvisd-Signature"] = sign(ep.hook.secret, body)
-        try:
-            async with http.post(
-                ep.hook.url, data=body, headers=headers, allow_redirects=False
-            ) as resp:
-                if 200 <= resp.status < 300:
-                    return resp.status, None
-                return resp.status, f"HTTP {resp.status} {resp.reason or ''}".strip()
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            return None, (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)[:300]
+            ep.retry_now.clear()
+            with contextlib.suppress(TimeoutError):  # or a retry asked for now
+                await asyncio.wait_for(ep.retry_now.wait(), pause)
+            if ep.retry_now.is_set():
+                ep.row["attempts"] = 0  # counted afresh, as the retry recorded
 
     async def _save(self, ep: Endpoint, assignments: str, *args: Any) -> None:
         rows = await self._fetch(
@@ -418,6 +358,7 @@ class Webhooks(Actor):
             ep.row = {k: v for k, v in dict(rows[0]).items() if k != "pg_notify"}
         self.log.info("webhook_retried", webhook=msg.name)
         ep.wake.set()
+        ep.retry_now.set()
         return self._info(ep)
 
     async def on_stop(self) -> None:
@@ -445,10 +386,3 @@ class Webhooks(Actor):
             "endpoints": [msgspec.to_builtins(self._info(ep)) for ep in self.endpoints.values()],
         }
         return data
-
-
-class WebhooksRef(Ref):
-    """The webhooks: their state, and retrying one."""
-
-    async def ask(self, msg: WebhookMessage[R], timeout: float | None = None) -> R:
-        return await self._ask(msg, timeout)

@@ -97,10 +97,12 @@ class Persistence(Actor):
             w = Writing(conn)
             async with conn.transaction():
                 yield w
-                await record(conn, w.events)
-        if w.events and self.relay is not None:
-            with contextlib.suppress(ActorError):  # the relay looks by itself soon
-                self.relay.tell_nowait(Wake())
+                written = await record(conn, w.events)
+        if written and self.relay is not None:
+            # Handed over as committed: the relay sends them without reading
+            # them back when they follow what it sent last.
+            with contextlib.suppress(ActorError):  # else it reads them soon
+                self.relay.tell_nowait(Wake(tuple(written), time.monotonic()))
 
     # -- connecting ------------------------------------------------------------------------------
     async def on_start(self) -> None:
