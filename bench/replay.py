@@ -3,6 +3,10 @@ a client subscribes with ``since`` before all of them and is sent every one
 from PostgreSQL, in id order. Measured against the raw floor in the same run:
 asyncpg alone reading the same events in pages of 1,000.
 
+Then pruning: the same events made older than the retention and deleted as
+the relay deletes them (batches of 10,000, one short transaction each),
+against one DELETE of a copy of them (one long transaction).
+
     python -m bench.replay [--events 100000] [--json out.json]
 """
 
@@ -16,6 +20,7 @@ import time
 import aiohttp
 import asyncpg
 
+from actors.outbox.relay import PRUNE_BATCH, prune_batch
 from bench.daemon import bench_daemon, run_bench
 from bench.report import Report
 from tests.servers import Servers
@@ -88,11 +93,38 @@ async def replay(base: str, token: str, channel: str, n: int) -> tuple[float, bo
         return got / (time.perf_counter() - started), ordered
 
 
+async def pruning(dsn: str, top: int) -> tuple[float, float, float]:
+    """Events/s pruned in batches, the longest batch in ms, and events/s of
+    one DELETE of a copy of the same rows (the floor)."""
+    db = await asyncpg.connect(dsn)
+    try:
+        await db.execute("UPDATE events SET created_at = now() - interval '8 days'")
+        await db.execute("CREATE TABLE events_copy (LIKE events INCLUDING ALL)")
+        await db.execute("INSERT INTO events_copy OVERRIDING SYSTEM VALUE SELECT * FROM events")
+        await db.execute("VACUUM ANALYZE events")
+        await db.execute("VACUUM ANALYZE events_copy")
+        started = time.perf_counter()
+        status = await db.execute("DELETE FROM events_copy WHERE id <= $1", top)
+        floor = int(status.split()[-1]) / (time.perf_counter() - started)
+        started, deleted, longest = time.perf_counter(), 0, 0.0
+        while True:
+            t = time.perf_counter()
+            went = await prune_batch(db, top, 7 * 86400)
+            longest = max(longest, time.perf_counter() - t)
+            deleted += went
+            if went < PRUNE_BATCH:
+                break
+        return deleted / (time.perf_counter() - started), longest * 1000, floor
+    finally:
+        await db.close()
+
+
 async def run(servers: Servers, report: Report, n: int) -> None:
     async with bench_daemon(servers.postgres_dsn, servers.redis_url) as d:
-        await fill(d.dsn, n)
+        top = await fill(d.dsn, n)
         floor = await raw_floor(d.dsn, n)
         rate, ordered = await replay(d.base, d.token, f"{d.prefix}events", n)
+        pruned, longest, prune_floor = await pruning(d.dsn, top)
     print(f"Replay of {n:,} events to a WebSocket subscribing with since (in order: {ordered}):")
     report.add("replay, raw asyncpg reads (pages of 1,000)", floor, "events/s")
     report.add(
@@ -102,6 +134,16 @@ async def run(servers: Servers, report: Report, n: int) -> None:
         floor=floor,
         floor_name="raw asyncpg reads",
     )
+    print(f"Pruning the same {n:,} events, past the retention:")
+    report.add("prune, one DELETE of a copy (one transaction)", prune_floor, "events/s")
+    report.add(
+        f"prune, batches of {PRUNE_BATCH:,} (jarvisd)",
+        pruned,
+        "events/s",
+        floor=prune_floor,
+        floor_name="one DELETE",
+    )
+    report.add("prune, the longest batch (its transaction)", longest, "ms")
     if not ordered:
         raise SystemExit("events came out of order")
 

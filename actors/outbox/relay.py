@@ -35,7 +35,7 @@ from actors.pubsub import PubSubRef, RelayEvents
 from actors.redis_link import RedisUnavailable
 from config import EventSettings, PostgresSettings
 
-__all__ = ["RELAY_LOCK", "Relay", "RelayRef", "Wake"]
+__all__ = ["RELAY_LOCK", "Relay", "RelayRef", "Wake", "prune_batch"]
 
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
@@ -269,24 +269,7 @@ class Relay(Actor):
         conn = self.lead.conn
         assert conn is not None
         while not self.halting():
-            # The watermark first: a reader told "no gap" never misses a pruned event.
-            top = await conn.fetchval(
-                "WITH doomed AS (SELECT id FROM events WHERE id <= $1 "
-                "AND created_at < now() - make_interval(secs => $2) ORDER BY id LIMIT $3) "
-                "SELECT max(id) FROM doomed",
-                self.relay_stats.last_id,
-                float(self.settings.retention),
-                PRUNE_BATCH,
-            )
-            if top is None:
-                return
-            async with conn.transaction():
-                await conn.execute(
-                    "UPDATE event_relay SET last_id = greatest(last_id, $1) WHERE name = 'pruned'",
-                    top,
-                )
-                status = await conn.execute("DELETE FROM events WHERE id <= $1", top)
-            deleted = int(status.split()[-1])
+            deleted = await prune_batch(conn, self.relay_stats.last_id, self.settings.retention)
             self.relay_stats.pruned += deleted
             if deleted < PRUNE_BATCH:
                 return
@@ -338,3 +321,26 @@ class RelayRef(Ref):
 
     async def ask(self, msg: RelayMessage[R], timeout: float | None = None) -> R:
         return await self._ask(msg, timeout)
+
+
+async def prune_batch(conn: asyncpg.Connection, relayed: int, retention: float) -> int:
+    """Delete up to PRUNE_BATCH events older than ``retention`` seconds and
+    relayed (id <= ``relayed``), oldest first, in one short transaction; how
+    many went. The watermark moves first: a reader told "no gap" never
+    misses a pruned event."""
+    top = await conn.fetchval(
+        "WITH doomed AS (SELECT id FROM events WHERE id <= $1 "
+        "AND created_at < now() - make_interval(secs => $2) ORDER BY id LIMIT $3) "
+        "SELECT max(id) FROM doomed",
+        relayed,
+        float(retention),
+        PRUNE_BATCH,
+    )
+    if top is None:
+        return 0
+    async with conn.transaction():
+        await conn.execute(
+            "UPDATE event_relay SET last_id = greatest(last_id, $1) WHERE name = 'pruned'", top
+        )
+        status = await conn.execute("DELETE FROM events WHERE id <= $1", top)
+    return int(status.split()[-1])
