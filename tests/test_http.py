@@ -7,7 +7,7 @@ import re
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote
@@ -46,7 +46,7 @@ class Running:
                 await asyncio.sleep(0.05)
 
 
-async def start_daemon(loaded: LoadedConfig) -> AsyncIterator[Running]:
+async def start_daemon(loaded: LoadedConfig) -> AsyncGenerator[Running, None]:
     daemon = Daemon(loaded)
     task = asyncio.create_task(daemon.run(handle_signals=False))
     async with asyncio.timeout(30):

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -449,3 +449,59 @@ async def test_webhooks_come_and_go_with_a_reload(
             assert len(receiver.got) == 2  # gone with the reload
         finally:
             await api.unix.close()
+
+
+async def test_two_daemons_deliver_through_one_leader_and_the_other_takes_over(
+    make_config: Callable[..., LoadedConfig], receiver: Receiver, tmp_path: Path, pg_dsn: str
+) -> None:
+    h = hook("shared", receiver.url)
+
+    def config(n: int) -> LoadedConfig:
+        loaded = make_config(
+            events={"poll_interval": 0.2},
+            daemon={"state_dir": str(tmp_path / f"state{n}")},
+            http={"unix_socket": str(tmp_path / f"d{n}.sock")},
+        )
+        return LoadedConfig(
+            settings=msgspec.structs.replace(loaded.settings, webhooks=(h,)), path=None
+        )
+
+    first, second = serve_with_config(config(1)), serve_with_config(config(2))
+    a, b = await anext(first), await anext(second)
+    try:
+        _uid, token = await a.user("both")
+        await commands(a, token, 5)
+        await commands(b, token, 5)
+        await receiver.until(10)
+        await asyncio.sleep(0.5)
+        assert receiver.ids() == await outbox_ids(pg_dsn)  # each once: one daemon delivers
+        leaders = [x for x in (a, b) if x.r.daemon.actors.webhooks.lead.leader]
+        assert len(leaders) == 1
+        survivor, gone = (b, first) if leaders[0] is a else (a, second)
+        await gone.aclose()  # the leader stops; the other takes over where it got
+        await commands(survivor, token, 5)
+        await receiver.until(15, timeout=15)
+        await asyncio.sleep(0.5)
+        assert receiver.ids() == await outbox_ids(pg_dsn)
+        assert survivor.r.daemon.actors.webhooks.lead.leader
+    finally:
+        for gen in (first, second):
+            await gen.aclose()
+
+
+async def serve_with_config(loaded: LoadedConfig) -> AsyncGenerator[Api, None]:
+    """A daemon, stopped when this is closed (not whenever the loop gets to it)."""
+    from tests.test_http import start_daemon
+
+    started = start_daemon(loaded)
+    running = await anext(started)
+    try:
+        await running.wait_ready()
+        client = Api(running, str(loaded.settings.http.unix_socket))
+        try:
+            await state_is(client, loaded.settings.webhooks[0].name, "live")
+            yield client
+        finally:
+            await client.unix.close()
+    finally:
+        await started.aclose()
