@@ -193,6 +193,9 @@ def _read_secret(path: Path, source: str, key: str, issues: list[ConfigIssue]) -
     except OSError as exc:
         issues.append(ConfigIssue(source, key, f"cannot read {path}: {exc.strerror or exc}"))
         return None
+    except UnicodeDecodeError:
+        issues.append(ConfigIssue(source, key, f"{path} is not UTF-8 text"))
+        return None
     if not text:
         issues.append(ConfigIssue(source, key, f"{path} is empty"))
         return None

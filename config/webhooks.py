@@ -17,7 +17,7 @@ import msgspec
 
 from config.explain import explain, split_path
 
-__all__ = ["WebhookSettings", "load_webhooks", "secret_free"]
+__all__ = ["WebhookSettings", "load_webhooks", "secret_free", "shown_url"]
 
 WebhookName = Annotated[str, msgspec.Meta(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")]
 # An event type or a glob over them: "approval.requested", "approval.*", "*".
@@ -88,10 +88,9 @@ def _check(
 ) -> WebhookSettings | None:
     ok = True
     for key, url in (("url", hook.url), ("link_base", hook.link_base)):
-        if url is not None and (
-            urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc
-        ):
-            issue(f"{where}.{key}", f"expected an http:// or https:// URL, got {url[:80]!r}")
+        problem = None if url is None else _url_problem(url)
+        if problem:
+            issue(f"{where}.{key}", problem)
             ok = False
     if hook.backoff > hook.backoff_max:
         issue(f"{where}.backoff", f"must be <= backoff_max ({hook.backoff_max})")
@@ -118,11 +117,32 @@ def _check(
     return msgspec.structs.replace(hook, secret=secret) if ok else None
 
 
+def _url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an endpoint, in words; None when it can."""
+    expected = "expected an http:// or https:// URL with a host"
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        _port = parts.port  # a port out of range is a ValueError
+    except ValueError as exc:
+        return f"{expected}: {exc}"
+    if parts.scheme not in ("http", "https") or not host:
+        return expected
+    try:
+        host.encode("idna")  # an empty or over-long label, a stray dot
+    except UnicodeError:
+        return f"{host[:80]!r} is not a valid host name"
+    return None
+
+
 def _read(path: Path, key: str, issue: Issue) -> str:
     try:
         text = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
         issue(key, f"cannot read {path}: {exc.strerror or exc}")
+        return ""
+    except UnicodeDecodeError:
+        issue(key, f"{path} is not UTF-8 text (write the secret as text, e.g. hex)")
         return ""
     if not text:
         issue(key, f"{path} is empty")
@@ -138,12 +158,16 @@ def secret_free(hooks: tuple[WebhookSettings, ...]) -> list[dict[str, Any]]:
     for hook in hooks:
         data: dict[str, Any] = msgspec.to_builtins(hook)
         data["secret"] = "***" if hook.secret else ""
-        parts = urlsplit(hook.url)
-        # An incoming webhook's URL is itself a secret (its path): show the host.
-        data["url"] = (
-            f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}/…"
-            if parts.path.strip("/")
-            else hook.url
-        )
+        data["url"] = shown_url(hook.url)
         shown.append(data)
     return shown
+
+
+def shown_url(url: str) -> str:
+    """An endpoint's URL as it is shown: scheme, host and port only. Its
+    user, password, path and query may be its secret (an incoming webhook's
+    path is)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    rest = "/…" if (parts.path.strip("/") or parts.query or parts.fragment) else ""
+    return f"{parts.scheme}://{host}{rest}"

@@ -152,8 +152,12 @@ class Daemon:
         self.notifier.reloading()
         try:
             loaded = await asyncio.to_thread(load_settings, self.config_arg)
-        except ConfigError as err:
-            problems = [str(i) for i in err.issues]
+        except Exception as err:  # a ConfigError, or one the loader did not foresee
+            problems = (
+                [str(i) for i in err.issues]
+                if isinstance(err, ConfigError)
+                else [f"the config could not be read: {type(err).__name__}: {err}"]
+            )
             log.error(
                 "reload_rejected", problems=problems, action="keeping the running configuration"
             )

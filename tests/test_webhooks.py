@@ -48,7 +48,9 @@ class Receiver:
                 "at": time.monotonic(),
             }
         )
-        if self.mode == "fail":
+        if self.mode == "slowfail":
+            await asyncio.sleep(self.slow)
+        if self.mode in ("fail", "slowfail"):
             return web.Response(status=500, text="broken")
         if self.mode == "slow":
             await asyncio.sleep(self.slow)
@@ -142,6 +144,7 @@ async def state_is(api: Api, name: str, state: str, timeout: float = 15) -> dict
 
 
 # -- a receiver down for 30 s --------------------------------------------------------------------
+@pytest.mark.slow  # 30 s of outage: once per CI run
 async def test_a_receiver_down_for_30_s_then_back_gets_every_event_once_in_order_signed(
     make_config: Callable[..., LoadedConfig], receiver: Receiver, pg_dsn: str
 ) -> None:
@@ -194,6 +197,8 @@ async def test_an_endpoint_that_always_fails_ends_dead_visible_and_retryable(
         shown = stats["actors"]["webhooks"]["webhooks"]["endpoints"][0]
         assert shown["name"] == "broken"
         assert shown["state"] == "dead"
+        assert "url" not in shown  # /stats may be open: no URL, no error text there
+        assert "lastError" not in shown
         metrics = (await api.r.get("/metrics"))[2]
         assert 'jarvisd_webhook_dead{webhook="broken"} 1' in metrics
         assert 'jarvisd_webhook_failures_total{webhook="broken"} 3' in metrics
@@ -240,6 +245,40 @@ async def run_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
         env=env,
         check=False,
     )
+
+
+async def test_an_endpoint_whose_every_attempt_raises_ends_dead_and_the_daemon_runs_on(
+    make_config: Callable[..., LoadedConfig],
+) -> None:
+    """A URL the config would refuse (an empty host label), given anyway:
+    every attempt raises inside the HTTP client. The endpoint ends dead; the
+    actor and the daemon never crash."""
+    h = hook("odd", "http://hooks..example.com/x", backoff=0.05, backoff_max=0.1, max_attempts=3)
+    async for api in serve_with(make_config, h):
+        _uid, token = await api.user("odd")
+        await commands(api, token, 2)
+        dead = await state_is(api, "odd", "dead")
+        assert dead["failures"] == 3
+        assert "Error" in dead["lastError"]
+        assert api.r.daemon.actors.webhooks.stats.crashes == 0
+        status, _h, _b = await api.call("POST", "/commands", token=token, json={"action": "x"})
+        assert status == 201
+
+
+async def test_a_retry_asked_for_during_an_attempt_is_not_lost(
+    make_config: Callable[..., LoadedConfig], receiver: Receiver
+) -> None:
+    receiver.mode, receiver.slow = "slowfail", 0.8
+    h = hook("flaky", receiver.url, backoff=0.05, backoff_max=0.1, max_attempts=2)
+    async for api in serve_with(make_config, h):
+        _uid, token = await api.user("impatient")
+        await commands(api, token, 1)
+        await receiver.until(2)  # the second attempt is in flight
+        status, _h, _b = await api.call("POST", "/webhooks/flaky/retry", local=True)
+        assert status == 200
+        dead = await state_is(api, "flaky", "dead")
+        assert dead["failures"] == 3  # the retry counted afresh: one more attempt
+        assert len(receiver.got) == 3
 
 
 async def test_only_admins_see_or_retry_webhooks(
@@ -312,6 +351,9 @@ async def test_an_endpoint_gets_only_its_types_and_slack_gets_text_with_a_link(
         approval = made["approvalId"]
         assert f"<https://jarvis.example/approvals/{approval}|request #{approval}>" in text
         assert "*delete_files*" in text
+        quoted = next(line for line in text.splitlines() if line.startswith("> "))
+        assert quoted.startswith("> `clean ")
+        assert quoted.endswith("`")
         assert "&lt;!channel&gt;" in text  # no mention, no link an agent can make
         assert "&lt;https://x|go&gt;" in text
         assert " &amp; " in text
@@ -334,7 +376,7 @@ def test_signatures_are_over_the_timestamp_and_the_body() -> None:
         },
         "http://h:1",
     )
-    assert text == "<http://h:1/approvals/4|request #4> was approved by ana"
+    assert text == "<http://h:1/approvals/4|request #4> was approved by `ana`"
 
 
 # -- configuration -------------------------------------------------------------------------------
@@ -377,12 +419,17 @@ def test_webhooks_are_read_with_their_secrets_from_files(tmp_path: Path) -> None
         ('url = "https://h/x"\nformat = "teams"', "webhooks[0].format", "one of"),
         ('url = "https://h/x"\ntypes = []', "webhooks[0].types", "at least 1"),
         ('url = "https://h/x"\nmax_attempts = 0', "webhooks[0].max_attempts", "at least 1"),
+        ('url = "http://hooks..example.com/x"', "webhooks.a.url", "not a valid host name"),
+        ('url = "http://[fe80::1/hook"', "webhooks.a.url", "expected an http"),
+        ('url = "http://h:99999/x"', "webhooks.a.url", "expected an http"),
+        ('url = "https://h/x"\nsecret_file = "binary"', "webhooks.a.secret_file", "not UTF-8"),
     ],
 )
 def test_a_webhook_misconfigured_is_refused_in_words(
     tmp_path: Path, text: str, key: str, problem: str
 ) -> None:
     (tmp_path / "short").write_text("tooshort")
+    (tmp_path / "binary").write_bytes(bytes(range(128, 160)))
     path = write(tmp_path, f'[[webhooks]]\nname = "a"\n{text}\n')
     with pytest.raises(ConfigError) as err:
         load_settings(path, env={})
@@ -399,6 +446,28 @@ def test_webhook_names_are_unique_and_only_in_the_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as err:
         load_settings(write(tmp_path, entry), env={"JARVISD_WEBHOOKS__URL": "https://h"})
     assert "config file only" in str(err.value)
+
+
+def test_a_webhook_url_is_shown_as_its_host_alone() -> None:
+    from config.webhooks import shown_url
+
+    assert shown_url("https://u:pw@hooks.example:8443/T0/B0/xyz?token=s") == (
+        "https://hooks.example:8443/…"
+    )
+    assert shown_url("https://hooks.example?token=s") == "https://hooks.example/…"
+    assert shown_url("http://hooks.example") == "http://hooks.example"
+
+
+def test_an_error_is_kept_printable_short_and_without_urls() -> None:
+    from actors.outbox.hooks import clean
+
+    said = clean(
+        "ClientResponseError: 400, url='http://h/T0/secret'\x1b[31m\x00 \udcff" + "x" * 900
+    )
+    assert "secret" not in said
+    assert "<url>" in said
+    assert all(ch.isprintable() for ch in said)
+    assert len(said) == 300
 
 
 def test_a_webhook_secret_may_come_from_systemd_credentials(tmp_path: Path) -> None:
@@ -444,6 +513,9 @@ async def test_webhooks_come_and_go_with_a_reload(
             cfg.write_text(base)
             assert (await running.daemon.reload()) is not None
             assert (await api.call("GET", "/webhooks", local=True))[2] == []
+            async with asyncio.timeout(5):  # nothing to deliver: the lock goes too
+                while running.daemon.actors.webhooks.lead.conn is not None:
+                    await asyncio.sleep(0.05)
             await commands(api, token, 2)
             await asyncio.sleep(0.5)
             assert len(receiver.got) == 2  # gone with the reload
@@ -485,6 +557,51 @@ async def test_two_daemons_deliver_through_one_leader_and_the_other_takes_over(
         assert receiver.ids() == await outbox_ids(pg_dsn)
         assert survivor.r.daemon.actors.webhooks.lead.leader
     finally:
+        for gen in (first, second):
+            await gen.aclose()
+
+
+async def test_a_leader_whose_lock_connection_dies_stops_before_the_next_one_starts(
+    make_config: Callable[..., LoadedConfig], receiver: Receiver, tmp_path: Path, pg_dsn: str
+) -> None:
+    """The lock's backend is terminated while events stream: the endpoint
+    still gets each event in id order (a repeat of the one in flight at
+    most), never two daemons' deliveries interleaved."""
+    h = hook("steady", receiver.url)
+
+    def config(n: int) -> LoadedConfig:
+        loaded = make_config(
+            events={"poll_interval": 0.2},
+            daemon={"state_dir": str(tmp_path / f"state{n}")},
+            http={"unix_socket": str(tmp_path / f"d{n}.sock")},
+        )
+        return LoadedConfig(
+            settings=msgspec.structs.replace(loaded.settings, webhooks=(h,)), path=None
+        )
+
+    receiver.mode, receiver.slow = "slow", 0.01  # a backlog, so that both would be busy
+    first, second = serve_with_config(config(1)), serve_with_config(config(2))
+    a, b = await anext(first), await anext(second)
+    db = await asyncpg.connect(pg_dsn)
+    try:
+        _uid, token = await a.user("streamer")
+        writing = asyncio.create_task(commands(a, token, 120))
+        await receiver.until(30)
+        leader = next(x for x in (a, b) if x.r.daemon.actors.webhooks.lead.leader)
+        conn = leader.r.daemon.actors.webhooks.lead.conn
+        assert conn is not None
+        await db.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+        await writing
+        ids = await outbox_ids(pg_dsn)
+        async with asyncio.timeout(20):
+            while set(receiver.ids()) != set(ids):
+                await asyncio.sleep(0.05)
+        got = receiver.ids()
+        firsts = list(dict.fromkeys(got))  # each id where it first came
+        assert firsts == ids  # in order, none missing
+        assert len(got) - len(ids) <= 2  # a repeat of what was in flight, at most
+    finally:
+        await db.close()
         for gen in (first, second):
             await gen.aclose()
 

@@ -21,7 +21,7 @@ import msgspec
 
 from config import WebhookSettings
 
-__all__ = ["matcher", "payload", "post", "sign", "slack_text", "verify"]
+__all__ = ["clean", "matcher", "payload", "post", "sign", "slack_text", "verify"]
 
 _decoder = msgspec.json.Decoder()
 _encoder = msgspec.json.Encoder()
@@ -61,8 +61,16 @@ def payload(hook: WebhookSettings, event: bytes, link_base: str) -> bytes:
 
 
 def _esc(value: Any) -> str:
-    """Text from agents, safe in Slack's markup: no mentions, no links of theirs."""
+    """A value safe in Slack's markup: no mentions, no links of its own."""
     return str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _quoted(value: Any, limit: int) -> str:
+    """Text someone else wrote (an agent's description, a reason), cut,
+    on one line, as code: Slack and its kin make no mention, link or
+    formatting of it, and it cannot start a line of its own."""
+    text = " ".join(str(value)[:limit].split()).replace("`", "'")
+    return f"`{_esc(text)}`" if text else ""
 
 
 def slack_text(event: dict[str, Any], link_base: str) -> str:
@@ -75,10 +83,10 @@ def slack_text(event: dict[str, Any], link_base: str) -> str:
         lines = [
             f":warning: Approval needed: *{_esc(data.get('action', ''))}*",
             f"Risk {_esc(data.get('riskScore', '?'))}/100 ({_esc(data.get('riskCategory', ''))})"
-            + (f", from {_esc(data['sender'])}" if data.get("sender") else ""),
+            + (f", from {_quoted(data['sender'], 100)}" if data.get("sender") else ""),
         ]
         if data.get("description"):
-            lines.append(f"> {_esc(data['description'])[:500]}")
+            lines.append(f"> {_quoted(data['description'], 500)}")
         lines.append(f"Decide: {link} before {_esc(data.get('expiresAt', ''))}")
         return "\n".join(lines)
     if kind == "approval.warning":
@@ -87,8 +95,8 @@ def slack_text(event: dict[str, Any], link_base: str) -> str:
             f"({link}) expires at {_esc(data.get('expiresAt', ''))}"
         )
     if kind in ("approval.decided", "approval.expired"):
-        who = f" by {_esc(data['decider'])}" if data.get("decider") else ""
-        why = f": {_esc(data['reason'])[:300]}" if data.get("reason") else ""
+        who = f" by {_quoted(data['decider'], 100)}" if data.get("decider") else ""
+        why = f": {_quoted(data['reason'], 300)}" if data.get("reason") else ""
         return f"{link} was {_esc(data.get('decision', ''))}{who}{why}"
     status = f" ({_esc(data['status'])})" if data.get("status") else ""
     return f"{_esc(kind)}{status}, event {_esc(event.get('id', ''))}"
@@ -117,6 +125,18 @@ async def post(
         async with http.post(hook.url, data=body, headers=headers, allow_redirects=False) as resp:
             if 200 <= resp.status < 300:
                 return resp.status, None
-            return resp.status, f"HTTP {resp.status} {resp.reason or ''}".strip()
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        return None, (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)[:300]
+            return resp.status, clean(f"HTTP {resp.status} {resp.reason or ''}")
+    except TimeoutError:
+        return None, f"TimeoutError: no answer within {hook.timeout:g} s"
+    except Exception as exc:  # whatever it is, this attempt failed
+        return None, clean(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+
+
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
+
+
+def clean(text: str, limit: int = 300) -> str:
+    """An error for the row, the log, the CLI: printable, without URLs (an
+    endpoint's URL may hold its secret), at most ``limit`` characters."""
+    text = _URL.sub("<url>", text.encode("utf-8", "replace").decode("utf-8", "replace"))
+    return "".join(ch if ch.isprintable() else "?" for ch in text).strip()[:limit]

@@ -147,8 +147,12 @@ class Relay(Actor):
                     # once a poll, whatever commits here wake.
                     await asyncio.sleep(self.settings.poll_interval)
                     continue
-                if await self._relay_batch() >= self.settings.relay_batch:
-                    pause = 0.0  # more waiting: no pause
+                sent = await self._relay_batch()
+                st = self.relay_stats
+                if sent and (
+                    sent >= self.settings.relay_batch or self._handed or st.newest_id > st.last_id
+                ):
+                    pause = 0.0  # more known to be waiting: no pause
                 self.relay_stats.last_error = ""  # relaying: what failed before is over
                 await self._prune()
             except asyncpg.UndefinedTableError:  # the outbox's migration is not applied yet

@@ -29,7 +29,7 @@ import msgspec
 from actors.data.repo import NotFound
 from actors.kernel import Actor, Health, handles
 from actors.leadership import CONNECTION_LOST, Leadership, lock_key
-from actors.outbox.hooks import matcher, payload, post
+from actors.outbox.hooks import clean, matcher, payload, post
 from actors.outbox.store import NOTIFY_CHANNEL, wire
 from actors.outbox.webhook_messages import ListWebhooks, RetryWebhook, WebhookInfo
 from actors.persistence.pool import Unavailable
@@ -42,6 +42,13 @@ WEBHOOK_LOCK = lock_key("jarvisd.webhooks")
 RETRY_CHANNEL = "jarvisd_webhooks"  # a retry, from any daemon: the payload is the name
 BATCH = 100  # events read at a time per endpoint
 _RETRY = 0.5  # seconds before trying again after a database failure
+
+
+_STATS = frozenset({"name", "state", "lastId", "delivered", "failures", "attempts", "gaps"})
+
+
+class NotLeading(Exception):
+    """This daemon does not hold the lock now: an endpoint's task waits."""
 
 
 @dataclass
@@ -120,6 +127,9 @@ class Webhooks(Actor):
                     else:
                         self._stop_endpoints()
                     await self._refresh()
+                elif self.lead.conn is not None:
+                    await self.lead.drop()  # nothing to deliver: another daemon may
+                    self._listening = None
             except asyncpg.UndefinedTableError:  # the migration is not applied yet
                 await asyncio.sleep(_RETRY)
                 continue
@@ -177,15 +187,19 @@ class Webhooks(Actor):
                 ep.row = dict(row)
 
     @contextlib.asynccontextmanager
-    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
-        """The lock's connection, one user at a time; a connection of the
-        moment when there is none (an admin's call on a standby that has not
-        connected yet)."""
+    async def _conn(self, *, leading: bool = False) -> AsyncIterator[asyncpg.Connection]:
+        """The lock's connection, one user at a time. ``leading``: only while
+        it holds the lock (an endpoint's task: none after the lock's
+        connection went, whoever leads now); else a connection of the moment
+        when there is none (an admin's call on a standby)."""
         async with self._db:
             conn = self.lead.conn
-            if conn is not None and not conn.is_closed():
+            if conn is not None and not conn.is_closed() and (self.lead.leader or not leading):
                 yield conn
                 return
+        if leading:
+            self._changed.set()  # the loop proves the lock again at once
+            raise NotLeading("the lock's connection is gone")
         try:
             conn = await asyncpg.connect(self.lead.dsn, timeout=self.lead.postgres.connect_timeout)
         except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
@@ -195,8 +209,8 @@ class Webhooks(Actor):
         finally:
             await conn.close()
 
-    async def _fetch(self, query: str, *args: Any) -> list[asyncpg.Record]:
-        async with self._conn() as conn:
+    async def _fetch(self, query: str, *args: Any, leading: bool = False) -> list[asyncpg.Record]:
+        async with self._conn(leading=leading) as conn:
             rows: list[asyncpg.Record] = await conn.fetch(query, *args)
             return rows
 
@@ -209,10 +223,14 @@ class Webhooks(Actor):
                 ep.wake.clear()  # before looking: an event told meanwhile wakes the wait
                 try:
                     busy = await self._serve_batch(ep, http)
-                except CONNECTION_LOST as exc:
+                except NotLeading:
+                    await asyncio.sleep(_RETRY)  # until the loop leads again, or stops this
+                    continue
+                except Exception as exc:  # the database, or anything else: never the daemon
                     self.log.warning(
-                        "webhook_database_failed", webhook=ep.hook.name, error=repr(exc)
+                        "webhook_task_failed", webhook=ep.hook.name, error=clean(repr(exc))
                     )
+                    self._changed.set()  # the lock proved again at once
                     await asyncio.sleep(_RETRY)
                     continue
                 if not busy:
@@ -222,85 +240,86 @@ class Webhooks(Actor):
     async def _serve_batch(self, ep: Endpoint, http: aiohttp.ClientSession) -> bool:
         """Deliver what waits, up to a batch; whether more may wait."""
         rows = await self._fetch(
-            "SELECT w.*, p.last_id AS pruned FROM webhook_endpoints w, event_relay p "
-            "WHERE w.name = $1 AND p.name = 'pruned'",
-            ep.hook.name,
+            "SELECT * FROM webhook_endpoints WHERE name = $1", ep.hook.name, leading=True
         )
         if not rows:  # not there yet (the leader's loop inserts it)
             return False
         ep.row = dict(rows[0])
-        del ep.row["pruned"]
         if ep.row["dead"]:
             return False
-        pruned = int(rows[0]["pruned"])
-        if ep.row["last_id"] < pruned:
-            self.log.warning(
-                "webhook_gap", webhook=ep.hook.name, after=ep.row["last_id"], resumes_after=pruned
-            )
-            await self._save(ep, "last_id = $2, gaps = gaps + 1", pruned)
-            return True
         events = await self._fetch(
             "SELECT id, type, body FROM events WHERE id > $1 ORDER BY id LIMIT $2",
             ep.row["last_id"],
             BATCH,
+            leading=True,
         )
+        # The watermark after the events: a prune between the two is seen.
+        pruned = (
+            await self._fetch("SELECT last_id FROM event_relay WHERE name = 'pruned'", leading=True)
+        )[0]["last_id"]
+        if ep.row["last_id"] < pruned:
+            self.log.warning(
+                "webhook_gap", webhook=ep.hook.name, after=ep.row["last_id"], resumes_after=pruned
+            )
+            await self._save(ep, "last_id = greatest(last_id, $2), gaps = gaps + 1", pruned)
+            return True
         done = ep.row["last_id"]
         for event in events:
             if ep.match.fullmatch(event["type"]) and not await self._deliver(ep, http, event):
                 return False
             done = event["id"]
         if done != ep.row["last_id"]:
-            await self._save(ep, "last_id = $2", done)
+            await self._save(ep, "last_id = greatest(last_id, $2)", done)
         return len(events) == BATCH
 
     async def _deliver(
         self, ep: Endpoint, http: aiohttp.ClientSession, event: asyncpg.Record
     ) -> bool:
-        """Until it answers 2xx (True) or is marked dead (False)."""
+        """Until it answers 2xx (True) or is marked dead (False). Attempts
+        are counted in the row itself: a retry asked for meanwhile (from any
+        daemon) starts the count afresh, and ends the pause."""
         hook = ep.hook
         body = payload(hook, wire(event["id"], event["body"]), hook.link_base or self.link_base)
         while True:
+            ep.retry_now.clear()  # a retry from here on ends the pause below
             attempt = ep.row["attempts"] + 1
-            status, error = await post(http, ep.hook, event["id"], event["type"], body, attempt)
+            status, error = await post(http, hook, event["id"], event["type"], body, attempt)
             if status is not None and 200 <= status < 300:
                 await self._save(
                     ep,
-                    "last_id = $2, delivered = delivered + 1, attempts = 0, "
+                    "last_id = greatest(last_id, $2), delivered = delivered + 1, attempts = 0, "
                     "last_status = $3, last_error = NULL",
                     event["id"],
                     status,
                 )
                 return True
-            dead = attempt >= hook.max_attempts
             await self._save(
                 ep,
-                "attempts = $2, failures = failures + 1, dead = $3, last_status = $4, "
-                "last_error = $5",
-                attempt,
-                dead,
+                "attempts = attempts + 1, failures = failures + 1, "
+                "dead = attempts + 1 >= $2, last_status = $3, last_error = $4",
+                hook.max_attempts,
                 status,
                 error,
             )
-            if dead:
+            if ep.row["dead"]:
                 self.log.error(
                     "webhook_dead",
                     webhook=hook.name,
                     event_id=event["id"],
-                    attempts=attempt,
+                    attempts=ep.row["attempts"],
                     error=error,
                 )
                 return False
-            pause = min(hook.backoff_max, hook.backoff * 2 ** (attempt - 1))
+            pause = min(hook.backoff_max, hook.backoff * 2 ** (ep.row["attempts"] - 1))
             pause *= random.uniform(0.75, 1.0)  # noqa: S311 - jitter: failing endpoints part
             self.log.warning(
                 "webhook_failed",
                 webhook=hook.name,
                 event_id=event["id"],
-                attempt=attempt,
+                attempt=ep.row["attempts"],
                 error=error,
                 retry_in=round(pause, 3),
             )
-            ep.retry_now.clear()
             with contextlib.suppress(TimeoutError):  # or a retry asked for now
                 await asyncio.wait_for(ep.retry_now.wait(), pause)
             if ep.retry_now.is_set():
@@ -312,6 +331,7 @@ class Webhooks(Actor):
             "WHERE name = $1 RETURNING *",
             ep.hook.name,
             *args,
+            leading=True,
         )
         if rows:
             ep.row = dict(rows[0])
@@ -383,6 +403,11 @@ class Webhooks(Actor):
         data = super().snapshot()
         data["webhooks"] = {
             "leader": self.lead.leader,
-            "endpoints": [msgspec.to_builtins(self._info(ep)) for ep in self.endpoints.values()],
+            # States and counts only: /stats may be open to anyone
+            # (http.public_health); URLs and errors are for admins (/webhooks).
+            "endpoints": [
+                {k: v for k, v in msgspec.to_builtins(self._info(ep)).items() if k in _STATS}
+                for ep in self.endpoints.values()
+            ],
         }
         return data
