@@ -94,6 +94,7 @@ async def test_ready_passes_with_postgres_and_redis_checks(running: Running) -> 
         "pubsub",
         "pubsub-clients",
         "relay",
+        "webhooks",
         "approvals",
         "bus",
         "http",
