@@ -522,7 +522,9 @@ async def test_a_subscriber_resuming_after_a_redis_restart_mid_stream_sees_every
                         # What a client does: back with the last id it saw.
                         await ws.close()
                         reconnects += 1
-                        ws = await resume(api, s, token, [events], seen[-1] if seen else 0)
+                        ws = await resume_when_back(
+                            api, s, token, [events], seen[-1] if seen else 0
+                        )
             await writing
             await ws.close()
         assert restarted
@@ -533,6 +535,23 @@ async def test_a_subscriber_resuming_after_a_redis_restart_mid_stream_sees_every
         finally:
             await db.close()
         assert seen == ids  # every event, exactly once, in id order
+
+
+async def resume_when_back(
+    api: Api, session: aiohttp.ClientSession, token: str, channels: list[str], since: int
+) -> aiohttp.ClientWebSocketResponse:
+    """What a client does while Redis is still away: try again until subscribed."""
+    async with asyncio.timeout(20):
+        while True:
+            ws = await session.ws_connect(
+                api.base + "/ws", headers={"Authorization": f"Bearer {token}"}
+            )
+            await ws.send_json({"op": "subscribe", "channels": channels, "since": since})
+            reply = await asyncio.wait_for(ws.receive_json(), 10)
+            if reply["type"] == "subscribed":
+                return ws
+            await ws.close()
+            await asyncio.sleep(0.2)
 
 
 async def keep_writing(api: Api, token: str, n: int) -> None:

@@ -107,6 +107,7 @@ class Relay(Actor):
         # bound: past it the oldest go, and are read from the outbox instead.
         self._handed: collections.deque[Written] = collections.deque(maxlen=10_000)
         self._recorded_at = 0.0  # when event_relay last had how far it got
+        self._read_at = 0.0  # when the outbox was last read
 
     @handles(Wake)
     async def _woken(self, msg: Wake) -> None:
@@ -197,8 +198,13 @@ class Relay(Actor):
         conn = self.lead.conn
         assert conn is not None
         if self._listening is not conn:
+            # What this connection writes is how far the relay got (and
+            # pruning): losing the last of it in a crash only sends a batch
+            # again, so its commits do not wait for the disk.
+            await conn.execute("SET synchronous_commit = off")
             await conn.add_listener(NOTIFY_CHANNEL, self._notified)
             self._listening = conn
+            self._read_at = 0.0  # a new leader reads at once
             self.relay_stats.last_id = int(
                 await conn.fetchval("SELECT last_id FROM event_relay WHERE name = 'redis'")
             )
@@ -213,6 +219,14 @@ class Relay(Actor):
             if time.monotonic() - self._recorded_at >= self.settings.poll_interval:
                 await self._record()  # how far it got: once a poll interval at most
             return len(batch)
+        st = self.relay_stats
+        if (
+            st.newest_id <= st.last_id
+            and time.monotonic() - self._read_at < self.settings.poll_interval
+        ):
+            # Nothing known to wait (a notification of what was handed over
+            # and sent already): the outbox is read at the poll.
+            return 0
         conn = self.lead.conn
         assert conn is not None
         # One round trip: how far the last batch got is recorded as the next
@@ -224,7 +238,7 @@ class Relay(Actor):
             self.relay_stats.last_id,
             self.settings.relay_batch,
         )
-        self._recorded_at = time.monotonic()
+        self._recorded_at = self._read_at = time.monotonic()
         if not rows:
             return 0
         await self._send([(r["id"], r["kind"], wire(r["id"], r["body"])) for r in rows])
@@ -332,10 +346,11 @@ async def prune_batch(conn: asyncpg.Connection, relayed: int, retention: float) 
     relayed (id <= ``relayed``), oldest first, in one short transaction; how
     many went. The watermark moves first: a reader told "no gap" never
     misses a pruned event."""
+    # The oldest batch, along the primary key; of those, the newest past the
+    # retention (created_at follows the id to within a transaction's length).
     top = await conn.fetchval(
-        "WITH doomed AS (SELECT id FROM events WHERE id <= $1 "
-        "AND created_at < now() - make_interval(secs => $2) ORDER BY id LIMIT $3) "
-        "SELECT max(id) FROM doomed",
+        "SELECT max(id) FROM (SELECT id, created_at FROM events WHERE id <= $1 "
+        "ORDER BY id LIMIT $3) oldest WHERE created_at < now() - make_interval(secs => $2)",
         relayed,
         float(retention),
         PRUNE_BATCH,
