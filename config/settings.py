@@ -335,8 +335,10 @@ class EventSettings(_Section, frozen=True):
     # Events are kept this many seconds (for clients resuming with `since`),
     # then pruned in batches; at least a minute.
     retention: Annotated[int, msgspec.Meta(ge=60)] = 7 * 86400
-    # Events the relay reads and publishes in one round trip.
-    relay_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
+    # Events the relay reads and publishes in one round trip. Redis runs a
+    # batch as one script: a big one holds every other client (the agents'
+    # inboxes) waiting meanwhile.
+    relay_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
     # Seconds between looks at the outbox when no notification wakes the
     # relay (a notification is lost only with its connection).
     poll_interval: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
