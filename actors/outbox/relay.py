@@ -4,17 +4,17 @@ by one daemon at a time.
 The leader (a session advisory lock on a connection of its own, as the
 approvals sweeper leads) reads the events past the last one it relayed,
 publishes them (each to ``{prefix}events`` and its kind's channel, in order,
-in one round trip), and records how far it got in ``event_relay`` as it
-reads the next batch (or at the next poll). Events this daemon committed are
-handed over with their ``Wake`` as they are sent: when they follow the last
-one relayed (no id missing) they go out without being read back; anything
-else (another daemon's commits, a gap, a full mailbox) is read from the
-outbox. A crash or a Redis failure
-before that record sends them again: subscribers know an event by its id. The relay wakes on the notification
-each writing commit sends (LISTEN on the lock's connection), on a ``Wake``
-from this daemon's persistence actor, and every ``events.poll_interval``.
-The leader also prunes events older than ``events.retention`` (relayed
-ones only), in batches.
+``events.relay_batch`` to a round trip), and records how far it got in
+``event_relay`` as it reads the next batch (or once a poll). Events this
+daemon committed are handed over with their ``Wake`` as they are sent: when
+they follow the last one relayed (no id missing) they go out without being
+read back; anything else (another daemon's commits, a gap, a full mailbox)
+is read from the outbox. A crash or a Redis failure before that record sends
+them again: subscribers know an event by its id. The relay wakes on the
+notification each writing commit sends (LISTEN on the lock's connection), on
+a ``Wake`` from this daemon's persistence actor, and every
+``events.poll_interval``. The leader also prunes events older than
+``events.retention`` (relayed ones only), in batches.
 """
 
 from __future__ import annotations
