@@ -133,7 +133,7 @@ class Webhooks(Actor):
             except asyncpg.UndefinedTableError:  # the migration is not applied yet
                 await asyncio.sleep(_RETRY)
                 continue
-            except CONNECTION_LOST as exc:
+            except (*CONNECTION_LOST, Unavailable) as exc:
                 self.log.warning("webhooks_database_lost", error=f"{type(exc).__name__}: {exc}")
                 self._stop_endpoints()
                 self._listening = None
