@@ -230,24 +230,10 @@ async def publish_steady(redis_url: str, channel: str, rate: int, total: int) ->
     await raw.aclose()
 
 
-async def settle(pg_admin_dsn: str) -> None:
-    """The ingest's writes flushed (and its database dropped) before the
-    latency is measured: a checkpoint then is not on the next run's clock."""
-    db = await asyncpg.connect(pg_admin_dsn)
-    try:
-        await db.execute("CHECKPOINT")
-    except asyncpg.InsufficientPrivilegeError:
-        pass  # a server that refuses: measured as it is
-    finally:
-        await db.close()
-    await asyncio.sleep(2)
-
-
 async def run(pg: str, redis_url: str, args: argparse.Namespace, report: Report) -> None:
     floor = await raw_floor(pg, args.envelopes)
     async with bench_daemon(pg, redis_url) as d:
         rate, produced = await ingest(d, redis_url, args.envelopes)
-    await settle(pg)
     # A daemon of its own for the steady rate: its relay's figures are that run's.
     async with bench_daemon(pg, redis_url) as d:
         lat = await latency(d, redis_url, args.rate, args.seconds)

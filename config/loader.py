@@ -129,9 +129,6 @@ def _merge_file(
     raw: dict[str, Any], source: str, out: dict[str, dict[str, Any]], issues: list[ConfigIssue]
 ) -> None:
     for section, table in raw.items():
-        if section == "webhooks":
-            out["webhooks"] = {"raw": table}  # checked with their secrets (config/webhooks.py)
-            continue
         if section not in SECTION_TYPES:
             known = ", ".join(sorted(SECTION_TYPES))
             issues.append(
@@ -334,11 +331,14 @@ def load_settings(
     explicit = path is not None or bool(env.get("JARVISD_CONFIG"))
     cfg_path = Path(path) if path is not None else default_config_path(env)
     issues: list[ConfigIssue] = []
-    merged: dict[str, dict[str, Any]] = {}
+    merged: dict[str, Any] = {}
+    hooks: Any = None  # [[webhooks]]: checked with their secrets (config/webhooks.py)
 
     used_path: Path | None = cfg_path.resolve()
     if explicit or cfg_path.exists():
-        _merge_file(_read_toml(cfg_path, issues), str(cfg_path), merged, issues)
+        raw = _read_toml(cfg_path, issues)
+        hooks = raw.pop("webhooks", None)
+        _merge_file(raw, str(cfg_path), merged, issues)
         base = cfg_path.resolve().parent
     else:
         used_path, base = None, Path.cwd()
@@ -346,14 +346,11 @@ def load_settings(
     _resolve_paths(merged, base)
     source = str(cfg_path) if used_path else "configuration"
     _load_secrets(merged, env, source, issues)
-    if "webhooks" in merged:
-        hooks = load_webhooks(
-            merged.pop("webhooks")["raw"],
-            base,
-            env,
-            lambda key, problem: issues.append(ConfigIssue(source, key, problem)),
+    if hooks is not None:
+        checked = load_webhooks(
+            hooks, base, env, lambda key, problem: issues.append(ConfigIssue(source, key, problem))
         )
-        merged["webhooks"] = msgspec.to_builtins(hooks)
+        merged["webhooks"] = msgspec.to_builtins(checked)
     if issues:
         raise ConfigError(issues)
     try:

@@ -27,7 +27,7 @@ import structlog
 
 from actors import Escalation, FatalActorError, Supervisor
 from actors.embedded import remove_gone_homes
-from config import ConfigError, LoadedConfig, Settings, load_settings
+from config import LoadedConfig, Settings, load_settings
 from jarvisd import __version__
 from jarvisd.banner import announce_ready
 from jarvisd.build import build_actors
@@ -37,7 +37,7 @@ from jarvisd.instance import InstanceLock, InstanceLocked
 from jarvisd.lists import ListCache
 from jarvisd.logs import set_level
 from jarvisd.principals import PrincipalCache
-from jarvisd.reload import ReloadPlan, plan_reload
+from jarvisd.reload import ReloadPlan, plan_reload, problems_of
 from jarvisd.runtime import Runtime
 from jarvisd.systemd import Notifier, Watchdog, watchdog_interval
 
@@ -153,11 +153,7 @@ class Daemon:
         try:
             loaded = await asyncio.to_thread(load_settings, self.config_arg)
         except Exception as err:  # a ConfigError, or one the loader did not foresee
-            problems = (
-                [str(i) for i in err.issues]
-                if isinstance(err, ConfigError)
-                else [f"the config could not be read: {type(err).__name__}: {err}"]
-            )
+            problems = problems_of(err)
             log.error(
                 "reload_rejected", problems=problems, action="keeping the running configuration"
             )

@@ -12,9 +12,9 @@ from typing import Any
 
 import msgspec
 
-from config import Settings
+from config import ConfigError, Settings
 
-__all__ = ["RESTART_KEYS", "ReloadPlan", "plan_reload"]
+__all__ = ["RESTART_KEYS", "ReloadPlan", "plan_reload", "problems_of"]
 
 # Keys bound at start: sockets, connections, child processes, log sinks.
 # Everything else (log level, limits, timeouts, TTLs, policy) applies live.
@@ -74,3 +74,11 @@ def plan_reload(old: Settings, new: Settings) -> ReloadPlan:
                 merged[section][key] = value
                 applied.append(f"{section}.{key}")
     return ReloadPlan(msgspec.convert(merged, Settings), applied, restart)
+
+
+def problems_of(err: Exception) -> list[str]:
+    """Why a reload was refused, a line each: every problem of an invalid
+    file, or what else stopped it being read."""
+    if isinstance(err, ConfigError):
+        return [str(i) for i in err.issues]
+    return [f"the config could not be read: {type(err).__name__}: {err}"]

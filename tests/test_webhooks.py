@@ -528,17 +528,10 @@ async def test_two_daemons_deliver_through_one_leader_and_the_other_takes_over(
 ) -> None:
     h = hook("shared", receiver.url)
 
-    def config(n: int) -> LoadedConfig:
-        loaded = make_config(
-            events={"poll_interval": 0.2},
-            daemon={"state_dir": str(tmp_path / f"state{n}")},
-            http={"unix_socket": str(tmp_path / f"d{n}.sock")},
-        )
-        return LoadedConfig(
-            settings=msgspec.structs.replace(loaded.settings, webhooks=(h,)), path=None
-        )
-
-    first, second = serve_with_config(config(1)), serve_with_config(config(2))
+    first, second = (
+        serve_with_config(one_of_two(make_config, tmp_path, h, 1)),
+        serve_with_config(one_of_two(make_config, tmp_path, h, 2)),
+    )
     a, b = await anext(first), await anext(second)
     try:
         _uid, token = await a.user("both")
@@ -569,18 +562,11 @@ async def test_a_leader_whose_lock_connection_dies_stops_before_the_next_one_sta
     most), never two daemons' deliveries interleaved."""
     h = hook("steady", receiver.url)
 
-    def config(n: int) -> LoadedConfig:
-        loaded = make_config(
-            events={"poll_interval": 0.2},
-            daemon={"state_dir": str(tmp_path / f"state{n}")},
-            http={"unix_socket": str(tmp_path / f"d{n}.sock")},
-        )
-        return LoadedConfig(
-            settings=msgspec.structs.replace(loaded.settings, webhooks=(h,)), path=None
-        )
-
     receiver.mode, receiver.slow = "slow", 0.01  # a backlog, so that both would be busy
-    first, second = serve_with_config(config(1)), serve_with_config(config(2))
+    first, second = (
+        serve_with_config(one_of_two(make_config, tmp_path, h, 1)),
+        serve_with_config(one_of_two(make_config, tmp_path, h, 2)),
+    )
     a, b = await anext(first), await anext(second)
     db = await asyncpg.connect(pg_dsn)
     try:
@@ -604,6 +590,18 @@ async def test_a_leader_whose_lock_connection_dies_stops_before_the_next_one_sta
         await db.close()
         for gen in (first, second):
             await gen.aclose()
+
+
+def one_of_two(
+    make_config: Callable[..., LoadedConfig], tmp_path: Path, h: WebhookSettings, n: int
+) -> LoadedConfig:
+    """Daemon ``n`` of two on one database, both with the webhook ``h``."""
+    loaded = make_config(
+        events={"poll_interval": 0.2},
+        daemon={"state_dir": str(tmp_path / f"state{n}")},
+        http={"unix_socket": str(tmp_path / f"d{n}.sock")},
+    )
+    return LoadedConfig(settings=msgspec.structs.replace(loaded.settings, webhooks=(h,)), path=None)
 
 
 async def serve_with_config(loaded: LoadedConfig) -> AsyncGenerator[Api, None]:

@@ -54,8 +54,8 @@ class Wake(RelayMessage[None], frozen=True):
     (monotonic): sent as they are when they follow the last one relayed,
     else looked for in the outbox now rather than at the next poll."""
 
-    events: tuple[Written, ...] = ()
-    at: float = 0.0
+    events: tuple[Written, ...]
+    at: float
 
 
 @dataclass

@@ -17,24 +17,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 import asyncpg
-import msgspec
 
 from actors.data.repo import NotFound
 from actors.kernel import Actor, Health, handles
 from actors.leadership import CONNECTION_LOST, Leadership, lock_key
-from actors.outbox.hooks import clean, matcher, payload, post
+from actors.outbox.endpoints import Endpoint
+from actors.outbox.hooks import clean, payload, post
 from actors.outbox.store import NOTIFY_CHANNEL, wire
 from actors.outbox.webhook_messages import ListWebhooks, RetryWebhook, WebhookInfo
 from actors.persistence.pool import Unavailable
 from config import EventSettings, PostgresSettings, WebhookSettings
-from config.webhooks import secret_free
 
 __all__ = ["RETRY_CHANNEL", "WEBHOOK_LOCK", "Webhooks"]
 
@@ -44,26 +41,8 @@ BATCH = 100  # events read at a time per endpoint
 _RETRY = 0.5  # seconds before trying again after a database failure
 
 
-_STATS = frozenset({"name", "state", "lastId", "delivered", "failures", "attempts", "gaps"})
-
-
 class NotLeading(Exception):
     """This daemon does not hold the lock now: an endpoint's task waits."""
-
-
-@dataclass
-class Endpoint:
-    hook: WebhookSettings
-    match: re.Pattern[str]
-    wake: asyncio.Event = field(default_factory=asyncio.Event)  # events, or a retry
-    retry_now: asyncio.Event = field(default_factory=asyncio.Event)  # ends a backoff
-    task: asyncio.Task[None] | None = None
-    row: dict[str, Any] = field(default_factory=dict)  # its webhook_endpoints row, as last seen
-
-    def state(self) -> str:
-        if not self.row:
-            return "new"
-        return "dead" if self.row["dead"] else "retrying" if self.row["attempts"] else "live"
 
 
 class Webhooks(Actor):
@@ -98,7 +77,7 @@ class Webhooks(Actor):
             else:
                 if old is not None and old.task is not None:
                     old.task.cancel()
-                kept[hook.name] = Endpoint(hook, matcher(hook.types))
+                kept[hook.name] = Endpoint(hook)
         for name, old in self.endpoints.items():
             if name not in kept and old.task is not None:
                 old.task.cancel()
@@ -337,30 +316,11 @@ class Webhooks(Actor):
             ep.row = dict(rows[0])
 
     # -- what people ask -----------------------------------------------------------------------
-    def _info(self, ep: Endpoint) -> WebhookInfo:
-        row, shown = ep.row, secret_free((ep.hook,))[0]
-        return WebhookInfo(
-            name=ep.hook.name,
-            url=shown["url"],
-            format=ep.hook.format,
-            types=list(ep.hook.types),
-            state=ep.state(),
-            last_id=row.get("last_id", 0),
-            delivered=row.get("delivered", 0),
-            failures=row.get("failures", 0),
-            attempts=row.get("attempts", 0),
-            max_attempts=ep.hook.max_attempts,
-            last_status=row.get("last_status"),
-            last_error=row.get("last_error"),
-            gaps=row.get("gaps", 0),
-            updated_at=row.get("updated_at"),
-        )
-
     @handles(ListWebhooks)
     async def _list(self, _msg: ListWebhooks) -> list[WebhookInfo]:
         if self.endpoints:
             await self._refresh()
-        return [self._info(ep) for ep in self.endpoints.values()]
+        return [ep.info() for ep in self.endpoints.values()]
 
     @handles(RetryWebhook)
     async def _retry(self, msg: RetryWebhook) -> WebhookInfo:
@@ -379,7 +339,7 @@ class Webhooks(Actor):
         self.log.info("webhook_retried", webhook=msg.name)
         ep.wake.set()
         ep.retry_now.set()
-        return self._info(ep)
+        return ep.info()
 
     async def on_stop(self) -> None:
         self._stop_endpoints()
@@ -403,11 +363,6 @@ class Webhooks(Actor):
         data = super().snapshot()
         data["webhooks"] = {
             "leader": self.lead.leader,
-            # States and counts only: /stats may be open to anyone
-            # (http.public_health); URLs and errors are for admins (/webhooks).
-            "endpoints": [
-                {k: v for k, v in msgspec.to_builtins(self._info(ep)).items() if k in _STATS}
-                for ep in self.endpoints.values()
-            ],
+            "endpoints": [ep.stats() for ep in self.endpoints.values()],
         }
         return data

@@ -51,6 +51,5 @@ ROUTES: list[RouteDoc] = [
         retry_webhook,
         "Send again to a dead webhook endpoint, from the event it stopped at",
         response=WebhookInfo,
-        body_required=False,
     ),
 ]
