@@ -28,7 +28,7 @@ import msgspec
 
 from actors.kernel import Actor, Health, Message, Ref, handles
 from actors.leadership import CONNECTION_LOST, Leadership, lock_key
-from actors.persistence import PersistenceRef, SweepApprovals, Unavailable
+from actors.persistence import Durations, PendingAges, PersistenceRef, SweepApprovals, Unavailable
 from actors.pubsub import Delivery, PubSubRef, Subscription
 from config import ApprovalSettings, PostgresSettings
 
@@ -70,7 +70,10 @@ class SweepStats:
     sweeps: int = 0
     warned: int = 0
     expired: int = 0
+    escalated: int = 0
     last_error: str = ""
+    # How old the pending requests are (every daemon reads it, leader or not).
+    pending_ages: Durations | None = None
 
 
 class Approvals(Actor):
@@ -174,6 +177,9 @@ class Approvals(Actor):
             try:
                 if await self.lead.leading():
                     await self._sweep()
+                self.sweep_stats.pending_ages = await self.persistence.ask(
+                    PendingAges(), timeout=30
+                )
             except CONNECTION_LOST as exc:
                 self.sweep_stats.last_error = f"{type(exc).__name__}: {exc}"
                 self.log.warning("sweep_failed", error=self.sweep_stats.last_error)
@@ -190,11 +196,19 @@ class Approvals(Actor):
 
     async def _sweep(self) -> None:
         swept = await self.persistence.ask(
-            SweepApprovals(warn_before=self.settings.warn_before, limit=SWEEP_BATCH), timeout=60
+            SweepApprovals(
+                warn_before=self.settings.warn_before,
+                limit=SWEEP_BATCH,
+                escalate_after=self.settings.escalate_after,
+            ),
+            timeout=60,
         )
         self.sweep_stats.sweeps += 1
         self.sweep_stats.warned += swept.warned
         self.sweep_stats.expired += swept.expired
+        self.sweep_stats.escalated += swept.escalated
+        if swept.escalated:
+            self.log.info("approvals_escalated", count=swept.escalated)
         if swept.expired:
             self.log.info("approvals_expired", count=swept.expired)
 
@@ -219,6 +233,8 @@ class Approvals(Actor):
             "sweeps": st.sweeps,
             "warned": st.warned,
             "expired": st.expired,
+            "escalated": st.escalated,
+            "pendingAges": None if st.pending_ages is None else st.pending_ages.doc(),
             "waiting": self._waiting,
             "watching": self._watching,
         }

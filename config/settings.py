@@ -272,6 +272,27 @@ DEFAULT_RULES: tuple[RiskRule, ...] = (
 )
 
 
+class Quorum(_Section, frozen=True):
+    """How many distinct people approve a request of a risk category, and how
+    many of them must be admins."""
+
+    approvals: Annotated[int, msgspec.Meta(ge=1, le=10)] = 1
+    admins: Annotated[int, msgspec.Meta(ge=0, le=10)] = 0
+
+    def __post_init__(self) -> None:
+        if self.admins > self.approvals:
+            raise ValueError(
+                f"a quorum of {self.approvals} cannot hold {self.admins} admins "
+                "(admins <= approvals)"
+            )
+
+
+Category = Literal["LOW", "MEDIUM", "HIGH", "CRITICAL"]
+# Out of the box a CRITICAL request needs one approval, an admin's.
+DEFAULT_QUORUM: dict[Category, Quorum] = {"CRITICAL": Quorum(approvals=1, admins=1)}
+SINGLE = Quorum()
+
+
 class ApprovalSettings(_Section, frozen=True):
     threshold: Score = 70
     expiry: PositiveInt = 900
@@ -288,14 +309,33 @@ class ApprovalSettings(_Section, frozen=True):
     # user; past either, a long-poll is answered at once with the current state.
     max_waiters: PositiveInt = 10_000
     max_waiters_per_principal: PositiveInt = 100
+    # Distinct approvers a request needs, by risk category (a category not
+    # listed needs one approval, anybody's who may decide). One rejection
+    # ends a request, whatever its quorum.
+    quorum: dict[Category, Quorum] = msgspec.field(default_factory=lambda: dict(DEFAULT_QUORUM))
+    # A request still pending this many seconds after it was made is
+    # escalated (once): announced as approval.escalated, for the wider group
+    # a webhook reaches. 0: never.
+    escalate_after: NonNegativeFloat = 300.0
 
     def score(self, action: str) -> int:
         """The policy's score for ``action``: the first matching rule's, else
         the default. A name made of parts (``agent:shell_exec``, ``rm-rf``,
         ``files.delete``) is scored as its whole and as each part onward, and
         the highest score counts: no prefix hides a risky verb."""
+        return self.explain(action)[0]
+
+    def explain(self, action: str, asked: int = 0) -> tuple[int, str]:
+        """The score of ``action`` and what made it: the rule, the default, or
+        the requester's own higher score (``asked``)."""
         rules = tuple((r.action, r.score) for r in self.rules)
-        return _score(rules, self.default_score, action)
+        score, glob = _score(rules, self.default_score, action)
+        if asked > score:
+            return asked, "asked by the sender"
+        return score, ("default score" if glob is None else f'rule "{glob}"')
+
+    def quorum_of(self, category: Category) -> Quorum:
+        return self.quorum.get(category, SINGLE)
 
 
 @functools.lru_cache(maxsize=64)
@@ -312,19 +352,23 @@ _PARTS = re.compile(r"[:._-]")
 
 
 @functools.lru_cache(maxsize=4096)
-def _score(rules: tuple[tuple[str, int], ...], default: int, action: str) -> int:
+def _score(rules: tuple[tuple[str, int], ...], default: int, action: str) -> tuple[int, str | None]:
+    """(score, the glob of the rule that gave it), or (default, None)."""
     name = action.casefold()
     tails = [name, *(name[m.end() :] for m in _PARTS.finditer(name))]
-    scores = [s for s in (_first(rules, tail) for tail in tails if tail) if s is not None]
-    return max(scores) if scores else default
+    found = [r for r in (_first(rules, tail) for tail in tails if tail) if r is not None]
+    if not found:
+        return default, None
+    glob, score = max(found, key=lambda r: r[1])
+    return score, glob
 
 
-def _first(rules: tuple[tuple[str, int], ...], name: str) -> int | None:
+def _first(rules: tuple[tuple[str, int], ...], name: str) -> tuple[str, int] | None:
     found = _policy(rules).match(name)
     if found is None:
         return None
     # fnmatch's own groups may nest inside: the rule is the r<i> group that matched.
-    return next(rules[i][1] for i in range(len(rules)) if found.group(f"r{i}") is not None)
+    return next(rules[i] for i in range(len(rules)) if found.group(f"r{i}") is not None)
 
 
 class EventSettings(_Section, frozen=True):

@@ -11,31 +11,24 @@ token's user, which is what the audit trail will name. Exit 0 on success,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import urllib.parse
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
-from jarvisd.cli_common import call_daemon, run_call
+from jarvisd import cli_show as show
+from jarvisd.cli_common import Refused, call_daemon, run_call
 
 __all__ = ["add_parsers"]
-
-_COLUMNS = ("id", "status", "riskScore", "riskCategory", "action", "requesterId", "expiresAt")
-
-
-_call = call_daemon
 
 
 def _run(name: str, work: Callable[[], Any]) -> int:
     return run_call(f"approvals {name}", work)
 
 
-def _table(items: list[dict[str, Any]]) -> str:
-    rows = [list(_COLUMNS)] + [
-        ["-" if item.get(c) is None else str(item[c]) for c in _COLUMNS] for item in items
-    ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLUMNS))]
-    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows)
+_call = call_daemon
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -52,7 +45,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             for item in items:
                 print(item["id"])
         else:
-            print(_table(items))
+            print(show.table(items, datetime.now(UTC)))
         return 0
 
     return _run("list", work)
@@ -62,12 +55,16 @@ def cmd_show(args: argparse.Namespace) -> int:
     wait = f"?wait={args.wait}" if args.wait else ""
 
     async def work() -> int:
-        print(
-            json.dumps(
-                await _call(args, "GET", f"/approvals/{args.id}{wait}", timeout=args.wait + 15),
-                indent=2,
-            )
-        )
+        approval = await _call(args, "GET", f"/approvals/{args.id}{wait}", timeout=args.wait + 15)
+        if args.json:
+            print(json.dumps(approval, indent=2))
+            return 0
+        history = await _call(args, "GET", f"/approvals/{args.id}/history")
+        command = None
+        if approval.get("commandId") is not None:
+            with contextlib.suppress(Refused):  # deleted since: the request alone
+                command = await _call(args, "GET", f"/commands/{approval['commandId']}")
+        print(show.detail(approval, command, history["items"], datetime.now(UTC)))
         return 0
 
     return _run("show", work)
@@ -79,8 +76,7 @@ def _decide(verb: str) -> Callable[[argparse.Namespace], int]:
 
         async def work() -> int:
             decided = await _call(args, "PUT", f"/approvals/{args.id}/{verb}", body)
-            who = decided.get("decider") or decided.get("decidedBy") or "?"
-            print(f"approval {decided['id']} {decided['status']} by {who}")
+            print(show.outcome(decided))
             return 0
 
         return _run(verb, work)
@@ -114,16 +110,21 @@ def add_parsers(
     fmt.add_argument("--json", action="store_true", help="print the requests as JSON")
     fmt.add_argument("-q", "--quiet", action="store_true", help="print the ids alone")
     ls.set_defaults(func=cmd_list)
-    show = common(approvals.add_parser("show", help="print one request as JSON"))
-    show.add_argument("id", type=int, help="the request's id (jarvisd approvals list shows them)")
-    show.add_argument(
+    one = common(
+        approvals.add_parser(
+            "show", help="everything about one request: parameters, rule, people, history"
+        )
+    )
+    one.add_argument("id", type=int, help="the request's id (jarvisd approvals list shows them)")
+    one.add_argument("--json", action="store_true", help="print the request as JSON")
+    one.add_argument(
         "--wait",
         type=int,
         default=0,
         metavar="SECONDS",
         help="wait up to this long (0-55) for a pending request to be decided",
     )
-    show.set_defaults(func=cmd_show)
+    one.set_defaults(func=cmd_show)
     approve = common(approvals.add_parser("approve", help="approve a pending request"))
     approve.add_argument("id", type=int, help="the request's id")
     approve.add_argument("--reason", help="an optional note kept with the decision")

@@ -109,7 +109,9 @@ async def test_a_person_lists_shows_approves_and_rejects_from_the_shell(
         assert cli(folder, env, "approvals", "list", "-q").stdout == ""  # nothing waits yet
         ids = []
         for action in ("delete_file", "transfer_money"):
-            out = await _post(d.port, asker, {"action": action})
+            out = await _post(
+                d.port, asker, {"action": action, "parameters": {"path": "/etc/<x>\x1b[31m"}}
+            )
             ids.append(out["approvalId"])
         listed = cli(folder, env, "approvals", "list")
         assert listed.returncode == 0, listed.stderr
@@ -117,8 +119,21 @@ async def test_a_person_lists_shows_approves_and_rejects_from_the_shell(
         assert "transfer_money" in listed.stdout
         quiet = cli(folder, env, "approvals", "list", "-q").stdout.split()
         assert quiet == [str(i) for i in ids]  # oldest first
-        shown = cli(folder, env, "approvals", "show", str(ids[0]))
+        shown = cli(folder, env, "approvals", "show", str(ids[0]), "--json")
         assert json.loads(shown.stdout)["status"] == "pending"
+        # For a person: who asked by name, the rule, the parameters, the history.
+        listed_lines = listed.stdout.splitlines()
+        assert listed_lines[0].split()[:5] == ["ID", "STATUS", "RISK", "ACTION", "REQUESTER"]
+        assert "asker" in listed_lines[1]
+        person = cli(folder, env, "approvals", "show", str(ids[0]))
+        assert person.returncode == 0, person.stderr
+        assert f'approval {ids[0]}: PENDING, HIGH risk 80 (rule "delete*")' in person.stdout
+        assert "requester    asker" in person.stdout
+        assert "sender       user:asker" in person.stdout
+        assert '"path": "/etc/<x>\\u001b[31m"' in person.stdout
+        assert "\x1b" not in person.stdout  # the agent's escape is shown, not sent
+        assert "(new) -> awaiting_approval by asker" in person.stdout
+        assert f"jarvisd approvals approve {ids[0]}" in person.stdout
         # As ann (a token), then as the local admin (the Unix socket).
         approved = cli(folder, env, "approvals", "approve", str(ids[0]), "--token", ann)
         assert approved.returncode == 0, approved.stderr

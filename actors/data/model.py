@@ -271,6 +271,26 @@ class CommandStatusUpdate(_Input, frozen=True):
 
 
 # -- approvals -------------------------------------------------------------------------------
+class Rating(msgspec.Struct, frozen=True):
+    """How a request was scored (``rule`` says what gave ``score``) and the
+    quorum it needs: ``approvals`` distinct people, ``admins`` of them admins."""
+
+    score: int
+    rule: str
+    approvals: int = 1
+    admins: int = 0
+
+
+class Vote(_Wire, frozen=True):
+    """One person's approval of a request that needs more than one."""
+
+    by: str
+    user_id: int | None
+    admin: bool
+    reason: str | None
+    at: datetime
+
+
 class Approval(_Wire, frozen=True):
     id: int
     command_id: int | None
@@ -288,6 +308,18 @@ class Approval(_Wire, frozen=True):
     reason: str | None
     created_at: datetime
     created_by: int | None = None
+    # The context a person decides on: the parameters (a command's are its
+    # command's), what gave the score, who asked by name, and who sent it as
+    # the daemon knows it (the command's sender, or user:<name>).
+    parameters: dict[str, Any] = {}
+    score_rule: str | None = None
+    requester: str | None = None
+    sender: str | None = None
+    # The quorum, and the approvals so far (of a request that needs several).
+    approvals_required: int = 1
+    admins_required: int = 0
+    approvals: list[Vote] = []
+    escalated_at: datetime | None = None
 
 
 class ApprovalCreate(_HasAction, _Input, frozen=True):

@@ -16,7 +16,9 @@ Agents match events to what they asked for by ``requestId`` and ``sender``
 
 from actors.events.build import (
     approval_decided,
+    approval_escalated,
     approval_requested,
+    approval_vote,
     approval_warning,
     command_created,
     command_decided,
@@ -29,8 +31,10 @@ from actors.events.build import (
 from actors.events.kinds import (
     EVENT_TYPES,
     ApprovalDecided,
+    ApprovalEscalated,
     ApprovalExpired,
     ApprovalRequested,
+    ApprovalVote,
     ApprovalWarning,
     CommandApproved,
     CommandCreated,
@@ -47,8 +51,10 @@ from actors.events.table import table
 __all__ = [
     "EVENT_TYPES",
     "ApprovalDecided",
+    "ApprovalEscalated",
     "ApprovalExpired",
     "ApprovalRequested",
+    "ApprovalVote",
     "ApprovalWarning",
     "CommandApproved",
     "CommandCreated",
@@ -60,7 +66,9 @@ __all__ = [
     "EventKind",
     "Published",
     "approval_decided",
+    "approval_escalated",
     "approval_requested",
+    "approval_vote",
     "approval_warning",
     "command_created",
     "command_decided",

@@ -13,8 +13,10 @@ import msgspec
 
 from actors.events.kinds import (
     ApprovalDecided,
+    ApprovalEscalated,
     ApprovalExpired,
     ApprovalRequested,
+    ApprovalVote,
     ApprovalWarning,
     CommandApproved,
     CommandCreated,
@@ -32,7 +34,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "approval_decided",
+    "approval_escalated",
     "approval_requested",
+    "approval_vote",
     "approval_warning",
     "command_created",
     "command_decided",
@@ -212,6 +216,47 @@ def approval_decided(a: Approval, ref: CommandRef) -> Published:
             decided_by=a.decided_by,
             decider=a.decider,
             reason=a.reason,
+        ),
+        a.requester_id,
+    )
+
+
+def approval_vote(a: Approval, ref: CommandRef) -> Published:
+    """The newest approval of a request still short of its quorum."""
+    vote = a.approvals[-1]
+    return publish(
+        ApprovalVote(
+            approval_id=a.id,
+            command_id=a.command_id,
+            request_id=ref[0] if ref else None,
+            sender=ref[1] if ref else None,
+            by=vote.by,
+            admin=vote.admin,
+            reason=vote.reason,
+            approvals=len(a.approvals),
+            approvals_required=a.approvals_required,
+            admins_required=a.admins_required,
+        ),
+        a.requester_id,
+    )
+
+
+def approval_escalated(a: Approval, ref: CommandRef) -> Published:
+    return publish(
+        ApprovalEscalated(
+            approval_id=a.id,
+            command_id=a.command_id,
+            request_id=ref[0] if ref else None,
+            sender=ref[1] if ref else None,
+            action=a.action,
+            description=a.description,
+            risk_score=a.risk_score,
+            risk_category=a.risk_category,
+            requester=a.requester,
+            approvals=len(a.approvals),
+            approvals_required=a.approvals_required,
+            created_at=a.created_at,
+            expires_at=a.expires_at,
         ),
         a.requester_id,
     )

@@ -12,8 +12,10 @@ import msgspec
 __all__ = [
     "EVENT_TYPES",
     "ApprovalDecided",
+    "ApprovalEscalated",
     "ApprovalExpired",
     "ApprovalRequested",
+    "ApprovalVote",
     "ApprovalWarning",
     "CommandApproved",
     "CommandCreated",
@@ -105,6 +107,46 @@ class ApprovalExpired(ApprovalDecided, frozen=True):
     TYPE = "approval.expired"
 
 
+class ApprovalVote(EventData, frozen=True):
+    """A person approved a request that needs more approvals than one: it
+    stays pending until ``approvals`` reaches ``approvalsRequired`` (then
+    approval.decided follows)."""
+
+    TYPE = "approval.vote"
+    KIND = "approvals"
+    approval_id: int
+    command_id: int | None
+    request_id: str | None
+    sender: str | None
+    by: str
+    admin: bool
+    reason: str | None
+    approvals: int
+    approvals_required: int
+    admins_required: int
+
+
+class ApprovalEscalated(EventData, frozen=True):
+    """A request waited ``approvals.escalate_after`` without a decision: it
+    is announced to a wider group (once per request)."""
+
+    TYPE = "approval.escalated"
+    KIND = "approvals"
+    approval_id: int
+    command_id: int | None
+    request_id: str | None
+    sender: str | None
+    action: str
+    description: str
+    risk_score: int
+    risk_category: str
+    requester: str | None
+    approvals: int
+    approvals_required: int
+    created_at: datetime
+    expires_at: datetime
+
+
 # -- commands ----------------------------------------------------------------------------------
 class CommandCreated(EventData, frozen=True):
     """A command was recorded (``status`` approved, or awaiting_approval with its ``approvalId``)."""
@@ -175,6 +217,8 @@ EVENT_TYPES: tuple[type[EventData], ...] = (
     ApprovalWarning,
     ApprovalDecided,
     ApprovalExpired,
+    ApprovalVote,
+    ApprovalEscalated,
     CommandCreated,
     CommandApproved,
     CommandRejected,

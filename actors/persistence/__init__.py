@@ -5,14 +5,16 @@ the handler that answers it: ``users``, ``tokens``, ``agents``,
 from actors.persistence.actor import Persistence, PersistenceRef
 from actors.persistence.agents import CreateAgent, ListAgents, RevokeAgent
 from actors.persistence.approvals import (
+    ApprovalHistory,
     CreateApproval,
     DecideApproval,
     GetApproval,
     ListApprovals,
+    PendingAges,
     SweepApprovals,
     Swept,
 )
-from actors.persistence.base import PgMessage
+from actors.persistence.base import AGE_BUCKETS, Durations, PgMessage
 from actors.persistence.commands import (
     CreateCommand,
     GetCommand,
@@ -45,6 +47,8 @@ from actors.persistence.users import (
 )
 
 __all__ = [
+    "AGE_BUCKETS",
+    "ApprovalHistory",
     "AuthenticateToken",
     "AuthenticateUser",
     "CheckPassword",
@@ -56,6 +60,7 @@ __all__ = [
     "CredentialStamp",
     "DecideApproval",
     "DeleteUser",
+    "Durations",
     "EnsureAdmin",
     "EventPage",
     "GetApproval",
@@ -68,6 +73,7 @@ __all__ = [
     "ListCommands",
     "ListTokens",
     "ListUsers",
+    "PendingAges",
     "Persistence",
     "PersistenceRef",
     "PgMessage",

@@ -32,7 +32,7 @@ from actors.kernel import Actor, ActorError, Health, Ref
 from actors.outbox import Wake, record
 from actors.persistence.agents import agents
 from actors.persistence.approvals import approvals
-from actors.persistence.base import PgMessage, Writing
+from actors.persistence.base import Durations, PgMessage, Writing
 from actors.persistence.commands import commands
 from actors.persistence.events import events
 from actors.persistence.pool import OUTAGES, GuardedPool, Unavailable, reset_connection
@@ -71,6 +71,7 @@ class Persistence(Actor):
         self.dsn = dsn
         self.migration_set = migration_set
         self.approvals = approvals or ApprovalSettings()
+        self.decision_seconds: dict[str, Durations] = {}
         # Told after a commit that wrote events (the relay); None: nobody.
         self.relay = relay
         # Where the first admin's token goes (None: no admin is made here).
@@ -244,6 +245,7 @@ class Persistence(Actor):
         data = super().snapshot()
         pool = self._pg
         data["server"] = self.server or None
+        data["approvalDecisions"] = {k: v.doc() for k, v in self.decision_seconds.items()}
         data["pool"] = (
             None
             if pool is None

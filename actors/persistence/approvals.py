@@ -14,13 +14,15 @@ from actors.data import repo
 from actors.data.model import Approval, ApprovalCreate, Page, Principal
 from actors.data.repo import Expired
 from actors.data.repo.common import JsonPage
-from actors.persistence.base import Count, PgMessage, Store, room
+from actors.persistence.base import AGE_BUCKETS, Count, Durations, PgMessage, Store, rate, room
 
 __all__ = [
+    "ApprovalHistory",
     "CreateApproval",
     "DecideApproval",
     "GetApproval",
     "ListApprovals",
+    "PendingAges",
     "SweepApprovals",
     "Swept",
     "approvals",
@@ -40,10 +42,10 @@ class CreateApproval(PgMessage[Approval], frozen=True):
 async def create_approval(db: Store, msg: CreateApproval) -> Approval:
     policy = db.approvals
     expires_in = min(msg.new.expires_in or policy.expiry, policy.max_expiry)
-    score = max(policy.score(msg.new.action), msg.new.risk_score)
+    rating = rate(policy, msg.new.action, msg.new.risk_score)
     async with db.writing() as w:
         approval = await repo.create_approval(
-            w.conn, msg.new, msg.requester_id, expires_in=expires_in, score=score
+            w.conn, msg.new, msg.requester_id, expires_in=expires_in, rating=rating
         )
         w.announce([events.approval_requested(approval, None, approval.requester_id)])
     return approval
@@ -72,8 +74,9 @@ async def list_approvals(db: Store, msg: ListApprovals) -> Page[Approval] | Json
 
 
 class DecideApproval(PgMessage[Approval], frozen=True):
-    """A person's decision (the rules: no self-approval, CRITICAL needs an
-    admin, a decided request is a Conflict, an expired one Expired)."""
+    """A person's decision (the rules: no self-approval, the quorum's admins,
+    a decided request is a Conflict, an expired one Expired). An approval
+    short of the request's quorum is recorded, and the request stays pending."""
 
     approval_id: int
     decision: Literal["approved", "rejected", "cancelled"]
@@ -86,15 +89,57 @@ async def decide_approval(db: Store, msg: DecideApproval) -> Approval:
     expired: Expired | None = None
     async with db.writing() as w:
         try:
-            approval = await repo.decide_approval(
+            approval, decided = await repo.decide_approval(
                 w.conn, msg.approval_id, msg.decision, msg.who, msg.reason
             )
         except Expired as exc:  # the expiry is committed, and announced
-            expired, approval = exc, exc.current
-        w.announce(await _decided(w.conn, approval))
+            expired, approval, decided = exc, exc.current, True
+        if decided:
+            w.announce(await _decided(w.conn, approval))
+        else:
+            w.announce([events.approval_vote(approval, await _ref(w.conn, approval))])
+    if decided:
+        _observe(db, approval)
     if expired is not None:
         raise expired
     return approval
+
+
+def _observe(db: Store, approval: Approval) -> None:
+    if approval.decided_at is not None:
+        waited = (approval.decided_at - approval.created_at).total_seconds()
+        db.decision_seconds.setdefault(approval.status, Durations()).observe(waited)
+
+
+async def _ref(conn: asyncpg.Connection, approval: Approval) -> tuple[str, str] | None:
+    if approval.command_id is None:
+        return None
+    with contextlib.suppress(repo.NotFound):
+        command = await repo.get_command(conn, approval.command_id)
+        return command.request_id, command.sender
+    return None
+
+
+class ApprovalHistory(PgMessage[list[repo.Step]], frozen=True):
+    approval_id: int
+
+
+@approvals.handles(ApprovalHistory)
+async def approval_history(db: Store, msg: ApprovalHistory) -> list[repo.Step]:
+    async with db.pool().acquire() as conn:
+        return await repo.history(conn, msg.approval_id)
+
+
+class PendingAges(PgMessage[Durations], frozen=True):
+    """How old the pending requests are, as a histogram (AGE_BUCKETS)."""
+
+
+@approvals.handles(PendingAges)
+async def pending_ages(db: Store, msg: PendingAges) -> Durations:
+    async with db.pool().acquire() as conn:
+        cumulative, total = await repo.pending_ages(conn, AGE_BUCKETS)
+    counts = [b - a for a, b in zip([0, *cumulative[:-1]], cumulative, strict=True)]
+    return Durations(counts=counts, total=total)
 
 
 async def _decided(conn: asyncpg.Connection, approval: Approval) -> list[events.Published]:
@@ -113,6 +158,7 @@ async def _decided(conn: asyncpg.Connection, approval: Approval) -> list[events.
 class Swept(msgspec.Struct, frozen=True):
     warned: int
     expired: int
+    escalated: int = 0
 
 
 class SweepApprovals(PgMessage[Swept], frozen=True):
@@ -122,14 +168,21 @@ class SweepApprovals(PgMessage[Swept], frozen=True):
 
     warn_before: float
     limit: int = 500
+    escalate_after: float = 0.0  # 0: never
 
 
 @approvals.handles(SweepApprovals)
 async def sweep_approvals(db: Store, msg: SweepApprovals) -> Swept:
     async with db.writing() as w:
+        escalated = []
+        if msg.escalate_after > 0:
+            escalated = await repo.escalate_due(w.conn, msg.escalate_after, msg.limit)
         warned = await repo.warn_due(w.conn, msg.warn_before, msg.limit)
         expired = await repo.expire_due(w.conn, msg.limit)
+        w.announce([events.approval_escalated(a, ref) for a, ref in escalated])
         w.announce([events.approval_warning(a, ref) for a, ref in warned])
         for approval in expired:
             w.announce(await _decided(w.conn, approval))
-    return Swept(len(warned), len(expired))
+    for approval in expired:
+        _observe(db, approval)
+    return Swept(len(warned), len(expired), len(escalated))

@@ -3,17 +3,29 @@ the narrow view of the actor its handlers are given."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from contextlib import AbstractAsyncContextManager
-from typing import Literal, Protocol, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, TypeVar
 
 import asyncpg
 
+from actors.data.model import Rating, risk_category
 from actors.events import Published
 from actors.kernel import Message, Room
 from actors.persistence.pool import GuardedPool
 from config import ApprovalSettings
 
-__all__ = ["Count", "PgMessage", "Store", "Writing", "room"]
+__all__ = [
+    "AGE_BUCKETS",
+    "Count",
+    "Durations",
+    "PgMessage",
+    "Store",
+    "Writing",
+    "rate",
+    "room",
+]
 
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)  # a message of a reply type is one of any wider type
@@ -36,11 +48,63 @@ class Writing:
         self.events.extend(published)
 
 
+def rate(policy: ApprovalSettings, action: str, asked: int | None) -> Rating:
+    """The score of ``action`` (the policy's, or the requester's ``asked``
+    when higher), what gave it, and the quorum of its category."""
+    score, rule = policy.explain(action, asked or 0)
+    quorum = policy.quorum_of(risk_category(score))
+    return Rating(score, rule, quorum.approvals, quorum.admins)
+
+
+# Seconds: how long requests wait for a decision, and how old pending ones are.
+AGE_BUCKETS = (
+    1.0,
+    5.0,
+    15.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+    900.0,
+    1800.0,
+    3600.0,
+    7200.0,
+    21600.0,
+    86400.0,
+)
+
+
+@dataclass
+class Durations:
+    """A histogram of durations over AGE_BUCKETS."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(AGE_BUCKETS) + 1))
+    total: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(AGE_BUCKETS, seconds)] += 1
+        self.total += max(seconds, 0.0)
+
+    def doc(self) -> dict[str, Any]:
+        """Cumulative counts by bound (the last one +Inf), the sum, the count."""
+        running, cumulative = 0, []
+        for c in self.counts:
+            running += c
+            cumulative.append(running)
+        return {"buckets": cumulative, "sum": round(self.total, 3), "count": running}
+
+
 class Store(Protocol):
     """The persistence actor as its rooms see it."""
 
     @property
     def approvals(self) -> ApprovalSettings: ...
+
+    @property
+    def decision_seconds(self) -> dict[str, Durations]:
+        """Time from request to decision, by outcome, of the decisions made here."""
+        ...
 
     def pool(self) -> GuardedPool:
         """The pool; raises Unavailable while the database is not connected."""

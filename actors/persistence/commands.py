@@ -16,7 +16,7 @@ from actors.data.model import (
 )
 from actors.data.repo import Ingested
 from actors.data.repo.common import JsonPage
-from actors.persistence.base import Count, PgMessage, Store, room
+from actors.persistence.base import Count, PgMessage, Store, rate, room
 
 __all__ = [
     "CreateCommand",
@@ -53,7 +53,7 @@ async def create_command(db: Store, msg: CreateCommand) -> tuple[Command, bool]:
             sender=msg.sender,
             threshold=policy.threshold,
             expiry=policy.expiry,
-            policy_score=policy.score(msg.new.action),
+            rating=rate(policy, msg.new.action, msg.new.risk_score),
         )
         if created:
             w.announce([events.command_created(command)])
@@ -179,7 +179,7 @@ async def ingest_commands(db: Store, msg: IngestCommands) -> list[Ingested]:
             list(msg.rows),
             threshold=policy.threshold,
             expiry=policy.expiry,
-            policy_scores=[policy.score(row[0].action) for row in msg.rows],
+            ratings=[rate(policy, row[0].action, row[0].risk_score) for row in msg.rows],
         )
         for (new, _user, _by, sender), done in zip(msg.rows, results, strict=True):
             if done.outcome == "created":

@@ -7,7 +7,8 @@
 | PUT /commands/{id} (running, succeeded, failed, cancelled) | yes | - | - | the commands it sent |
 | POST /approvals (standalone) | yes | yes | yes | yes |
 | GET /approvals, /approvals/{id} | all | all | own | all |
-| approve, reject (reason required) | yes | not own, not CRITICAL | - | - |
+| GET /approvals/{id}/history | all | all | own | all |
+| approve, reject (reason required) | yes | not own; not where the quorum needs an admin | - | - |
 | cancel | any | own | own | own |
 
 "Own" is what the caller asked for or created. Another user's command or
@@ -23,6 +24,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from actors import persistence as m
@@ -39,7 +41,7 @@ from actors.data.model import (
     Principal,
     Rejection,
 )
-from actors.data.repo import APPROVALS, COMMANDS
+from actors.data.repo import APPROVALS, COMMANDS, Step
 from actors.kernel import ActorError
 from jarvisd.http.auth import forbidden, require
 from jarvisd.http.common import (
@@ -247,6 +249,21 @@ async def _long_poll(
             return reply(approval)
 
 
+class History(msgspec.Struct, frozen=True):
+    """A request's audit trail and its command's, oldest first."""
+
+    items: list[Step]
+
+
+@require()
+async def approval_history(request: web.Request, who: Principal) -> web.Response:
+    reject_unknown_params(request, ())
+    approval_id = path_id(request)
+    await _visible_approval(request, who, approval_id)
+    steps = await actors_of(request).persistence.ask(m.ApprovalHistory(approval_id=approval_id))
+    return reply(History(items=steps))
+
+
 @require()
 async def create_approval(request: web.Request, who: Principal) -> web.Response:
     reject_unknown_params(request, ())
@@ -337,6 +354,13 @@ ROUTES: list[RouteDoc] = [
         "Read an approval request (?wait=N: once it is decided, or after N seconds)",
         response=Approval,
         query=(WAIT,),
+    ),
+    RouteDoc(
+        "GET",
+        "/approvals/{id}/history",
+        approval_history,
+        "The request's audit trail and its command's, oldest first",
+        response=History,
     ),
     RouteDoc(
         "PUT",

@@ -10,9 +10,10 @@ from aiohttp import web
 
 from actors import ActorError
 from actors.cache import CacheStatsQuery
+from actors.persistence import AGE_BUCKETS
 from jarvisd.http.errors import reject_unknown_params
 from jarvisd.http.keys import HTTP_METRICS, RUNTIME
-from jarvisd.http.metrics import CONTENT_TYPE, MetricsWriter, process_metrics
+from jarvisd.http.metrics import CONTENT_TYPE, MetricsWriter, process_metrics, prom_number
 from jarvisd.runtime import Runtime
 
 __all__ = ["cache_stats", "metrics", "write_cache_metrics"]
@@ -116,6 +117,7 @@ async def metrics(request: web.Request) -> web.Response:
                 if value is not None:
                     out.metric(metric_name, metric_kind, metric_help, value)
         write_event_metrics(out, snap)
+    write_approval_metrics(out, snapshot)
     return web.Response(text=out.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -143,6 +145,32 @@ def write_event_metrics(out: MetricsWriter, snap: dict[str, Any]) -> None:
         for ep in hooks["endpoints"]:
             value = ep[key] if key != "state" else int(ep["state"] == "dead")
             out.sample(name, value, {"webhook": ep["name"]})
+
+
+def write_approval_metrics(out: MetricsWriter, snapshot: dict[str, Any]) -> None:
+    """Time from request to decision (the decisions made on this daemon, by
+    outcome) and the age of the pending requests (as the database has them)."""
+    bounds = [*(prom_number(b) for b in AGE_BUCKETS), "+Inf"]
+    decisions = "jarvisd_approval_decision_seconds"
+    out.family(decisions, "histogram", "Seconds from request to decision, by outcome.")
+    for snap in snapshot.values():
+        for outcome, hist in sorted((snap.get("approvalDecisions") or {}).items()):
+            _histogram(out, decisions, hist, bounds, {"outcome": outcome})
+    ages = "jarvisd_approval_pending_age_seconds"
+    out.family(ages, "histogram", "Age of the pending approval requests, in seconds.")
+    for snap in snapshot.values():
+        hist = (snap.get("approvals") or {}).get("pendingAges")
+        if hist is not None:
+            _histogram(out, ages, hist, bounds, {})
+
+
+def _histogram(
+    out: MetricsWriter, name: str, hist: dict[str, Any], bounds: list[str], labels: dict[str, str]
+) -> None:
+    for bound, count in zip(bounds, hist["buckets"], strict=True):
+        out.sample(f"{name}_bucket", count, {**labels, "le": bound})
+    out.sample(f"{name}_sum", hist["sum"], labels or None)
+    out.sample(f"{name}_count", hist["count"], labels or None)
 
 
 _WEBHOOK_METRICS = (

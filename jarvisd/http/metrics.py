@@ -11,7 +11,7 @@ from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-__all__ = ["HttpMetrics", "MetricsWriter", "process_metrics"]
+__all__ = ["HttpMetrics", "MetricsWriter", "process_metrics", "prom_number"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -29,7 +29,7 @@ def _labels(labels: dict[str, str]) -> str:
     return "{" + inner + "}"
 
 
-def _num(value: float) -> str:
+def prom_number(value: float) -> str:
     if value == float("inf"):
         return "+Inf"
     if isinstance(value, int) or float(value).is_integer():
@@ -52,7 +52,7 @@ class MetricsWriter:
         self._lines.append(f"# TYPE {name} {kind}")
 
     def sample(self, name: str, value: float, labels: dict[str, str] | None = None) -> None:
-        self._lines.append(f"{name}{_labels(labels or {})} {_num(value)}")
+        self._lines.append(f"{name}{_labels(labels or {})} {prom_number(value)}")
 
     def metric(
         self,
@@ -153,7 +153,7 @@ class HttpMetrics:
             bounds: Iterable[float] = (*LATENCY_BUCKETS, float("inf"))
             for bound, count in zip(bounds, hist.counts, strict=True):
                 cumulative += count
-                out.sample(f"{name}_bucket", cumulative, {"route": route, "le": _num(bound)})
+                out.sample(f"{name}_bucket", cumulative, {"route": route, "le": prom_number(bound)})
             out.sample(f"{name}_sum", hist.total, {"route": route})
             out.sample(f"{name}_count", hist.n, {"route": route})
 

@@ -16,6 +16,7 @@ from datetime import datetime
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from actors.data.listing import ID_BOUNDS, Filter, ListQuery, ListSpec
 from actors.data.model import (
@@ -23,6 +24,8 @@ from actors.data.model import (
     ApprovalCreate,
     Page,
     Principal,
+    Rating,
+    Vote,
     digest_sql,
     risk_category,
 )
@@ -37,17 +40,27 @@ from actors.data.repo.common import (
     page,
 )
 
+_AT = """to_char(v.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
 APPROVAL_COLUMNS = (
     "id, command_id, requester_id, action, description, parameters_digest, risk_score, risk_category, "
-    "status, expires_at, decided_by, decider, decided_at, reason, created_at, created_by"
+    "status, expires_at, decided_by, decider, decided_at, reason, created_at, created_by, "
+    "coalesce(approval_requests.parameters, (SELECT c.parameters FROM commands c "
+    "WHERE c.id = approval_requests.command_id), '{}'::jsonb) AS parameters, "
+    "score_rule, approvals_required, admins_required, escalated_at, "
+    "(SELECT u.username FROM users u WHERE u.id = approval_requests.requester_id) AS requester, "
+    "coalesce((SELECT c.sender FROM commands c WHERE c.id = approval_requests.command_id), "
+    "(SELECT 'user:' || u.username FROM users u WHERE u.id = approval_requests.created_by)) AS sender, "
+    "coalesce((SELECT jsonb_agg(jsonb_build_object('by', v.decider, 'userId', v.user_id, "
+    f"'admin', v.admin, 'reason', v.reason, 'at', {_AT}) ORDER BY v.at, v.voter) "
+    "FROM approval_votes v WHERE v.approval_id = approval_requests.id), '[]'::jsonb) AS approvals"
 )
 
 
 def _approval(row: asyncpg.Record) -> Approval:
     data = dict(row)
-    data.pop("lapsed", None)  # a helper column of decide_approval
-    data.pop("request_id", None)  # and of warn_due
-    data.pop("sender", None)
+    for helper in ("lapsed", "ref_request_id", "ref_sender"):  # of decide_approval, warn_due
+        data.pop(helper, None)
+    data["approvals"] = msgspec.convert(data["approvals"], list[Vote])
     return Approval(**data)
 
 
@@ -57,10 +70,10 @@ async def create_approval(
     requester_id: int | None,
     *,
     expires_in: int,
-    score: int,
+    rating: Rating,
 ) -> Approval:
     """A standalone request by ``requester_id`` (who is also its creator),
-    scored ``score`` (the policy's, or the requester's if higher)."""
+    rated by the policy (or scored by the requester if higher)."""
     async with conn.transaction():
         row = await insert_approval(
             conn,
@@ -70,7 +83,7 @@ async def create_approval(
             action=new.action,
             description=new.description,
             parameters=new.parameters,
-            score=score,
+            rating=rating,
             expires_in=expires_in,
         )
     return _approval(row)
@@ -85,15 +98,19 @@ async def insert_approval(
     action: str,
     description: str,
     parameters: Any,
-    score: int,
+    rating: Rating,
     expires_in: int,
 ) -> asyncpg.Record:
-    """A pending approval request bound to the parameters' digest, with its audit event."""
+    """A pending approval request bound to the parameters' digest, with its
+    audit event. A standalone request keeps its parameters; a command's are
+    read from the command."""
     row = await conn.fetchrow(
         f"INSERT INTO approval_requests (command_id, requester_id, created_by, action, description, "
-        f"parameters_digest, risk_score, risk_category, status, expires_at) "
+        f"parameters_digest, risk_score, risk_category, status, expires_at, parameters, score_rule, "
+        f"approvals_required, admins_required) "
         f"VALUES ($1, $2, $3, $4, $5, {digest_sql('$6::jsonb')}, $7, $8, 'pending', "
-        f"now() + make_interval(secs => $9)) "
+        f"now() + make_interval(secs => $9), CASE WHEN $1::bigint IS NULL THEN $6::jsonb END, $10, "
+        f"$11, $12) "
         f"RETURNING {APPROVAL_COLUMNS}",
         command_id,
         requester_id,
@@ -101,9 +118,12 @@ async def insert_approval(
         action,
         description,
         parameters,
-        score,
-        risk_category(score),
+        rating.score,
+        risk_category(rating.score),
         expires_in,
+        rating.rule,
+        rating.approvals,
+        rating.admins,
     )
     await conn.execute(
         "INSERT INTO approval_events (approval_id, from_status, to_status, actor_id) VALUES ($1, NULL, 'pending', $2)",
@@ -132,8 +152,8 @@ def _check_decider(current: asyncpg.Record, decision: str, who: Principal) -> No
             raise Forbidden("only approvers and admins decide approval requests")
         if own:
             raise Forbidden("nobody approves or rejects a request they asked for or created")
-        if current["risk_category"] == "CRITICAL" and not who.is_admin:
-            raise Forbidden("a CRITICAL request needs an admin")
+        if decision == "rejected" and current["admins_required"] and not who.is_admin:
+            raise Forbidden(f"a {current['risk_category']} request is rejected by an admin")
     elif decision == "cancelled":
         if not who.is_admin and not own:
             raise Forbidden("only the requester, its creator or an admin cancels a request")
@@ -141,18 +161,50 @@ def _check_decider(current: asyncpg.Record, decision: str, who: Principal) -> No
         raise Invalid(f"unknown decision {decision!r}")
 
 
+def voter_of(who: Principal) -> str:
+    """Who approved, as one person: a user by id (a name may be reused), the
+    local admin by name."""
+    return f"user:{who.user_id}" if who.user_id is not None else who.name
+
+
+def _check_vote(current: asyncpg.Record, who: Principal) -> bool:
+    """Whether ``who``'s approval completes the quorum (raises when it may
+    not count: a second approval by the same person, or a non-admin's taking
+    a place an admin must fill)."""
+    votes = [msgspec.convert(v, Vote) for v in current["approvals"]]
+    me = voter_of(who)
+    if any((f"user:{v.user_id}" if v.user_id is not None else v.by) == me for v in votes):
+        raise Conflict(
+            f"you approved request {current['id']} already; it needs "
+            f"{current['approvals_required'] - len(votes)} more approval(s) by others",
+            _approval(current),
+        )
+    admins_needed = current["admins_required"] - sum(v.admin for v in votes)
+    places_left = current["approvals_required"] - len(votes)
+    if not who.is_admin and admins_needed >= places_left:
+        if current["approvals_required"] == 1:
+            raise Forbidden(f"a {current['risk_category']} request needs an admin")
+        raise Forbidden(
+            f"the {'last ' if places_left == 1 else ''}{admins_needed} approval(s) of request "
+            f"{current['id']} must come from an admin"
+        )
+    return bool(places_left <= 1)
+
+
 async def decide_approval(
     conn: asyncpg.Connection, approval_id: int, decision: str, who: Principal, reason: str | None
-) -> Approval:
+) -> tuple[Approval, bool]:
     """approved | rejected | cancelled, checked against the row as it is when
-    the decision lands; returns the decided request. A request
-    no longer pending is a Conflict, whoever decided it and however (even
-    the same decision again, so that of two deciders racing exactly one
-    succeeds); one found past its deadline is expired (and that is
-    committed) instead of decided: Expired."""
+    the decision lands; returns the request and whether it was decided (an
+    approval short of its quorum is recorded, and the request stays pending).
+    A request no longer pending is a Conflict, whoever decided it and however
+    (even the same decision again, so that of two deciders racing exactly
+    one succeeds at each step); one found past its deadline is expired (and
+    that is committed) instead of decided: Expired."""
     if decision == "rejected" and not reason:
         raise Invalid("a rejection needs a reason")
     lapsed = False
+    decided = True
     async with conn.transaction():
         # Locks are taken command first, then request, as a status report does
         # (cancelling a waiting command cancels its request): never a deadlock.
@@ -176,14 +228,44 @@ async def decide_approval(
             raise Conflict(
                 f"approval request {approval_id} is already {current['status']}", _approval(current)
             )
-        else:
-            if decision == "approved" and current["command_id"] is not None:
+        elif decision == "approved":
+            if current["command_id"] is not None:
                 await _check_bound_command(conn, current)
+            decided = _check_vote(current, who)
+            if current["approvals_required"] > 1:
+                await _record_vote(conn, current, who, reason)
+            if decided:
+                await set_status(conn, current, decision, who.user_id, reason, who.name)
+        else:
             await set_status(conn, current, decision, who.user_id, reason, who.name)
-    decided = await get_approval(conn, approval_id)
+    approval = await get_approval(conn, approval_id)
     if lapsed:
-        raise Expired(f"approval request {approval_id} expired", decided)
-    return decided
+        raise Expired(f"approval request {approval_id} expired", approval)
+    return approval, decided
+
+
+async def _record_vote(
+    conn: asyncpg.Connection, current: asyncpg.Record, who: Principal, reason: str | None
+) -> None:
+    """One approval towards a quorum, with its audit row."""
+    await conn.execute(
+        "INSERT INTO approval_votes (approval_id, voter, decider, user_id, admin, reason) "
+        "VALUES ($1, $2, $3, $4, $5, $6)",
+        current["id"],
+        voter_of(who),
+        who.name,
+        who.user_id,
+        who.is_admin,
+        reason,
+    )
+    await conn.execute(
+        "INSERT INTO approval_events (approval_id, from_status, to_status, actor_id, reason) "
+        "VALUES ($1, 'pending', 'pending', $2, $3)",
+        current["id"],
+        who.user_id,
+        f"approved by {who.name} ({len(current['approvals']) + 1} of "
+        f"{current['approvals_required']})" + (f": {reason}" if reason else ""),
+    )
 
 
 async def _check_bound_command(conn: asyncpg.Connection, current: asyncpg.Record) -> None:
@@ -321,15 +403,101 @@ async def warn_due(
         f"AND expires_at > now() AND expires_at - LEAST(make_interval(secs => $1), "
         f"(expires_at - created_at) / 4) <= now() ORDER BY expires_at LIMIT $2 "
         f"FOR UPDATE SKIP LOCKED) RETURNING {APPROVAL_COLUMNS}, "
-        f"(SELECT request_id FROM commands c WHERE c.id = command_id) AS request_id, "
-        f"(SELECT sender FROM commands c WHERE c.id = command_id) AS sender",
+        f"(SELECT request_id FROM commands c WHERE c.id = command_id) AS ref_request_id, "
+        f"(SELECT sender FROM commands c WHERE c.id = command_id) AS ref_sender",
         warn_before,
         limit,
     )
     return [
-        (_approval(r), None if r["request_id"] is None else (r["request_id"], r["sender"]))
+        (
+            _approval(r),
+            None if r["ref_request_id"] is None else (r["ref_request_id"], r["ref_sender"]),
+        )
         for r in rows
     ]
+
+
+async def escalate_due(
+    conn: asyncpg.Connection, after: float, limit: int
+) -> list[tuple[Approval, tuple[str, str] | None]]:
+    """Pending requests made ``after`` seconds ago or more, not yet
+    escalated: marked escalated (each is returned once), with their command's
+    (request id, sender)."""
+    rows = await conn.fetch(
+        f"UPDATE approval_requests SET escalated_at = now() WHERE id IN ("
+        f"SELECT id FROM approval_requests WHERE status = 'pending' AND escalated_at IS NULL "
+        f"AND created_at <= now() - make_interval(secs => $1) AND expires_at > now() "
+        f"ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING {APPROVAL_COLUMNS}, "
+        f"(SELECT request_id FROM commands c WHERE c.id = command_id) AS ref_request_id, "
+        f"(SELECT sender FROM commands c WHERE c.id = command_id) AS ref_sender",
+        after,
+        limit,
+    )
+    for r in rows:
+        await conn.execute(
+            "INSERT INTO approval_events (approval_id, from_status, to_status, reason) "
+            "VALUES ($1, 'pending', 'pending', $2)",
+            r["id"],
+            f"escalated: no decision after {after:g} s",
+        )
+    return [
+        (
+            _approval(r),
+            None if r["ref_request_id"] is None else (r["ref_request_id"], r["ref_sender"]),
+        )
+        for r in rows
+    ]
+
+
+class Step(msgspec.Struct, frozen=True, rename="camel"):
+    """One step of a request's history, or of its command's."""
+
+    at: datetime
+    subject: str  # approval | command
+    from_: str | None = msgspec.field(name="from")
+    to: str
+    by: str | None
+    reason: str | None
+
+
+async def history(conn: asyncpg.Connection, approval_id: int, limit: int = 200) -> list[Step]:
+    """The request's audit rows and its command's, oldest first (at most ``limit``)."""
+    rows = await conn.fetch(
+        "WITH a AS (SELECT id, command_id FROM approval_requests WHERE id = $1) "
+        "SELECT * FROM ("
+        "SELECT e.at, 'approval' AS subject, e.from_status, e.to_status, "
+        "coalesce(u.username, CASE WHEN e.actor_id IS NULL THEN NULL ELSE 'user ' || e.actor_id END) "
+        "AS by, e.reason, e.id FROM approval_events e JOIN a ON e.approval_id = a.id "
+        "LEFT JOIN users u ON u.id = e.actor_id "
+        "UNION ALL "
+        "SELECT e.at, 'command', e.from_status, e.to_status, "
+        "coalesce(u.username, CASE WHEN e.actor_id IS NULL THEN NULL ELSE 'user ' || e.actor_id END), "
+        "e.reason, e.id FROM command_events e JOIN a ON e.command_id = a.command_id "
+        "LEFT JOIN users u ON u.id = e.actor_id) h ORDER BY at, subject, id LIMIT $2",
+        approval_id,
+        limit,
+    )
+    return [
+        Step(r["at"], r["subject"], r["from_status"], r["to_status"], r["by"], r["reason"])
+        for r in rows
+    ]
+
+
+async def pending_ages(
+    conn: asyncpg.Connection, bounds: tuple[float, ...]
+) -> tuple[list[int], float]:
+    """How many pending requests are at most each of ``bounds`` seconds old
+    (cumulative), all of them last; and the sum of their ages."""
+    cols = ", ".join(
+        f"count(*) FILTER (WHERE created_at >= now() - make_interval(secs => {float(b)!r}))"
+        for b in bounds
+    )
+    row = await conn.fetchrow(
+        f"SELECT {cols}, count(*), coalesce(sum(extract(epoch FROM now() - created_at)), 0)::float8 "
+        f"FROM approval_requests WHERE status = 'pending'"
+    )
+    values = list(row.values())
+    return [int(v) for v in values[:-1]], float(values[-1])
 
 
 async def expire_due(conn: asyncpg.Connection, limit: int) -> list[Approval]:

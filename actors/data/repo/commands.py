@@ -21,6 +21,7 @@ from actors.data.model import (
     CommandCreate,
     CommandStatusUpdate,
     Page,
+    Rating,
     risk_category,
 )
 from actors.data.repo.approvals import cancel_pending_for_command, insert_approval
@@ -70,14 +71,15 @@ async def create_command(
     sender: str,
     threshold: int,
     expiry: int,
-    policy_score: int = 0,
+    rating: Rating,
 ) -> tuple[Command, bool]:
     """Insert a command (idempotent on the sender's request_id); at or above
     the approval threshold it waits for approval and gets an approval
     request, in the same transaction. Returns (command, created).
     ``created_by`` is the principal who asked (it may differ from ``user_id``,
-    on whose behalf), ``sender`` whose requestId namespace it is."""
-    score = max(policy_score, new.risk_score or 0)
+    on whose behalf), ``sender`` whose requestId namespace it is; ``rating``
+    its score and quorum (``rate``: the policy's, or the sender's higher score)."""
+    score = rating.score
     category = risk_category(score)
     status = "awaiting_approval" if score >= threshold else "approved"
     request_id = new.request_id or f"api-{uuid.uuid4()}"
@@ -136,7 +138,7 @@ async def create_command(
                 action=new.action,
                 description=new.description,
                 parameters=new.parameters,
-                score=score,
+                rating=rating,
                 expires_in=expiry,
             )
         created = await conn.fetchrow(

@@ -16,7 +16,7 @@ from typing import Literal
 import asyncpg
 import msgspec
 
-from actors.data.model import CommandCreate, digest_sql, risk_category
+from actors.data.model import CommandCreate, Rating, digest_sql, risk_category
 
 __all__ = ["Ingested", "ingest_commands"]
 
@@ -43,9 +43,10 @@ _INGEST = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
                          $7::text[], $8::text[], $9::smallint[], $10::text[], $12::bigint[],
-                         $13::text[]) WITH ORDINALITY
+                         $13::text[], $14::text[], $15::smallint[], $16::smallint[]) WITH ORDINALITY
         AS t(request_id, user_id, source, type, action, parameters, description, status,
-             risk_score, risk_category, created_by, sender, n)
+             risk_score, risk_category, created_by, sender, score_rule, approvals_required,
+             admins_required, n)
 ),
 ins AS (
     INSERT INTO commands (request_id, user_id, source, type, action, parameters, description,
@@ -66,10 +67,15 @@ events AS (
 ),
 approvals AS (
     INSERT INTO approval_requests (command_id, requester_id, created_by, action, description,
-                                   parameters_digest, risk_score, risk_category, status, expires_at)
+                                   parameters_digest, risk_score, risk_category, status, expires_at,
+                                   score_rule, approvals_required, admins_required)
     SELECT ins.id, ins.user_id, ins.created_by, ins.action, ins.description, DIGEST,
-           ins.risk_score, ins.risk_category, 'pending', now() + make_interval(secs => $11)
-    FROM ins
+           ins.risk_score, ins.risk_category, 'pending', now() + make_interval(secs => $11),
+           q.score_rule, q.approvals_required, q.admins_required
+    FROM ins CROSS JOIN LATERAL (
+        SELECT i.score_rule, i.approvals_required, i.admins_required FROM input i
+        WHERE i.sender = ins.sender AND i.request_id = ins.request_id ORDER BY i.n LIMIT 1
+    ) q
     WHERE ins.status = 'awaiting_approval'
     RETURNING id, command_id, created_by, expires_at
 ),
@@ -102,19 +108,16 @@ async def ingest_commands(
     *,
     threshold: int,
     expiry: int,
-    policy_scores: list[int] | None = None,
+    ratings: list[Rating],
 ) -> list[Ingested]:
     """Insert ``rows`` ((command, on whose behalf, sent by (user id), sender))
-    in one transaction; one Ingested per row, in order. A requestId is the
-    sender's: one that appears twice for one sender is created once, and the
-    later one reports "exists"."""
+    in one transaction, each with its ``ratings`` (score and quorum); one
+    Ingested per row, in order. A requestId is the sender's: one that appears
+    twice for one sender is created once, and the later one reports "exists"."""
     request_ids = [c.request_id or f"api-{uuid.uuid4()}" for c, *_rest in rows]
     senders = [sender for *_rest, sender in rows]
     keys = list(zip(senders, request_ids, strict=True))
-    scores = [
-        max(policy, row[0].risk_score or 0)
-        for row, policy in zip(rows, policy_scores or [0] * len(rows), strict=True)
-    ]
+    scores = [r.score for r in ratings]
     statuses = ["awaiting_approval" if s >= threshold else "approved" for s in scores]
     async with conn.transaction():
         inserted = await conn.fetch(
@@ -132,6 +135,9 @@ async def ingest_commands(
             expiry,
             [b for _c, _u, b, _s in rows],
             senders,
+            [r.rule for r in ratings],
+            [r.approvals for r in ratings],
+            [r.admins for r in ratings],
         )
         made = {(r["sender"], r["request_id"]): r for r in inserted}
         missing = [i for i, key in enumerate(keys) if key not in made]

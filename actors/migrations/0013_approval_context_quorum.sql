@@ -1,0 +1,32 @@
+-- What a person decides on, and how many must decide.
+-- parameters: a standalone request's own (a command's request reads its
+-- command's); score_rule: what gave the score (a policy rule, the default,
+-- or the requester's own higher score); approvals_required / admins_required:
+-- the quorum fixed when the request was made; escalated_at: when a request
+-- left unanswered was announced to a wider group (once).
+ALTER TABLE approval_requests
+    ADD COLUMN parameters jsonb,
+    ADD COLUMN score_rule text CHECK (score_rule IS NULL OR length(score_rule) <= 300),
+    ADD COLUMN approvals_required smallint NOT NULL DEFAULT 1 CHECK (approvals_required BETWEEN 1 AND 10),
+    ADD COLUMN admins_required smallint NOT NULL DEFAULT 0,
+    ADD COLUMN escalated_at timestamptz,
+    ADD CONSTRAINT approval_requests_admins_required
+        CHECK (admins_required BETWEEN 0 AND approvals_required);
+-- Before quorums, a CRITICAL request needed one approval: an admin's.
+UPDATE approval_requests SET admins_required = 1 WHERE risk_category = 'CRITICAL';
+CREATE INDEX approvals_pending_escalate ON approval_requests (created_at)
+    WHERE status = 'pending' AND escalated_at IS NULL;
+
+-- The approvals of a request that needs more than one, one per person
+-- (voter: 'user:<id>', or the local admin's name); the decision that
+-- completes the quorum is also the request's own decision.
+CREATE TABLE approval_votes (
+    approval_id bigint NOT NULL REFERENCES approval_requests (id) ON DELETE CASCADE,
+    voter       text NOT NULL CHECK (length(voter) BETWEEN 1 AND 110),
+    decider     text NOT NULL CHECK (length(decider) BETWEEN 1 AND 100),
+    user_id     bigint REFERENCES users (id) ON DELETE SET NULL,
+    admin       boolean NOT NULL,
+    reason      text CHECK (reason IS NULL OR length(reason) <= 2000),
+    at          timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (approval_id, voter)
+);

@@ -1,0 +1,216 @@
+"""What the person who decides is given, and how many must decide: the full
+context of a request (parameters, the rule that scored it, who asked and
+from where, its history), quorums of distinct approvers, escalation of
+requests left unanswered, and the approval histograms in /metrics. On an
+in-process daemon with real PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import pytest
+import redis.asyncio as aioredis
+
+from tests.test_api import Api
+from tests.test_approvals import (  # noqa: F401 - the fixtures
+    Events,
+    api,
+    approval_overrides,
+    command_of,
+    events,
+)
+from tests.test_bus import requested
+
+QUORUM = {
+    "quorum": {
+        "HIGH": {"approvals": 2},
+        "CRITICAL": {"approvals": 2, "admins": 1},
+    }
+}
+
+
+async def test_a_request_carries_everything_a_person_decides_on(
+    api: Api,  # noqa: F811
+    raw: aioredis.Redis,
+) -> None:
+    agent_id, agent = await api.user("mailer", "agent")
+    _p, approver = await api.user("petra", "approver")
+    parameters = {"path": "/srv/reports/2026", "recursive": True, "note": "<b>x</b>"}
+    await raw.xadd(
+        api.r.daemon.settings.inbox,
+        {
+            "envelope": requested(
+                "ctx-1",
+                user_id=agent_id,
+                action="delete_folder",
+                parameters=parameters,
+                description="clean last year's reports",
+            )
+        },
+    )
+    command = await command_of(api, agent, "ctx-1")
+    code, _h, approval = await api.call(
+        "GET", f"/approvals/{command['approvalId']}", token=approver
+    )
+    assert code == 200
+    assert approval["parameters"] == parameters
+    assert approval["description"] == "clean last year's reports"
+    assert (approval["riskScore"], approval["scoreRule"]) == (80, 'rule "delete*"')
+    assert approval["requester"] == "mailer"
+    assert approval["sender"] == "inbox"
+    assert (approval["approvalsRequired"], approval["adminsRequired"], approval["approvals"]) == (
+        1,
+        0,
+        [],
+    )
+    # A standalone request keeps its own parameters; the sender's higher score says so.
+    _u, user = await api.user("ursula")
+    _, _, own = await api.call(
+        "POST",
+        "/approvals",
+        token=user,
+        json={"action": "open_door", "riskScore": 88, "parameters": {"door": "front"}},
+    )
+    assert (own["parameters"], own["scoreRule"], own["sender"]) == (
+        {"door": "front"},
+        "asked by the sender",
+        "user:ursula",
+    )
+    # The history: the command's steps and the request's, oldest first.
+    await api.call(
+        "PUT",
+        f"/approvals/{approval['id']}/reject",
+        token=approver,
+        json={"reason": "keep them"},
+    )
+    code, _h, history = await api.call(
+        "GET", f"/approvals/{approval['id']}/history", token=approver
+    )
+    assert code == 200
+    steps = [(s["subject"], s["from"], s["to"]) for s in history["items"]]
+    assert ("command", None, "awaiting_approval") in steps
+    assert ("approval", None, "pending") in steps
+    assert ("approval", "pending", "rejected") in steps
+    assert ("command", "awaiting_approval", "rejected") in steps
+    rejected = next(s for s in history["items"] if s["to"] == "rejected")
+    assert (rejected["by"], rejected["reason"]) == ("petra", "keep them")
+    # Another user's request's history is not found, as the request is not.
+    code, _h, _p = await api.call("GET", f"/approvals/{approval['id']}/history", token=user)
+    assert code == 404
+
+
+@pytest.mark.parametrize("approval_overrides", [QUORUM])
+async def test_a_quorum_needs_distinct_approvers_and_an_admin_where_the_rule_says(
+    api: Api,  # noqa: F811
+    events: Events,  # noqa: F811
+) -> None:
+    _r, requester = await api.user("rita")
+    _a, ann = await api.user("ann", "approver")
+    _b, ben = await api.user("ben", "approver")
+    _m, max_ = await api.user("max", "admin")
+    # HIGH: two approvals, anyone's who may decide.
+    _, _, cmd = await api.call("POST", "/commands", token=requester, json={"action": "pay_rent"})
+    url = f"/approvals/{cmd['approvalId']}"
+    code, _h, first = await api.call("PUT", url + "/approve", token=ann, json={"reason": "ok"})
+    assert code == 200
+    assert first["status"] == "pending"
+    assert [(v["by"], v["reason"]) for v in first["approvals"]] == [("ann", "ok")]
+    vote = await events.wait_for("approvals", "approval.vote", approvalId=cmd["approvalId"])
+    assert (vote["data"]["approvals"], vote["data"]["approvalsRequired"]) == (1, 2)
+    # The same person twice is one approval: 409, and nothing changes.
+    code, _h, again = await api.call("PUT", url + "/approve", token=ann)
+    assert code == 409
+    assert "already" in again["detail"]
+    assert len(again["current"]["approvals"]) == 1
+    _s, _h, command = await api.call("GET", f"/commands/{cmd['id']}", token=requester)
+    assert command["status"] == "awaiting_approval"
+    code, _h, done = await api.call("PUT", url + "/approve", token=ben)
+    assert (code, done["status"], done["decider"]) == (200, "approved", "ben")
+    assert [v["by"] for v in done["approvals"]] == ["ann", "ben"]
+    await events.wait_for("commands", "command.approved", commandId=cmd["id"])
+
+    # CRITICAL: two, one of them an admin; two approvers cannot make it.
+    _, _, crit = await api.call("POST", "/commands", token=requester, json={"action": "sudo_ls"})
+    url = f"/approvals/{crit['approvalId']}"
+    assert (await api.call("PUT", url + "/approve", token=ann))[0] == 200
+    code, _h, problem = await api.call("PUT", url + "/approve", token=ben)
+    assert code == 403
+    assert "admin" in problem["detail"]
+    code, _h, done = await api.call("PUT", url + "/approve", token=max_)
+    assert (code, done["status"]) == (200, "approved")
+    assert [(v["by"], v["admin"]) for v in done["approvals"]] == [("ann", False), ("max", True)]
+
+    # One rejection ends a request, whatever approvals it had.
+    _, _, other = await api.call("POST", "/commands", token=requester, json={"action": "pay_tax"})
+    url = f"/approvals/{other['approvalId']}"
+    assert (await api.call("PUT", url + "/approve", token=ann))[0] == 200
+    code, _h, ended = await api.call("PUT", url + "/reject", token=ben, json={"reason": "no"})
+    assert (code, ended["status"], len(ended["approvals"])) == (200, "rejected", 1)
+    assert (await api.call("PUT", url + "/approve", token=max_))[0] == 409
+    # The history keeps each approval as a step of its own.
+    _s, _h, history = await api.call("GET", f"{url}/history", token=ann)
+    steps = [(s["to"], s["by"]) for s in history["items"] if s["subject"] == "approval"]
+    assert steps == [("pending", "rita"), ("pending", "ann"), ("rejected", "ben")]
+
+
+@pytest.mark.parametrize("approval_overrides", [QUORUM])
+async def test_racing_approvers_give_one_winner_per_step(api: Api) -> None:  # noqa: F811
+    _r, requester = await api.user("rudi")
+    tokens = [(await api.user(f"appr{i}", "approver"))[1] for i in range(3)]
+    for n in range(4):
+        _, _, cmd = await api.call(
+            "POST", "/commands", token=requester, json={"action": f"pay_bill_{n}"}
+        )
+        url = f"/approvals/{cmd['approvalId']}/approve"
+        results = await asyncio.gather(*(api.call("PUT", url, token=t) for t in tokens))
+        codes = sorted(r[0] for r in results)
+        # Two steps, two winners; the third finds the request decided.
+        assert codes == [200, 200, 409], results
+        _s, _h, final = await api.call("GET", f"/approvals/{cmd['approvalId']}", token=tokens[0])
+        assert final["status"] == "approved"
+        assert len(final["approvals"]) == 2
+        assert len({v["by"] for v in final["approvals"]}) == 2
+
+
+@pytest.mark.parametrize("approval_overrides", [{"escalate_after": 0.5, "expiry": 60}])
+async def test_an_unanswered_request_is_escalated_once_and_shows_in_metrics(
+    api: Api,  # noqa: F811
+    events: Events,  # noqa: F811
+) -> None:
+    _r, requester = await api.user("esther")
+    _a, approver = await api.user("ed", "approver")
+    _, _, cmd = await api.call(
+        "POST", "/commands", token=requester, json={"action": "transfer_funds"}
+    )
+    aid = cmd["approvalId"]
+    escalated = await events.wait_for("approvals", "approval.escalated", approvalId=aid)
+    assert escalated["data"]["action"] == "transfer_funds"
+    assert escalated["data"]["requester"] == "esther"
+    _s, _h, approval = await api.call("GET", f"/approvals/{aid}", token=approver)
+    assert approval["escalatedAt"] is not None
+    await asyncio.sleep(1.0)  # more sweeps: still escalated once
+    count = sum(
+        1
+        for ch, e in events.seen
+        if e["type"] == "approval.escalated" and e["data"]["approvalId"] == aid
+    )
+    assert count == 1
+
+    async def metrics() -> str:
+        async with api.r.session.get(api.base + "/metrics") as resp:
+            return await resp.text()
+
+    async with asyncio.timeout(10):
+        while 'jarvisd_approval_pending_age_seconds_bucket{le="+Inf"} 1' not in (
+            text := await metrics()
+        ):
+            await asyncio.sleep(0.2)
+    assert 'jarvisd_approval_pending_age_seconds_bucket{le="1"} 0' in text
+    await api.call("PUT", f"/approvals/{aid}/approve", token=approver)
+    text = await metrics()
+    assert 'jarvisd_approval_decision_seconds_count{outcome="approved"} 1' in text
+    sample = next(
+        line
+        for line in text.splitlines()
+        if line.startswith('jarvisd_approval_decision_seconds_bucket{outcome="approved",le="1"}')
+    )
+    assert sample.endswith(" 0")  # it waited more than a second
