@@ -7,6 +7,7 @@ in-process daemon with real PostgreSQL and Redis."""
 from __future__ import annotations
 
 import asyncio
+
 import pytest
 import redis.asyncio as aioredis
 
