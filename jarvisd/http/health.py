@@ -108,8 +108,11 @@ def _health_response(doc: dict[str, Any], request: web.Request) -> web.Response:
 
 
 async def index(request: web.Request) -> web.Response:
-    """``GET /``: what this is and where to go next (no authentication)."""
+    """``GET /``: what this is and where to go next (no authentication); a
+    browser is sent on to the approvals console."""
     reject_unknown_params(request, set())
+    if request.headers.get("Accept", "").startswith("text/html"):
+        raise web.HTTPSeeOther("/console")
     doc = {
         "service": "jarvisd",
         "version": request.app[RUNTIME].version,
@@ -119,6 +122,7 @@ async def index(request: web.Request) -> web.Response:
             "live": "/health/live",
             "metrics": "/metrics",
             "login": "/auth/login",
+            "console": "/console",
             "websocket": "/ws",
         },
     }

@@ -24,7 +24,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from actors import Actor, FatalActorError, Health
 from actors.pubsub import Subscription
-from jarvisd.http import api, health, openapi
+from jarvisd.http import api, console, health, openapi
 from jarvisd.http.followers import Followers
 from jarvisd.http.keys import FOLLOWERS, HTTP_METRICS, RUNTIME, SHARES, TRANSPORTS
 from jarvisd.http.metrics import HttpMetrics
@@ -53,6 +53,7 @@ def build_app(runtime: Runtime) -> web.Application:
     health.add_routes(app)
     api.add_routes(app)
     openapi.add_routes(app)
+    console.add_routes(app)
     return app
 
 
