@@ -52,6 +52,8 @@ def banner(
     lines = [f"jarvisd {version} is ready ({seconds:.1f} s)"]
     for url in tcp:
         lines.append(f"  API      {url}  (GET / says where to go)")
+    if tcp:
+        lines.append(f"  console  {tcp[0]}/console  (approvals in the browser: log in as a person)")
     for path in sockets:
         lines.append(f"  CLI      {cli} approvals list  (the local admin, on {_short(Path(path))})")
     if token.exists():

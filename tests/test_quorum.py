@@ -7,10 +7,13 @@ in-process daemon with real PostgreSQL and Redis."""
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
+from config import ConfigError, load_settings
+from jarvisd.cli_show import safe
 from tests.test_api import Api
 from tests.test_approvals import (  # noqa: F401 - the fixtures
     Events,
@@ -215,3 +218,31 @@ async def test_an_unanswered_request_is_escalated_once_and_shows_in_metrics(
         if line.startswith('jarvisd_approval_decision_seconds_bucket{outcome="approved",le="1"}')
     )
     assert sample.endswith(" 0")  # it waited more than a second
+
+
+@pytest.mark.parametrize(
+    ("quorum", "said"),
+    [
+        ("HIGH = {approvals = 1, admins = 2}", "admins <= approvals"),
+        ("HIGH = {approvals = 0}", "approvals.quorum[...].approvals: must be at least 1"),
+        ("SEVERE = {approvals = 2}", "SEVERE"),
+    ],
+)
+def test_a_quorum_that_cannot_be_met_is_refused_in_words(
+    tmp_path: Path, quorum: str, said: str
+) -> None:
+    path = tmp_path / "j.toml"
+    path.write_text(f"[approvals.quorum]\n{quorum}\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(path, env={})
+    assert said in str(err.value)
+
+
+def test_the_terminal_gets_no_escape_an_agent_wrote() -> None:
+    hostile = "rm\x1b[2J\x1b]0;pwned\x07\u202eexe.txt\nforged line\r\u200b"
+    shown = safe(hostile)
+    assert shown.isprintable()
+    assert "\\u001b[2J" in shown
+    assert "\\u202e" in shown
+    assert "\\u000a" in shown
+    assert safe("plain text, ünïcode ✓") == "plain text, ünïcode ✓"
