@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.replay $(JSON_ARG)
 	$(BIN)/python -m bench.http $(JSON_ARG)
 	$(BIN)/python -m bench.approvals $(JSON_ARG)
+	$(BIN)/python -m bench.console $(JSON_ARG)
 	$(BIN)/python -m bench.daemons $(JSON_ARG)
 	$(BIN)/python -m bench.overload $(JSON_ARG)
 

@@ -82,8 +82,42 @@ class Person:
         await expect(self.page).to_have_url(re.compile(f"#/approvals/{approval_id}$"))
 
 
+class Gate:
+    """The page's WebSocket, passed through to the daemon while open; shut,
+    it drops the connection and refuses new ones (a network gone away)."""
+
+    def __init__(self) -> None:
+        self.open = True
+        self.sockets: list[Any] = []
+        self.sent: list[dict[str, Any]] = []  # what the page sent
+
+    async def install(self, page: Any) -> None:
+        await page.route_web_socket(re.compile(r"/ws$"), self._route)
+
+    async def _route(self, ws: Any) -> None:
+        if not self.open:
+            await ws.close(code=1001, reason="gone")
+            return
+        server = ws.connect_to_server()
+        ws.on_message(lambda m: (self.sent.append(json.loads(m)), server.send(m)))
+        self.sockets.append(ws)
+
+    async def shut(self) -> None:
+        self.open = False
+        for ws in self.sockets:
+            await ws.close(code=1001, reason="gone")
+        self.sockets.clear()
+
+
 async def log_in(
-    browser: Any, api: Api, username: str, role: str, shots: Path, *, mobile: bool = False
+    browser: Any,
+    api: Api,
+    username: str,
+    role: str,
+    shots: Path,
+    *,
+    mobile: bool = False,
+    gate: Gate | None = None,
 ) -> Person:
     await api.user(username, role, password=PASSWORD)
     options: dict[str, Any] = {"viewport": {"width": 1280, "height": 900}}
@@ -91,6 +125,8 @@ async def log_in(
         options = {"viewport": {"width": 390, "height": 844}, "is_mobile": True}
     context = await browser.new_context(**options)
     page = await context.new_page()
+    if gate is not None:
+        await gate.install(page)
     person = Person(page, username, shots)
     await page.goto(api.base + "/console")
     await page.fill("#username", username)
@@ -320,10 +356,50 @@ async def test_agent_written_markup_is_shown_as_text_and_never_runs(
     aid = cmd["approvalId"]
     vic = await log_in(browser, api, "victor", "approver", shots)
     await vic.page.wait_for_selector(f'#pending [data-approval-id="{aid}"]')
-    await vic.open_detail(aid)
+    # From the keyboard: the row takes the focus, Enter opens it.
+    await vic.page.focus(f'#pending [data-approval-id="{aid}"]')
+    await vic.page.keyboard.press("Enter")
+    await vic.page.wait_for_selector("#detail:not([hidden])")
     assert json.loads(await vic.page.inner_text("#detail-parameters")) == attack
     assert "<svg onload=alert(4)>" in await vic.page.inner_text("#detail")
     assert await vic.page.locator("#app img, #app script, #app svg").count() == 0
     await asyncio.sleep(0.5)
     assert vic.dialogs == []  # nothing ran
     await vic.shot("12-markup-as-text")
+    await vic.page.keyboard.press("Escape")  # back to the list, on the same row
+    await vic.page.wait_for_selector("#detail", state="hidden")
+    focused = await vic.page.evaluate("document.activeElement.dataset.approvalId")
+    assert focused == str(aid)
+
+
+async def test_after_a_disconnect_the_list_resumes_with_what_it_missed(
+    api: Api, raw: aioredis.Redis, browser: Any, shots: Path
+) -> None:
+    agent_id, agent = await api.user("resumer", "agent")
+    gate = Gate()
+    ann = await log_in(browser, api, "ann", "approver", shots, gate=gate)
+    await expect(ann.page.locator("#live")).to_have_text("live")
+    await raw.xadd(
+        api.r.daemon.settings.inbox,
+        {"envelope": requested("seen-1", user_id=agent_id, action="delete_file")},
+    )
+    seen = (await command_of(api, agent, "seen-1"))["approvalId"]
+    await ann.page.wait_for_selector(f'#pending [data-approval-id="{seen}"]')
+    # The connection drops, and stays down a while: the page says so.
+    await gate.shut()
+    await expect(ann.page.locator("#live")).not_to_have_text("live")
+    # Asked while the page is away: it learns of it from the event log (since).
+    await raw.xadd(
+        api.r.daemon.settings.inbox,
+        {"envelope": requested("missed-1", user_id=agent_id, action="delete_file")},
+    )
+    aid = (await command_of(api, agent, "missed-1"))["approvalId"]
+    await asyncio.sleep(0.5)
+    assert await ann.page.locator(f'#pending [data-approval-id="{aid}"]').count() == 0
+    gate.open = True
+    await ann.page.wait_for_selector(f'#pending [data-approval-id="{aid}"]', timeout=30_000)
+    await expect(ann.page.locator("#live")).to_have_text("live")
+    subscribes = [f for f in gate.sent if f["op"] == "subscribe"]
+    assert "since" not in subscribes[0]
+    assert subscribes[-1]["since"] >= 1  # resumed from the last event it had
+    await ann.shot("13-resumed")

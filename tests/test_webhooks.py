@@ -377,6 +377,27 @@ def test_signatures_are_over_the_timestamp_and_the_body() -> None:
         "http://h:1",
     )
     assert text == "<http://h:1/approvals/4|request #4> was approved by `ana`"
+    vote = {"approvalId": 4, "by": "<!channel>", "approvals": 1, "approvalsRequired": 2}
+    text = slack_text({"type": "approval.vote", "data": vote}, "http://h:1")
+    assert text == "<http://h:1/approvals/4|request #4> approved by `&lt;!channel&gt;` (1 of 2)"
+    escalated = {
+        "approvalId": 5,
+        "action": "pay_rent",
+        "riskScore": 85,
+        "riskCategory": "HIGH",
+        "requester": "rita",
+        "approvals": 1,
+        "approvalsRequired": 2,
+        "description": "rent\n@here",
+        "expiresAt": "2026-11-30T06:00:00Z",
+    }
+    text = slack_text({"type": "approval.escalated", "data": escalated}, "http://h:1")
+    assert text.splitlines() == [
+        ":rotating_light: Escalated, no decision yet: *pay_rent*",
+        "Risk 85/100 (HIGH), asked by `rita`, 1 of 2 approvals",
+        "> `rent @here`",
+        "Decide: <http://h:1/approvals/5|request #5> before 2026-11-30T06:00:00Z",
+    ]
 
 
 # -- configuration -------------------------------------------------------------------------------

@@ -94,6 +94,23 @@ def slack_text(event: dict[str, Any], link_base: str) -> str:
             f":hourglass: Still waiting: *{_esc(data.get('action', ''))}* "
             f"({link}) expires at {_esc(data.get('expiresAt', ''))}"
         )
+    if kind == "approval.escalated":
+        need = data.get("approvalsRequired", 1)
+        lines = [
+            f":rotating_light: Escalated, no decision yet: *{_esc(data.get('action', ''))}*",
+            f"Risk {_esc(data.get('riskScore', '?'))}/100 ({_esc(data.get('riskCategory', ''))})"
+            + (f", asked by {_quoted(data['requester'], 100)}" if data.get("requester") else "")
+            + (f", {_esc(data.get('approvals', 0))} of {_esc(need)} approvals" if need > 1 else ""),
+        ]
+        if data.get("description"):
+            lines.append(f"> {_quoted(data['description'], 500)}")
+        lines.append(f"Decide: {link} before {_esc(data.get('expiresAt', ''))}")
+        return "\n".join(lines)
+    if kind == "approval.vote":
+        return (
+            f"{link} approved by {_quoted(data.get('by', ''), 100)} "
+            f"({_esc(data.get('approvals', '?'))} of {_esc(data.get('approvalsRequired', '?'))})"
+        )
     if kind in ("approval.decided", "approval.expired"):
         who = f" by {_quoted(data['decider'], 100)}" if data.get("decider") else ""
         why = f": {_quoted(data['reason'], 300)}" if data.get("reason") else ""

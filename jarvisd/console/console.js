@@ -33,7 +33,7 @@
     wsTimer: null,
     pingTimer: null,
     backoff: 1000,
-    everSubscribed: false,
+    resuming: false, // the last subscribe carried "since"
     lastEventId: null,
     healthTimer: null,
     tickTimer: null,
@@ -234,7 +234,6 @@
     state.detailGen++;
     state.drafts.clear();
     state.lastEventId = null;
-    state.everSubscribed = false;
     state.pendingInFlight = state.reloadAfter = false;
     $("pending").replaceChildren();
     $("history-list").replaceChildren();
@@ -727,6 +726,7 @@
       ws.send(JSON.stringify({ op: "auth", token }));
       const sub = { op: "subscribe", channels: [`${PREFIX}approvals`] };
       if (state.lastEventId !== null) sub.since = state.lastEventId;
+      state.resuming = state.lastEventId !== null;
       ws.send(JSON.stringify(sub));
       clearInterval(state.pingTimer);
       state.pingTimer = setInterval(() => {
@@ -775,12 +775,14 @@
       case "subscribed": {
         state.backoff = 1000;
         setLive("live", "live-on");
-        // The first subscription has no "since": what happened between the
-        // list's query and now is not replayed, so the list is read again.
-        if (!state.everSubscribed) {
-          state.everSubscribed = true;
+        // A subscription without "since" (no event seen yet, on this
+        // connection or an earlier one) replays nothing: what happened
+        // before it is read again from the API. With "since", the event log
+        // replays what the page missed.
+        if (!state.resuming) {
           if (state.pendingInFlight) state.reloadAfter = true;
           else if (state.pendingLoaded) loadPending(true);
+          if (state.route.view === "detail") refreshDetail();
         }
         break;
       }
