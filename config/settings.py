@@ -309,10 +309,11 @@ class ApprovalSettings(_Section, frozen=True):
     # user; past either, a long-poll is answered at once with the current state.
     max_waiters: PositiveInt = 10_000
     max_waiters_per_principal: PositiveInt = 100
-    # Distinct approvers a request needs, by risk category (a category not
-    # listed needs one approval, anybody's who may decide). One rejection
-    # ends a request, whatever its quorum.
-    quorum: dict[Category, Quorum] = msgspec.field(default_factory=lambda: dict(DEFAULT_QUORUM))
+    # Distinct approvers a request needs, by risk category, over the default
+    # (CRITICAL: one approval, an admin's); a category listed in neither
+    # needs one approval, anybody's who may decide. One rejection ends a
+    # request, whatever its quorum.
+    quorum: dict[Category, Quorum] = msgspec.field(default_factory=dict)
     # A request still pending this many seconds after it was made is
     # escalated (once): announced as approval.escalated, for the wider group
     # a webhook reaches. 0: never.
@@ -335,7 +336,7 @@ class ApprovalSettings(_Section, frozen=True):
         return score, ("default score" if glob is None else f'rule "{glob}"')
 
     def quorum_of(self, category: Category) -> Quorum:
-        return self.quorum.get(category, SINGLE)
+        return self.quorum.get(category) or DEFAULT_QUORUM.get(category) or SINGLE
 
 
 @functools.lru_cache(maxsize=64)

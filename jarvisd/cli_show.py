@@ -162,7 +162,9 @@ def detail(
         )
     lines += ["", "parameters"]
     text = json.dumps(a.get("parameters") or {}, indent=2, ensure_ascii=False, sort_keys=True)
-    lines += [f"  {safe(line)}" for line in text.splitlines()]
+    # Split at newlines only: splitlines() would also break at U+2028, U+2029
+    # and U+0085 inside a value, making lines the agent chose.
+    lines += [f"  {safe(line)}" for line in text.split("\n")]
     lines += ["", "history"]
     for step in history:
         when = _when(step["at"])

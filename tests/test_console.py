@@ -170,8 +170,9 @@ async def test_the_console_is_served_with_a_strict_policy_and_a_browser_is_sent_
             assert (resp.status, resp.headers["Location"]) == (303, "/console")
         async with s.get(api.base + "/console/approvals/12", allow_redirects=False) as resp:
             assert (resp.status, resp.headers["Location"]) == (303, "/console#/approvals/12")
-        async with s.get(api.base + "/console/approvals/x1", allow_redirects=False) as resp:
-            assert resp.status == 404
+        for odd in ("x1", "%C2%B2", "%D9%A1%D9%A2", "1" * 19, "-1"):
+            async with s.get(api.base + f"/console/approvals/{odd}", allow_redirects=False) as resp:
+                assert resp.status == 404, odd
 
 
 async def test_log_in_see_a_request_arrive_live_approve_it_and_the_agent_hears(
@@ -349,7 +350,7 @@ async def test_agent_written_markup_is_shown_as_text_and_never_runs(
         token=requester,
         json={
             "action": "delete_file",
-            "description": "<svg onload=alert(4)>",
+            "description": "<svg onload=alert(4)> \u202egnp.exe",
             "parameters": attack,
         },
     )
@@ -361,7 +362,7 @@ async def test_agent_written_markup_is_shown_as_text_and_never_runs(
     await vic.page.keyboard.press("Enter")
     await vic.page.wait_for_selector("#detail:not([hidden])")
     assert json.loads(await vic.page.inner_text("#detail-parameters")) == attack
-    assert "<svg onload=alert(4)>" in await vic.page.inner_text("#detail")
+    assert "<svg onload=alert(4)> \\u202egnp.exe" in await vic.page.inner_text("#detail")
     assert await vic.page.locator("#app img, #app script, #app svg").count() == 0
     await asyncio.sleep(0.5)
     assert vic.dialogs == []  # nothing ran

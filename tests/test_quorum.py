@@ -7,13 +7,14 @@ in-process daemon with real PostgreSQL and Redis."""
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
 
 from config import ConfigError, load_settings
-from jarvisd.cli_show import safe
+from jarvisd.cli_show import detail, safe
 from tests.test_api import Api
 from tests.test_approvals import (  # noqa: F401 - the fixtures
     Events,
@@ -246,3 +247,68 @@ def test_the_terminal_gets_no_escape_an_agent_wrote() -> None:
     assert "\\u202e" in shown
     assert "\\u000a" in shown
     assert safe("plain text, ünïcode ✓") == "plain text, ünïcode ✓"
+
+
+@pytest.mark.parametrize("approval_overrides", [QUORUM])
+async def test_racing_approvals_of_a_standalone_request_count_each_person_once(
+    api: Api,  # noqa: F811
+) -> None:
+    _r, requester = await api.user("stan")
+    tokens = [(await api.user(f"racer{i}", "approver"))[1] for i in range(3)]
+    for n in range(4):
+        _, _, made = await api.call(
+            "POST", "/approvals", token=requester, json={"action": f"move_{n}", "riskScore": 80}
+        )
+        url = f"/approvals/{made['id']}/approve"
+        # Each approver several times at once: two places, three people.
+        results = await asyncio.gather(
+            *(api.call("PUT", url, token=t) for t in tokens for _ in range(4))
+        )
+        assert sorted({r[0] for r in results}) == [200, 409], results
+        assert [r[0] for r in results].count(200) == 2
+        _s, _h, final = await api.call("GET", f"/approvals/{made['id']}", token=tokens[0])
+        assert final["status"] == "approved"
+        assert len(final["approvals"]) == 2
+        assert final["decider"] == final["approvals"][1]["by"]
+
+
+@pytest.mark.parametrize("approval_overrides", [{"quorum": {"HIGH": {"approvals": 2}}}])
+async def test_the_local_admin_and_deleted_users_do_not_make_up_a_quorum(
+    api: Api,  # noqa: F811
+) -> None:
+    _r, requester = await api.user("rhea")
+    _, _, cmd = await api.call("POST", "/commands", token=requester, json={"action": "pay_x"})
+    url = f"/approvals/{cmd['approvalId']}"
+    # The host's local admin is nobody in particular: no place in a quorum.
+    code, _h, problem = await api.call("PUT", url + "/approve", local=True)
+    assert code == 403
+    assert "--token" in problem["detail"]
+    # A user's approval goes with the user; the name made again is someone else.
+    gone_id, gone = await api.user("gone", "approver")
+    assert (await api.call("PUT", url + "/approve", token=gone))[0] == 200
+    assert (await api.call("DELETE", f"/users/{gone_id}", local=True))[0] == 204
+    _s, _h, now = await api.call("GET", url, token=requester)
+    assert (now["status"], now["approvals"]) == ("pending", [])
+    _n, again = await api.user("gone", "approver")
+    code, _h, one = await api.call("PUT", url + "/approve", token=again)
+    assert (code, one["status"], len(one["approvals"])) == (200, "pending", 1)
+    # CRITICAL keeps its admin when only HIGH is configured.
+    _a, ann = await api.user("ann2", "approver")
+    _, _, crit = await api.call("POST", "/commands", token=requester, json={"action": "sudo_x"})
+    code, _h, problem = await api.call("PUT", f"/approvals/{crit['approvalId']}/approve", token=ann)
+    assert (code, "admin" in problem["detail"]) == (403, True)
+
+
+def test_the_terminal_gets_no_line_an_agent_made() -> None:
+    approval = {
+        "id": 3,
+        "status": "pending",
+        "riskCategory": "HIGH",
+        "riskScore": 80,
+        "action": "deploy",
+        "parameters": {"target": "db\u2029\u2029  decided      approved by adm\u0085\u2028  note"},
+    }
+    text = detail(approval, None, [], datetime.now(UTC))
+    assert not any(line.startswith("  decided") for line in text.split("\n"))
+    assert "\\u2029" in text
+    assert all(line.isprintable() for line in text.split("\n"))

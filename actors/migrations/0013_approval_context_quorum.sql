@@ -17,16 +17,17 @@ UPDATE approval_requests SET admins_required = 1 WHERE risk_category = 'CRITICAL
 CREATE INDEX approvals_pending_escalate ON approval_requests (created_at)
     WHERE status = 'pending' AND escalated_at IS NULL;
 
--- The approvals of a request that needs more than one, one per person
--- (voter: 'user:<id>', or the local admin's name); the decision that
--- completes the quorum is also the request's own decision.
+-- The approvals of a request that needs more than one person's, one per
+-- user (the local admin, who is no user, takes no part in such a quorum);
+-- the approval that completes the quorum is also the request's decision. A
+-- user deleted while the request waits takes their approval with them (the
+-- audit rows in approval_events keep it): a name made again is not them.
 CREATE TABLE approval_votes (
     approval_id bigint NOT NULL REFERENCES approval_requests (id) ON DELETE CASCADE,
-    voter       text NOT NULL CHECK (length(voter) BETWEEN 1 AND 110),
+    user_id     bigint NOT NULL REFERENCES users (id) ON DELETE CASCADE,
     decider     text NOT NULL CHECK (length(decider) BETWEEN 1 AND 100),
-    user_id     bigint REFERENCES users (id) ON DELETE SET NULL,
     admin       boolean NOT NULL,
     reason      text CHECK (reason IS NULL OR length(reason) <= 2000),
     at          timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (approval_id, voter)
+    PRIMARY KEY (approval_id, user_id)
 );

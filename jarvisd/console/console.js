@@ -43,13 +43,20 @@
 
   // ---------------------------------------------------------------- helpers
 
+  // Control, format and bidirectional characters, with which an agent's text
+  // could hide itself or reorder what a person reads, are shown as \uXXXX.
+  const HIDDEN = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]/g;
+  function visible(text) {
+    return String(text).replace(HIDDEN, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+  }
+
   /** An element with a class and text (or children). */
   function el(tag, cls, ...content) {
     const node = document.createElement(tag);
     if (cls) node.className = cls;
     for (const c of content) {
       if (c === null || c === undefined || c === false) continue;
-      node.append(c instanceof Node ? c : String(c));
+      node.append(c instanceof Node ? c : visible(c));
     }
     return node;
   }
@@ -57,7 +64,7 @@
   function show(node, visible) { node.hidden = !visible; }
 
   function say(node, text, kind) {
-    node.textContent = text || "";
+    node.textContent = visible(text || "");
     node.classList.toggle("is-error", kind === "error");
     node.classList.toggle("is-ok", kind === "ok");
     if (node.classList.contains("notice")) node.hidden = !text;
@@ -554,7 +561,7 @@
     state.detail = a;
     show($("detail-loading"), false);
     show($("detail-body"), true);
-    $("detail-title").textContent = `Request #${a.id}: ${a.action}`;
+    $("detail-title").textContent = visible(`Request #${a.id}: ${a.action}`);
     const dl = $("detail-fields");
     dl.replaceChildren();
     field(dl, "Status", statusBadge(a.status, "detail-status"));
@@ -572,7 +579,7 @@
     dl.append(el("dt", null, "Expires"), exp);
     field(dl, "Escalated", a.escalatedAt ? when(a.escalatedAt) : "no");
 
-    $("detail-parameters").textContent = JSON.stringify(a.parameters ?? null, null, 2);
+    $("detail-parameters").textContent = visible(JSON.stringify(a.parameters ?? null, null, 2));
     $("detail-digest").textContent = a.parametersDigest ? `Parameters digest: ${a.parametersDigest}` : "";
 
     renderApprovals(a);

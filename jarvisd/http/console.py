@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import html
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -57,6 +58,7 @@ def _asset(name: str, content_type: str, prefix: str | None = None) -> _Asset:
 
 
 _static: dict[str, _Asset] = {}
+_ID = re.compile(r"[0-9]{1,18}")  # ASCII digits only ("²".isdigit() is true)
 
 
 def _serve(request: web.Request, asset: _Asset) -> web.Response:
@@ -92,7 +94,7 @@ async def approval_link(request: web.Request) -> web.Response:
     """``/console/approvals/{id}`` (a webhook's link, ``link_base`` ending in
     /console): the console, opened on that request."""
     raw = request.match_info["id"]
-    if not raw.isdigit() or len(raw) > 19:
+    if _ID.fullmatch(raw) is None:
         raise web.HTTPNotFound()
     raise web.HTTPSeeOther(f"/console#/approvals/{int(raw)}")
 

@@ -51,7 +51,7 @@ APPROVAL_COLUMNS = (
     "coalesce((SELECT c.sender FROM commands c WHERE c.id = approval_requests.command_id), "
     "(SELECT 'user:' || u.username FROM users u WHERE u.id = approval_requests.created_by)) AS sender, "
     "coalesce((SELECT jsonb_agg(jsonb_build_object('by', v.decider, 'userId', v.user_id, "
-    f"'admin', v.admin, 'reason', v.reason, 'at', {_AT}) ORDER BY v.at, v.voter) "
+    f"'admin', v.admin, 'reason', v.reason, 'at', {_AT}) ORDER BY v.at, v.user_id) "
     "FROM approval_votes v WHERE v.approval_id = approval_requests.id), '[]'::jsonb) AS approvals"
 )
 
@@ -161,28 +161,27 @@ def _check_decider(current: asyncpg.Record, decision: str, who: Principal) -> No
         raise Invalid(f"unknown decision {decision!r}")
 
 
-def voter_of(who: Principal) -> str:
-    """Who approved, as one person: a user by id (a name may be reused), the
-    local admin by name."""
-    return f"user:{who.user_id}" if who.user_id is not None else who.name
-
-
 def _check_vote(current: asyncpg.Record, who: Principal) -> bool:
     """Whether ``who``'s approval completes the quorum (raises when it may
-    not count: a second approval by the same person, or a non-admin's taking
-    a place an admin must fill)."""
+    not count: a second approval by the same person, the local admin's in a
+    quorum of people, or a non-admin's taking a place an admin must fill)."""
     votes = [msgspec.convert(v, Vote) for v in current["approvals"]]
-    me = voter_of(who)
-    if any((f"user:{v.user_id}" if v.user_id is not None else v.by) == me for v in votes):
+    need = current["approvals_required"]
+    if need > 1 and who.user_id is None:
+        raise Forbidden(
+            f"request {current['id']} needs {need} people's approvals: approve it as a user "
+            "of your own (--token), not as the host's local admin"
+        )
+    if any(v.user_id == who.user_id for v in votes):
         raise Conflict(
             f"you approved request {current['id']} already; it needs "
-            f"{current['approvals_required'] - len(votes)} more approval(s) by others",
+            f"{max(need - len(votes), 0)} more approval(s) by others",
             _approval(current),
         )
     admins_needed = current["admins_required"] - sum(v.admin for v in votes)
-    places_left = current["approvals_required"] - len(votes)
+    places_left = need - len(votes)
     if not who.is_admin and admins_needed >= places_left:
-        if current["approvals_required"] == 1:
+        if need == 1:
             raise Forbidden(f"a {current['risk_category']} request needs an admin")
         raise Forbidden(
             f"the {'last ' if places_left == 1 else ''}{admins_needed} approval(s) of request "
@@ -213,9 +212,13 @@ async def decide_approval(
         )
         if command_id is not None:
             await conn.execute("SELECT 1 FROM commands WHERE id = $1 FOR UPDATE", command_id)
+        # The lock first, then the row in a statement of its own: a statement
+        # that waited for the lock sees what committed meanwhile in the locked
+        # row alone, not in its subqueries (the approvals so far).
+        await conn.execute("SELECT 1 FROM approval_requests WHERE id = $1 FOR UPDATE", approval_id)
         current = await conn.fetchrow(
             f"SELECT {APPROVAL_COLUMNS}, expires_at <= now() AS lapsed FROM approval_requests "
-            f"WHERE id = $1 FOR UPDATE",
+            f"WHERE id = $1",
             approval_id,
         )
         if current is None:
@@ -249,12 +252,11 @@ async def _record_vote(
 ) -> None:
     """One approval towards a quorum, with its audit row."""
     await conn.execute(
-        "INSERT INTO approval_votes (approval_id, voter, decider, user_id, admin, reason) "
-        "VALUES ($1, $2, $3, $4, $5, $6)",
+        "INSERT INTO approval_votes (approval_id, user_id, decider, admin, reason) "
+        "VALUES ($1, $2, $3, $4, $5)",
         current["id"],
-        voter_of(who),
-        who.name,
         who.user_id,
+        who.name,
         who.is_admin,
         reason,
     )
