@@ -11,7 +11,7 @@
   persistence actor's to write, as every other change is.
 - Waiters: ``Watch(approval_id)`` answers a future that completes when a
   decision on that request is announced on ``{prefix}approvals`` (by any
-  daemon), so that thousands of long-polls cost no database polling. The
+  daemon), or told by this daemon's API as it answers it (``Decided``), so that thousands of long-polls cost no database polling. The
   future also completes when announcements may have been missed (pub/sub
   down or back, the actor stopping): the waiter then reads the request again.
   While pub/sub is down, futures complete after a second (polling instead).
@@ -32,7 +32,7 @@ from actors.persistence import Durations, PendingAges, PersistenceRef, SweepAppr
 from actors.pubsub import Delivery, PubSubRef, Subscription
 from config import ApprovalSettings, PostgresSettings
 
-__all__ = ["Approvals", "ApprovalsRef", "Watch", "WatchersFull"]
+__all__ = ["Approvals", "ApprovalsRef", "Decided", "Watch", "WatchersFull"]
 
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)  # a message of a reply type is one of any wider type
@@ -53,6 +53,13 @@ class ApprovalsMessage(Message[R_co], frozen=True):
 class Watch(ApprovalsMessage[asyncio.Future[None]], frozen=True):
     """Replies a future completed when ``approval_id`` may have been decided
     (read it again to know)."""
+
+    approval_id: int
+
+
+class Decided(ApprovalsMessage[None], frozen=True):
+    """``approval_id`` was decided by this daemon: its waiters here read it
+    again now, before the announcement comes back from Redis."""
 
     approval_id: int
 
@@ -127,6 +134,11 @@ class Approvals(Actor):
         if not self._watching:
             loop.call_later(POLL_WHEN_BLIND, _wake, fut)
         return fut
+
+    @handles(Decided)
+    async def _decided_here(self, msg: Decided) -> None:
+        for fut in list(self._waiters.get(msg.approval_id, ())):
+            _wake(fut)
 
     def _forget(self, approval_id: int, fut: asyncio.Future[None]) -> None:
         waiters = self._waiters.get(approval_id)
@@ -246,6 +258,9 @@ class ApprovalsRef(Ref):
 
     async def ask(self, msg: ApprovalsMessage[R], timeout: float | None = None) -> R:
         return await self._ask(msg, timeout)
+
+    def tell_nowait(self, msg: ApprovalsMessage[None]) -> None:
+        self._tell_nowait(msg)
 
 
 def _wake(fut: asyncio.Future[None]) -> None:

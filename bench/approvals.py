@@ -27,6 +27,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -37,9 +38,11 @@ from bench.report import Report
 
 
 # -- the reader process ----------------------------------------------------------------------
-async def hold_waiters(base: str, token: str, ids: list[int]) -> dict[int, float]:
+async def hold_waiters(
+    base: str, token: str, ids: list[int], clock: Callable[[], float] = time.perf_counter
+) -> dict[int, float]:
     """One raw keep-alive connection per id with a long-poll in flight; the
-    perf_counter() at which each complete answer arrived, by id."""
+    ``clock()`` at which each complete answer arrived, by id."""
     host, port = urlsplit(base).hostname, urlsplit(base).port
     answered: dict[int, float] = {}
 
@@ -52,7 +55,7 @@ async def hold_waiters(base: str, token: str, ids: list[int]) -> dict[int, float
         head = await reader.readuntil(b"\r\n\r\n")
         length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
         body = await reader.readexactly(length)
-        answered[approval_id] = time.perf_counter()
+        answered[approval_id] = clock()
         if b'"approved"' not in body:
             raise RuntimeError(f"approval {approval_id}: {head[:40]!r} {body[:200]!r}")
         writer.close()

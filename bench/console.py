@@ -18,8 +18,8 @@ A separate `jarvisd run` holds ``--pending`` pending requests. A person
   requests, an agent waits on `GET /approvals/{id}?wait=55` (a reader process
   holds one keep-alive connection each, as bench.approvals does). The person
   opens each request on the page and clicks Approve; the figure is from the
-  click (taken just before Playwright dispatches it) to the agent's answer
-  (one monotonic clock for every process on the host). Its floor is the
+  click (the click event's own time in the page) to the agent's answer (in
+  the reader process), both on the host's wall clock. Its floor is the
   decision's own round trip as the page saw it (the PUT, by Resource Timing).
   Target: p99 < 50 ms.
 
@@ -86,8 +86,9 @@ async def setup(base: str, admin: str, n: int) -> tuple[str, list[int]]:
 async def first_screen(page: Any, base: str, loads: int, report: Report) -> None:
     ready: list[float] = []
     fetched: list[float] = []
+    await page.goto(base + "/console#/pending")
     for _ in range(loads):
-        await page.goto(base + "/console#/pending")
+        await page.reload()  # a whole load: the page, its script, the first page of the list
         await page.wait_for_selector("body[data-ready='1']")
         rows = await page.locator("#pending .approval-row").count()
         assert rows == 50, rows
@@ -133,29 +134,41 @@ async def decisions(page: Any, base: str, requester: str, ids: list[int], report
     assert reader.stdout is not None
     assert (await reader.stdout.readline()).strip() == b"ready"
     await asyncio.sleep(1.0)  # every long-poll in: the waiters are counted by then
+    # When the person clicks, on the wall clock (ms since the epoch).
+    await page.evaluate(
+        """() => document.addEventListener("click", (e) => {
+            if (e.target.id === "approve") window.clickedAt = performance.timeOrigin + e.timeStamp;
+        }, true)"""
+    )
     clicked: dict[int, float] = {}
+    sent: dict[int, float] = {}  # the page's PUT: sent, and its answer read
+    replied: dict[int, float] = {}
     round_trip: list[float] = []
     for approval_id in ids:
         await page.evaluate("id => { location.hash = '#/approvals/' + id; }", approval_id)
         await page.locator("#detail-status").filter(has_text="pending").wait_for()
         await expect(page.locator("#approve")).to_be_enabled()
         await page.evaluate("() => performance.clearResourceTimings()")
-        clicked[approval_id] = time.perf_counter()
         await page.click("#approve")
+        clicked[approval_id] = await page.evaluate("() => window.clickedAt") / 1000
         await page.locator("#detail-status").filter(has_text="approved").wait_for()
         put = await page.evaluate(
             """id => {
                 const e = performance.getEntriesByType("resource")
                     .filter(r => r.name.endsWith("/approvals/" + id + "/approve"))[0];
-                return e ? e.responseEnd - e.startTime : null;
+                return e ? [performance.timeOrigin + e.startTime,
+                            performance.timeOrigin + e.responseEnd] : null;
             }""",
             approval_id,
         )
         if put is not None:
-            round_trip.append(put)
+            sent[approval_id], replied[approval_id] = put[0] / 1000, put[1] / 1000
+            round_trip.append(put[1] - put[0])
     out, _ = await reader.communicate()
     answered = {int(k): v for k, v in json.loads(out.decode().splitlines()[-1]).items()}
     reached = [(answered[i] - clicked[i]) * 1000 for i in ids]
+    to_send = [(sent[i] - clicked[i]) * 1000 for i in sent]
+    after = [(answered[i] - replied[i]) * 1000 for i in replied]
     print(f"{len(ids)} decisions clicked on the page, each with an agent on the long-poll")
     for what, q in STATS:
         value = pct(reached, q)
@@ -169,13 +182,19 @@ async def decisions(page: Any, base: str, requester: str, ids: list[int], report
             if what == "p99"
             else None,
         )
+    for what, q in STATS:
+        report.add(f"click→the page's PUT sent {what}", pct(to_send, q), "ms")
+    for what, q in STATS:
+        report.add(f"the page read the PUT's answer→agent answered {what}", pct(after, q), "ms")
 
 
 async def run(pg: str, redis_url: str, args: argparse.Namespace, report: Report) -> None:
     path = browser_path()
     if path is None:
         raise SystemExit("no Chromium found: apt-get install chromium, or set JARVISD_TEST_BROWSER")
-    async with bench_daemon(pg, redis_url) as d:
+    # One agent holds a long-poll per decision.
+    waiters = str(max(args.decisions, 100))
+    async with bench_daemon(pg, redis_url, APPROVALS__MAX_WAITERS_PER_PRINCIPAL=waiters) as d:
         requester, ids = await setup(d.base, d.token, args.pending)
         async with async_playwright() as pw:
             browser = await pw.chromium.launch(
@@ -208,7 +227,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.hold:
         ids = [int(i) for i in args.ids.split(",")]
-        answered = asyncio.run(hold_waiters(args.hold, args.token, ids))
+        answered = asyncio.run(hold_waiters(args.hold, args.token, ids, clock=time.time))
         print(json.dumps(answered))
         return
     run_bench(

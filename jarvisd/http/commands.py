@@ -28,7 +28,7 @@ import msgspec
 from aiohttp import web
 
 from actors import persistence as m
-from actors.approvals import Watch, WatchersFull
+from actors.approvals import Decided, Watch, WatchersFull
 from actors.data.listing import parse_integer
 from actors.data.model import (
     Approval,
@@ -295,9 +295,14 @@ def _decide(
             reason=reason,
         )
         try:
-            return reply(await actors_of(request).persistence.ask(msg))
+            decided = await actors_of(request).persistence.ask(msg)
         finally:
             _changed(request)  # an expiry found on the way is a change too
+        if decided.status != "pending":
+            # This daemon's waiters hear of it now, not after Redis's round trip.
+            with contextlib.suppress(ActorError):
+                request.app[RUNTIME].approvals.tell_nowait(Decided(decided.id))
+        return reply(decided)
 
     decide.__name__ = f"{decision}_approval"
     return decide
