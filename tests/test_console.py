@@ -322,8 +322,13 @@ async def test_a_quorum_request_waits_for_a_second_approver_and_a_race_is_explai
     await expect(ben.page.locator("#detail-approvals")).to_contain_text("ann")
     await ben.shot("09-quorum-one-of-two")
     # Two people decide at once: one wins, the other is told why.
-    await asyncio.gather(ben.page.click("#approve"), cat.page.click("#approve"))
-    _s, _h, final = await api.call("GET", f"/approvals/{aid}", token=requester)
+    # Both buttons pressed in the same moment (a click by the page's own
+    # script: no wait for the button to settle, which a decision arriving
+    # over the socket could disable first).
+    press = "() => document.getElementById('approve').click()"
+    await asyncio.gather(ben.page.evaluate(press), cat.page.evaluate(press))
+    # A click returns once dispatched: the decisions land a little later.
+    _s, _h, final = await api.call("GET", f"/approvals/{aid}?wait=10", token=requester)
     assert final["status"] == "approved"
     assert len(final["approvals"]) == 2
     winner, loser = (ben, cat) if final["decider"] == "ben" else (cat, ben)

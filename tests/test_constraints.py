@@ -65,6 +65,12 @@ WRITERS: dict[tuple[str, str], tuple[tuple[type, str], ...]] = {
         (env.CommandCancelledData, "reason"),
     ),
     ("approval_requests", "decider"): DERIVED,  # a user name (<= 64) or uid:N
+    ("approval_requests", "score_rule"): DERIVED,  # a rule's glob (<= 200) in words
+    # The quorum of the request's category, from the configuration (Quorum: 1-10, 0-10).
+    ("approval_requests", "approvals_required"): DERIVED,
+    ("approval_requests", "admins_required"): DERIVED,
+    ("approval_votes", "decider"): DERIVED,  # a user name (<= 64)
+    ("approval_votes", "reason"): ((model.Decision, "reason"),),
     ("agents", "secret_hash"): DERIVED,  # the SHA-256 of a password the daemon makes
 }
 
