@@ -189,9 +189,9 @@ class Approvals(Actor):
             try:
                 if await self.lead.leading():
                     await self._sweep()
-                self.sweep_stats.pending_ages = await self.persistence.ask(
-                    PendingAges(), timeout=30
-                )
+                    await self._read_ages()
+                else:
+                    self.sweep_stats.pending_ages = None  # the leader tells them
             except CONNECTION_LOST as exc:
                 self.sweep_stats.last_error = f"{type(exc).__name__}: {exc}"
                 self.log.warning("sweep_failed", error=self.sweep_stats.last_error)
@@ -202,6 +202,16 @@ class Approvals(Actor):
                 self.sweep_stats.last_error = f"{type(exc).__name__}: {exc}"
                 self.log.warning("sweep_failed", error=self.sweep_stats.last_error)
             await asyncio.sleep(self.settings.sweep_interval)
+
+    async def _read_ages(self) -> None:
+        """How old the pending requests are, for /metrics: read by the leader
+        alone (the figures are the database's, the same from every daemon),
+        and dropped when they cannot be read rather than left stale."""
+        try:
+            self.sweep_stats.pending_ages = await self.persistence.ask(PendingAges(), timeout=30)
+        except Exception as exc:
+            self.sweep_stats.pending_ages = None
+            self.log.debug("pending_ages_unread", error=f"{type(exc).__name__}: {exc}")
 
     def _lead(self, leading: bool) -> None:
         self.log.info("sweeper_leading" if leading else "sweeper_standing_by")

@@ -137,7 +137,9 @@ async def decisions(page: Any, base: str, requester: str, ids: list[int], report
     # When the person clicks, on the wall clock (ms since the epoch).
     await page.evaluate(
         """() => document.addEventListener("click", (e) => {
-            if (e.target.id === "approve") window.clickedAt = performance.timeOrigin + e.timeStamp;
+            if (e.target.id === "approve") {
+                window.clickedAt = Date.now() - (performance.now() - e.timeStamp);
+            }
         }, true)"""
     )
     clicked: dict[int, float] = {}
@@ -156,8 +158,8 @@ async def decisions(page: Any, base: str, requester: str, ids: list[int], report
             """id => {
                 const e = performance.getEntriesByType("resource")
                     .filter(r => r.name.endsWith("/approvals/" + id + "/approve"))[0];
-                return e ? [performance.timeOrigin + e.startTime,
-                            performance.timeOrigin + e.responseEnd] : null;
+                const wall = Date.now() - performance.now();  // the wall clock at 0
+                return e ? [wall + e.startTime, wall + e.responseEnd] : null;
             }""",
             approval_id,
         )
@@ -165,6 +167,7 @@ async def decisions(page: Any, base: str, requester: str, ids: list[int], report
             sent[approval_id], replied[approval_id] = put[0] / 1000, put[1] / 1000
             round_trip.append(put[1] - put[0])
     out, _ = await reader.communicate()
+    assert reader.returncode == 0, "the agents' long-polls failed"
     answered = {int(k): v for k, v in json.loads(out.decode().splitlines()[-1]).items()}
     reached = [(answered[i] - clicked[i]) * 1000 for i in ids]
     to_send = [(sent[i] - clicked[i]) * 1000 for i in sent]

@@ -277,10 +277,11 @@ class Quorum(_Section, frozen=True):
     many of them must be admins."""
 
     approvals: Annotated[int, msgspec.Meta(ge=1, le=10)] = 1
-    admins: Annotated[int, msgspec.Meta(ge=0, le=10)] = 0
+    # Not given: the default's for the category (CRITICAL: 1), else 0.
+    admins: Annotated[int, msgspec.Meta(ge=0, le=10)] | None = None
 
     def __post_init__(self) -> None:
-        if self.admins > self.approvals:
+        if self.admins is not None and self.admins > self.approvals:
             raise ValueError(
                 f"a quorum of {self.approvals} cannot hold {self.admins} admins "
                 "(admins <= approvals)"
@@ -290,7 +291,7 @@ class Quorum(_Section, frozen=True):
 Category = Literal["LOW", "MEDIUM", "HIGH", "CRITICAL"]
 # Out of the box a CRITICAL request needs one approval, an admin's.
 DEFAULT_QUORUM: dict[Category, Quorum] = {"CRITICAL": Quorum(approvals=1, admins=1)}
-SINGLE = Quorum()
+SINGLE = Quorum(approvals=1, admins=0)
 
 
 class ApprovalSettings(_Section, frozen=True):
@@ -336,7 +337,16 @@ class ApprovalSettings(_Section, frozen=True):
         return score, ("default score" if glob is None else f'rule "{glob}"')
 
     def quorum_of(self, category: Category) -> Quorum:
-        return self.quorum.get(category) or DEFAULT_QUORUM.get(category) or SINGLE
+        """The category's quorum, its admins always given: a quorum that
+        leaves them out keeps the default's (``CRITICAL = {approvals = 2}``
+        still needs an admin); ``admins = 0`` says none."""
+        default = DEFAULT_QUORUM.get(category, SINGLE)
+        given = self.quorum.get(category)
+        if given is None:
+            return default
+        if given.admins is not None:
+            return given
+        return Quorum(approvals=given.approvals, admins=min(default.admins or 0, given.approvals))
 
 
 @functools.lru_cache(maxsize=64)

@@ -10,10 +10,15 @@ import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from config import ConfigError, load_settings
+from actors.data.model import CommandCreate, Rating
+from actors.data.repo.common import init_connection
+from actors.data.repo.ingest import Row, ingest_commands
+from config import ApprovalSettings, ConfigError, Quorum, load_settings
 from jarvisd.cli_show import detail, safe
 from tests.test_api import Api
 from tests.test_approvals import (  # noqa: F401 - the fixtures
@@ -92,10 +97,13 @@ async def test_a_request_carries_everything_a_person_decides_on(
     )
     assert code == 200
     steps = [(s["subject"], s["from"], s["to"]) for s in history["items"]]
-    assert ("command", None, "awaiting_approval") in steps
-    assert ("approval", None, "pending") in steps
-    assert ("approval", "pending", "rejected") in steps
-    assert ("command", "awaiting_approval", "rejected") in steps
+    # Oldest first; at one instant, the request's step before its command's.
+    assert steps == [
+        ("approval", None, "pending"),
+        ("command", None, "awaiting_approval"),
+        ("approval", "pending", "rejected"),
+        ("command", "awaiting_approval", "rejected"),
+    ]
     rejected = next(s for s in history["items"] if s["to"] == "rejected")
     assert (rejected["by"], rejected["reason"]) == ("petra", "keep them")
     # Another user's request's history is not found, as the request is not.
@@ -144,6 +152,12 @@ async def test_a_quorum_needs_distinct_approvers_and_an_admin_where_the_rule_say
     assert (code, done["status"]) == (200, "approved")
     assert [(v["by"], v["admin"]) for v in done["approvals"]] == [("ann", False), ("max", True)]
 
+    # Where the quorum needs an admin, only an admin rejects.
+    _, _, crit2 = await api.call("POST", "/commands", token=requester, json={"action": "sudo_y"})
+    code, _h, problem = await api.call(
+        "PUT", f"/approvals/{crit2['approvalId']}/reject", token=ben, json={"reason": "no"}
+    )
+    assert (code, "admin" in problem["detail"]) == (403, True)
     # One rejection ends a request, whatever approvals it had.
     _, _, other = await api.call("POST", "/commands", token=requester, json={"action": "pay_tax"})
     url = f"/approvals/{other['approvalId']}"
@@ -292,6 +306,17 @@ async def test_the_local_admin_and_deleted_users_do_not_make_up_a_quorum(
     _n, again = await api.user("gone", "approver")
     code, _h, one = await api.call("PUT", url + "/approve", token=again)
     assert (code, one["status"], len(one["approvals"])) == (200, "pending", 1)
+    # An approval counts while its giver may decide: made a user, it no longer fills a place.
+    demoted_id, demoted = await api.user("demoted", "approver")
+    _, _, other = await api.call("POST", "/commands", token=requester, json={"action": "pay_y"})
+    other_url = f"/approvals/{other['approvalId']}"
+    assert (await api.call("PUT", other_url + "/approve", token=demoted))[0] == 200
+    code, _h, _u = await api.call("PUT", f"/users/{demoted_id}", local=True, json={"role": "user"})
+    assert code == 200
+    _s, _h, now = await api.call("GET", other_url, token=requester)
+    assert now["approvals"] == []
+    code, _h, still = await api.call("PUT", other_url + "/approve", token=again)
+    assert (code, still["status"]) == (200, "pending")  # one of two, not two
     # CRITICAL keeps its admin when only HIGH is configured.
     _a, ann = await api.user("ann2", "approver")
     _, _, crit = await api.call("POST", "/commands", token=requester, json={"action": "sudo_x"})
@@ -312,3 +337,43 @@ def test_the_terminal_gets_no_line_an_agent_made() -> None:
     assert not any(line.startswith("  decided") for line in text.split("\n"))
     assert "\\u2029" in text
     assert all(line.isprintable() for line in text.split("\n"))
+
+
+async def test_a_batch_takes_the_quorum_from_the_row_it_inserts(pg_dsn: str) -> None:
+    """Two rows of one batch with one requestId: the first names a user that
+    does not exist and is passed over; the command, its score's rule and its
+    quorum all come from the row inserted, never from the other one."""
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        await init_connection(conn)
+        user = await conn.fetchval(
+            "INSERT INTO users (username, role) VALUES ('batcher', 'user') RETURNING id"
+        )
+        rows: list[Row] = [
+            (CommandCreate(action="read_x", request_id="r"), 99_999_999, None, "agent:a"),
+            (CommandCreate(action="shell_exec", request_id="r"), user, None, "agent:a"),
+        ]
+        low, critical = Rating(10, "default score"), Rating(95, 'rule "shell*"', 2, 1)
+        out = await ingest_commands(conn, rows, threshold=70, expiry=60, ratings=[low, critical])
+        assert [o.outcome for o in out] == ["no_user", "created"]
+        command = await conn.fetchrow("SELECT action, risk_category FROM commands")
+        assert tuple(command) == ("shell_exec", "CRITICAL")
+        approval = await conn.fetchrow(
+            "SELECT score_rule, approvals_required, admins_required FROM approval_requests"
+        )
+        assert tuple(approval) == ('rule "shell*"', 2, 1)
+    finally:
+        await conn.close()
+
+
+def test_a_quorum_keeps_the_defaults_admin_unless_it_says_otherwise() -> None:
+    both = {"CRITICAL": {"approvals": 2}, "HIGH": {"approvals": 2}}
+    policy = msgspec.convert({"quorum": both}, ApprovalSettings)
+    assert policy.quorum_of("CRITICAL") == Quorum(approvals=2, admins=1)
+    assert policy.quorum_of("HIGH") == Quorum(approvals=2, admins=0)
+    none = msgspec.convert(
+        {"quorum": {"CRITICAL": {"approvals": 1, "admins": 0}}}, ApprovalSettings
+    )
+    assert none.quorum_of("CRITICAL").admins == 0  # said in so many words
+    assert ApprovalSettings().quorum_of("CRITICAL") == Quorum(approvals=1, admins=1)
+    assert ApprovalSettings().quorum_of("LOW") == Quorum(approvals=1, admins=0)

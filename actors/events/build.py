@@ -29,7 +29,7 @@ from actors.events.kinds import (
 )
 
 if TYPE_CHECKING:
-    from actors.data.model import Approval, Command, CommandCreate
+    from actors.data.model import Approval, Command, CommandCreate, Vote
     from actors.data.repo import Ingested
 
 __all__ = [
@@ -221,9 +221,8 @@ def approval_decided(a: Approval, ref: CommandRef) -> Published:
     )
 
 
-def approval_vote(a: Approval, ref: CommandRef) -> Published:
-    """The newest approval of a request still short of its quorum."""
-    vote = a.approvals[-1]
+def approval_vote(a: Approval, ref: CommandRef, vote: Vote) -> Published:
+    """``vote``, an approval of a request still short of its quorum."""
     return publish(
         ApprovalVote(
             approval_id=a.id,

@@ -28,6 +28,8 @@ CREATE TABLE approval_votes (
     decider     text NOT NULL CHECK (length(decider) BETWEEN 1 AND 100),
     admin       boolean NOT NULL,
     reason      text CHECK (reason IS NULL OR length(reason) <= 2000),
-    at          timestamptz NOT NULL DEFAULT now(),
+    -- When the vote was counted (after the request's lock was won): their order.
+    at          timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (approval_id, user_id)
 );
+CREATE INDEX approval_votes_user ON approval_votes (user_id);

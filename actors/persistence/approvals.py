@@ -97,7 +97,8 @@ async def decide_approval(db: Store, msg: DecideApproval) -> Approval:
         if decided:
             w.announce(await _decided(w.conn, approval))
         else:
-            w.announce([events.approval_vote(approval, await _ref(w.conn, approval))])
+            (vote,) = [v for v in approval.approvals if v.user_id == msg.who.user_id]
+            w.announce([events.approval_vote(approval, await _ref(w.conn, approval), vote)])
     if decided:
         _observe(db, approval)
     if expired is not None:

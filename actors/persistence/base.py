@@ -53,7 +53,7 @@ def rate(policy: ApprovalSettings, action: str, asked: int | None) -> Rating:
     when higher), what gave it, and the quorum of its category."""
     score, rule = policy.explain(action, asked or 0)
     quorum = policy.quorum_of(risk_category(score))
-    return Rating(score, rule, quorum.approvals, quorum.admins)
+    return Rating(score, rule, quorum.approvals, quorum.admins or 0)
 
 
 # Seconds: how long requests wait for a decision, and how old pending ones are.

@@ -45,9 +45,15 @@
 
   // Control, format and bidirectional characters, with which an agent's text
   // could hide itself or reorder what a person reads, are shown as \uXXXX.
-  const HIDDEN = /[\u0000-\u0008\u000b-\u001f\u007f-\u009f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f\ufeff\ufff9-\ufffb]/g;
+  // (Unicode classes: control, format — bidi marks and overrides, zero
+  // widths, tag characters —, line and paragraph separators, private use,
+  // unassigned; newlines and tabs stay.)
+  const HIDDEN = /(?![\n\t])[\p{Cc}\p{Cf}\p{Zl}\p{Zp}\p{Co}\p{Cn}]/gu;
   function visible(text) {
-    return String(text).replace(HIDDEN, (c) => `\\u${c.charCodeAt(0).toString(16).padStart(4, "0")}`);
+    return String(text).replace(HIDDEN, (c) => {
+      const code = c.codePointAt(0);
+      return code > 0xffff ? `\\u{${code.toString(16)}}` : `\\u${code.toString(16).padStart(4, "0")}`;
+    });
   }
 
   /** An element with a class and text (or children). */
@@ -429,8 +435,11 @@
       renderPending();
       if (!readyMarked) {
         readyMarked = true;
-        performance.mark("jarvisd:pending-ready");
-        document.body.dataset.ready = "1";
+        // Marked once the list has been painted: the frame, then the task after it.
+        requestAnimationFrame(() => setTimeout(() => {
+          performance.mark("jarvisd:pending-ready");
+          document.body.dataset.ready = "1";
+        }, 0));
       }
       if (first && state.reloadAfter) {
         state.reloadAfter = false;
@@ -599,7 +608,7 @@
     const can = !decided && mayDecide();
     show($("decide"), can);
     show($("decide-readonly"), !decided && !mayDecide());
-    const mine = (a.approvals || []).some((x) => x.by === state.user?.username);
+    const mine = (a.approvals || []).some((x) => x.userId != null && x.userId === state.user?.id);
     say($("decide-note"), mine ? "You already approved this request; it waits for others." : "");
     show($("decide-note"), mine);
     setDeciding(state.deciding);
@@ -689,7 +698,12 @@
         const cur = e.body?.current;
         const detail = String(e.body?.detail || e.message).replace(/\.$/, "");
         const by = cur?.decider ? ` by ${cur.decider}` : "";
-        say(out, `Already decided: ${detail}. Current status: ${cur?.status ?? "unknown"}${by}.`, "error");
+        if (cur?.status === "pending") {
+          // Not decided: this person's approval is counted already.
+          say(out, `${detail}.`, "error");
+        } else {
+          say(out, `Already decided: ${detail}. Current status: ${cur?.status ?? "unknown"}${by}.`, "error");
+        }
         if (cur) {
           updatePending(cur);
           renderDetail(cur);

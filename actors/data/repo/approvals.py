@@ -50,9 +50,13 @@ APPROVAL_COLUMNS = (
     "(SELECT u.username FROM users u WHERE u.id = approval_requests.requester_id) AS requester, "
     "coalesce((SELECT c.sender FROM commands c WHERE c.id = approval_requests.command_id), "
     "(SELECT 'user:' || u.username FROM users u WHERE u.id = approval_requests.created_by)) AS sender, "
+    # The approvals that count: by people who may still decide, as they are now
+    # (a voter made a user, or disabled, since no longer fills a place).
     "coalesce((SELECT jsonb_agg(jsonb_build_object('by', v.decider, 'userId', v.user_id, "
-    f"'admin', v.admin, 'reason', v.reason, 'at', {_AT}) ORDER BY v.at, v.user_id) "
-    "FROM approval_votes v WHERE v.approval_id = approval_requests.id), '[]'::jsonb) AS approvals"
+    f"'admin', vu.role = 'admin', 'reason', v.reason, 'at', {_AT}) ORDER BY v.at, v.user_id) "
+    "FROM approval_votes v JOIN users vu ON vu.id = v.user_id "
+    "AND vu.role IN ('admin', 'approver') AND NOT vu.disabled "
+    "WHERE v.approval_id = approval_requests.id), '[]'::jsonb) AS approvals"
 )
 
 
@@ -252,8 +256,11 @@ async def _record_vote(
 ) -> None:
     """One approval towards a quorum, with its audit row."""
     await conn.execute(
+        # A vote left by someone who could not decide for a while is replaced.
         "INSERT INTO approval_votes (approval_id, user_id, decider, admin, reason) "
-        "VALUES ($1, $2, $3, $4, $5)",
+        "VALUES ($1, $2, $3, $4, $5) ON CONFLICT (approval_id, user_id) DO UPDATE SET "
+        "decider = excluded.decider, admin = excluded.admin, reason = excluded.reason, "
+        "at = clock_timestamp()",
         current["id"],
         who.user_id,
         who.name,

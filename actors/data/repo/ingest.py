@@ -37,8 +37,9 @@ class Ingested(msgspec.Struct, frozen=True):
 
 
 # A requestId given twice in one batch is inserted once, from its first row
-# (DISTINCT ON … ORDER BY the row's place); the approval request is made from
-# the command row as stored, never from another row of the batch.
+# whose users exist (``chosen``: DISTINCT ON … ORDER BY the row's place); the
+# approval request is made from that same row (its score's rule and quorum)
+# and the command as stored, never from another row of the batch.
 _INGEST = """
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
@@ -48,15 +49,18 @@ WITH input AS (
              risk_score, risk_category, created_by, sender, score_rule, approvals_required,
              admins_required, n)
 ),
-ins AS (
-    INSERT INTO commands (request_id, user_id, source, type, action, parameters, description,
-                          status, risk_score, risk_category, created_by, sender)
-    SELECT DISTINCT ON (sender, request_id) request_id, user_id, source, type, action,
-           parameters, description, status, risk_score, risk_category, created_by, sender
-    FROM input
+chosen AS (
+    SELECT DISTINCT ON (sender, request_id) * FROM input
     WHERE (input.user_id IS NULL OR EXISTS (SELECT 1 FROM users u WHERE u.id = input.user_id))
       AND (input.created_by IS NULL OR EXISTS (SELECT 1 FROM users u WHERE u.id = input.created_by))
     ORDER BY sender, request_id, n
+),
+ins AS (
+    INSERT INTO commands (request_id, user_id, source, type, action, parameters, description,
+                          status, risk_score, risk_category, created_by, sender)
+    SELECT request_id, user_id, source, type, action, parameters, description, status,
+           risk_score, risk_category, created_by, sender
+    FROM chosen
     ON CONFLICT (sender, request_id) DO NOTHING
     RETURNING id, request_id, status, user_id, created_by, sender, action, description,
               parameters, risk_score, risk_category
@@ -71,11 +75,8 @@ approvals AS (
                                    score_rule, approvals_required, admins_required)
     SELECT ins.id, ins.user_id, ins.created_by, ins.action, ins.description, DIGEST,
            ins.risk_score, ins.risk_category, 'pending', now() + make_interval(secs => $11),
-           q.score_rule, q.approvals_required, q.admins_required
-    FROM ins CROSS JOIN LATERAL (
-        SELECT i.score_rule, i.approvals_required, i.admins_required FROM input i
-        WHERE i.sender = ins.sender AND i.request_id = ins.request_id ORDER BY i.n LIMIT 1
-    ) q
+           chosen.score_rule, chosen.approvals_required, chosen.admins_required
+    FROM ins JOIN chosen ON chosen.sender = ins.sender AND chosen.request_id = ins.request_id
     WHERE ins.status = 'awaiting_approval'
     RETURNING id, command_id, created_by, expires_at
 ),
@@ -83,9 +84,10 @@ approval_audit AS (
     INSERT INTO approval_events (approval_id, from_status, to_status, actor_id)
     SELECT id, NULL, 'pending', created_by FROM approvals
 )
-SELECT ins.id, ins.request_id, ins.sender, ins.status, ins.user_id,
+SELECT ins.id, ins.request_id, ins.sender, ins.status, ins.user_id, chosen.n,
        approvals.id AS approval_id, approvals.expires_at
-FROM ins LEFT JOIN approvals ON approvals.command_id = ins.id
+FROM ins JOIN chosen ON chosen.sender = ins.sender AND chosen.request_id = ins.request_id
+LEFT JOIN approvals ON approvals.command_id = ins.id
 """.replace("DIGEST", digest_sql("ins.parameters"))
 
 # The rows already there for request ids that were not inserted, with whether
@@ -156,7 +158,12 @@ async def ingest_commands(
         new, user_id, created_by, _sender = row_in
         rid = key[1]
         row = made.get(key)
-        if row is not None and key not in first:
+        if row is not None and row["n"] > n + 1:
+            # An earlier row of the batch with the key that was inserted from a
+            # later one: it was passed over, its user does not exist.
+            out.append(Ingested(rid, "no_user", risk_score=score, user_id=user_id))
+            continue
+        if row is not None and row["n"] == n + 1:
             first[key] = row_in
             out.append(
                 Ingested(
