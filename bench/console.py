@@ -133,7 +133,13 @@ async def decisions(page: Any, base: str, requester: str, ids: list[int], report
     )
     assert reader.stdout is not None
     assert (await reader.stdout.readline()).strip() == b"ready"
-    await asyncio.sleep(1.0)  # every long-poll in: the waiters are counted by then
+    async with aiohttp.ClientSession() as s, asyncio.timeout(60):
+        while True:  # every long-poll in and waiting
+            async with s.get(base + "/stats") as resp:
+                stats = await resp.json()
+            if stats["actors"]["approvals"]["approvals"]["waiting"] >= len(ids):
+                break
+            await asyncio.sleep(0.1)
     # When the person clicks, on the wall clock (ms since the epoch).
     await page.evaluate(
         """() => document.addEventListener("click", (e) => {

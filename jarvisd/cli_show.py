@@ -71,7 +71,7 @@ def _who(approval: dict[str, Any]) -> str:
     if name:
         return safe(name)
     rid = approval.get("requesterId")
-    return "-" if rid is None else f"user {rid}"
+    return "- (on nobody's behalf)" if rid is None else f"user {rid}"
 
 
 def _quorum(approval: dict[str, Any]) -> str:
@@ -98,7 +98,7 @@ def table(items: list[dict[str, Any]], now: datetime) -> str:
                 status,
                 f"{a['riskCategory']} {a['riskScore']}",
                 _cut(safe(a["action"]), 32),
-                _cut(_who(a), 20),
+                _cut(safe(a.get("requester") or "-"), 20),
                 _cut(safe(a.get("sender") or "-"), 24),
                 "-" if created is None else age((now - created).total_seconds()),
                 "-" if expires is None else _relative(expires, now),

@@ -60,7 +60,10 @@ def check(name: str, out: str, round_: int) -> None:
         assert (commands[0]["status"], commands[0]["durationMs"]) == ("succeeded", 420)
         assert commands[0]["result"] == {"opened": True}
     elif name == "approval":
-        assert '"riskCategory": "HIGH"' in out
+        assert 'PENDING, HIGH risk 80 (rule "delete*")' in out  # for a person
+        assert "sender       agent:demo-agent" in out
+        assert "-> awaiting_approval by demo-agent" in out  # the history
+        assert '"path": "/tmp/jarvisd-agent-' in out  # the parameters
         assert re.search(r"approval \d+ approved by uid:\d+", out)
         assert "[redis] approval.decided approved" in out
         assert "(a scratch file of its own)" in out
