@@ -51,6 +51,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.http $(JSON_ARG)
 	$(BIN)/python -m bench.approvals $(JSON_ARG)
 	$(BIN)/python -m bench.console $(JSON_ARG)
+	$(BIN)/python -m bench.cli $(JSON_ARG)
 	$(BIN)/python -m bench.daemons $(JSON_ARG)
 	$(BIN)/python -m bench.overload $(JSON_ARG)
 

@@ -7,20 +7,20 @@ cores directly; ``main`` returns the exit status.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
-import structlog
-
-from config import ConfigError, LoadedConfig, redacted, to_toml
 from jarvisd import __version__
 from jarvisd.cli_common import NoConfig, Unreachable, load, reach, redis_url, with_database
 from jarvisd.cli_help import EXIT_CODES, Parser, finish
-from jarvisd.logs import configure
+
+if TYPE_CHECKING:
+    from config import ConfigError, LoadedConfig
+
+# The libraries a command needs are imported by that command: `jarvisd
+# version`, `--help` and the calls to the daemon start in a tenth of a second.
 
 EXIT_CONFIG = 2
 
@@ -33,6 +33,10 @@ def _print_config_errors(err: ConfigError) -> None:
 
 # -- run -------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
+    import structlog
+
+    from jarvisd.logs import configure
+
     loaded = load(args)
     s = loaded.settings
     configure(s.daemon.log_level, s.daemon.log_format)
@@ -52,6 +56,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
         return await daemon.run()
 
+    import asyncio
+
     return asyncio.run(main())
 
 
@@ -59,6 +65,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_check_config(args: argparse.Namespace) -> int:
     loaded = load(args)
     source = loaded.path or "defaults and environment"
+    from config import redacted, to_toml
+
     print(f"# effective configuration from {source} (secrets redacted)")
     print(to_toml(redacted(loaded.settings)), end="")
     return 0
@@ -66,7 +74,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 # -- migrate ---------------------------------------------------------------------
 def cmd_migrate(args: argparse.Namespace) -> int:
+    import asyncpg
+
     from actors import migrate as migrations
+    from jarvisd.logs import configure
 
     loaded = load(args)
     configure("warning", "console" if sys.stderr.isatty() else "json", stream=sys.stderr)
@@ -77,6 +88,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return await migrations.migrate(conn)
 
     try:
+        import asyncio
+
         result = asyncio.run(with_database(loaded, work))
     except migrations.MigrationError as exc:
         print(f"jarvisd migrate: {exc}", file=sys.stderr)
@@ -118,6 +131,8 @@ def cmd_health(args: argparse.Namespace) -> int:
 
     loaded = load(args)
     try:
+        import asyncio
+
         status, text = asyncio.run(probe_ready(loaded, args.timeout))
     except Unreachable as exc:
         print(f"not ready: {exc}", file=sys.stderr)
@@ -259,7 +274,45 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Unbuilt:
+    """A command's parser that is not built: every call to it (arguments,
+    actions, subcommands) is taken and dropped."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: self
+
+
+class _Commands:
+    """The top-level subcommands, each listed with its one line of help;
+    only ``only``'s parser is built whole (None: every one), since a run of
+    the CLI parses one command and building them all costs more than it does."""
+
+    def __init__(self, sub: Any, only: str | None) -> None:
+        self.sub = sub
+        self.only = only
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        if self.only is None or self.only == name or self.only in kwargs.get("aliases", ()):
+            return self.sub.add_parser(name, **kwargs)
+        self.sub.add_parser(name, help=kwargs.get("help"), add_help=False)
+        return _Unbuilt()
+
+
+def command_of(argv: Sequence[str]) -> str:
+    """The command ``argv`` names: its first word that is neither an option
+    nor the value of --config ('' when there is none)."""
+    words = iter(argv)
+    for word in words:
+        if word in ("--config", "-c"):
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return ""
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The CLI's parser; with ``only``, that command's parser alone is built
+    whole (the others are a name and a line of help)."""
     parser = Parser(
         prog="jarvisd",
         description="jarvisd: the Jarvis state daemon and its command line.",
@@ -270,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
         "config file (default: $JARVISD_CONFIG, ./jarvisd.toml, /etc/jarvisd/jarvisd.toml)"
     )
     parser.add_argument("--config", "-c", metavar="PATH", help=config_help)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub: Any = _Commands(
+        parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), only
+    )
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         # Before or after the command: SUPPRESS keeps a value given before.
@@ -355,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(only=command_of(words)).parse_args(words)
     try:
         return int(args.func(args))
     except NoConfig as err:
@@ -363,7 +419,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if err.named:
             _print_config_errors(err.err)
         return EXIT_CONFIG
-    except ConfigError as err:
+    except Exception as err:
+        from config import ConfigError  # read by then: every command loads its configuration
+
+        if not isinstance(err, ConfigError):
+            raise
         _print_config_errors(err)
         return EXIT_CONFIG
     except KeyboardInterrupt:  # pragma: no cover - only outside `run`, which owns SIGINT

@@ -18,8 +18,8 @@ __all__ = ["add_parsers"]
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    async def work() -> int:
-        made = await call_daemon(args, "POST", "/agents", {"name": args.name})
+    def work() -> int:
+        made = call_daemon(args, "POST", "/agents", {"name": args.name})
         agent = made["agent"]
         print(made["redisUrl"])  # alone on stdout, for scripts: shown once
         print(
@@ -43,8 +43,8 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    async def work() -> int:
-        agents = await call_daemon(args, "GET", "/agents")
+    def work() -> int:
+        agents = call_daemon(args, "GET", "/agents")
         if args.json:
             print(json.dumps(agents, indent=2))
             return 0
@@ -58,8 +58,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
-    async def work() -> int:
-        done = await call_daemon(args, "DELETE", f"/agents/{args.name}")
+    def work() -> int:
+        done = call_daemon(args, "DELETE", f"/agents/{args.name}")
         name = done["agent"]["name"]
         if done["aclsManaged"]:
             print(f"agent {name}: Redis credentials revoked, its connections closed")

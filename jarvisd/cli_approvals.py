@@ -36,8 +36,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.status:
         query["status"] = args.status
 
-    async def work() -> int:
-        page = await _call(args, "GET", "/approvals?" + urllib.parse.urlencode(query))
+    def work() -> int:
+        page = _call(args, "GET", "/approvals?" + urllib.parse.urlencode(query))
         items = page["items"]
         if args.json:
             print(json.dumps(items, indent=2))
@@ -54,16 +54,16 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     wait = f"?wait={args.wait}" if args.wait else ""
 
-    async def work() -> int:
-        approval = await _call(args, "GET", f"/approvals/{args.id}{wait}", timeout=args.wait + 15)
+    def work() -> int:
+        approval = _call(args, "GET", f"/approvals/{args.id}{wait}", timeout=args.wait + 15)
         if args.json:
             print(json.dumps(approval, indent=2))
             return 0
-        history = await _call(args, "GET", f"/approvals/{args.id}/history")
+        history = _call(args, "GET", f"/approvals/{args.id}/history")
         command = None
         if approval.get("commandId") is not None:
             with contextlib.suppress(Refused):  # deleted since: the request alone
-                command = await _call(args, "GET", f"/commands/{approval['commandId']}")
+                command = _call(args, "GET", f"/commands/{approval['commandId']}")
         print(show.detail(approval, command, history["items"], datetime.now(UTC)))
         return 0
 
@@ -74,8 +74,8 @@ def _decide(verb: str) -> Callable[[argparse.Namespace], int]:
     def cmd(args: argparse.Namespace) -> int:
         body = {"reason": args.reason} if args.reason is not None else None
 
-        async def work() -> int:
-            decided = await _call(args, "PUT", f"/approvals/{args.id}/{verb}", body)
+        def work() -> int:
+            decided = _call(args, "PUT", f"/approvals/{args.id}/{verb}", body)
             print(show.outcome(decided))
             return 0
 

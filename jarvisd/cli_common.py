@@ -7,13 +7,12 @@ import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
-import asyncpg
+if TYPE_CHECKING:
+    import aiohttp
 
-from config import ConfigError, LoadedConfig, load_settings
-from config.loader import DEFAULT_SYSTEM_CONFIG, default_config_path
+    from config import ConfigError, LoadedConfig
 
 __all__ = [
     "START_HINT",
@@ -40,6 +39,8 @@ class NoConfig(Exception):
     complete one: say where jarvisd looked and how to make one."""
 
     def __init__(self, err: ConfigError) -> None:
+        from config.loader import DEFAULT_SYSTEM_CONFIG
+
         self.err = err
         local = Path.cwd() / "jarvisd.toml"
         self.named = named = sorted(k for k in os.environ if k.startswith("JARVISD_") and "__" in k)
@@ -55,6 +56,9 @@ class NoConfig(Exception):
 def load(args: argparse.Namespace) -> LoadedConfig:
     """The configuration ``--config`` names, else the default one; NoConfig
     when there is none and the environment does not make one."""
+    from config import ConfigError, load_settings
+    from config.loader import default_config_path
+
     path = Path(args.config) if getattr(args, "config", None) else None
     try:
         return load_settings(path)
@@ -70,6 +74,8 @@ async def database_dsn(loaded: LoadedConfig) -> AsyncIterator[str]:
     """The configured database's DSN. In embedded mode: the running daemon's
     server if there is one, else the embedded server started for the duration
     of the command (and stopped after it)."""
+    import asyncpg
+
     from actors.embedded import EmbeddedPostgres, RunAs
 
     s = loaded.settings
@@ -100,6 +106,8 @@ async def database_dsn(loaded: LoadedConfig) -> AsyncIterator[str]:
 
 async def with_database(loaded: LoadedConfig, work: Any) -> Any:
     """Run ``work(conn)`` on one connection to the configured database."""
+    import asyncpg
+
     async with database_dsn(loaded) as dsn:
         conn = await asyncpg.connect(dsn, timeout=loaded.settings.postgres.connect_timeout)
         try:
@@ -195,6 +203,10 @@ def daemon_endpoint(
 
 
 def client_session(socket_path: str | None, **kwargs: Any) -> aiohttp.ClientSession:
+    """An aiohttp session to the daemon, for what needs more than one answer
+    (a WebSocket, a stream); imported here, by the commands that use it."""
+    import aiohttp
+
     connector = aiohttp.UnixConnector(path=socket_path) if socket_path else None
     return aiohttp.ClientSession(connector=connector, **kwargs)
 
@@ -224,6 +236,8 @@ class Unreachable(Exception):
 @contextlib.asynccontextmanager
 async def reach(socket_path: str | None, base: str) -> AsyncIterator[None]:
     """Turn a failure to connect into Unreachable, naming where."""
+    import aiohttp
+
     try:
         yield
     except aiohttp.ClientConnectorError as exc:
@@ -232,37 +246,52 @@ async def reach(socket_path: str | None, base: str) -> AsyncIterator[None]:
         raise Unreachable(socket_path or base, exc) from exc
 
 
-async def call_daemon(
+def call_daemon(
     args: argparse.Namespace, method: str, path: str, body: Any = None, timeout: float = 15
 ) -> Any:
     """One call to the running daemon's API (its Unix socket as the local
     admin, or its TCP port with ``--token``); the answer's JSON, Refused, or
-    Unreachable."""
+    Unreachable. Blocking: a command makes its calls one after another."""
+    from jarvisd.cli_http import request
+
     socket_path, base, headers = daemon_endpoint(load(args), token_from(args))
-    async with (
-        reach(socket_path, base),
-        client_session(socket_path, timeout=aiohttp.ClientTimeout(total=timeout)) as s,
-        s.request(method, base + path, json=body, headers=headers) as resp,
-    ):
-        doc = await resp.json(content_type=None) if await resp.read() else None
-        if resp.status >= 400:
-            detail = doc.get("detail", doc.get("title")) if isinstance(doc, dict) else doc
-            raise Refused(f"{resp.status}: {detail}")
-        return doc
+    try:
+        answer = request(
+            socket_path, base, method, path, body=body, headers=headers, timeout=timeout
+        )
+    except (ConnectionError, FileNotFoundError) as exc:
+        raise Unreachable(socket_path or base, exc) from exc
+    try:
+        doc = answer.json()
+    except ValueError:
+        doc = answer.body.decode(errors="replace")[:500]
+    if answer.status >= 400:
+        detail = doc.get("detail", doc.get("title")) if isinstance(doc, dict) else doc
+        raise Refused(f"{answer.status}: {detail}")
+    return doc
 
 
 def run_call(name: str, work: Any) -> int:
-    """Run ``work()`` (calls to the daemon); exit 1 with the reason when the
-    daemon refuses or cannot be reached."""
-    import asyncio
+    """Run ``work()`` (calls to the daemon; a coroutine function's is run on
+    an event loop); exit 1 with the reason when the daemon refuses or cannot
+    be reached."""
     import sys
 
     try:
-        return int(asyncio.run(work()))
+        result = work()
+        if hasattr(result, "__await__"):
+            import asyncio
+
+            result = asyncio.run(result)
+        return int(result)
     except (Refused, Unreachable) as exc:
         print(f"jarvisd {name}: {exc}", file=sys.stderr)
         return 1
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+    except Exception as exc:
+        aiohttp = sys.modules.get("aiohttp")  # loaded only by the commands that use it
+        client_error = aiohttp is not None and isinstance(exc, aiohttp.ClientError)
+        if not (client_error or isinstance(exc, OSError | TimeoutError)):
+            raise
         print(
             f"jarvisd {name}: the daemon did not answer ({type(exc).__name__}: {exc})",
             file=sys.stderr,

@@ -16,14 +16,14 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import aiohttp
-
 from jarvisd.cli_common import client_session, daemon_endpoint, load, reach, run_call, token_from
 
 __all__ = ["add_parsers"]
 
 
 def cmd_publish(args: argparse.Namespace) -> int:
+    import aiohttp
+
     try:
         message = json.loads(args.message)
     except json.JSONDecodeError as exc:
@@ -55,6 +55,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_subscribe(args: argparse.Namespace) -> int:
+    import aiohttp
+
     if args.since is not None:
         if args.channels or args.pattern:
             print(
@@ -105,6 +107,8 @@ def cmd_subscribe(args: argparse.Namespace) -> int:
 def _follow_log(args: argparse.Namespace) -> int:
     """Every event after ``--since`` from the durable log, then each new one
     as it commits (long-polls), one JSON object per line."""
+    import aiohttp
+
     socket_path, base, headers = daemon_endpoint(load(args), token_from(args))
     kind = f"&kind={args.kind}" if args.kind else ""
 

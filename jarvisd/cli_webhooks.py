@@ -26,8 +26,8 @@ def _line(h: dict[str, Any]) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    async def work() -> int:
-        hooks = await call_daemon(args, "GET", "/webhooks")
+    def work() -> int:
+        hooks = call_daemon(args, "GET", "/webhooks")
         if args.json:
             print(json.dumps(hooks, indent=2))
             return 0
@@ -45,8 +45,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    async def work() -> int:
-        h = await call_daemon(args, "POST", f"/webhooks/{args.name}/retry")
+    def work() -> int:
+        h = call_daemon(args, "POST", f"/webhooks/{args.name}/retry")
         print(f"webhook {h['name']}: {h['state']}, sending again after event {h['lastId']}")
         return 0
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from config.template import default_toml
-from jarvisd.cli import build_parser
+from jarvisd.cli import build_parser, command_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -213,3 +213,21 @@ def test_the_cli_believes_addresses_only_of_a_daemon_that_is_alive(tmp_path: Pat
     assert recorded_addresses(tmp_path) == []  # locked, not yet written
     record.write_text("0\n0\nhttp://127.0.0.1:9\n")
     assert recorded_addresses(tmp_path) == []  # kill(0) would name a process group
+
+
+def test_a_command_built_alone_is_the_one_in_the_whole_parser() -> None:
+    """A run of the CLI builds the parser of its own command only: each one
+    built alone helps (and so parses) as it does in the whole parser."""
+
+    def commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+        (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        return dict(sub.choices)
+
+    whole = build_parser()
+    for name, full in commands(whole).items():
+        alone = commands(build_parser(only=name))[name]
+        assert alone.format_help() == full.format_help(), name
+    assert build_parser(only="").format_help() == whole.format_help()
+    assert command_of(["--config", "x.toml", "approvals", "list"]) == "approvals"
+    assert command_of(["-c", "run", "version"]) == "version"
+    assert command_of(["--help"]) == ""

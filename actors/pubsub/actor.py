@@ -5,7 +5,8 @@ subscriber (DESIGN §3, §5, §8).
   queue or a sink, offered each message without waiting (``subscriber``).
 - The connection (``listener``) proves that it hears by a heartbeat that
   goes through Redis and comes back. When it breaks or stops hearing, every
-  subscriber is told "down"; the actor reconnects with jittered backoff (on
+  subscriber is told "down" (once an outage, however many tries it takes to
+  end); the actor reconnects with jittered backoff (on
   a Redis Cluster to the next node the cluster lists then), subscribes again
   to everything its subscribers want, and tells each of them "gap":
   messages published meanwhile were not received.
@@ -137,6 +138,7 @@ class PubSub(RedisClientActor):
     async def run(self) -> None:
         delay = 0.1
         attempt = 0
+        told = False  # subscribers know of this outage: one "down" each, however long
         while not self._halting:
             try:
                 listener = await self._connect()
@@ -144,6 +146,7 @@ class PubSub(RedisClientActor):
                     self._gap("the pub/sub connection to Redis was re-established")
                 attempt += 1
                 delay = 0.1
+                told = False
                 await listener.pump(self._handle, self.halting)
             except _LISTENER_FAILURES as exc:
                 if isinstance(exc, Deaf):
@@ -152,9 +155,11 @@ class PubSub(RedisClientActor):
                 self.log.warning(
                     "pubsub_disconnected", error=self.ps_stats.last_error, node=self.ps_stats.node
                 )
-                down = Delivery("down", data=self.ps_stats.last_error.encode())
-                for sub in self._subscribers():
-                    sub.offer(down)
+                if not told:
+                    down = Delivery("down", data=self.ps_stats.last_error.encode())
+                    for sub in self._subscribers():
+                        sub.offer(down)
+                    told = True
             await self._drop_connection()
             if self.halting():
                 return
