@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from jarvisd import __version__
 from jarvisd.cli_common import NoConfig, Unreachable, load, reach, redis_url, with_database
-from jarvisd.cli_help import EXIT_CODES, Parser, finish
+from jarvisd.cli_help import EXIT_CODES, Commands, Parser, command_of, finish
 
 if TYPE_CHECKING:
     from config import ConfigError, LoadedConfig
@@ -274,42 +274,6 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-class _Unbuilt:
-    """A command's parser that is not built: every call to it (arguments,
-    actions, subcommands) is taken and dropped."""
-
-    def __getattr__(self, name: str) -> Any:
-        return lambda *args, **kwargs: self
-
-
-class _Commands:
-    """The top-level subcommands, each listed with its one line of help;
-    only ``only``'s parser is built whole (None: every one), since a run of
-    the CLI parses one command and building them all costs more than it does."""
-
-    def __init__(self, sub: Any, only: str | None) -> None:
-        self.sub = sub
-        self.only = only
-
-    def add_parser(self, name: str, **kwargs: Any) -> Any:
-        if self.only is None or self.only == name or self.only in kwargs.get("aliases", ()):
-            return self.sub.add_parser(name, **kwargs)
-        self.sub.add_parser(name, help=kwargs.get("help"), add_help=False)
-        return _Unbuilt()
-
-
-def command_of(argv: Sequence[str]) -> str:
-    """The command ``argv`` names: its first word that is neither an option
-    nor the value of --config ('' when there is none)."""
-    words = iter(argv)
-    for word in words:
-        if word in ("--config", "-c"):
-            next(words, None)
-        elif not word.startswith("-"):
-            return word
-    return ""
-
-
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The CLI's parser; with ``only``, that command's parser alone is built
     whole (the others are a name and a line of help)."""
@@ -323,7 +287,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         "config file (default: $JARVISD_CONFIG, ./jarvisd.toml, /etc/jarvisd/jarvisd.toml)"
     )
     parser.add_argument("--config", "-c", metavar="PATH", help=config_help)
-    sub: Any = _Commands(
+    sub: Any = Commands(
         parser.add_subparsers(dest="command", required=True, metavar="COMMAND"), only
     )
 

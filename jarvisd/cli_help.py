@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import NoReturn
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
-__all__ = ["EXIT_CODES", "Parser", "finish", "setting_hint"]
+__all__ = ["EXIT_CODES", "Commands", "Parser", "command_of", "finish", "setting_hint"]
 
 EXIT_CODES = """\
 exit status:
@@ -130,3 +131,39 @@ def finish(parser: argparse.ArgumentParser, path: str = "") -> None:
                 line = helps.get(name) or ""
                 child.description = line[:1].upper() + line[1:] + ("." if line else "")
             finish(child, f"{path} {name}".strip())
+
+
+class _Unbuilt:
+    """A command's parser that is not built: every call to it (arguments,
+    actions, subcommands) is taken and dropped."""
+
+    def __getattr__(self, name: str) -> Any:
+        return lambda *args, **kwargs: self
+
+
+class Commands:
+    """The top-level subcommands, each listed with its one line of help;
+    only ``only``'s parser is built whole (None: every one), since a run of
+    the CLI parses one command and building them all costs more than it does."""
+
+    def __init__(self, sub: Any, only: str | None) -> None:
+        self.sub = sub
+        self.only = only
+
+    def add_parser(self, name: str, **kwargs: Any) -> Any:
+        if self.only is None or self.only == name or self.only in kwargs.get("aliases", ()):
+            return self.sub.add_parser(name, **kwargs)
+        self.sub.add_parser(name, help=kwargs.get("help"), add_help=False)
+        return _Unbuilt()
+
+
+def command_of(argv: Sequence[str]) -> str:
+    """The command ``argv`` names: its first word that is neither an option
+    nor the value of --config ('' when there is none)."""
+    words = iter(argv)
+    for word in words:
+        if word in ("--config", "-c"):
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return ""

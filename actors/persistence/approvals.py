@@ -3,7 +3,6 @@ time. Each change is committed, then announced (``actors.events``)."""
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Literal
 
 import asyncpg
@@ -11,7 +10,7 @@ import msgspec
 
 from actors import events
 from actors.data import repo
-from actors.data.model import Approval, ApprovalCreate, Page, Principal
+from actors.data.model import Approval, ApprovalCreate, Command, Page, Principal
 from actors.data.repo import Expired
 from actors.data.repo.common import JsonPage
 from actors.persistence.base import AGE_BUCKETS, Count, Durations, PgMessage, Store, rate, room
@@ -112,13 +111,19 @@ def _observe(db: Store, approval: Approval) -> None:
         db.decision_seconds.setdefault(approval.status, Durations()).observe(waited)
 
 
-async def _ref(conn: asyncpg.Connection, approval: Approval) -> tuple[str, str] | None:
+async def _command_of(conn: asyncpg.Connection, approval: Approval) -> Command | None:
+    """The request's command (None: standalone, or deleted with its user)."""
     if approval.command_id is None:
         return None
-    with contextlib.suppress(repo.NotFound):
-        command = await repo.get_command(conn, approval.command_id)
-        return command.request_id, command.sender
-    return None
+    try:
+        return await repo.get_command(conn, approval.command_id)
+    except repo.NotFound:
+        return None
+
+
+async def _ref(conn: asyncpg.Connection, approval: Approval) -> tuple[str, str] | None:
+    command = await _command_of(conn, approval)
+    return None if command is None else (command.request_id, command.sender)
 
 
 class ApprovalHistory(PgMessage[list[repo.Step]], frozen=True):
@@ -145,10 +150,7 @@ async def pending_ages(db: Store, msg: PendingAges) -> Durations:
 
 async def _decided(conn: asyncpg.Connection, approval: Approval) -> list[events.Published]:
     """approval.decided (or .expired), and what it did to its command."""
-    command = None
-    if approval.command_id is not None:
-        with contextlib.suppress(repo.NotFound):
-            command = await repo.get_command(conn, approval.command_id)
+    command = await _command_of(conn, approval)
     ref = (command.request_id, command.sender) if command is not None else None
     out = [events.approval_decided(approval, ref)]
     if command is not None and command.status == approval.status:

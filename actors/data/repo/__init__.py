@@ -10,13 +10,9 @@ from actors.data.repo.approvals import (
     Step,
     create_approval,
     decide_approval,
-    escalate_due,
-    expire_due,
     get_approval,
     history,
     list_approvals,
-    pending_ages,
-    warn_due,
 )
 from actors.data.repo.commands import (
     COMMANDS,
@@ -35,6 +31,7 @@ from actors.data.repo.common import (
     init_connection,
 )
 from actors.data.repo.ingest import Ingested, ingest_commands
+from actors.data.repo.sweeps import escalate_due, expire_due, pending_ages, warn_due
 from actors.data.repo.users import (
     USERS,
     authenticate_token,

@@ -60,7 +60,8 @@ APPROVAL_COLUMNS = (
 )
 
 
-def _approval(row: asyncpg.Record) -> Approval:
+def approval_of(row: asyncpg.Record) -> Approval:
+    """A request as its row is (helper columns of the queries dropped)."""
     data = dict(row)
     for helper in ("lapsed", "ref_request_id", "ref_sender"):  # of decide_approval, warn_due
         data.pop(helper, None)
@@ -90,7 +91,7 @@ async def create_approval(
             rating=rating,
             expires_in=expires_in,
         )
-    return _approval(row)
+    return approval_of(row)
 
 
 async def insert_approval(
@@ -143,7 +144,7 @@ async def get_approval(conn: asyncpg.Connection, approval_id: int) -> Approval:
     )
     if row is None:
         raise NotFound(f"no approval request {approval_id}")
-    return _approval(row)
+    return approval_of(row)
 
 
 def _check_decider(current: asyncpg.Record, decision: str, who: Principal) -> None:
@@ -180,7 +181,7 @@ def _check_vote(current: asyncpg.Record, who: Principal) -> bool:
         raise Conflict(
             f"you approved request {current['id']} already; it needs "
             f"{max(need - len(votes), 0)} more approval(s) by others",
-            _approval(current),
+            approval_of(current),
         )
     admins_needed = current["admins_required"] - sum(v.admin for v in votes)
     places_left = need - len(votes)
@@ -233,7 +234,8 @@ async def decide_approval(
             lapsed = True
         elif current["status"] != "pending":
             raise Conflict(
-                f"approval request {approval_id} is already {current['status']}", _approval(current)
+                f"approval request {approval_id} is already {current['status']}",
+                approval_of(current),
             )
         elif decision == "approved":
             if current["command_id"] is not None:
@@ -397,65 +399,7 @@ async def list_approvals(
 ) -> Page[Approval] | JsonPage:
     if as_json:
         return await json_page(conn, APPROVALS, lq, Approval, count)
-    return await page(conn, APPROVALS, lq, _approval, count)
-
-
-async def warn_due(
-    conn: asyncpg.Connection, warn_before: float, limit: int
-) -> list[tuple[Approval, tuple[str, str] | None]]:
-    """Pending requests entering their last stretch (``warn_before`` seconds,
-    or the last quarter of a shorter lifetime), marked as warned so that each
-    is returned once; with their command's (request id, sender)."""
-    rows = await conn.fetch(
-        f"UPDATE approval_requests SET warned_at = now() WHERE id IN ("
-        f"SELECT id FROM approval_requests WHERE status = 'pending' AND warned_at IS NULL "
-        f"AND expires_at > now() AND expires_at - LEAST(make_interval(secs => $1), "
-        f"(expires_at - created_at) / 4) <= now() ORDER BY expires_at LIMIT $2 "
-        f"FOR UPDATE SKIP LOCKED) RETURNING {APPROVAL_COLUMNS}, "
-        f"(SELECT request_id FROM commands c WHERE c.id = command_id) AS ref_request_id, "
-        f"(SELECT sender FROM commands c WHERE c.id = command_id) AS ref_sender",
-        warn_before,
-        limit,
-    )
-    return [
-        (
-            _approval(r),
-            None if r["ref_request_id"] is None else (r["ref_request_id"], r["ref_sender"]),
-        )
-        for r in rows
-    ]
-
-
-async def escalate_due(
-    conn: asyncpg.Connection, after: float, limit: int
-) -> list[tuple[Approval, tuple[str, str] | None]]:
-    """Pending requests made ``after`` seconds ago or more, not yet
-    escalated: marked escalated (each is returned once), with their command's
-    (request id, sender)."""
-    rows = await conn.fetch(
-        f"UPDATE approval_requests SET escalated_at = now() WHERE id IN ("
-        f"SELECT id FROM approval_requests WHERE status = 'pending' AND escalated_at IS NULL "
-        f"AND created_at <= now() - make_interval(secs => $1) AND expires_at > now() "
-        f"ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED) RETURNING {APPROVAL_COLUMNS}, "
-        f"(SELECT request_id FROM commands c WHERE c.id = command_id) AS ref_request_id, "
-        f"(SELECT sender FROM commands c WHERE c.id = command_id) AS ref_sender",
-        after,
-        limit,
-    )
-    for r in rows:
-        await conn.execute(
-            "INSERT INTO approval_events (approval_id, from_status, to_status, reason) "
-            "VALUES ($1, 'pending', 'pending', $2)",
-            r["id"],
-            f"escalated: no decision after {after:g} s",
-        )
-    return [
-        (
-            _approval(r),
-            None if r["ref_request_id"] is None else (r["ref_request_id"], r["ref_sender"]),
-        )
-        for r in rows
-    ]
+    return await page(conn, APPROVALS, lq, approval_of, count)
 
 
 class Step(msgspec.Struct, frozen=True, rename="camel"):
@@ -490,48 +434,3 @@ async def history(conn: asyncpg.Connection, approval_id: int, limit: int = 200) 
         Step(r["at"], r["subject"], r["from_status"], r["to_status"], r["by"], r["reason"])
         for r in rows
     ]
-
-
-async def pending_ages(
-    conn: asyncpg.Connection, bounds: tuple[float, ...]
-) -> tuple[list[int], float]:
-    """How many pending requests are at most each of ``bounds`` seconds old
-    (cumulative), all of them last; and the sum of their ages."""
-    cols = ", ".join(
-        f"count(*) FILTER (WHERE created_at >= now() - make_interval(secs => {float(b)!r}))"
-        for b in bounds
-    )
-    row = await conn.fetchrow(
-        f"SELECT {cols}, count(*), coalesce(sum(extract(epoch FROM now() - created_at)), 0)::float8 "
-        f"FROM approval_requests WHERE status = 'pending'"
-    )
-    values = list(row.values())
-    return [int(v) for v in values[:-1]], float(values[-1])
-
-
-async def expire_due(conn: asyncpg.Connection, limit: int) -> list[Approval]:
-    """Pending requests past their deadline, expired (their commands too),
-    each in a transaction of its own, locks taken command first as a decision
-    takes them. A request decided meanwhile is left as it is."""
-    due = await conn.fetch(
-        "SELECT id, command_id FROM approval_requests WHERE status = 'pending' "
-        "AND expires_at <= now() ORDER BY expires_at LIMIT $1",
-        limit,
-    )
-    expired: list[Approval] = []
-    for row in due:
-        async with conn.transaction():
-            if row["command_id"] is not None:
-                await conn.execute(
-                    "SELECT 1 FROM commands WHERE id = $1 FOR UPDATE", row["command_id"]
-                )
-            current = await conn.fetchrow(
-                f"SELECT {APPROVAL_COLUMNS} FROM approval_requests WHERE id = $1 "
-                f"AND status = 'pending' AND expires_at <= now() FOR UPDATE",
-                row["id"],
-            )
-            if current is None:
-                continue
-            await set_status(conn, current, "expired", None, "expired before a decision", "jarvisd")
-        expired.append(await get_approval(conn, row["id"]))
-    return expired
