@@ -17,6 +17,7 @@ internal channel is never delivered.
 from __future__ import annotations
 
 import fnmatch
+import functools
 from typing import Annotated
 
 import msgspec
@@ -55,7 +56,7 @@ class Rules:
         return (
             not channel.startswith(self.prefix)
             and not channel.startswith(self.inbox)
-            and any(fnmatch.fnmatchcase(channel, glob) for glob in self.allowlist)
+            and _listed(channel, self.allowlist)
         )
 
     def may_publish(self, who: Principal, channel: str) -> bool:
@@ -95,6 +96,13 @@ class Rules:
         return self.allowed(channel)
 
 
+@functools.lru_cache(maxsize=4096)
+def _listed(channel: str, allowlist: tuple[str, ...]) -> bool:
+    """Whether ``channel`` matches a glob of ``allowlist``: asked for each
+    subscriber of each message, so remembered (names are short and capped)."""
+    return any(fnmatch.fnmatchcase(channel, glob) for glob in allowlist)
+
+
 class _UserOf(msgspec.Struct, rename="camel"):
     user_id: int | None = None
 
@@ -102,8 +110,18 @@ class _UserOf(msgspec.Struct, rename="camel"):
 _user_decoder = msgspec.json.Decoder(_UserOf)
 
 
+_last_user: tuple[bytes | None, int | None] = (None, None)
+
+
 def _user_of(data: bytes) -> int | None:
+    """The user an event is about. One message goes to all its subscribers
+    in a row: decoded for the first, remembered for the others."""
+    global _last_user
+    if _last_user[0] is data:
+        return _last_user[1]
     try:
-        return _user_decoder.decode(data).user_id
+        found = _user_decoder.decode(data).user_id
     except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
+        found = None
+    _last_user = (data, found)
+    return found

@@ -1,11 +1,13 @@
 """One WebSocket client of ``GET /ws`` (DESIGN §8): its ops, its deliveries,
 and the credential it follows (``followers``).
 
-Ops are JSON text frames (docs/agents.md, "Publishing and subscribing over HTTP"). Deliveries are queued by the
-pub/sub actor without waiting and written by the session's writer; each
-message is encoded once for all the clients that get it. A client whose
-unsent bytes (queued and in the socket's buffer) pass
-``pubsub.client_buffer_bytes`` is closed with 1013, never waited for.
+Ops are JSON text frames (docs/agents.md, "Publishing and subscribing over HTTP").
+Deliveries are written by the pub/sub actor straight to the socket, without
+waiting: each message is encoded and framed once for all the clients that
+get it (the socket is uncompressed), and only a replay's frames wait in the
+session's queue for its writer. A client whose unsent bytes (queued and in
+the socket's buffer) pass ``pubsub.client_buffer_bytes`` is closed with
+1013, never waited for.
 
 The session's tasks (reading ops, writing deliveries, following the
 credential, closing) belong to one TaskGroup: each ends with the socket.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import struct
 import time
 from typing import Annotated, Any, Literal
 
@@ -68,16 +71,27 @@ def _payload(item: Delivery) -> bytes:
     )
 
 
+def _frame(payload: bytes) -> bytes:
+    """``payload`` as one unmasked, uncompressed text frame (RFC 6455 §5.2):
+    what a server sends on a socket opened with ``compress=False``."""
+    n = len(payload)
+    if n < 126:
+        return struct.pack("!BB", 0x81, n) + payload
+    if n < 65_536:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
+
+
 _last: tuple[Delivery | None, bytes] = (None, b"")
 
 
-def _encoded(item: Delivery) -> bytes:
-    """A delivery as the client receives it. The pub/sub actor hands one
-    delivery to all its subscribers in a row: it is encoded for the first
-    and the same bytes go to the others."""
+def _framed(item: Delivery) -> bytes:
+    """A delivery as the client receives it, framed. The pub/sub actor hands
+    one delivery to all its subscribers in a row: it is encoded and framed
+    for the first, and the same bytes go to the others."""
     global _last
     if _last[0] is not item:
-        _last = (item, _payload(item))
+        _last = (item, _frame(_payload(item)))
     return _last[1]
 
 
@@ -164,28 +178,43 @@ class Session:
 
     def _queue(self, item: Delivery) -> bool:
         transport = self.request.transport
-        if self._ending is not None or transport is None or transport.is_closing():
+        if (
+            self._ending is not None
+            or self.ws.closed
+            or transport is None
+            or transport.is_closing()
+        ):
             return True  # going away: the request's task cleans up
-        payload = _encoded(item)
-        if transport.get_write_buffer_size() + self.out_bytes + len(payload) > self.limit:
+        frame = _framed(item)
+        if transport.get_write_buffer_size() + self.out_bytes + len(frame) > self.limit:
             return False
-        self.out.append(payload)
-        self.out_bytes += len(payload)
-        self._written.set()
+        if self.out:  # behind a replay's frames: in order, through the writer
+            self.out.append(frame)
+            self.out_bytes += len(frame)
+            self._written.set()
+        else:
+            # Nothing waits before it: the frame goes straight to the socket
+            # (frames are written whole, so aiohttp's own never interleave).
+            transport.write(frame)
         return True
 
     async def _write(self) -> None:
-        """Deliveries to the socket, in order, through aiohttp's writer."""
+        """What waits in ``out`` (a replay's frames, and what came behind
+        them), in order, then the socket's buffer drained below half the allowance."""
         while True:
             await self._written.wait()
             self._written.clear()
+            transport = self.request.transport
             while self.out:
-                payload = self.out.popleft()
-                self.out_bytes -= len(payload)
-                try:
-                    await self.ws.send_frame(payload, WSMsgType.TEXT)
-                except ConnectionError:
+                if transport is None or transport.is_closing() or self.ws.closed:
                     return  # the client went away: reading ends too
+                frame = self.out.popleft()
+                self.out_bytes -= len(frame)
+                transport.write(frame)
+                while transport.get_write_buffer_size() > self.limit // 2:
+                    if transport.is_closing():
+                        return
+                    await asyncio.sleep(0.002)
 
     def _closed(self, reason: str) -> None:
         """The pub/sub actor let the subscriber go (too slow, or stopping)."""
@@ -331,9 +360,9 @@ class Session:
                         break
 
     def _queue_replayed(self, item: Delivery) -> None:
-        payload = _payload(item)
-        self.out.append(payload)
-        self.out_bytes += len(payload)
+        frame = _frame(_payload(item))
+        self.out.append(frame)
+        self.out_bytes += len(frame)
         self._written.set()
 
     async def _send(self, doc: dict[str, Any]) -> None:
