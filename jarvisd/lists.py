@@ -5,7 +5,8 @@ briefly so that pollers repeating a query cost no database round trip.
   route, the caller's visibility (everything, or one user's own rows) and the
   exact query, and is dropped by any change to commands or approvals: one
   made through this daemon's API (dropped before the change is answered), or
-  announced by any daemon on ``{prefix}events`` (the agent bus included).
+  relayed as events by any daemon (the agent bus included): the relay tells
+  ``{prefix}internal:changes`` once per batch, after the batch's events.
 - It is used only while that channel is subscribed; when the pub/sub
   connection is down it is emptied and bypassed, as the principal cache is.
 - An answer computed while a change happened is not stored (generation).
@@ -76,7 +77,7 @@ class ListCache:
             self._waiters.discard(fut)
 
     def on_delivery(self, item: Delivery) -> bool:
-        """The subscriber of ``{prefix}events``: any event, a gap or an outage
+        """The subscriber of ``{prefix}internal:changes``: any batch of events, a gap or an outage
         empties the cache; it is used again once the connection is back."""
         self.changed()
         if item.kind == "down":

@@ -3,7 +3,7 @@
 reference that sends them (``messages``), and the one subscribe-and-retry
 loop everyone uses (``subscription``)."""
 
-from actors.pubsub.actor import CLIENTS_PUBSUB, PubSub
+from actors.pubsub.actor import CLIENTS_PUBSUB, PubSub, changes_channel
 from actors.pubsub.messages import (
     Detach,
     Publish,
@@ -31,4 +31,5 @@ __all__ = [
     "Subscriber",
     "Subscription",
     "Unsubscribe",
+    "changes_channel",
 ]

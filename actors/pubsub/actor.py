@@ -35,7 +35,11 @@ from actors.pubsub.subscriber import Delivery, Subscriber
 from actors.redis_link import REDIS_FAILURES, RedisClientActor, RedisUnavailable, node_url
 from config import PubSubSettings, RedisSettings
 
-__all__ = ["CLIENTS_PUBSUB", "PubSub"]
+__all__ = ["CLIENTS_PUBSUB", "PubSub", "changes_channel"]
+
+
+def changes_channel(prefix: str) -> str:
+    return f"{prefix}internal:changes"
 
 # The name of the second pub/sub actor: the channels agents and clients can
 # publish on, and WebSocket clients (the daemon's own channels are on "pubsub").
@@ -50,12 +54,16 @@ _LISTENER_FAILURES: tuple[type[BaseException], ...] = (
 
 # ARGV: the events channel, then (kind channel, message) pairs. Every event in
 # one round trip, to both of its channels.
+# ARGV: {prefix}events, {prefix}internal:changes, then (channel, body) pairs;
+# the batch is told once on the changes channel, after its events.
 PUBLISH_MANY = """
-for i = 2, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   redis.call('PUBLISH', ARGV[1], ARGV[i + 1])
   redis.call('PUBLISH', ARGV[i], ARGV[i + 1])
 end
-return (#ARGV - 1) / 2
+local n = (#ARGV - 2) / 2
+redis.call('PUBLISH', ARGV[2], tostring(n))
+return n
 """
 
 
@@ -112,6 +120,12 @@ class PubSub(RedisClientActor):
     @property
     def events_channel(self) -> str:
         return f"{self.redis_settings.prefix}events"
+
+    @property
+    def changes_channel(self) -> str:
+        """Told once per batch of events relayed: what the list caches follow
+        (one message a batch, not one an event, for every daemon to read)."""
+        return changes_channel(self.redis_settings.prefix)
 
     def channel_of(self, kind: str) -> str:
         return f"{self.redis_settings.prefix}{kind}"
@@ -359,7 +373,7 @@ class PubSub(RedisClientActor):
 
     @handles(RelayEvents)
     async def _relay_events(self, msg: RelayEvents) -> int:
-        args: list[Any] = [self.events_channel]
+        args: list[Any] = [self.events_channel, self.changes_channel]
         for kind, body in msg.events:
             args += (self.channel_of(kind), body)
         try:

@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from actors import Actor, FatalActorError, Health
-from actors.pubsub import Subscription
+from actors.pubsub import Subscription, changes_channel
 from jarvisd.http import api, console, health, openapi
 from jarvisd.http.followers import Followers
 from jarvisd.http.keys import FOLLOWERS, HTTP_METRICS, RUNTIME, SHARES, TRANSPORTS
@@ -91,10 +91,11 @@ class HttpServer(Actor):
         self._port: int | None = None
         prefix = runtime.settings.redis.prefix
         # The principal cache follows {prefix}internal:principals, the list
-        # cache {prefix}events: while a subscription is down its cache is off.
+        # cache {prefix}internal:changes (told once per batch of events
+        # relayed): while a subscription is down its cache is off.
         self.subscriptions = [
             _cache_subscription(runtime, internal_channel(prefix), runtime.principals),
-            _cache_subscription(runtime, f"{prefix}events", runtime.lists),
+            _cache_subscription(runtime, changes_channel(prefix), runtime.lists),
         ]
 
     async def on_start(self) -> None:
