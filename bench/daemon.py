@@ -4,6 +4,7 @@ PostgreSQL, its own key prefix on the bench Redis, stopped afterwards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -17,6 +18,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import asyncpg
 
 from bench.report import Report
@@ -101,9 +103,18 @@ async def bench_daemon(
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("the daemon did not come up")
             await asyncio.sleep(0.1)
-        await asyncio.sleep(0.3)
         with open(token_file) as fh:  # noqa: ASYNC230 - a few bytes, once
             token = fh.read().strip()
+        # Measured from ready on, as an operator's traffic would be.
+        async with aiohttp.ClientSession() as http:
+            while True:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"http://127.0.0.1:{port}/health/ready") as resp:
+                        if resp.status == 200:
+                            break
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise RuntimeError("the daemon did not become ready")
+                await asyncio.sleep(0.05)
         yield BenchDaemon(
             base=f"http://127.0.0.1:{port}",
             port=port,

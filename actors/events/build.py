@@ -3,8 +3,6 @@ one function per change, each filling every field of its event type."""
 
 from __future__ import annotations
 
-import itertools
-import secrets
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -52,9 +50,6 @@ CommandRef = tuple[str, str] | None
 
 # -- the envelope --------------------------------------------------------------------------------
 _last_ts: tuple[int, str] = (0, "")
-# Event ids: random per process, then a counter: unique, and cheap to make.
-_ID_PREFIX = secrets.token_hex(8)
-_ids = itertools.count(1)
 
 
 def now() -> str:
@@ -68,10 +63,9 @@ def now() -> str:
 
 
 def publish(data: EventData, user_id: int | None) -> Published:
-    """``data`` as a new event, with the kind (channel) it belongs to."""
-    return data.KIND, Event(
-        id=f"{_ID_PREFIX}-{next(_ids):x}", type=data.TYPE, ts=now(), user_id=user_id, data=data
-    )
+    """``data`` as a new event, with the kind (channel) it belongs to. Its
+    id is given by the outbox, as it is written (``outbox.store``)."""
+    return data.KIND, Event(id="", type=data.TYPE, ts=now(), user_id=user_id, data=data)
 
 
 # -- built from the rows as committed ------------------------------------------------------------

@@ -158,7 +158,10 @@ class Relay(Actor):
                 await self._prune()
             except asyncpg.UndefinedTableError:  # the outbox's migration is not applied yet
                 self.log.debug("relay_waiting", reason="the events table is not there yet")
-                await asyncio.sleep(_RETRY)
+                # The first commit's Wake ends the wait: the daemon's first
+                # events go out as they are made, not a retry later.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), _RETRY)
                 continue
             except CONNECTION_LOST as exc:
                 self._failed(exc)

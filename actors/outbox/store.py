@@ -32,8 +32,9 @@ _HEAD = b'{"v":1,"id":""'
 
 def body_of(evt: Event) -> str:
     """The event's JSON after its id: what the outbox keeps."""
-    encoded = _encoder.encode(msgspec.structs.replace(evt, id=""))
-    assert encoded.startswith(_HEAD), encoded[:40]
+    encoded = _encoder.encode(evt if evt.id == "" else msgspec.structs.replace(evt, id=""))
+    if not encoded.startswith(_HEAD):
+        raise AssertionError(encoded[:40])
     return encoded[len(_HEAD) :].decode()
 
 
@@ -48,10 +49,14 @@ async def record(conn: asyncpg.Connection, published: list[Published]) -> list[W
     if not published:
         return []
     bodies = [body_of(evt) for _kind, evt in published]
-    await conn.execute("SELECT pg_advisory_xact_lock($1)", OUTBOX_LOCK)
+    # One round trip: the rows to insert are sorted before the first one is
+    # inserted (and given its id), and the sort's input joins the lock, so
+    # the lock is held before any id is taken.
     row = await conn.fetchrow(
-        "WITH written AS (INSERT INTO events (kind, type, user_id, body) "
-        "SELECT k, t, u, b FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) "
+        "WITH locked AS MATERIALIZED (SELECT pg_advisory_xact_lock($6) AS held), "
+        "written AS (INSERT INTO events (kind, type, user_id, body) "
+        "SELECT k, t, u, b FROM locked, "
+        "unnest($1::text[], $2::text[], $3::bigint[], $4::text[]) "
         "WITH ORDINALITY AS x(k, t, u, b, n) ORDER BY n RETURNING id) "
         "SELECT ids, pg_notify($5, ids[array_upper(ids, 1)]::text) "
         "FROM (SELECT array_agg(id ORDER BY id) AS ids FROM written) taken",
@@ -60,6 +65,7 @@ async def record(conn: asyncpg.Connection, published: list[Published]) -> list[W
         [evt.user_id for _kind, evt in published],
         bodies,
         NOTIFY_CHANNEL,
+        OUTBOX_LOCK,
     )
     return [
         (event_id, kind, wire(event_id, body))

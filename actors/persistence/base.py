@@ -48,12 +48,30 @@ class Writing:
         self.events.extend(published)
 
 
+# The ratings given under the policy in force (a reload brings a new policy
+# object, and forgets them); at most _RATED actions at a time.
+_rated: tuple[ApprovalSettings | None, dict[tuple[str, int], Rating]] = (None, {})
+_RATED = 4096
+
+
 def rate(policy: ApprovalSettings, action: str, asked: int | None) -> Rating:
     """The score of ``action`` (the policy's, or the requester's ``asked``
-    when higher), what gave it, and the quorum of its category."""
-    score, rule = policy.explain(action, asked or 0)
-    quorum = policy.quorum_of(risk_category(score))
-    return Rating(score, rule, quorum.approvals, quorum.admins or 0)
+    when higher), what gave it, and the quorum of its category. Remembered
+    per policy: the bus rates every command it reads, mostly the same few."""
+    global _rated
+    if _rated[0] is not policy:
+        _rated = (policy, {})
+    known = _rated[1]
+    key = (action, asked or 0)
+    found = known.get(key)
+    if found is None:
+        score, rule = policy.explain(action, asked or 0)
+        quorum = policy.quorum_of(risk_category(score))
+        found = Rating(score, rule, quorum.approvals, quorum.admins or 0)
+        if len(known) >= _RATED:
+            known.clear()
+        known[key] = found
+    return found
 
 
 # Seconds: how long requests wait for a decision, and how old pending ones are.

@@ -41,6 +41,7 @@ __all__ = ["CLIENTS_PUBSUB", "PubSub", "changes_channel"]
 def changes_channel(prefix: str) -> str:
     return f"{prefix}internal:changes"
 
+
 # The name of the second pub/sub actor: the channels agents and clients can
 # publish on, and WebSocket clients (the daemon's own channels are on "pubsub").
 CLIENTS_PUBSUB = "pubsub-clients"

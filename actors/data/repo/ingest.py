@@ -9,6 +9,7 @@ and reported.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from datetime import datetime
 from typing import Literal
@@ -121,7 +122,11 @@ async def ingest_commands(
     keys = list(zip(senders, request_ids, strict=True))
     scores = [r.score for r in ratings]
     statuses = ["awaiting_approval" if s >= threshold else "approved" for s in scores]
-    async with conn.transaction():
+    # Atomic: in the caller's transaction (the persistence actor's, which
+    # also writes the events), else in one of its own; never a savepoint,
+    # which would cost two more round trips a batch.
+    tx = contextlib.nullcontext() if conn.is_in_transaction() else conn.transaction()
+    async with tx:
         inserted = await conn.fetch(
             _INGEST,
             request_ids,
