@@ -10,6 +10,12 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: run test check lint types fmt bench clean distclean
 
+# The daemon's modules as bytecode, as an installed package has them: a start
+# then reads them instead of compiling every module again (PYTHONDONTWRITEBYTECODE
+# set in the environment would otherwise leave them uncompiled). Up-to-date
+# files are skipped.
+BYTECODE = $(BIN)/python -m compileall -q config actors jarvisd bench > /dev/null
+
 $(RUNTIME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
@@ -22,10 +28,12 @@ $(STAMP): $(RUNTIME)
 
 ## run: start the daemon on the default embedded config (./jarvisd.toml)
 run: $(RUNTIME)
+	$(BYTECODE)
 	$(BIN)/jarvisd run --config jarvisd.toml
 
 ## test: the whole test suite; servers are embedded unless JARVISD_TEST_* name external ones
 test: $(STAMP)
+	$(BYTECODE)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
@@ -44,6 +52,7 @@ fmt: $(STAMP)
 ## with BENCH_JSON=FILE each also writes its figures, floors and ratios to FILE
 JSON_ARG = $(if $(BENCH_JSON),--json $(BENCH_JSON))
 bench: $(STAMP)
+	$(BYTECODE)
 	$(BIN)/python -m bench.cache $(JSON_ARG)
 	$(BIN)/python -m bench.commands $(JSON_ARG)
 	$(BIN)/python -m bench.bus $(JSON_ARG)
@@ -60,6 +69,7 @@ check: lint types test
 
 clean:
 	rm -rf .pytest_cache .mypy_cache .ruff_cache build *.egg-info
+	find config actors jarvisd bench tests examples -name __pycache__ -prune -exec rm -rf {} +
 
 ## distclean: all that make run made, including what embedded mode keeps outside var/ as root
 distclean: clean
