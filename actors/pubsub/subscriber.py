@@ -41,6 +41,19 @@ class Subscriber:
     dropped with a reason, never allowed to slow the others) or loses that
     message (``overflow="drop"``: internal consumers). Both are counted."""
 
+    __slots__ = (
+        "_queue",
+        "channels",
+        "closed",
+        "dropped",
+        "id",
+        "name",
+        "on_close",
+        "overflow",
+        "patterns",
+        "sink",
+    )
+
     def __init__(
         self,
         name: str,
@@ -55,11 +68,22 @@ class Subscriber:
         self.overflow = overflow
         self.sink = sink
         self.on_close = on_close
-        self.queue: asyncio.Queue[Delivery] = asyncio.Queue(maxsize=queue_size)
+        # Made only for a subscriber without a sink: a WebSocket's costs none
+        # (a queue is four deques, some 3 KB, for each of thousands of sockets).
+        self._queue: asyncio.Queue[Delivery] | None = (
+            asyncio.Queue(maxsize=queue_size) if sink is None else None
+        )
         self.channels: set[str] = set()
         self.patterns: set[str] = set()
         self.closed: str | None = None  # why, once closed
         self.dropped = 0
+
+    @property
+    def queue(self) -> asyncio.Queue[Delivery]:
+        """The queue of a subscriber without a sink."""
+        if self._queue is None:
+            raise TypeError(f"subscriber {self.name} has a sink, not a queue")
+        return self._queue
 
     def offer(self, item: Delivery) -> bool:
         """Take ``item`` without waiting; False when there is no room for it."""
@@ -80,8 +104,9 @@ class Subscriber:
                 self.on_close(reason)
             # Wakes a reader waiting on an empty queue; a full one has items
             # to read first, and then finds it closed.
-            with contextlib.suppress(asyncio.QueueFull):
-                self.queue.put_nowait(_CLOSED)
+            if self._queue is not None:
+                with contextlib.suppress(asyncio.QueueFull):
+                    self._queue.put_nowait(_CLOSED)
 
     async def next(self) -> Delivery | None:
         """The next delivery, or None once the subscriber is closed."""

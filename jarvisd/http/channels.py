@@ -26,7 +26,7 @@ from actors.data.model import Principal
 from actors.pubsub import Delivery
 from jarvisd.runtime import Runtime
 
-__all__ = ["CHANNEL_RE", "PATTERN_RE", "Channel", "Pattern", "Rules"]
+__all__ = ["CHANNEL_RE", "PATTERN_RE", "Channel", "Pattern", "Rules", "rules_of"]
 
 CHANNEL_RE = r"^[A-Za-z0-9_.:@/-]{1,200}$"
 PATTERN_RE = r"^[A-Za-z0-9_.:@/*?\[\]^-]{1,200}$"
@@ -94,6 +94,20 @@ class Rules:
         if channel.startswith(self.prefix):
             return who.role == "admin"
         return self.allowed(channel)
+
+
+_shared: tuple[object, Rules | None] = (None, None)
+
+
+def rules_of(rt: Runtime) -> Rules:
+    """The rules of the daemon's settings as they are now, shared by every
+    socket made under them (a reload makes new ones for the sockets after)."""
+    global _shared
+    settings, rules = _shared
+    if settings is not rt.settings or rules is None:
+        rules = Rules(rt)
+        _shared = (rt.settings, rules)
+    return rules
 
 
 @functools.lru_cache(maxsize=4096)

@@ -82,7 +82,12 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
                 503, "Draining", "jarvisd is shutting down", headers={"Retry-After": "5"}
             )
         else:
-            response = await _guarded(request, handler)
+            # The route's errors answered here (no coroutine of its own: one
+            # frame less on every request).
+            try:
+                response = await handler(request)
+            except Exception as exc:
+                response = _answer(request, exc)
         status = response.status
         return response
     finally:
@@ -95,51 +100,61 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except ProblemError as exc:
+    except Exception as exc:
+        return _answer(request, exc)
+
+
+def _answer(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The problem document for what a route raised (called in its ``except``:
+    a redirect is raised again, as it is)."""
+    if isinstance(exc, ProblemError):
         return exc.response()
-    except web.HTTPRequestEntityTooLarge as exc:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return problem(
             413, "Payload too large", exc.text or "request body over http.max_body_bytes"
         )
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status >= 400:
             allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
             detail = f"{request.method} {request.path}: {exc.reason.lower()}"
             return problem(exc.status, exc.reason, detail, headers=allow)
-        raise
-    except (NotFound, SessionNotFound) as exc:
+        raise exc  # a redirect, as it is
+    if isinstance(exc, (NotFound, SessionNotFound)):
         return problem(404, "Not found", str(exc).strip("'\""))
-    except Conflict as exc:
+    if isinstance(exc, Conflict):
         extra = {"current": msgspec.to_builtins(exc.current)} if exc.current is not None else None
         return problem(409, "Conflict", str(exc), extra=extra)
-    except SessionConflict as exc:
+    if isinstance(exc, SessionConflict):
         return problem(409, "Conflict", str(exc), extra={"currentVersion": exc.current})
-    except Forbidden as exc:
+    if isinstance(exc, Forbidden):
         return problem(403, "Forbidden", str(exc))
-    except (Invalid, CacheError) as exc:
+    if isinstance(exc, (Invalid, CacheError)):
         return problem(400, "Bad request", str(exc))
-    except asyncpg.DataError as exc:
+    if isinstance(exc, asyncpg.DataError):
         # Input the schema let through but PostgreSQL cannot store (NUL in text, \u0000 in JSON, ...).
         return problem(400, "Invalid data", exc.args[0] if exc.args else type(exc).__name__)
-    except UnicodeError:
+    if isinstance(exc, UnicodeError):
         return problem(400, "Invalid data", "text that is not valid Unicode")
-    except ClientGone:
+    if isinstance(exc, ClientGone):
         log.info("http_client_gone", route=_route_name(request), method=request.method)
         return problem(400, "Bad request", "the client closed the connection")
-    except (
-        MailboxFull,
-        ActorDead,
-        ActorStopped,
-        AskTimeout,
-        Unavailable,
-        RedisUnavailable,  # the cache's and the sessions' too
-        WatchersFull,
-    ) as exc:
+    if isinstance(
+        exc,
+        (
+            MailboxFull,
+            ActorDead,
+            ActorStopped,
+            AskTimeout,
+            Unavailable,
+            RedisUnavailable,  # the cache's and the sessions' too
+            WatchersFull,
+        ),
+    ):
         return problem(503, "Service unavailable", str(exc), headers={"Retry-After": "1"})
-    except Exception:
-        # The route's template, never the path: a path may hold a session id.
-        log.exception("http_handler_failed", route=_route_name(request), method=request.method)
-        return problem(500, "Internal error", "the request failed; the daemon log has the details")
+    # Anything else is a bug. The route's template is logged, never the
+    # path: a path may hold a session id.
+    log.exception("http_handler_failed", route=_route_name(request), method=request.method)
+    return problem(500, "Internal error", "the request failed; the daemon log has the details")
 
 
 def _overloaded(request: web.Request, why: str) -> web.Response:

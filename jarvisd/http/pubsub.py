@@ -5,7 +5,6 @@ Who may publish and see what: ``channels``; one WebSocket client: ``ws_session``
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import msgspec
@@ -63,6 +62,9 @@ async def publish(request: web.Request, who: Principal) -> web.Response:
 
 
 async def websocket(request: web.Request) -> web.StreamResponse:
+    """Authenticate (the upgrade's header, else the first frame), take the
+    caller's place, then serve the socket. One coroutine to the session's
+    own: thousands of sockets each hold the frames of this chain."""
     reject_unknown_params(request, ())
     rt = request.app[RUNTIME]
     # Uncompressed: a message is encoded once and the same frame goes to every client.
@@ -81,51 +83,46 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             f"{limit} WebSocket clients are connected (http.max_websockets)",
             headers={"Retry-After": "5"},
         )
+    shares, http = request.app[SHARES], rt.settings.http
+    place: str | None = None  # the principal whose WebSocket place this one holds
     metrics.websockets += 1
     try:
-        with contextlib.ExitStack() as held:
-            return await _serve(request, ws, held)
+        # Invalidations from here on, before the socket follows its credential,
+        # are not missed: the session checks again if any came (``since``).
+        since = rt.principals.generation
+        who = await authenticate(request)  # 401 for bad credentials; none: an auth op first
+        token = bearer(request)
+        if who is not None:
+            try:
+                place = _take_place(shares, who, http.max_websockets_per_principal)
+            except Full as exc:
+                raise _too_many(exc) from None
+            await ws.prepare(request)
+        else:
+            try:
+                authed = await _wait_for_auth(request, ws)
+            except Full as exc:
+                raise _too_many(exc) from None
+            if authed is None:
+                return ws
+            who, token = authed
+            try:
+                place = _take_place(shares, who, http.max_websockets_per_principal)
+            except Full as exc:
+                await ws.close(code=WS_POLICY, message=str(exc).encode()[:120])
+                return ws
+            try:
+                await ws.send_str(
+                    encoder.encode({"type": "authenticated", "user": who.name}).decode()
+                )
+            except ConnectionResetError:
+                return ws  # gone right after authenticating
+        await Session(rt, request, ws, who, token).run(since)
+        return ws
     finally:
         metrics.websockets -= 1
-
-
-async def _serve(
-    request: web.Request, ws: web.WebSocketResponse, held: contextlib.ExitStack
-) -> web.StreamResponse:
-    """Authenticate (the upgrade's header, else the first frame), take the
-    caller's place, then serve the socket; ``held`` gives the places back."""
-    rt = request.app[RUNTIME]
-    shares, http = request.app[SHARES], rt.settings.http
-    # Invalidations from here on, before the socket follows its credential,
-    # are not missed: the session checks again if any came (``since``).
-    since = rt.principals.generation
-    who = await authenticate(request)  # 401 for bad credentials; none: an auth op first
-    token = bearer(request)
-    if who is not None:
-        try:
-            held.enter_context(_place(shares, who, http.max_websockets_per_principal))
-        except Full as exc:
-            raise _too_many(exc) from None
-        await ws.prepare(request)
-    else:
-        try:
-            authed = await _wait_for_auth(request, ws)
-        except Full as exc:
-            raise _too_many(exc) from None
-        if authed is None:
-            return ws
-        who, token = authed
-        try:
-            held.enter_context(_place(shares, who, http.max_websockets_per_principal))
-        except Full as exc:
-            await ws.close(code=WS_POLICY, message=str(exc).encode()[:120])
-            return ws
-        try:
-            await ws.send_str(encoder.encode({"type": "authenticated", "user": who.name}).decode())
-        except ConnectionResetError:
-            return ws  # gone right after authenticating
-    await Session(rt, request, ws, who, token).run(since)
-    return ws
+        if place is not None:
+            shares.give(shares.websockets, place)
 
 
 async def _wait_for_auth(
@@ -164,10 +161,11 @@ def _too_many(exc: Full) -> ProblemError:
     return ProblemError(429, "Too many requests", str(exc), headers={"Retry-After": "5"})
 
 
-def _place(shares: Shares, who: Principal, limit: int) -> contextlib.AbstractContextManager[None]:
-    return shares.hold(
-        shares.websockets, principal_key(who), limit, "http.max_websockets_per_principal"
-    )
+def _take_place(shares: Shares, who: Principal, limit: int) -> str:
+    """A WebSocket place of ``who``'s share; returns whose, to give back."""
+    key = principal_key(who)
+    shares.take(shares.websockets, key, limit, "http.max_websockets_per_principal")
+    return key
 
 
 async def _first_auth(

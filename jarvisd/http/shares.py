@@ -96,17 +96,24 @@ class Shares:
         for p in patterns:
             _less(self.patterns, p, 1)
 
-    @contextlib.contextmanager
-    def hold(self, counter: Counter[str], key: str, limit: int, setting: str) -> Iterator[None]:
-        """One place of ``key``'s share while the block runs; Full past ``limit``."""
+    def take(self, counter: Counter[str], key: str, limit: int, setting: str) -> None:
+        """One place of ``key``'s share (given back with ``give``); Full past ``limit``."""
         if counter[key] >= limit:
             self.refused += 1
             raise Full(f"too many at once for {key.split(':')[0]}", limit, setting)
         counter[key] += 1
+
+    def give(self, counter: Counter[str], key: str) -> None:
+        _less(counter, key, 1)
+
+    @contextlib.contextmanager
+    def hold(self, counter: Counter[str], key: str, limit: int, setting: str) -> Iterator[None]:
+        """One place of ``key``'s share while the block runs; Full past ``limit``."""
+        self.take(counter, key, limit, setting)
         try:
             yield
         finally:
-            _less(counter, key, 1)
+            self.give(counter, key)
 
 
 def _less(counter: Counter[str], key: str, n: int) -> None:

@@ -13,6 +13,7 @@ what was pruned starts with a ``subscription.gap``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -42,13 +43,21 @@ def event_id(data: bytes) -> int | None:
     return int(raw) if raw.isdigit() else None
 
 
+@functools.cache
+def _channel_kinds(prefix: str) -> dict[str, str]:
+    """The event channels of one kind, by name."""
+    return {f"{prefix}commands": "commands", f"{prefix}approvals": "approvals"}
+
+
 class Resume:
     """The event channels' state of one socket: the last id each had, and
     what is held while a replay runs."""
 
+    __slots__ = ("all", "held", "kinds", "replaying", "seen")
+
     def __init__(self, prefix: str) -> None:
         self.all = f"{prefix}events"
-        self.kinds = {f"{prefix}commands": "commands", f"{prefix}approvals": "approvals"}
+        self.kinds = _channel_kinds(prefix)  # shared: read only
         self.seen: dict[str, int] = {}  # event channel -> the last id it had
         self.replaying = 0  # replays running
         self.held: list[Delivery] = []

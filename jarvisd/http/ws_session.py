@@ -29,7 +29,7 @@ from aiohttp import WSMsgType, web
 from actors.data.model import Principal
 from actors.pubsub import Delivery, Detach, Subscribe, Subscriber, Unsubscribe
 from jarvisd.http.auth import Unauthorized, principal_of
-from jarvisd.http.channels import Channel, Pattern, Rules
+from jarvisd.http.channels import Channel, Pattern, rules_of
 from jarvisd.http.keys import FOLLOWERS, SHARES
 from jarvisd.http.shares import principal_key
 from jarvisd.http.ws_replay import Resume
@@ -109,6 +109,34 @@ class Session:
     (no task, no copy per client): a client whose socket buffer passes
     ``pubsub.client_buffer_bytes`` is closed with 1013."""
 
+    # Slots: thousands of sessions, each without a dict of its own.
+    __slots__ = (
+        "_again",
+        "_checking",
+        "_ending",
+        "_tasks",
+        "_timer",
+        "_writer",
+        "held_channels",
+        "held_patterns",
+        "key",
+        "limit",
+        "out",
+        "out_bytes",
+        "pubsub",
+        "request",
+        "resume",
+        "rt",
+        "rules",
+        "share_key",
+        "shares",
+        "sub",
+        "token",
+        "user_id",
+        "who",
+        "ws",
+    )
+
     def __init__(
         self,
         rt: Runtime,
@@ -126,17 +154,23 @@ class Session:
         self.token = token
         self.key = bearer_key(token) if token is not None else None
         self.user_id = who.user_id
-        self.rules = Rules(rt)
+        self.rules = rules_of(rt)
         self.pubsub = rt.clients
         self.limit = rt.settings.pubsub.client_buffer_bytes
         self.sub = Subscriber(f"ws:{who.name}", sink=self._deliver, on_close=self._closed)
-        # Deliveries not written yet, and their size.
-        self.out: collections.deque[bytes] = collections.deque()
+        # An idle socket holds no task of its own and no queue: each helper
+        # is made when it has something to do (thousands of sockets, each
+        # costing only what it uses). The session's TaskGroup, while it runs.
+        self._tasks: asyncio.TaskGroup | None = None
+        # A replay's frames (and what came behind them) not written yet, their
+        # size, and the task writing them: made with the first replay.
+        self.out: collections.deque[bytes] | None = None
         self.out_bytes = 0
-        self._written = asyncio.Event()  # the writer has something to write
-        self._recheck = asyncio.Event()  # the credential is to be checked again
+        self._writer: asyncio.Task[None] | None = None
+        self._checking: asyncio.Task[None] | None = None  # the credential being checked
+        self._again = False  # and to be checked once more when that ends
+        self._timer: asyncio.TimerHandle | None = None  # the credential's next check by time
         self._ending: tuple[int, str] | None = None  # (close code, reason) once ending
-        self._end_now = asyncio.Event()
         # What this socket counts against its user's share of subscriptions.
         self.shares = request.app[SHARES]
         self.share_key = principal_key(who)
@@ -191,30 +225,43 @@ class Session:
         if self.out:  # behind a replay's frames: in order, through the writer
             self.out.append(frame)
             self.out_bytes += len(frame)
-            self._written.set()
+            self._write_soon()
         else:
             # Nothing waits before it: the frame goes straight to the socket
             # (frames are written whole, so aiohttp's own never interleave).
             transport.write(frame)
         return True
 
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None] | None:
+        """A helper in the session's TaskGroup; none once the session is over."""
+        if self._tasks is None:
+            coro.close()
+            return None
+        return self._tasks.create_task(coro, name=name)
+
+    def _write_soon(self) -> None:
+        if self._writer is None or self._writer.done():
+            self._writer = self._spawn(self._write(), "ws.write")
+
     async def _write(self) -> None:
         """What waits in ``out`` (a replay's frames, and what came behind
-        them), in order, then the socket's buffer drained below half the allowance."""
-        while True:
-            await self._written.wait()
-            self._written.clear()
-            transport = self.request.transport
-            while self.out:
-                if transport is None or transport.is_closing() or self.ws.closed:
-                    return  # the client went away: reading ends too
-                frame = self.out.popleft()
+        them), in order, each once the socket's buffer is below half the
+        allowance; ends when ``out`` is empty (later frames go straight out)."""
+        transport = self.request.transport
+        out = self.out
+        while out:
+            if transport is None or transport.is_closing() or self.ws.closed:
+                out.clear()
+                self.out_bytes = 0
+                return  # the client went away: reading ends too
+            while transport.get_write_buffer_size() > self.limit // 2:
+                await asyncio.sleep(0.002)
+                if transport.is_closing():
+                    break
+            else:
+                frame = out.popleft()
                 self.out_bytes -= len(frame)
                 transport.write(frame)
-                while transport.get_write_buffer_size() > self.limit // 2:
-                    if transport.is_closing():
-                        return
-                    await asyncio.sleep(0.002)
 
     def _closed(self, reason: str) -> None:
         """The pub/sub actor let the subscriber go (too slow, or stopping)."""
@@ -224,20 +271,23 @@ class Session:
     def _end(self, code: int, reason: str) -> None:
         if self._ending is None and not self.ws.closed:
             self._ending = (code, reason)
-            self._end_now.set()
+            self._spawn(self._close(code, reason), "ws.close")
 
     # -- following the credential --------------------------------------------------------
     def recheck_soon(self) -> None:
         """An invalidation named this socket's user or credential: check it
         again now (once more after, if another arrives meanwhile)."""
-        if self.token is not None:
-            self._recheck.set()
+        if self.token is None or self._ending is not None:
+            return
+        if self._tasks is None or (self._checking is not None and not self._checking.done()):
+            self._again = True  # not started yet, or checking: once more after
+            return
+        self._checking = self._spawn(self._recheck(), "ws.recheck")
 
-    async def _rechecking(self) -> None:
+    async def _recheck(self) -> None:
         assert self.token is not None
         while True:
-            await self._recheck.wait()
-            self._recheck.clear()
+            self._again = False
             try:
                 who = await principal_of(self.rt, self.token)
             except Unauthorized as exc:
@@ -246,24 +296,30 @@ class Session:
             except Exception as exc:  # the database did not answer: try again shortly
                 log.info("ws_recheck_failed", error=repr(exc))
                 await asyncio.sleep(1)
-                self._recheck.set()
                 continue
             if who.user_id != self.who.user_id:
                 self._end(WS_POLICY, "credentials no longer valid")
                 return
             if who.role != self.who.role:
                 await self._new_role(who)
+            if not self._again:
+                return
 
-    async def _watch_time(self) -> None:
+    def _watch_time(self) -> None:
         """A credential also ends by time — a token's expiry, a login
         session's deadline or idle timeout: checked at its deadline, and
-        every auth.cache_ttl seconds (which also keeps a used session alive)."""
-        while True:
-            wait = self.rt.settings.auth.cache_ttl
-            if self.who.expires_at is not None:
-                wait = min(wait, max(self.who.expires_at - time.time(), 0.0) + 0.05)
-            await asyncio.sleep(wait)
+        every auth.cache_ttl seconds (which also keeps a used session alive).
+        A timer, not a task, waits for that."""
+        wait = self.rt.settings.auth.cache_ttl
+        if self.who.expires_at is not None:
+            wait = min(wait, max(self.who.expires_at - time.time(), 0.0) + 0.05)
+        self._timer = asyncio.get_running_loop().call_later(wait, self._time_is_up)
+
+    def _time_is_up(self) -> None:
+        self._timer = None
+        if self._tasks is not None and self._ending is None:
             self.recheck_soon()
+            self._watch_time()
 
     async def _new_role(self, who: Principal) -> None:
         """The user's role changed: what it may no longer see goes."""
@@ -282,10 +338,7 @@ class Session:
                 }
             )
 
-    async def _closer(self) -> None:
-        await self._end_now.wait()
-        assert self._ending is not None
-        code, reason = self._ending
+    async def _close(self, code: int, reason: str) -> None:
         # A client too slow to read may not read the close frame either: bound the wait.
         try:
             async with asyncio.timeout(2):
@@ -302,28 +355,39 @@ class Session:
         the credential was checked (anything invalidated after, checked again)."""
         followers = self.request.app[FOLLOWERS]
         followers.add(self)
-        if self.rt.principals.generation != since:
-            self.recheck_soon()
         try:
             async with asyncio.TaskGroup() as tasks:
-                helpers = [
-                    tasks.create_task(self._write(), name="ws.write"),
-                    tasks.create_task(self._closer(), name="ws.close"),
-                ]
+                self._tasks = tasks
                 if self.token is not None:
-                    helpers.append(tasks.create_task(self._watch_time(), name="ws.time"))
-                    helpers.append(tasks.create_task(self._rechecking(), name="ws.recheck"))
+                    self._watch_time()
+                if self.rt.principals.generation != since or self._again:
+                    self.recheck_soon()
                 try:
-                    await self._read()
+                    # The ops, read here (not in a coroutine of their own: a
+                    # frame less for each of thousands of sockets).
+                    async for msg in self.ws:
+                        if msg.type != WSMsgType.TEXT:
+                            await self._send({"type": "error", "error": "send JSON text frames"})
+                            continue
+                        try:
+                            op = op_decoder.decode(msg.data)
+                        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+                            await self._send({"type": "error", "error": f"invalid op: {exc}"})
+                            continue
+                        await self._do(op)
                 except ConnectionResetError:
                     # The client went away while it was being answered: its own
                     # doing, not a server error.
                     log.info("ws_client_gone", user=self.who.name)
                 finally:
-                    for task in helpers:
-                        if task.get_name() != "ws.close" or self._ending is None:
+                    # Helpers end with the socket; a close under way finishes.
+                    if self._timer is not None:
+                        self._timer.cancel()
+                    for task in (self._writer, self._checking):
+                        if task is not None:
                             task.cancel()
         finally:
+            self._tasks = None
             followers.remove(self)
             self._give_back(tuple(self.held_channels), tuple(self.held_patterns))
             self.sub.on_close = None  # leaving anyway
@@ -361,24 +425,14 @@ class Session:
 
     def _queue_replayed(self, item: Delivery) -> None:
         frame = _frame(_payload(item))
+        if self.out is None:
+            self.out = collections.deque()
         self.out.append(frame)
         self.out_bytes += len(frame)
-        self._written.set()
+        self._write_soon()
 
     async def _send(self, doc: dict[str, Any]) -> None:
         await self.ws.send_str(encoder.encode(doc).decode())
-
-    async def _read(self) -> None:
-        async for msg in self.ws:
-            if msg.type != WSMsgType.TEXT:
-                await self._send({"type": "error", "error": "send JSON text frames"})
-                continue
-            try:
-                op = op_decoder.decode(msg.data)
-            except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                await self._send({"type": "error", "error": f"invalid op: {exc}"})
-                continue
-            await self._do(op)
 
     async def _do(self, op: Op) -> None:
         if op.op == "ping":
