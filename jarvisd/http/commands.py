@@ -72,10 +72,18 @@ def _owns(who: Principal, *ids: int | None) -> bool:
 
 # -- commands ---------------------------------------------------------------------------------------
 async def _cached_list(
-    request: web.Request, who: Principal, spec: Any, make: Callable[..., Any], forced_column: str
+    request: web.Request,
+    who: Principal,
+    spec: Any,
+    make: Callable[..., Any],
+    forced_column: str,
+    *,
+    as_json: bool,
 ) -> web.Response:
     """A list answer, from the list cache when the same caller scope asked the
-    same query since the last change."""
+    same query since the last change; ``as_json``: the items written as JSON
+    by PostgreSQL (rows with much context to gather), else read as rows and
+    encoded here (plain rows: cheaper for the database and in all)."""
     forced = None if _sees_all(who) else {forced_column: who.user_id}
     lq, count = list_query(request, spec, forced)
     lists = request.app[RUNTIME].lists
@@ -86,7 +94,7 @@ async def _cached_list(
         body, headers = hit
         return web.Response(body=body, content_type="application/json", headers=headers)
     generation = lists.generation
-    page = await actors_of(request).persistence.ask(make(query=lq, count=count, as_json=True))
+    page = await actors_of(request).persistence.ask(make(query=lq, count=count, as_json=as_json))
     response = listed(page, count)
     assert isinstance(response.body, bytes)
     headers = {"Preference-Applied": f"count={count}"} if count else None
@@ -101,7 +109,7 @@ def _changed(request: web.Request) -> None:
 
 @require()
 async def list_commands(request: web.Request, who: Principal) -> web.Response:
-    return await _cached_list(request, who, COMMANDS, m.ListCommands, "user_id")
+    return await _cached_list(request, who, COMMANDS, m.ListCommands, "user_id", as_json=False)
 
 
 async def _visible_command(request: web.Request, who: Principal, command_id: int) -> Command:
@@ -166,7 +174,9 @@ async def update_command(request: web.Request, who: Principal) -> web.Response:
 # -- approvals ----------------------------------------------------------------------------------------
 @require()
 async def list_approvals(request: web.Request, who: Principal) -> web.Response:
-    return await _cached_list(request, who, APPROVALS, m.ListApprovals, "requester_id")
+    return await _cached_list(
+        request, who, APPROVALS, m.ListApprovals, "requester_id", as_json=True
+    )
 
 
 async def _visible_approval(request: web.Request, who: Principal, approval_id: int) -> Approval:

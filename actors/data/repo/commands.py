@@ -27,11 +27,12 @@ from actors.data.model import (
 from actors.data.repo.approvals import cancel_pending_for_command, insert_approval
 from actors.data.repo.common import Conflict, Invalid, JsonPage, NotFound, json_page, page
 
+# In the order of Command's fields: a listed row becomes a Command by position.
 COMMAND_COLUMNS = (
     "id, request_id, user_id, source, type, action, parameters, description, status, risk_score, "
-    "risk_category, result, error, created_at, started_at, finished_at, duration_ms, created_by, sender, "
+    "risk_category, result, error, created_at, started_at, finished_at, duration_ms, created_by, "
     "(SELECT a.id FROM approval_requests a WHERE a.command_id = commands.id ORDER BY a.id DESC LIMIT 1) "
-    "AS approval_id"
+    "AS approval_id, sender"
 )
 # What a status report may do: the target, and the statuses it may come from.
 REPORTABLE: dict[str, frozenset[str]] = {
@@ -42,6 +43,11 @@ REPORTABLE: dict[str, frozenset[str]] = {
 
 def _command(row: asyncpg.Record) -> Command:
     return Command(**dict(row))
+
+
+def _listed(row: asyncpg.Record) -> Command:
+    """A row of COMMAND_COLUMNS, by position (no dict a row: a page of fifty)."""
+    return Command(*row)
 
 
 def same_command(
@@ -295,4 +301,4 @@ async def list_commands(
 ) -> Page[Command] | JsonPage:
     if as_json:
         return await json_page(conn, COMMANDS, lq, Command, count)
-    return await page(conn, COMMANDS, lq, _command, count)
+    return await page(conn, COMMANDS, lq, _listed, count)
