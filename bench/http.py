@@ -3,7 +3,9 @@ the same run, measured with wrk (another process).
 
     python -m bench.http [--seconds 8] [--connections 50] [--many 1000] [--json FILE]
 
-Prints req/s, p50 and p99 per route and its ratio to the bare handler, then
+Prints req/s, p50 and p99 per route and its ratio to the bare handler
+(GET /commands twice: served by the list cache, and on a daemon of its own
+with the list cache off, every page read from the database), then
 1,000 concurrent keep-alive connections on GET /cache/get/{key}. Needs wrk
 (``apt-get install wrk``); says so and stops without it.
 """
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from bench.daemon import bench_daemon, run_bench
+from bench.daemon import BenchDaemon, bench_daemon, run_bench
 from bench.light import keepalive_load
 from bench.report import Report
 
@@ -106,6 +108,30 @@ def bare_server(port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
+async def _prepare(d: BenchDaemon) -> str:
+    """A cached key, an agent and its token, and 60 of its commands; the token."""
+    headers = {"Authorization": f"Bearer {d.token}"}
+    async with aiohttp.ClientSession(headers=headers) as s:
+        async with s.post(
+            f"{d.base}/cache/set", json={"key": "hot", "value": {"user": 7}, "ttl": 3600}
+        ) as r:
+            assert r.status == 200, await r.text()
+        async with s.post(
+            f"{d.base}/users", json={"username": "bench-agent", "role": "agent"}
+        ) as r:
+            agent = await r.json()
+        async with s.post(f"{d.base}/users/{agent['id']}/tokens", json={"name": "bench"}) as r:
+            agent_token: str = (await r.json())["token"]
+        for i in range(60):
+            async with s.post(
+                f"{d.base}/commands",
+                json={"action": f"act_{i % 4}", "description": "a benchmark command"},
+                headers={"Authorization": f"Bearer {agent_token}"},
+            ) as r:
+                assert r.status == 201, await r.text()
+    return agent_token
+
+
 async def run(pg: str, redis_url: str, args: argparse.Namespace, report: Report) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, args.many * 4)), hard))
@@ -114,29 +140,7 @@ async def run(pg: str, redis_url: str, args: argparse.Namespace, report: Report)
     )
     try:
         async with bench_daemon(pg, redis_url) as d:
-            headers = {"Authorization": f"Bearer {d.token}"}
-            async with aiohttp.ClientSession(headers=headers) as s:
-                async with s.post(
-                    f"{d.base}/cache/set", json={"key": "hot", "value": {"user": 7}, "ttl": 3600}
-                ) as r:
-                    assert r.status == 200, await r.text()
-                async with s.post(
-                    f"{d.base}/users", json={"username": "bench-agent", "role": "agent"}
-                ) as r:
-                    agent = await r.json()
-                async with s.post(
-                    f"{d.base}/users/{agent['id']}/tokens", json={"name": "bench"}
-                ) as r:
-                    agent_token = (await r.json())["token"]
-                for i in range(60):
-                    async with s.post(
-                        f"{d.base}/commands",
-                        json={"action": f"act_{i % 4}", "description": "a benchmark command"},
-                        headers={"Authorization": f"Bearer {agent_token}"},
-                    ) as r:
-                        assert r.status == 201, await r.text()
-                async with s.get(f"http://127.0.0.1:{BARE_PORT}/") as r:
-                    assert r.status == 200
+            agent_token = await _prepare(d)
             auth = {"Authorization": f"Bearer {agent_token}"}
             routes = [
                 ("bare aiohttp JSON handler", f"http://127.0.0.1:{BARE_PORT}/", {}),
@@ -151,6 +155,13 @@ async def run(pg: str, redis_url: str, args: argparse.Namespace, report: Report)
                 results.append((name, wrk(url, args.seconds, args.connections, hdrs)))
             many = wrk(f"{d.base}/cache/get/hot", args.seconds, args.many, auth)
             users = await _users(d.base, agent_token, args)
+        # Every list read from the database: a daemon with the list cache off.
+        async with bench_daemon(pg, redis_url, HTTP__LIST_CACHE_TTL="0") as d:
+            auth = {"Authorization": f"Bearer {await _prepare(d)}"}
+            url = f"{d.base}/commands?limit=50"
+            wrk(url, 1, args.connections, auth)  # warm up
+            name = "GET /commands?limit=50 (API token), list cache off"
+            results.append((name, wrk(url, args.seconds, args.connections, auth)))
     finally:
         bare.terminate()
         bare.wait(10)
