@@ -360,6 +360,8 @@ async def run(pg: str, redis_url: str, args: argparse.Namespace, report: Report)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, max(soft, 16384)), hard))
     os.environ["BENCH_REDIS_URL"] = redis_url
     await startup(pg, redis_url, report)
+    if args.startup_only:
+        return
     # The flood leaves a backlog of millions in the inbox: bus.max_length must hold it.
     settings = {
         "SESSIONS__MAX_PER_USER": "5000",
@@ -382,6 +384,9 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--startup-only", action="store_true", help="only start to ready (three starts)"
+    )
     parser.add_argument("--json", help="also write every figure to this file")
     args = parser.parse_args()
     run_bench(
