@@ -308,3 +308,31 @@ async def test_a_redis_restart_gives_subscribed_clients_a_gap_then_new_messages(
                 assert msg["data"] == "after"
                 await ws.close()
         await running.wait_ready()
+
+
+# -- what a socket costs ------------------------------------------------------------------------
+@pytest.mark.parametrize("redis_url", ["single"], indirect=True)
+async def test_an_idle_subscribed_socket_holds_no_task_of_its_own(api: Api) -> None:
+    """Thousands of sockets on one daemon: each holds only aiohttp's own
+    task for its connection; its helpers are made when they have work."""
+    _a, agent = await api.user("idle-agent", "agent")
+    async with aiohttp.ClientSession() as session:
+        warm = await connect(api, agent, session)
+        assert (await subscribe(warm, ("user_activity",)))["type"] == "subscribed"
+        await asyncio.sleep(0.2)
+        before = len(asyncio.all_tasks())
+        sockets = [await connect(api, agent, session) for _ in range(20)]
+        for ws in sockets:
+            assert (await subscribe(ws, ("user_activity",)))["type"] == "subscribed"
+        await asyncio.sleep(0.2)
+        # None of the session's helpers runs (they were four a socket), and
+        # the tasks added are at most aiohttp's, one a connection, here and
+        # on the client's side.
+        assert [t.get_name() for t in asyncio.all_tasks() if t.get_name().startswith("ws.")] == []
+        assert len(asyncio.all_tasks()) - before <= 2 * len(sockets)
+        assert (await publish(api, agent, "user_activity", {"n": 1}))[0] == 200
+        for ws in [warm, *sockets]:
+            (msg,) = await messages(ws, 1)
+            assert msg["data"] == {"n": 1}
+        for ws in [warm, *sockets]:
+            await ws.close()

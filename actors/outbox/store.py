@@ -49,9 +49,9 @@ async def record(conn: asyncpg.Connection, published: list[Published]) -> list[W
     if not published:
         return []
     bodies = [body_of(evt) for _kind, evt in published]
-    # One round trip: the rows to insert are sorted before the first one is
-    # inserted (and given its id), and the sort's input joins the lock, so
-    # the lock is held before any id is taken.
+    # One round trip: every row the insert takes (and gives an id) comes out
+    # of a join with the lock's row, so whatever the plan, the lock is held
+    # before the first id is taken.
     row = await conn.fetchrow(
         "WITH locked AS MATERIALIZED (SELECT pg_advisory_xact_lock($6) AS held), "
         "written AS (INSERT INTO events (kind, type, user_id, body) "

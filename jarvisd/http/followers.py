@@ -14,9 +14,13 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+import structlog
+
 from jarvisd.principals import Invalidation, PrincipalCache
 
 __all__ = ["Follower", "Followers"]
+
+log = structlog.get_logger("jarvisd", actor="http")
 
 
 class Follower(Protocol):
@@ -63,7 +67,10 @@ class Followers:
             return
         for f in named:
             self.rechecks += 1
-            f.recheck_soon()
+            try:
+                f.recheck_soon()
+            except Exception:  # one socket's fault: the others are still told
+                log.exception("ws_recheck_not_started")
 
 
 def _discard(index: dict[Any, set[Follower]], name: Any, f: Follower) -> None:

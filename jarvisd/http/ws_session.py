@@ -9,8 +9,10 @@ session's queue for its writer. A client whose unsent bytes (queued and in
 the socket's buffer) pass ``pubsub.client_buffer_bytes`` is closed with
 1013, never waited for.
 
-The session's tasks (reading ops, writing deliveries, following the
-credential, closing) belong to one TaskGroup: each ends with the socket.
+Ops are read in the request's task. The session's helpers (a replay's
+writer, a check of the credential, the close) are made when there is
+something for them to do, in one TaskGroup, and end with the socket; the
+credential's deadline is a timer. An idle socket holds no task of its own.
 """
 
 from __future__ import annotations
@@ -233,11 +235,17 @@ class Session:
         return True
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[None] | None:
-        """A helper in the session's TaskGroup; none once the session is over."""
-        if self._tasks is None:
-            coro.close()
-            return None
-        return self._tasks.create_task(coro, name=name)
+        """A helper in the session's TaskGroup; none once the socket is done
+        with (its helpers cancelled) or the group is ending. Called from other
+        actors' callbacks (a delivery, an invalidation, a timer): never raises."""
+        tasks = self._tasks
+        if tasks is not None:
+            try:
+                return tasks.create_task(coro, name=name)
+            except RuntimeError:  # the group is shutting down or finished
+                pass
+        coro.close()
+        return None
 
     def _write_soon(self) -> None:
         if self._writer is None or self._writer.done():
@@ -249,19 +257,28 @@ class Session:
         allowance; ends when ``out`` is empty (later frames go straight out)."""
         transport = self.request.transport
         out = self.out
+        pause = 0.002
         while out:
-            if transport is None or transport.is_closing() or self.ws.closed:
+            if (
+                transport is None
+                or transport.is_closing()
+                or self.ws.closed
+                or self._ending is not None
+            ):
+                # Gone, or closing: nothing is written after the close frame.
                 out.clear()
                 self.out_bytes = 0
-                return  # the client went away: reading ends too
-            while transport.get_write_buffer_size() > self.limit // 2:
-                await asyncio.sleep(0.002)
-                if transport.is_closing():
-                    break
-            else:
-                frame = out.popleft()
-                self.out_bytes -= len(frame)
-                transport.write(frame)
+                return
+            if transport.get_write_buffer_size() > self.limit // 2:
+                # The client reads slowly: wait, longer each time (a socket
+                # that stops reading is not polled hundreds of times a second).
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.05)
+                continue
+            pause = 0.002
+            frame = out.popleft()
+            self.out_bytes -= len(frame)
+            transport.write(frame)
 
     def _closed(self, reason: str) -> None:
         """The pub/sub actor let the subscriber go (too slow, or stopping)."""
@@ -380,7 +397,9 @@ class Session:
                     # doing, not a server error.
                     log.info("ws_client_gone", user=self.who.name)
                 finally:
-                    # Helpers end with the socket; a close under way finishes.
+                    # Helpers end with the socket, and none is made after;
+                    # a close under way finishes.
+                    self._tasks = None
                     if self._timer is not None:
                         self._timer.cancel()
                     for task in (self._writer, self._checking):
@@ -408,8 +427,10 @@ class Session:
                     reason = f"events after {since} were pruned (events.retention)"
                     await self._send({"type": "subscription.gap", "reason": reason})
                 for item in page:
+                    pause = 0.002
                     while self.out_bytes > self.limit // 2 and self._ending is None:
-                        await asyncio.sleep(0.002)
+                        await asyncio.sleep(pause)
+                        pause = min(pause * 2, 0.05)
                     if self._ending is not None:
                         return
                     self._queue_replayed(item)
