@@ -19,7 +19,8 @@ from jarvisd.http.common import RouteDoc, actors_of, body, reply
 from jarvisd.http.errors import ProblemError, reject_unknown_params
 from jarvisd.http.keys import HTTP_METRICS, RUNTIME, SHARES
 from jarvisd.http.shares import Full, Shares, client_address, principal_key
-from jarvisd.http.ws_session import WS_POLICY, Session, encoder, op_decoder
+from jarvisd.http.ws_session import Session
+from jarvisd.http.ws_wire import WS_POLICY, encoder, op_decoder
 
 __all__ = ["ROUTES", "websocket"]
 

@@ -20,9 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import struct
-import time
-from typing import Annotated, Any, Literal
+from typing import Any
 
 import msgspec
 import structlog
@@ -30,79 +28,28 @@ from aiohttp import WSMsgType, web
 
 from actors.data.model import Principal
 from actors.pubsub import Delivery, Detach, Subscribe, Subscriber, Unsubscribe
-from jarvisd.http.auth import Unauthorized, principal_of
-from jarvisd.http.channels import Channel, Pattern, rules_of
+from jarvisd.http.channels import rules_of
 from jarvisd.http.keys import FOLLOWERS, SHARES
 from jarvisd.http.shares import principal_key
+from jarvisd.http.ws_credential import CredentialWatch
 from jarvisd.http.ws_replay import Resume
+from jarvisd.http.ws_wire import (
+    MAX_SUBSCRIPTIONS,
+    WS_GOING_AWAY,
+    WS_TRY_LATER,
+    Op,
+    delivery_frame,
+    delivery_payload,
+    encoder,
+    op_decoder,
+    text_frame,
+)
 from jarvisd.principals import bearer_key
 from jarvisd.runtime import Runtime
 
-__all__ = ["MAX_SUBSCRIPTIONS", "WS_POLICY", "Op", "Session", "encoder", "op_decoder"]
+__all__ = ["Session"]
 
 log = structlog.get_logger("jarvisd", actor="http")
-MAX_SUBSCRIPTIONS = 100
-# 1008: policy violation (no or bad credentials); 1013: try again later (too slow).
-WS_POLICY, WS_TRY_LATER, WS_GOING_AWAY = 1008, 1013, 1001
-
-
-class Op(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    op: Literal["subscribe", "unsubscribe", "ping", "auth"]
-    channels: Annotated[list[Channel], msgspec.Meta(max_length=MAX_SUBSCRIPTIONS)] = []
-    patterns: Annotated[list[Pattern], msgspec.Meta(max_length=MAX_SUBSCRIPTIONS)] = []
-    token: Annotated[str, msgspec.Meta(max_length=512)] | None = None
-    # subscribe: resume the event channels after this event id (ws_replay).
-    since: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] | None = None
-
-
-op_decoder = msgspec.json.Decoder(Op)
-encoder = msgspec.json.Encoder()
-
-
-def _payload(item: Delivery) -> bytes:
-    if item.kind == "gap":
-        return encoder.encode(
-            {"type": "subscription.gap", "reason": item.data.decode(errors="replace")}
-        )
-    try:
-        data: Any = msgspec.Raw(item.data) if _is_json(item.data) else item.data.decode()
-    except UnicodeError:
-        data = item.data.decode(errors="replace")
-    return encoder.encode(
-        {"type": "message", "channel": item.channel, "pattern": item.pattern, "data": data}
-    )
-
-
-def _frame(payload: bytes) -> bytes:
-    """``payload`` as one unmasked, uncompressed text frame (RFC 6455 §5.2):
-    what a server sends on a socket opened with ``compress=False``."""
-    n = len(payload)
-    if n < 126:
-        return struct.pack("!BB", 0x81, n) + payload
-    if n < 65_536:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
-
-
-_last: tuple[Delivery | None, bytes] = (None, b"")
-
-
-def _framed(item: Delivery) -> bytes:
-    """A delivery as the client receives it, framed. The pub/sub actor hands
-    one delivery to all its subscribers in a row: it is encoded and framed
-    for the first, and the same bytes go to the others."""
-    global _last
-    if _last[0] is not item:
-        _last = (item, _frame(_payload(item)))
-    return _last[1]
-
-
-def _is_json(data: bytes) -> bool:
-    try:
-        msgspec.json.decode(data)
-    except (msgspec.DecodeError, RecursionError):
-        return False
-    return True
 
 
 class Session:
@@ -113,11 +60,8 @@ class Session:
 
     # Slots: thousands of sessions, each without a dict of its own.
     __slots__ = (
-        "_again",
-        "_checking",
         "_ending",
         "_tasks",
-        "_timer",
         "_writer",
         "held_channels",
         "held_patterns",
@@ -135,6 +79,7 @@ class Session:
         "sub",
         "token",
         "user_id",
+        "watch",
         "who",
         "ws",
     )
@@ -169,9 +114,7 @@ class Session:
         self.out: collections.deque[bytes] | None = None
         self.out_bytes = 0
         self._writer: asyncio.Task[None] | None = None
-        self._checking: asyncio.Task[None] | None = None  # the credential being checked
-        self._again = False  # and to be checked once more when that ends
-        self._timer: asyncio.TimerHandle | None = None  # the credential's next check by time
+        self.watch = CredentialWatch(rt, self, token) if token is not None else None
         self._ending: tuple[int, str] | None = None  # (close code, reason) once ending
         # What this socket counts against its user's share of subscriptions.
         self.shares = request.app[SHARES]
@@ -221,7 +164,7 @@ class Session:
             or transport.is_closing()
         ):
             return True  # going away: the request's task cleans up
-        frame = _framed(item)
+        frame = delivery_frame(item)
         if transport.get_write_buffer_size() + self.out_bytes + len(frame) > self.limit:
             return False
         if self.out:  # behind a replay's frames: in order, through the writer
@@ -234,7 +177,7 @@ class Session:
             transport.write(frame)
         return True
 
-    def _spawn(self, coro: Any, name: str) -> asyncio.Task[None] | None:
+    def spawn(self, coro: Any, name: str) -> asyncio.Task[None] | None:
         """A helper in the session's TaskGroup; none once the socket is done
         with (its helpers cancelled) or the group is ending. Called from other
         actors' callbacks (a delivery, an invalidation, a timer): never raises."""
@@ -249,7 +192,7 @@ class Session:
 
     def _write_soon(self) -> None:
         if self._writer is None or self._writer.done():
-            self._writer = self._spawn(self._write(), "ws.write")
+            self._writer = self.spawn(self._write(), "ws.write")
 
     async def _write(self) -> None:
         """What waits in ``out`` (a replay's frames, and what came behind
@@ -283,62 +226,24 @@ class Session:
     def _closed(self, reason: str) -> None:
         """The pub/sub actor let the subscriber go (too slow, or stopping)."""
         code = WS_TRY_LATER if reason.startswith("too slow") else WS_GOING_AWAY
-        self._end(code, reason)
+        self.end(code, reason)
 
-    def _end(self, code: int, reason: str) -> None:
+    def end(self, code: int, reason: str) -> None:
         if self._ending is None and not self.ws.closed:
             self._ending = (code, reason)
-            self._spawn(self._close(code, reason), "ws.close")
+            self.spawn(self._close(code, reason), "ws.close")
 
-    # -- following the credential --------------------------------------------------------
+    # -- following the credential (ws_credential) -----------------------------------------
     def recheck_soon(self) -> None:
-        """An invalidation named this socket's user or credential: check it
-        again now (once more after, if another arrives meanwhile)."""
-        if self.token is None or self._ending is not None:
-            return
-        if self._tasks is None or (self._checking is not None and not self._checking.done()):
-            self._again = True  # not started yet, or checking: once more after
-            return
-        self._checking = self._spawn(self._recheck(), "ws.recheck")
+        """An invalidation named this socket's user or credential."""
+        if self.watch is not None:
+            self.watch.soon()
 
-    async def _recheck(self) -> None:
-        assert self.token is not None
-        while True:
-            self._again = False
-            try:
-                who = await principal_of(self.rt, self.token)
-            except Unauthorized as exc:
-                self._end(WS_POLICY, f"credentials no longer valid: {exc.detail}")
-                return
-            except Exception as exc:  # the database did not answer: try again shortly
-                log.info("ws_recheck_failed", error=repr(exc))
-                await asyncio.sleep(1)
-                continue
-            if who.user_id != self.who.user_id:
-                self._end(WS_POLICY, "credentials no longer valid")
-                return
-            if who.role != self.who.role:
-                await self._new_role(who)
-            if not self._again:
-                return
+    @property
+    def ending(self) -> bool:
+        return self._ending is not None
 
-    def _watch_time(self) -> None:
-        """A credential also ends by time — a token's expiry, a login
-        session's deadline or idle timeout: checked at its deadline, and
-        every auth.cache_ttl seconds (which also keeps a used session alive).
-        A timer, not a task, waits for that."""
-        wait = self.rt.settings.auth.cache_ttl
-        if self.who.expires_at is not None:
-            wait = min(wait, max(self.who.expires_at - time.time(), 0.0) + 0.05)
-        self._timer = asyncio.get_running_loop().call_later(wait, self._time_is_up)
-
-    def _time_is_up(self) -> None:
-        self._timer = None
-        if self._tasks is not None and self._ending is None:
-            self.recheck_soon()
-            self._watch_time()
-
-    async def _new_role(self, who: Principal) -> None:
+    async def new_role(self, who: Principal) -> None:
         """The user's role changed: what it may no longer see goes."""
         self.who = who
         channels = tuple(c for c in self.sub.channels if not self.rules.may_subscribe(who, c))
@@ -375,10 +280,8 @@ class Session:
         try:
             async with asyncio.TaskGroup() as tasks:
                 self._tasks = tasks
-                if self.token is not None:
-                    self._watch_time()
-                if self.rt.principals.generation != since or self._again:
-                    self.recheck_soon()
+                if self.watch is not None:
+                    self.watch.start(check_now=self.rt.principals.generation != since)
                 try:
                     # The ops, read here (not in a coroutine of their own: a
                     # frame less for each of thousands of sockets).
@@ -400,11 +303,10 @@ class Session:
                     # Helpers end with the socket, and none is made after;
                     # a close under way finishes.
                     self._tasks = None
-                    if self._timer is not None:
-                        self._timer.cancel()
-                    for task in (self._writer, self._checking):
-                        if task is not None:
-                            task.cancel()
+                    if self.watch is not None:
+                        self.watch.stop()
+                    if self._writer is not None:
+                        self._writer.cancel()
         finally:
             self._tasks = None
             followers.remove(self)
@@ -441,11 +343,11 @@ class Session:
             if not self.resume.replaying:
                 for item in self.resume.release():
                     if not self._queue(item):
-                        self._end(WS_TRY_LATER, "too slow: the replay's backlog")
+                        self.end(WS_TRY_LATER, "too slow: the replay's backlog")
                         break
 
     def _queue_replayed(self, item: Delivery) -> None:
-        frame = _frame(_payload(item))
+        frame = text_frame(delivery_payload(item))
         if self.out is None:
             self.out = collections.deque()
         self.out.append(frame)
