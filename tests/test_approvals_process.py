@@ -197,7 +197,13 @@ async def _publish_and_subscribe(folder: Path, env: dict[str, str]) -> None:
             )
         finally:
             sub.send_signal(signal.SIGINT)
-            assert sub.wait(30) == 0
+            try:
+                code = await asyncio.to_thread(sub.wait, 30)
+            except subprocess.TimeoutExpired:
+                sub.kill()
+                _out, err = sub.communicate()
+                raise AssertionError(f"subscribe did not stop on Ctrl-C; it said: {err}") from None
+            assert code == 0
 
 
 async def _follow_the_log(folder: Path, env: dict[str, str]) -> None:
