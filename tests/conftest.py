@@ -5,6 +5,7 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -29,6 +30,12 @@ from tests.servers import (
     make_state_dir,
     unlink_prefix,
 )
+
+# A run started in the background by a shell without job control (`make test &`,
+# nohup) ignores SIGINT, and the commands the tests start would inherit that:
+# the tests that stop `jarvisd subscribe` with Ctrl-C need it heard.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 _ACCOUNT_BEFORE: list[bool] = []
 # What embedded mode may keep outside a state directory (as root), before the suite.

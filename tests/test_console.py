@@ -371,7 +371,7 @@ async def test_agent_written_markup_is_shown_as_text_and_never_runs(
     # From the keyboard: the row takes the focus, Enter opens it.
     await vic.page.focus(f'#pending [data-approval-id="{aid}"]')
     await vic.page.keyboard.press("Enter")
-    await vic.page.wait_for_selector("#detail:not([hidden])")
+    await vic.page.wait_for_selector("#detail-body:not([hidden])")  # read, not loading
     assert json.loads(await vic.page.inner_text("#detail-parameters")) == attack
     assert "<svg onload=alert(4)> \\u202egnp.exe" in await vic.page.inner_text("#detail")
     assert await vic.page.locator("#app img, #app script, #app svg").count() == 0
