@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import json
 import resource
-import statistics
 import sys
 import time
 import uuid
@@ -36,7 +35,7 @@ from typing import Any
 import aiohttp
 import redis.asyncio as aioredis
 
-from bench.bus import pct, publish_steady
+from bench.bus import publish_steady, report_fanout
 from bench.daemon import BenchDaemon, bench_daemon, run_bench
 from bench.overload import rss_mb
 from bench.report import Report
@@ -163,23 +162,7 @@ async def run(pg: str, redis_url: str, args: argparse.Namespace, report: Report)
     )
     report.add(f"raw Redis subscribers (the floor; the server's room: {raws:,})", raws, "clients")
     report.add("deliveries to raw Redis subscribers", len(raw), "messages")
-    raw_p50, raw_p99 = statistics.median(raw), pct(raw, 0.99)
-    report.add("PUBLISH→raw Redis subscriber p50", raw_p50, "ms")
-    report.add("PUBLISH→raw Redis subscriber p99", raw_p99, "ms")
-    report.add(
-        "PUBLISH→jarvisd WebSocket p50",
-        statistics.median(ws),
-        "ms",
-        floor=raw_p50,
-        floor_name="raw Redis subscribers p50",
-    )
-    report.add(
-        "PUBLISH→jarvisd WebSocket p99",
-        pct(ws, 0.99),
-        "ms",
-        floor=raw_p99,
-        floor_name="raw Redis subscribers p99",
-    )
+    report_fanout(report, ws, raw)
     if len(ws) != n * total or stats["droppedSubscribers"]:
         raise SystemExit("bench.sockets: a WebSocket subscriber missed messages")
 

@@ -39,6 +39,8 @@ __all__ = ["CLIENTS_PUBSUB", "PubSub", "changes_channel"]
 
 
 def changes_channel(prefix: str) -> str:
+    """Told once per batch of events relayed: what the list caches follow
+    (one message a batch, not one an event, for every daemon to read)."""
     return f"{prefix}internal:changes"
 
 
@@ -121,12 +123,6 @@ class PubSub(RedisClientActor):
     @property
     def events_channel(self) -> str:
         return f"{self.redis_settings.prefix}events"
-
-    @property
-    def changes_channel(self) -> str:
-        """Told once per batch of events relayed: what the list caches follow
-        (one message a batch, not one an event, for every daemon to read)."""
-        return changes_channel(self.redis_settings.prefix)
 
     def channel_of(self, kind: str) -> str:
         return f"{self.redis_settings.prefix}{kind}"
@@ -374,7 +370,7 @@ class PubSub(RedisClientActor):
 
     @handles(RelayEvents)
     async def _relay_events(self, msg: RelayEvents) -> int:
-        args: list[Any] = [self.events_channel, self.changes_channel]
+        args: list[Any] = [self.events_channel, changes_channel(self.redis_settings.prefix)]
         for kind, body in msg.events:
             args += (self.channel_of(kind), body)
         try:
