@@ -232,6 +232,25 @@ async def subscribers(client: RedisClient, channel: str) -> int:
     return sum(int(n) for _c, n in counts)
 
 
+def _entry_id(value: bytes | str) -> tuple[int, int]:
+    ms, _, seq = (value.decode() if isinstance(value, bytes) else value).partition("-")
+    return int(ms), int(seq or 0)
+
+
+async def stream_drained(client: RedisClient, stream: str) -> bool:
+    """Whether the stream's (first) group has been given every entry added so
+    far and has acknowledged them all. Read from the ids, not the group's
+    ``lag``: the server reports that as nil once entries were trimmed or
+    deleted, which would read as "nothing left" before anything was read."""
+    info = await client.xinfo_stream(stream)
+    groups = await client.xinfo_groups(stream)
+    return (
+        bool(groups)
+        and groups[0]["pending"] == 0
+        and _entry_id(groups[0]["last-delivered-id"]) >= _entry_id(info["last-generated-id"])
+    )
+
+
 async def until_gone(client: RedisClient, *keys: str, timeout: float = 10.0) -> None:
     """Return once every key has expired (Redis reports expired keys as absent)."""
     async with asyncio.timeout(timeout):

@@ -15,7 +15,14 @@ import pytest
 import redis.asyncio as aioredis
 
 from config import LoadedConfig
-from tests.servers import SINGLE_AND_CLUSTER, Servers, listen, redis_url_for, subscribers
+from tests.servers import (
+    SINGLE_AND_CLUSTER,
+    Servers,
+    listen,
+    redis_url_for,
+    stream_drained,
+    subscribers,
+)
 from tests.test_http import Running, start_daemon
 
 # The bus's own mechanics are shown on the shared inbox (trusted writers);
@@ -91,8 +98,7 @@ async def dead_letters(raw: aioredis.Redis, running: Running) -> list[dict[str, 
 
 
 async def drained(raw: aioredis.Redis, running: Running) -> bool:
-    groups = await raw.xinfo_groups(stream_of(running))
-    return bool(groups) and groups[0]["pending"] == 0 and (groups[0].get("lag") or 0) == 0
+    return await stream_drained(raw, stream_of(running))
 
 
 async def test_ten_thousand_envelopes_with_repeated_ids_give_exactly_the_distinct_commands(

@@ -22,7 +22,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from tests.servers import SINGLE_AND_CLUSTER, make_state_dir, redis_url_for
+from tests.servers import SINGLE_AND_CLUSTER, make_state_dir, redis_url_for, stream_drained
 from tests.test_daemon_process import DaemonProcess, get
 
 pytestmark = pytest.mark.slow
@@ -88,8 +88,7 @@ async def settled(
     async with asyncio.timeout(timeout):
         while True:
             count = await db.fetchval("SELECT count(*) FROM commands")
-            groups = await raw.xinfo_groups(stream)
-            if count == n and groups and groups[0]["pending"] == 0 and (groups[0]["lag"] or 0) == 0:
+            if count == n and await stream_drained(raw, stream):
                 return
             await asyncio.sleep(0.1)
 

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from actors.envelope import CommandRequested, Envelope, Malformed, parse
 from actors.redis_link import RedisClient, connect_redis
 from config import LoadedConfig
-from tests.servers import LoopThread
+from tests.servers import LoopThread, stream_drained
 from tests.test_api import Api
 from tests.test_faults import server_errors
 from tests.test_http import Running, start_daemon
@@ -129,10 +129,7 @@ def test_fuzzed_envelopes_are_each_committed_or_dead_lettered_never_lost(
             for item in batch
         ]
         async with asyncio.timeout(30):
-            while True:
-                groups = await raw.xinfo_groups(stream)
-                if groups and groups[0]["pending"] == 0 and (groups[0].get("lag") or 0) == 0:
-                    break
+            while not await stream_drained(raw, stream):
                 await asyncio.sleep(0.02)
         dead = {
             f[b"entry"].decode() for _i, f in await raw.xrange(f"{stream}:dead") if b"entry" in f

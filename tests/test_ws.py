@@ -336,3 +336,36 @@ async def test_an_idle_subscribed_socket_holds_no_task_of_its_own(api: Api) -> N
             assert msg["data"] == {"n": 1}
         for ws in [warm, *sockets]:
             await ws.close()
+
+
+# -- a failure after the upgrade ----------------------------------------------------------------
+@pytest.mark.parametrize("redis_url", ["single"], indirect=True)
+@pytest.mark.parametrize("overrides", [{"http": {"max_websockets_per_principal": 1}}])
+async def test_a_session_that_fails_after_the_upgrade_closes_with_1011_and_gives_its_place_back(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once upgraded, the socket speaks WebSocket only: a failure of the
+    session (a bug, injected here) is a close frame with 1011, never an HTTP
+    problem document written onto the socket, and its place is free again."""
+    from jarvisd.http import pubsub as routes
+
+    _a, agent = await api.user("fail-agent", "agent")
+
+    async def broken(self: Any, since: int) -> None:
+        raise RuntimeError("injected: the session failed")
+
+    async with aiohttp.ClientSession() as session:
+        with monkeypatch.context() as patched:
+            patched.setattr(routes.Session, "run", broken)
+            ws = await connect(api, agent, session)
+            msg = await asyncio.wait_for(ws.receive(), 10)
+            assert msg.type is aiohttp.WSMsgType.CLOSE, msg
+            assert ws.close_code == 1011
+            assert msg.extra == "internal error"
+        # The one place this agent has was given back: a new socket works.
+        again = await connect(api, agent, session)
+        assert (await subscribe(again, ("user_activity",)))["type"] == "subscribed"
+        assert (await publish(api, agent, "user_activity", {"n": 2}))[0] == 200
+        (got,) = await messages(again, 1)
+        assert got["data"] == {"n": 2}
+        await again.close()

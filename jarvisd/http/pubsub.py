@@ -5,6 +5,7 @@ Who may publish and see what: ``channels``; one WebSocket client: ``ws_session``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import msgspec
@@ -20,7 +21,7 @@ from jarvisd.http.errors import ProblemError, reject_unknown_params
 from jarvisd.http.keys import HTTP_METRICS, RUNTIME, SHARES
 from jarvisd.http.shares import Full, Shares, client_address, principal_key
 from jarvisd.http.ws_session import Session
-from jarvisd.http.ws_wire import WS_POLICY, encoder, op_decoder
+from jarvisd.http.ws_wire import WS_INTERNAL, WS_POLICY, encoder, op_decoder
 
 __all__ = ["ROUTES", "websocket"]
 
@@ -86,6 +87,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         )
     shares, http = request.app[SHARES], rt.settings.http
     place: str | None = None  # the principal whose WebSocket place this one holds
+    who: Principal | None = None
     metrics.websockets += 1
     try:
         # Invalidations from here on, before the socket follows its credential,
@@ -119,6 +121,15 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             except ConnectionResetError:
                 return ws  # gone right after authenticating
         await Session(rt, request, ws, who, token).run(since)
+        return ws
+    except Exception:
+        if not ws.prepared:
+            raise  # still HTTP: the middleware answers with a problem document
+        # Upgraded: an HTTP answer now would be garbage on the socket. The
+        # client gets a close it understands; the log has the failure.
+        log.exception("ws_session_failed", user=who.name if who else None)
+        with contextlib.suppress(ConnectionError):
+            await ws.close(code=WS_INTERNAL, message=b"internal error")
         return ws
     finally:
         metrics.websockets -= 1

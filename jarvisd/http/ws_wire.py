@@ -15,6 +15,7 @@ from jarvisd.http.channels import Channel, Pattern
 __all__ = [
     "MAX_SUBSCRIPTIONS",
     "WS_GOING_AWAY",
+    "WS_INTERNAL",
     "WS_POLICY",
     "WS_TRY_LATER",
     "Op",
@@ -26,8 +27,9 @@ __all__ = [
 ]
 
 MAX_SUBSCRIPTIONS = 100
-# 1008: policy violation (no or bad credentials); 1013: try again later (too slow).
-WS_POLICY, WS_TRY_LATER, WS_GOING_AWAY = 1008, 1013, 1001
+# 1008: policy violation (no or bad credentials); 1013: try again later (too
+# slow); 1011: the daemon failed (its log says how).
+WS_POLICY, WS_TRY_LATER, WS_GOING_AWAY, WS_INTERNAL = 1008, 1013, 1001, 1011
 
 
 class Op(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
