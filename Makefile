@@ -32,9 +32,11 @@ run: $(RUNTIME)
 	$(BIN)/jarvisd run --config jarvisd.toml
 
 ## test: the whole test suite; servers are embedded unless JARVISD_TEST_* name external ones
+# (pytest keeps its rewritten test modules as bytecode too, which
+# PYTHONDONTWRITEBYTECODE would make it redo on every run.)
 test: $(STAMP)
 	$(BYTECODE)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check config actors jarvisd tests bench examples

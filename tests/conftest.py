@@ -101,7 +101,7 @@ def servers() -> Iterator[Servers]:
 def db_factory(servers: Servers) -> Iterator[DatabaseFactory]:
     factory = DatabaseFactory(servers.postgres_dsn)
     yield factory
-    asyncio.run(factory.drop_template())
+    factory.close()
 
 
 @pytest.fixture

@@ -14,12 +14,14 @@ import hashlib
 import hmac
 import re
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import msgspec
 
 from config import WebhookSettings
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = ["clean", "matcher", "payload", "post", "sign", "slack_text", "verify"]
 

@@ -18,9 +18,8 @@ import asyncio
 import contextlib
 import random
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import asyncpg
 
 from actors.data.repo import NotFound
@@ -32,6 +31,9 @@ from actors.outbox.store import NOTIFY_CHANNEL, wire
 from actors.outbox.webhook_messages import ListWebhooks, RetryWebhook, WebhookInfo
 from actors.persistence.pool import Unavailable
 from config import EventSettings, PostgresSettings, WebhookSettings
+
+if TYPE_CHECKING:  # aiohttp's client is loaded by the first delivery (the CLI needs none)
+    import aiohttp
 
 __all__ = ["RETRY_CHANNEL", "WEBHOOK_LOCK", "Webhooks"]
 
@@ -195,6 +197,8 @@ class Webhooks(Actor):
 
     # -- one endpoint --------------------------------------------------------------------------
     async def _serve(self, ep: Endpoint) -> None:
+        import aiohttp
+
         timeout = aiohttp.ClientTimeout(total=ep.hook.timeout)
         connector = aiohttp.TCPConnector(limit=1)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
