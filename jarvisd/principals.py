@@ -31,12 +31,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import msgspec
 
 from actors.data.model import Principal
-from actors.pubsub import Delivery
+
+if TYPE_CHECKING:  # a type only: the command line loads this without Redis's client
+    from actors.pubsub import Delivery
 
 __all__ = [
     "Invalidation",

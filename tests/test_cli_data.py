@@ -136,3 +136,36 @@ async def test_token_list_shows_the_ids_revoke_needs(config: Path) -> None:
     unknown = jarvisd(config, "token", "list", "--user", "nobody-at-all")
     assert unknown.returncode == 1
     assert "nobody-at-all" in unknown.stderr
+
+
+def test_the_data_commands_load_neither_the_http_stack_nor_the_redis_client(config: Path) -> None:
+    """`jarvisd user list` talks to PostgreSQL alone: aiohttp and redis-py,
+    which cost more than its own work at every call, stay unloaded."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JARVISD_")}
+    listed = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "jarvisd",
+            "user",
+            "list",
+            "--config",
+            f"{config}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    assert listed.stdout.split()[:2] == ["ID", "USERNAME"]
+    loaded = {
+        line.rsplit("|", 1)[1].strip()
+        for line in listed.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "asyncpg" in loaded
+    assert sorted(m for m in loaded if m.split(".")[0] in ("aiohttp", "redis")) == []

@@ -43,7 +43,7 @@ class Running:
     async def wait_ready(self, timeout: float = 20.0) -> None:
         async with asyncio.timeout(timeout):
             while (await self.get("/health/ready"))[0] != 200:
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(0.01)
 
 
 async def start_daemon(loaded: LoadedConfig) -> AsyncGenerator[Running, None]:

@@ -16,9 +16,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 from urllib.parse import quote
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from actors.embedded.account import RunAs
 from actors.embedded.binaries import find_valkey_server
 from actors.embedded.child import ChildServer, adopt, pid_alive, secret, write_private
@@ -156,6 +153,11 @@ class EmbeddedValkey(ChildServer):
             await asyncio.sleep(0.05)
 
     async def _wait_ready(self) -> None:
+        # Loaded here: the command line's data commands load this module
+        # (for the embedded PostgreSQL) and need no Redis client.
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
+
         deadline = time.monotonic() + self.start_timeout
         last: Exception | None = None
         while time.monotonic() < deadline:

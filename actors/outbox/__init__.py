@@ -1,11 +1,23 @@
 """The event outbox (DESIGN §5): events written in the transaction of the
 change they announce (``store``), relayed to Redis in id order by one
-daemon at a time (``relay``), and sent to webhook endpoints (``webhooks``)."""
+daemon at a time (``relay``), and sent to webhook endpoints (``webhooks``).
 
-from actors.outbox.relay import Relay, RelayRef, Wake
+The actors are loaded on first use: what writes events (the persistence
+actor, the command line's data commands) needs only ``store`` and the
+messages, not Redis or the webhook client."""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from actors.outbox.relay_messages import RelayRef, Wake
 from actors.outbox.store import NOTIFY_CHANNEL, OUTBOX_LOCK, body_of, record, wire
 from actors.outbox.webhook_messages import ListWebhooks, RetryWebhook, WebhookInfo, WebhooksRef
-from actors.outbox.webhooks import Webhooks
+
+if TYPE_CHECKING:
+    from actors.outbox.relay import Relay
+    from actors.outbox.webhooks import Webhooks
 
 __all__ = [
     "NOTIFY_CHANNEL",
@@ -22,3 +34,11 @@ __all__ = [
     "record",
     "wire",
 ]
+
+_ACTORS = {"Relay": "actors.outbox.relay", "Webhooks": "actors.outbox.webhooks"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ACTORS:
+        return getattr(importlib.import_module(_ACTORS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,12 +24,13 @@ import collections
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 
-from actors.kernel import Actor, ActorError, Health, Message, Ref, handles
+from actors.kernel import Actor, ActorError, Health, handles
 from actors.leadership import CONNECTION_LOST, Leadership, lock_key
+from actors.outbox.relay_messages import RelayRef, Wake
 from actors.outbox.store import NOTIFY_CHANNEL, Written, wire
 from actors.pubsub import PubSubRef, RelayEvents
 from actors.redis_link import RedisUnavailable
@@ -37,25 +38,10 @@ from config import EventSettings, PostgresSettings
 
 __all__ = ["RELAY_LOCK", "Relay", "RelayRef", "Wake", "prune_batch"]
 
-R = TypeVar("R")
-R_co = TypeVar("R_co", covariant=True)
 RELAY_LOCK = lock_key("jarvisd.event-relay")
 PRUNE_EVERY = 60.0  # seconds between pruning rounds
 PRUNE_BATCH = 10_000
 _RETRY = 0.5  # seconds before trying again after a failure
-
-
-class RelayMessage(Message[R_co], frozen=True):
-    """A message the relay answers with ``R``."""
-
-
-class Wake(RelayMessage[None], frozen=True):
-    """Events were committed here (as sent, in id order), at ``at``
-    (monotonic): sent as they are when they follow the last one relayed,
-    else looked for in the outbox now rather than at the next poll."""
-
-    events: tuple[Written, ...]
-    at: float
 
 
 @dataclass
@@ -335,13 +321,6 @@ class Relay(Actor):
             "lagMsP99": st.lag(0.99),
         }
         return data
-
-
-class RelayRef(Ref):
-    """The relay: told ``Wake`` after a commit that wrote events."""
-
-    async def ask(self, msg: RelayMessage[R], timeout: float | None = None) -> R:
-        return await self._ask(msg, timeout)
 
 
 async def prune_batch(conn: asyncpg.Connection, relayed: int, retention: float) -> int:
