@@ -218,7 +218,7 @@ class DatabaseFactory:
         spare, self._spare = self._spare, None
         try:
             name = await asyncio.wrap_future(spare or self._submit(self._clone()))
-        except (OSError, asyncpg.PostgresError):
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             # Made while a test had the server away, say: made again now.
             name = await asyncio.wrap_future(self._submit(self._clone()))
         self._spare = self._submit(self._clone())  # the next test's, made meanwhile
@@ -238,21 +238,33 @@ class DatabaseFactory:
             await conn.close()
 
     def close(self) -> None:
-        """The spare, the template and every database given out dropped;
-        raises what a drop met."""
+        """The spare, every database given out and the template dropped,
+        whatever one of them meets; then the first error met is raised."""
         if self._worker is None:
             return
+        errors: list[BaseException] = []
+
+        def wait(fut: Future[Any]) -> Any:
+            try:
+                return fut.result(60)
+            except Exception as exc:
+                errors.append(exc)
+                return None
+
         try:
             if self._spare is not None:
-                with contextlib.suppress(OSError, asyncpg.PostgresError):
+                # One that failed to be made is nothing to drop (nobody had it).
+                with contextlib.suppress(Exception):
                     self._drops.append(self._submit(self._drop(self._spare.result(60))))
             for fut in self._drops:
-                fut.result(60)
+                wait(fut)
             if self._template_ready:
-                self._submit(self._drop(self.template)).result(60)
+                wait(self._submit(self._drop(self.template)))
         finally:
             self._worker.close()
             self._worker = None
+        if errors:
+            raise errors[0]
 
 
 async def listen(client: RedisClient, *channels: str) -> Any:

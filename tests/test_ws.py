@@ -11,7 +11,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from actors import MailboxFull
 from actors.pubsub import CLIENTS_PUBSUB, Publish
+from actors.redis_link import RedisUnavailable
 from config import LoadedConfig
 from tests.servers import SINGLE_AND_CLUSTER, redis_url_for
 from tests.test_api import Api, serve_api
@@ -341,18 +343,31 @@ async def test_an_idle_subscribed_socket_holds_no_task_of_its_own(api: Api) -> N
 # -- a failure after the upgrade ----------------------------------------------------------------
 @pytest.mark.parametrize("redis_url", ["single"], indirect=True)
 @pytest.mark.parametrize("overrides", [{"http": {"max_websockets_per_principal": 1}}])
-async def test_a_session_that_fails_after_the_upgrade_closes_with_1011_and_gives_its_place_back(
-    api: Api, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("failure", "code", "reason"),
+    [
+        (RuntimeError("injected: a bug"), 1011, "internal error"),
+        (RedisUnavailable("injected: Redis away"), 1013, "service unavailable, try again"),
+        (
+            ExceptionGroup("helpers", [MailboxFull("injected", 1)]),
+            1013,
+            "service unavailable, try again",
+        ),
+    ],
+)
+async def test_a_session_that_fails_after_the_upgrade_closes_with_a_code_and_gives_its_place_back(
+    api: Api, monkeypatch: pytest.MonkeyPatch, failure: Exception, code: int, reason: str
 ) -> None:
-    """Once upgraded, the socket speaks WebSocket only: a failure of the
-    session (a bug, injected here) is a close frame with 1011, never an HTTP
-    problem document written onto the socket, and its place is free again."""
+    """Once upgraded, the socket speaks WebSocket only: a failure while it is
+    served (injected here) is a close frame, never an HTTP problem document
+    written onto the socket: 1011 for a fault of the daemon's, 1013 (try
+    again) for a dependency away; and its place is free again."""
     from jarvisd.http import pubsub as routes
 
     _a, agent = await api.user("fail-agent", "agent")
 
     async def broken(self: Any, since: int) -> None:
-        raise RuntimeError("injected: the session failed")
+        raise failure
 
     async with aiohttp.ClientSession() as session:
         with monkeypatch.context() as patched:
@@ -360,8 +375,8 @@ async def test_a_session_that_fails_after_the_upgrade_closes_with_1011_and_gives
             ws = await connect(api, agent, session)
             msg = await asyncio.wait_for(ws.receive(), 10)
             assert msg.type is aiohttp.WSMsgType.CLOSE, msg
-            assert ws.close_code == 1011
-            assert msg.extra == "internal error"
+            assert ws.close_code == code
+            assert msg.extra == reason
         # The one place this agent has was given back: a new socket works.
         again = await connect(api, agent, session)
         assert (await subscribe(again, ("user_activity",)))["type"] == "subscribed"

@@ -9,7 +9,7 @@ messages, not Redis or the webhook client."""
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from actors.outbox.relay_messages import RelayRef, Wake
 from actors.outbox.store import NOTIFY_CHANNEL, OUTBOX_LOCK, body_of, record, wire
@@ -38,7 +38,8 @@ __all__ = [
 _ACTORS = {"Relay": "actors.outbox.relay", "Webhooks": "actors.outbox.webhooks"}
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> type[Relay] | type[Webhooks]:
     if name in _ACTORS:
-        return getattr(importlib.import_module(_ACTORS[name]), name)
+        actor: type[Relay] | type[Webhooks] = getattr(importlib.import_module(_ACTORS[name]), name)
+        return actor
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,7 +24,7 @@ from jarvisd.http.common import ClientGone
 from jarvisd.http.errors import ProblemError, problem
 from jarvisd.http.keys import ADMITTED, HTTP_METRICS, RUNTIME, TRANSPORTS
 
-__all__ = ["ALWAYS_SERVED", "observe"]
+__all__ = ["ALWAYS_SERVED", "UNAVAILABLE", "observe"]
 
 log = structlog.get_logger("jarvisd", actor="http")  # lazy: follows configure()
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -38,6 +38,17 @@ GUARDED_HEALTH = frozenset(
 # lookup: the ones always served stay outside http.max_in_flight (monitoring
 # goes on under overload), and those that need a lookup have this budget.
 GUARDED_IN_FLIGHT = 64
+# What a dependency down or a full mailbox raises: "try again", never a bug
+# (503 over HTTP, 1013 on an upgraded socket).
+UNAVAILABLE = (
+    MailboxFull,
+    ActorDead,
+    ActorStopped,
+    AskTimeout,
+    Unavailable,
+    RedisUnavailable,  # the cache's and the sessions' too
+    WatchersFull,
+)
 
 
 def _route_name(request: web.Request) -> str:
@@ -138,18 +149,7 @@ def _answer(request: web.Request, exc: Exception) -> web.StreamResponse:
     if isinstance(exc, ClientGone):
         log.info("http_client_gone", route=_route_name(request), method=request.method)
         return problem(400, "Bad request", "the client closed the connection")
-    if isinstance(
-        exc,
-        (
-            MailboxFull,
-            ActorDead,
-            ActorStopped,
-            AskTimeout,
-            Unavailable,
-            RedisUnavailable,  # the cache's and the sessions' too
-            WatchersFull,
-        ),
-    ):
+    if isinstance(exc, UNAVAILABLE):
         return problem(503, "Service unavailable", str(exc), headers={"Retry-After": "1"})
     # Anything else is a bug. The route's template is logged, never the
     # path: a path may hold a session id.

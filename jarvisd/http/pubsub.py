@@ -5,7 +5,6 @@ Who may publish and see what: ``channels``; one WebSocket client: ``ws_session``
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import Any
 
 import msgspec
@@ -19,9 +18,10 @@ from jarvisd.http.channels import Channel, Rules
 from jarvisd.http.common import RouteDoc, actors_of, body, reply
 from jarvisd.http.errors import ProblemError, reject_unknown_params
 from jarvisd.http.keys import HTTP_METRICS, RUNTIME, SHARES
+from jarvisd.http.middleware import UNAVAILABLE
 from jarvisd.http.shares import Full, Shares, client_address, principal_key
 from jarvisd.http.ws_session import Session
-from jarvisd.http.ws_wire import WS_INTERNAL, WS_POLICY, encoder, op_decoder
+from jarvisd.http.ws_wire import WS_INTERNAL, WS_POLICY, WS_TRY_LATER, encoder, op_decoder
 
 __all__ = ["ROUTES", "websocket"]
 
@@ -122,19 +122,53 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 return ws  # gone right after authenticating
         await Session(rt, request, ws, who, token).run(since)
         return ws
-    except Exception:
+    except Exception as exc:
         if not ws.prepared:
             raise  # still HTTP: the middleware answers with a problem document
-        # Upgraded: an HTTP answer now would be garbage on the socket. The
-        # client gets a close it understands; the log has the failure.
-        log.exception("ws_session_failed", user=who.name if who else None)
-        with contextlib.suppress(ConnectionError):
-            await ws.close(code=WS_INTERNAL, message=b"internal error")
+        # Upgraded: an HTTP answer now would be garbage on the socket.
+        await _close_failed(request, ws, exc, who)
         return ws
     finally:
         metrics.websockets -= 1
         if place is not None:
             shares.give(shares.websockets, place)
+
+
+def _all_of(exc: Exception, kinds: type[Exception] | tuple[type[Exception], ...]) -> bool:
+    """``exc`` is one of ``kinds``, or a group of nothing else (a TaskGroup's)."""
+    if isinstance(exc, ExceptionGroup):
+        _match, rest = exc.split(kinds)
+        return rest is None
+    return isinstance(exc, kinds)
+
+
+async def _close_failed(
+    request: web.Request, ws: web.WebSocketResponse, exc: Exception, who: Principal | None
+) -> None:
+    """An upgraded socket whose serving failed: a client already gone is let
+    go; a dependency down or a full mailbox closes it with 1013 (try again);
+    anything else is a fault of the daemon's, logged, and closes it with 1011.
+    The close waits 2 s at most for a client that does not read."""
+    user = who.name if who else None
+    if _all_of(exc, ConnectionError):
+        log.info("ws_client_gone", user=user)
+        code, reason = 0, ""
+    elif _all_of(exc, UNAVAILABLE):
+        log.warning("ws_unavailable", user=user, error=f"{type(exc).__name__}: {exc}")
+        code, reason = WS_TRY_LATER, "service unavailable, try again"
+    else:
+        log.exception("ws_session_failed", user=user, exc_info=exc)
+        code, reason = WS_INTERNAL, "internal error"
+    try:
+        if code:
+            async with asyncio.timeout(2):
+                await ws.close(code=code, message=reason.encode())
+    except (TimeoutError, ConnectionError):
+        log.info("ws_aborted", reason=reason)
+    finally:
+        transport = request.transport
+        if transport is not None and not transport.is_closing():
+            transport.abort()
 
 
 async def _wait_for_auth(
