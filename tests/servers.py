@@ -172,8 +172,13 @@ class DatabaseFactory:
         self._spare: Future[str] | None = None
         self._drops: list[Future[None]] = []
 
-    async def _admin(self) -> asyncpg.Connection:
-        return await asyncpg.connect(self.admin_dsn, timeout=10)
+    async def _admin(self, sql: str) -> None:
+        """One statement (CREATE/DROP DATABASE) on a connection of its own."""
+        conn = await asyncpg.connect(self.admin_dsn, timeout=10)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
 
     def _submit(self, coro: Coroutine[Any, Any, T]) -> Future[T]:
         if self._worker is None:
@@ -183,11 +188,7 @@ class DatabaseFactory:
     async def ensure_template(self) -> None:
         if self._template_ready:
             return
-        conn = await self._admin()
-        try:
-            await conn.execute(f'CREATE DATABASE "{self.template}"')
-        finally:
-            await conn.close()
+        await self._admin(f'CREATE DATABASE "{self.template}"')
         tpl = await asyncpg.connect(dsn_with_database(self.admin_dsn, self.template))
         try:
             await migrations.migrate(tpl)
@@ -199,21 +200,13 @@ class DatabaseFactory:
         """On the factory's thread: a migrated database, by name."""
         await self.ensure_template()
         name = f"jarvisd_t_{uuid.uuid4().hex[:12]}"
-        conn = await self._admin()
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
-        finally:
-            await conn.close()
+        await self._admin(f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"')
         return name
 
     async def create(self, *, migrated: bool = True) -> str:
         if not migrated:
             name = f"jarvisd_t_{uuid.uuid4().hex[:12]}"
-            conn = await self._admin()
-            try:
-                await conn.execute(f'CREATE DATABASE "{name}"')
-            finally:
-                await conn.close()
+            await self._admin(f'CREATE DATABASE "{name}"')
             return dsn_with_database(self.admin_dsn, name)
         spare, self._spare = self._spare, None
         try:
@@ -231,11 +224,7 @@ class DatabaseFactory:
         self._drops.append(self._submit(self._drop(name)))
 
     async def _drop(self, name: str) -> None:
-        conn = await self._admin()
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await conn.close()
+        await self._admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     def close(self) -> None:
         """The spare, every database given out and the template dropped,

@@ -21,7 +21,14 @@ from jarvisd.http.keys import HTTP_METRICS, RUNTIME, SHARES
 from jarvisd.http.middleware import UNAVAILABLE
 from jarvisd.http.shares import Full, Shares, client_address, principal_key
 from jarvisd.http.ws_session import Session
-from jarvisd.http.ws_wire import WS_INTERNAL, WS_POLICY, WS_TRY_LATER, encoder, op_decoder
+from jarvisd.http.ws_wire import (
+    WS_INTERNAL,
+    WS_POLICY,
+    WS_TRY_LATER,
+    close_within,
+    encoder,
+    op_decoder,
+)
 
 __all__ = ["ROUTES", "websocket"]
 
@@ -147,28 +154,18 @@ async def _close_failed(
 ) -> None:
     """An upgraded socket whose serving failed: a client already gone is let
     go; a dependency down or a full mailbox closes it with 1013 (try again);
-    anything else is a fault of the daemon's, logged, and closes it with 1011.
-    The close waits 2 s at most for a client that does not read."""
+    anything else is a fault of the daemon's, logged, and closes it with 1011."""
     user = who.name if who else None
     if _all_of(exc, ConnectionError):
         log.info("ws_client_gone", user=user)
-        code, reason = 0, ""
+        if request.transport is not None:
+            request.transport.abort()
     elif _all_of(exc, UNAVAILABLE):
         log.warning("ws_unavailable", user=user, error=f"{type(exc).__name__}: {exc}")
-        code, reason = WS_TRY_LATER, "service unavailable, try again"
+        await close_within(request, ws, WS_TRY_LATER, "service unavailable, try again")
     else:
         log.exception("ws_session_failed", user=user, exc_info=exc)
-        code, reason = WS_INTERNAL, "internal error"
-    try:
-        if code:
-            async with asyncio.timeout(2):
-                await ws.close(code=code, message=reason.encode())
-    except (TimeoutError, ConnectionError):
-        log.info("ws_aborted", reason=reason)
-    finally:
-        transport = request.transport
-        if transport is not None and not transport.is_closing():
-            transport.abort()
+        await close_within(request, ws, WS_INTERNAL, "internal error")
 
 
 async def _wait_for_auth(

@@ -38,6 +38,7 @@ from jarvisd.http.ws_wire import (
     WS_GOING_AWAY,
     WS_TRY_LATER,
     Op,
+    close_within,
     delivery_frame,
     delivery_payload,
     encoder,
@@ -231,7 +232,7 @@ class Session:
     def end(self, code: int, reason: str) -> None:
         if self._ending is None and not self.ws.closed:
             self._ending = (code, reason)
-            self.spawn(self._close(code, reason), "ws.close")
+            self.spawn(close_within(self.request, self.ws, code, reason), "ws.close")
 
     # -- following the credential (ws_credential) -----------------------------------------
     def recheck_soon(self) -> None:
@@ -259,18 +260,6 @@ class Session:
                     "reason": f"your role is now {who.role}",
                 }
             )
-
-    async def _close(self, code: int, reason: str) -> None:
-        # A client too slow to read may not read the close frame either: bound the wait.
-        try:
-            async with asyncio.timeout(2):
-                await self.ws.close(code=code, message=reason.encode()[:120])
-        except (TimeoutError, ConnectionError):
-            log.info("ws_aborted", reason=reason)
-        finally:
-            transport = self.request.transport
-            if transport is not None and not transport.is_closing():
-                transport.abort()
 
     async def run(self, since: int) -> None:
         """Serve the socket; ``since``: the caller cache's generation when

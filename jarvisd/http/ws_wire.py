@@ -1,13 +1,16 @@
 """What goes over ``GET /ws``: the ops a client sends, and the frames the
 daemon sends it (each delivery encoded and framed once for all the sockets
-that get it)."""
+that get it), and how a socket is closed."""
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from typing import Annotated, Any, Literal
 
 import msgspec
+import structlog
+from aiohttp import web
 
 from actors.pubsub import Delivery
 from jarvisd.http.channels import Channel, Pattern
@@ -19,6 +22,7 @@ __all__ = [
     "WS_POLICY",
     "WS_TRY_LATER",
     "Op",
+    "close_within",
     "delivery_frame",
     "delivery_payload",
     "encoder",
@@ -26,6 +30,7 @@ __all__ = [
     "text_frame",
 ]
 
+log = structlog.get_logger("jarvisd", actor="http")
 MAX_SUBSCRIPTIONS = 100
 # 1008: policy violation (no or bad credentials); 1013: try again later (too
 # slow); 1011: the daemon failed (its log says how).
@@ -89,3 +94,18 @@ def _is_json(data: bytes) -> bool:
     except (msgspec.DecodeError, RecursionError):
         return False
     return True
+
+
+async def close_within(
+    request: web.Request, ws: web.WebSocketResponse, code: int, reason: str
+) -> None:
+    """Close with ``code``; a client too slow to read may not read the close
+    frame either, so the wait is 2 s at most and the connection is then cut."""
+    try:
+        async with asyncio.timeout(2):
+            await ws.close(code=code, message=reason.encode()[:120])
+    except (TimeoutError, ConnectionError):
+        log.info("ws_aborted", reason=reason)
+    finally:
+        if request.transport is not None and not request.transport.is_closing():
+            request.transport.abort()
